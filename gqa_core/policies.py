@@ -1,0 +1,366 @@
+"""Grouping policies: who decides, per forward, how many query heads each KV head serves.
+
+A policy turns the key-head norms of one layer into a :class:`Grouping`. It owns whatever state it needs
+(DGQA's window statistics and allocation history live in buffers, so they travel in the state dict) and any
+randomness comes from a generator it owns, never from the global RNG.
+
+``compat="paper"`` follows the paper (see ``docs/method.md``); ``compat="official"`` reproduces the authors'
+code, quirks included, for replication, except that it never hangs or produces NaN.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Dict, Optional, Type
+
+import torch
+from torch import Tensor, nn
+
+from .apportion import (
+    largest_remainder,
+    min_max_shares,
+    normalise_shares,
+    official_round,
+    query_to_kv,
+    uniform_allocation,
+)
+
+__all__ = [
+    'Grouping', 'GroupingPolicy', 'MHAPolicy', 'GQAPolicy', 'KDGQAPolicy', 'DGQAPolicy', 'PGQAPolicy',
+    'POLICIES', 'create_policy', 'start_epoch',
+]
+
+COMPAT_MODES = ('paper', 'official')
+
+
+@dataclass
+class Grouping:
+    """One forward's grouping of a layer.
+
+    allocation: ``(G,)`` shared by the batch or ``(B, G)`` per sample; query heads per KV head.
+    query_to_kv: the KV head of every query head, ``(H,)`` or ``(B, H)``; ``None`` when the grouping is the
+        uniform one, which the fused kernel handles natively (``enable_gqa``) without routing.
+    shares: the normalised ratios the allocation was apportioned from, same shape as ``allocation``.
+    """
+    allocation: Tensor
+    query_to_kv: Optional[Tensor]
+    shares: Tensor
+
+
+class GroupingPolicy(nn.Module):
+    """Base class. Subclasses set ``name`` and override :meth:`forward`."""
+    name: str = ''
+    uses_key_norms: bool = False
+
+    def __init__(self, num_heads: int, num_kv_heads: int, compat: str = 'paper', seed: int = 0) -> None:
+        super().__init__()
+        if compat not in COMPAT_MODES:
+            raise ValueError(f'compat must be one of {COMPAT_MODES}, got {compat!r}')
+        if num_kv_heads < 1 or num_heads % num_kv_heads:
+            raise ValueError(
+                f'{self.name}: num_kv_heads={num_kv_heads} must be a positive divisor of num_heads={num_heads}')
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.compat = compat
+        self.seed = seed
+        self.stream = 0  # set per layer by convert(), so layers draw different noise from one seed
+        self._generators: Dict[torch.device, torch.Generator] = {}
+        self.register_buffer('uniform', uniform_allocation(num_heads, num_kv_heads), persistent=False)
+
+    # -- randomness -----------------------------------------------------------------------------------------
+    def generator(self, device: torch.device) -> torch.Generator:
+        """The policy's own generator for ``device``, seeded from ``seed`` on first use."""
+        device = torch.device(device)
+        if device not in self._generators:
+            self._generators[device] = torch.Generator(device=device).manual_seed(self.seed * 100_003 + self.stream)
+        return self._generators[device]
+
+    # -- the grouping -----------------------------------------------------------------------------------------
+    def uniform_grouping(self) -> Grouping:
+        shares = self.uniform.float() / self.num_heads
+        return Grouping(self.uniform, None, shares)
+
+    def forward(self, key_norms: Optional[Tensor]) -> Grouping:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    # -- hooks for PGQA; identity for everyone else -------------------------------------------------------------
+    def perturbs_attention_map(self) -> bool:
+        """True when this forward needs the explicit post-softmax map (no fused kernel)."""
+        return False
+
+    def perturb_attention_map(self, attn: Tensor) -> Tensor:
+        return attn
+
+    def perturb_output(self, out: Tensor) -> Tensor:
+        return out
+
+    def options(self) -> Dict[str, Any]:
+        """Constructor options beyond the head counts, for saving and re-creating the policy."""
+        return {}
+
+    def config(self) -> Dict[str, Any]:
+        return dict(variant=self.name, num_kv_heads=self.num_kv_heads, compat=self.compat, seed=self.seed,
+                    **self.options())
+
+    def extra_repr(self) -> str:
+        return ', '.join(f'{k}={v}' for k, v in self.config().items())
+
+
+class MHAPolicy(GroupingPolicy):
+    """Multi-head attention: every query head has its own KV head (G = H)."""
+    name = 'mha'
+
+    def __init__(self, num_heads: int, num_kv_heads: Optional[int] = None, **kwargs: Any) -> None:
+        num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+        if num_kv_heads != num_heads:
+            raise ValueError(f'mha: num_kv_heads must equal num_heads={num_heads}, got {num_kv_heads}')
+        super().__init__(num_heads, num_kv_heads, **kwargs)
+
+    def forward(self, key_norms: Optional[Tensor]) -> Grouping:
+        return self.uniform_grouping()
+
+
+class GQAPolicy(GroupingPolicy):
+    """Static uniform groups of H / G consecutive query heads (Ainslie et al. 2023)."""
+    name = 'gqa'
+
+    def forward(self, key_norms: Optional[Tensor]) -> Grouping:
+        return self.uniform_grouping()
+
+
+class KDGQAPolicy(GroupingPolicy):
+    """Key-driven GQA: every forward, KV heads with larger key norms serve more query heads.
+
+    paper: per sample -- each image gets its own allocation from its own keys, so a prediction never
+    depends on the rest of the batch. official: one allocation per batch from batch-summed norms, with the
+    authors' rounding.
+    """
+    name = 'kdgqa'
+    uses_key_norms = True
+
+    def forward(self, key_norms: Optional[Tensor]) -> Grouping:
+        assert key_norms is not None
+        if self.compat == 'official':
+            shares = min_max_shares(key_norms.sum(0))
+            allocation = official_round(shares, self.num_heads)
+        else:
+            shares = min_max_shares(key_norms)
+            allocation = largest_remainder(shares, self.num_heads)
+        return Grouping(allocation, query_to_kv(allocation, self.num_heads), shares)
+
+
+class DGQAPolicy(GroupingPolicy):
+    """Dynamic GQA: the allocation follows key-norm dynamics during training, fixed within a window.
+
+    paper: a global step counter; every ``window`` training steps the allocation is recomputed from
+    ``stat`` -- ``"diff"``: |batch-mean key norms now - at the previous window start|, or ``"ema"``: the
+    recursive ``ema <- beta * ema + (1 - beta) * norms`` updated every training step. Frozen in eval.
+    The allocation, the statistics and the allocation history (with the step of each change) are buffers.
+
+    official: the authors' code -- step restarting every epoch (call :func:`start_epoch`), the cache update
+    ``c <- (c + m) / W``, the non-recursive "EMA" ``0.9 m + 0.1 c``, random sum repair, and recomputation
+    from every eval batch (which mutates state in eval: that is their behaviour, reproduced on purpose).
+    """
+    name = 'dgqa'
+    uses_key_norms = True
+
+    def __init__(
+            self,
+            num_heads: int,
+            num_kv_heads: int,
+            stat: str = 'ema',
+            window: int = 300,
+            beta: float = 0.9,
+            **kwargs: Any,
+    ) -> None:
+        super().__init__(num_heads, num_kv_heads, **kwargs)
+        if stat not in ('diff', 'ema'):
+            raise ValueError(f"dgqa: stat must be 'diff' or 'ema', got {stat!r}")
+        if window < 1:
+            raise ValueError(f'dgqa: window must be >= 1, got {window}')
+        if not 0.0 <= beta < 1.0:
+            raise ValueError(f'dgqa: beta must be in [0, 1), got {beta}')
+        self.stat, self.window, self.beta = stat, int(window), float(beta)
+        self.register_buffer('allocation', self.uniform.clone())
+        self.register_buffer('shares', self.uniform.float() / num_heads)
+        self.register_buffer('step', torch.zeros((), dtype=torch.long))
+        self.register_buffer('reference', torch.zeros(num_kv_heads))  # diff: norms at window start; official: cache c
+        self.register_buffer('ema', torch.zeros(num_kv_heads))
+        self.register_buffer('history', self.uniform[None].clone())  # (changes, G)
+        self.register_buffer('history_steps', torch.zeros(1, dtype=torch.long))
+        self._step = 0  # host mirror of `step`: window decisions without a device sync
+        self._eval_grouping: Optional[Grouping] = None
+
+    def options(self) -> Dict[str, Any]:
+        return dict(stat=self.stat, window=self.window, beta=self.beta)
+
+    def start_epoch(self) -> None:
+        """Official mode counts steps within an epoch (the authors' batch index); paper mode ignores this."""
+        if self.compat == 'official':
+            self._step = 0
+            self.step.zero_()
+
+    def _set_allocation(self, shares: Tensor, allocation: Tensor) -> None:
+        self.shares.copy_(shares)
+        self.allocation.copy_(allocation)
+        self.history = torch.cat([self.history, allocation[None]])
+        self.history_steps = torch.cat([self.history_steps, self.step.reshape(1)])
+        self._eval_grouping = None
+
+    def _official_allocation(self, weights: Tensor) -> tuple:
+        """round(shares * H) then the authors' random repair: while too many, decrement a uniformly chosen
+        non-empty KV head; while too few, increment a uniformly chosen one. Bounded: rounding is off by at
+        most G / 2 in total."""
+        shares = normalise_shares(weights)
+        allocation = torch.round(shares * self.num_heads).long()
+        gen = self.generator(allocation.device)
+        for _ in range(self.num_kv_heads // 2 + 1):
+            excess = allocation.sum() - self.num_heads
+            score = torch.rand(allocation.shape, generator=gen, device=allocation.device)
+            down = torch.where(allocation > 0, score, torch.full_like(score, -1.0)).argmax()
+            allocation = allocation.index_add(0, down[None], -(excess > 0).long()[None])
+            allocation = allocation.index_add(0, score.argmax()[None], (excess < 0).long()[None])
+        return shares, allocation
+
+    def _official_weights(self, m: Tensor) -> Tensor:
+        if self.stat == 'diff':
+            return (self.reference - m).abs()
+        return 0.9 * m + 0.1 * self.reference
+
+    @torch.no_grad()
+    def _update(self, key_norms: Tensor) -> None:
+        if self.compat == 'official':
+            m = key_norms.float().sum(0)
+            if not self.training or self._step % self.window == 0:
+                self._set_allocation(*self._official_allocation(self._official_weights(m)))
+                self.reference.copy_(m if not self.training else (self.reference + m) / self.window)
+            if self.training:
+                self._step += 1
+                self.step.add_(1)
+            return
+
+        n = key_norms.float().mean(0)
+        if self.stat == 'ema':
+            self.ema.copy_(n if self._step == 0 else self.beta * self.ema + (1 - self.beta) * n)
+        if self._step % self.window == 0:
+            if self.stat == 'ema':
+                shares = normalise_shares(self.ema)
+                self._set_allocation(shares, largest_remainder(shares, self.num_heads))
+            else:
+                if self._step > 0:
+                    shares = normalise_shares((n - self.reference).abs())
+                    self._set_allocation(shares, largest_remainder(shares, self.num_heads))
+                self.reference.copy_(n)
+        self._step += 1
+        self.step.add_(1)
+
+    def forward(self, key_norms: Optional[Tensor]) -> Grouping:
+        assert key_norms is not None
+        if self.training or self.compat == 'official':
+            self._update(key_norms)
+            return Grouping(self.allocation, query_to_kv(self.allocation, self.num_heads), self.shares)
+        if self._eval_grouping is None:
+            # Frozen in eval: decide once (one host sync) whether the kernel can take it as uniform.
+            uniform = bool(torch.equal(self.allocation, self.uniform))
+            routing = None if uniform else query_to_kv(self.allocation, self.num_heads)
+            self._eval_grouping = Grouping(self.allocation, routing, self.shares)
+        return self._eval_grouping
+
+    def train(self, mode: bool = True) -> 'DGQAPolicy':
+        self._eval_grouping = None
+        return super().train(mode)
+
+    def _apply(self, fn, recurse: bool = True):
+        self._eval_grouping = None  # it holds tensors of the old device / dtype
+        return super()._apply(fn, recurse)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs) -> None:
+        # The history grows during training: take the saved length rather than failing on a size mismatch.
+        for name in ('history', 'history_steps'):
+            saved = state_dict.get(prefix + name)
+            if saved is not None:
+                setattr(self, name, torch.empty_like(saved, device=getattr(self, name).device))
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        self._step = int(self.step)
+        self._eval_grouping = None
+
+
+class PGQAPolicy(GroupingPolicy):
+    """Perturbed GQA: uniform groups, noise subtracted to reduce similarity within a group.
+
+    paper: Gaussian noise matched per row to the post-softmax map's mean and std, diagonal zeroed, times
+    ``noise_scale``, subtracted from the map in training. ``noise_in_eval=True`` keeps it in eval, drawn
+    from ``seed`` afresh every forward and shared by the batch, so evaluation stays deterministic.
+    official: the authors' standardised uniform noise subtracted from the attention *outputs*, train and
+    eval, computed in float32 (their version crashes in bf16).
+    """
+    name = 'pgqa'
+
+    def __init__(self, num_heads: int, num_kv_heads: int, noise_scale: float = 0.1, noise_in_eval: bool = False,
+                 **kwargs: Any) -> None:
+        super().__init__(num_heads, num_kv_heads, **kwargs)
+        if noise_scale < 0 or not math.isfinite(noise_scale):
+            raise ValueError(f'pgqa: noise_scale must be finite and >= 0, got {noise_scale}')
+        self.noise_scale = float(noise_scale)
+        self.noise_in_eval = bool(noise_in_eval)
+
+    def options(self) -> Dict[str, Any]:
+        return dict(noise_scale=self.noise_scale, noise_in_eval=self.noise_in_eval)
+
+    def forward(self, key_norms: Optional[Tensor]) -> Grouping:
+        return self.uniform_grouping()
+
+    def perturbs_attention_map(self) -> bool:
+        return self.compat == 'paper' and self.noise_scale > 0 and (self.training or self.noise_in_eval)
+
+    def perturb_attention_map(self, attn: Tensor) -> Tensor:
+        B, H, T, _ = attn.shape
+        if self.training:
+            z = torch.randn(attn.shape, generator=self.generator(attn.device), device=attn.device)
+        else:
+            gen = torch.Generator(device=attn.device).manual_seed(self.seed * 100_003 + self.stream)
+            z = torch.randn((1, H, T, T), generator=gen, device=attn.device)
+        a = attn.float()
+        noise = z * a.std(-1, keepdim=True) + a.mean(-1, keepdim=True)
+        noise = noise * (1 - torch.eye(T, device=attn.device))
+        return (a - self.noise_scale * noise).to(attn.dtype)
+
+    def perturb_output(self, out: Tensor) -> Tensor:
+        if self.compat != 'official':
+            return out
+        B, H, T, d = out.shape
+        G, g = self.num_kv_heads, H // self.num_kv_heads
+        o = out.float().reshape(B, G, g, T * d)
+        u = torch.rand((G, g, T * d), generator=self.generator(out.device), device=out.device)
+        eye = torch.eye(g, T * d, device=out.device)
+        u = u * (1 - eye)
+        std = u.std(-1, keepdim=True)
+        u = (u - u.mean(-1, keepdim=True)) / torch.where(std == 0, torch.ones_like(std), std)
+        noise = u * o.std(-1, keepdim=True) + o.mean(-1, keepdim=True)
+        return (o - noise).reshape(B, H, T, d).to(out.dtype)
+
+
+POLICIES: Dict[str, Type[GroupingPolicy]] = {
+    p.name: p for p in (MHAPolicy, GQAPolicy, KDGQAPolicy, DGQAPolicy, PGQAPolicy)
+}
+
+
+def create_policy(variant: str, num_heads: int, num_kv_heads: Optional[int], **options: Any) -> GroupingPolicy:
+    """Build a policy by name; unknown names and options raise ``ValueError`` naming them."""
+    if variant not in POLICIES:
+        raise ValueError(f'unknown variant {variant!r}; choose one of {sorted(POLICIES)}')
+    if num_kv_heads is None and variant != 'mha':
+        raise ValueError(f'{variant}: num_kv_heads is required')
+    try:
+        return POLICIES[variant](num_heads, num_kv_heads, **options)
+    except TypeError as e:
+        raise ValueError(f'{variant}: bad policy options {sorted(options)}: {e}') from None
+
+
+def start_epoch(model: nn.Module) -> None:
+    """Tell every policy in ``model`` that an epoch starts (only official-mode DGQA cares)."""
+    for module in model.modules():
+        if isinstance(module, DGQAPolicy):
+            module.start_epoch()
