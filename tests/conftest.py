@@ -23,3 +23,29 @@ def tiny_vit(num_heads: int = 6, depth: int = 2, head_dim: int = 8, **kwargs) ->
 def vit_small():
     torch.manual_seed(0)
     return timm.create_model('vit_small_patch16_224').eval()
+
+
+SHARED_CIFAR = __import__('pathlib').Path(__file__).resolve().parents[1] / '..' / 'shared' / 'data' / 'cifar10-jpeg.tar.gz'
+
+
+@pytest.fixture(scope='session')
+def cifar_subset(tmp_path_factory):
+    """A real CIFAR-10 ImageFolder subset (60 train + 20 test images per class) cut from the offline archive."""
+    import tarfile
+    root = tmp_path_factory.mktemp('cifar-subset')
+    counts = {}
+    with tarfile.open(SHARED_CIFAR) as tar:
+        for member in tar:
+            parts = member.name.split('/')
+            if not member.isfile() or len(parts) < 3:
+                continue
+            split, cls = parts[-3], parts[-2]
+            key = (split, cls)
+            if counts.get(key, 0) >= (60 if split == 'train' else 20):
+                continue
+            counts[key] = counts.get(key, 0) + 1
+            target = root / split / cls / parts[-1]
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(tar.extractfile(member).read())
+    assert len([k for k in counts if k[0] == 'train']) == 10
+    return root

@@ -1,0 +1,145 @@
+"""Datasets for uptraining and evaluation: train / val / test with the model's own preprocessing.
+
+Sources: an ImageFolder directory (``train/<class>/...`` and optionally ``test/<class>/...``), a ``.tar.gz``
+of one (extracted once into a cache folder), or a Hugging Face dataset name (``cifar10``, ``cifar100``,
+``food101``, ``zh-plus/tiny-imagenet``) through the ``datasets`` library when online. The validation split
+is carved from train with a fixed seed, so model selection never touches test.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional
+
+import torch
+from PIL import Image
+from torch.utils.data import Dataset, Subset
+from torchvision import transforms as T
+from torchvision.datasets import ImageFolder
+
+__all__ = ['DataSplits', 'build_datasets', 'build_transform', 'extract_archive', 'AUGMENTATIONS', 'HUB_DATASETS']
+
+AUGMENTATIONS = ('none', 'crop-flip', 'randaugment')
+HUB_DATASETS: Dict[str, Dict[str, str]] = {
+    'cifar10': dict(image='img', label='label', test='test'),
+    'cifar100': dict(image='img', label='fine_label', test='test'),
+    'food101': dict(image='image', label='label', test='validation'),
+    'zh-plus/tiny-imagenet': dict(image='image', label='label', test='valid'),
+}
+
+
+@dataclass
+class DataSplits:
+    train: Dataset
+    val: Dataset
+    test: Optional[Dataset]
+    classes: List[str]
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get('GQA_LENS_CACHE', Path.home() / '.cache' / 'gqa_lens'))
+
+
+def extract_archive(archive: str | os.PathLike, cache_dir: Optional[Path] = None) -> Path:
+    """Extract ``archive`` once (keyed by its size and name) and return the folder holding ``train/``."""
+    archive = Path(archive)
+    if not archive.is_file():
+        raise FileNotFoundError(f'dataset archive not found: {archive}')
+    key = hashlib.sha1(f'{archive.name}:{archive.stat().st_size}'.encode()).hexdigest()[:12]
+    target = (cache_dir or cache_root() / 'datasets') / f'{archive.name.split(".")[0]}-{key}'
+    done = target / '.extracted'
+    if not done.exists():
+        target.mkdir(parents=True, exist_ok=True)
+        with tarfile.open(archive) as tar:
+            tar.extractall(target, filter='data')
+        done.touch()
+    for candidate in [target, *sorted(p for p in target.iterdir() if p.is_dir())]:
+        if (candidate / 'train').is_dir():
+            return candidate
+    raise ValueError(f'{archive}: no train/ folder inside the archive')
+
+
+def build_transform(preprocessing: Dict[str, Any], training: bool, augment: str = 'crop-flip') -> Callable:
+    """The checkpoint's preprocessing (input size, interpolation, mean/std, crop_pct) plus train augmentation."""
+    if augment not in AUGMENTATIONS:
+        raise ValueError(f'augment must be one of {AUGMENTATIONS}, got {augment!r}')
+    size = tuple(preprocessing['input_size'][-2:])
+    interpolation = T.InterpolationMode(preprocessing.get('interpolation', 'bicubic'))
+    normalize = [T.ToTensor(), T.Normalize(preprocessing['mean'], preprocessing['std'])]
+    if training and augment != 'none':
+        steps: List[Callable] = [T.Resize(size, interpolation=interpolation),
+                                 T.RandomCrop(size, padding=max(1, size[0] // 8), padding_mode='reflect'),
+                                 T.RandomHorizontalFlip()]
+        if augment == 'randaugment':
+            steps.append(T.RandAugment())
+        return T.Compose([*steps, *normalize])
+    crop_pct = float(preprocessing.get('crop_pct', 1.0))
+    resize = tuple(int(s / crop_pct) for s in size)
+    return T.Compose([T.Resize(resize, interpolation=interpolation), T.CenterCrop(size), *normalize])
+
+
+def _rgb_loader(path: str) -> Image.Image:
+    with Image.open(path) as img:
+        return img.convert('RGB')
+
+
+class _HubImages(Dataset):
+    def __init__(self, rows: Any, image_key: str, label_key: str, transform: Callable) -> None:
+        self.rows, self.image_key, self.label_key, self.transform = rows, image_key, label_key, transform
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int):
+        row = self.rows[int(i)]
+        return self.transform(row[self.image_key].convert('RGB')), int(row[self.label_key])
+
+
+def _split_indices(n: int, val_fraction: float, seed: int) -> tuple:
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    n_val = int(round(n * val_fraction))
+    return sorted(order[n_val:]), sorted(order[:n_val])
+
+
+def build_datasets(source: str, preprocessing: Dict[str, Any], *, augment: str = 'crop-flip',
+                   val_fraction: float = 0.1, seed: int = 0, limit: Optional[int] = None) -> DataSplits:
+    """Train / val / test splits of ``source``; ``limit`` caps each split (for smoke tests)."""
+    train_tf = build_transform(preprocessing, True, augment)
+    eval_tf = build_transform(preprocessing, False)
+    path = Path(source)
+    if path.is_file() and source.endswith(('.tar.gz', '.tgz', '.tar')):
+        path = extract_archive(path)
+    if path.is_dir():
+        root = path / 'train' if (path / 'train').is_dir() else path
+        train_full = ImageFolder(root, transform=train_tf, loader=_rgb_loader)
+        val_full = ImageFolder(root, transform=eval_tf, loader=_rgb_loader)
+        test = ImageFolder(path / 'test', transform=eval_tf, loader=_rgb_loader) if (path / 'test').is_dir() else None
+        if test is not None and test.classes != train_full.classes:
+            raise ValueError(f'{source}: train and test class folders differ')
+        classes = train_full.classes
+        n = len(train_full)
+    else:
+        if source not in HUB_DATASETS:
+            raise ValueError(f'{source!r} is not a folder, an archive or a known Hub dataset {sorted(HUB_DATASETS)}')
+        try:
+            import datasets
+        except ImportError:
+            raise ValueError(f'loading {source!r} from the Hub needs `pip install datasets`') from None
+        spec = HUB_DATASETS[source]
+        hub = datasets.load_dataset(source)
+        classes = list(hub['train'].features[spec['label']].names)
+        train_full = _HubImages(hub['train'], spec['image'], spec['label'], train_tf)
+        val_full = _HubImages(hub['train'], spec['image'], spec['label'], eval_tf)
+        test = _HubImages(hub[spec['test']], spec['image'], spec['label'], eval_tf)
+        n = len(train_full)
+    train_idx, val_idx = _split_indices(n, val_fraction, seed)
+    if limit is not None:
+        g = torch.Generator().manual_seed(seed + 1)
+        train_idx = [train_idx[i] for i in torch.randperm(len(train_idx), generator=g)[:limit].tolist()]
+        val_idx = [val_idx[i] for i in torch.randperm(len(val_idx), generator=g)[:limit].tolist()]
+        if test is not None:
+            test = Subset(test, torch.randperm(len(test), generator=g)[:limit].tolist())
+    return DataSplits(Subset(train_full, train_idx), Subset(val_full, val_idx), test, classes)
