@@ -153,13 +153,13 @@ def _fetch(source: str, filename: str, revision: Optional[str]) -> Path:
         raise ModelLoadError(f'{source}: no such model repo on the Hub (or it is private)') from None
     except RevisionNotFoundError:
         raise ModelLoadError(f'{source}: revision {revision!r} not found') from None
+    except LocalEntryNotFoundError:  # a subclass of EntryNotFoundError: test it first
+        raise ModelLoadError(f'{source}: not a local folder, and not in the Hub cache while offline '
+                             '(HF_HUB_OFFLINE is set or the Hub cannot be reached)') from None
     except EntryNotFoundError:
         hint = (' GQA Lens loads safetensors only and never unpickles .bin/.pt files.'
                 if filename == WEIGHTS_NAME else '')
         raise ModelLoadError(f'{source}: the repo has no {filename}.{hint}') from None
-    except LocalEntryNotFoundError:
-        raise ModelLoadError(f'{source}: not a local folder, and not in the Hub cache while offline '
-                             '(HF_HUB_OFFLINE is set or the Hub cannot be reached)') from None
     except (HfHubHTTPError, OSError) as e:
         raise ModelLoadError(f'{source}: download of {filename} failed: {e}') from None
     except ValueError as e:  # malformed repo ids

@@ -1,0 +1,172 @@
+"""GQA Lens: compare grouped-query attention variants of a ViT on one image, side by side.
+
+    python app.py            # serves on http://127.0.0.1:7860 with the embedded models, no network needed
+
+Layout and wiring only; the work happens in ``gqa_core.lens`` (running models) and ``gqa_core.figures``.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, List, Optional
+
+import gradio as gr
+
+from gqa_core import VARIANTS
+from gqa_core.analysis import FUSIONS
+from gqa_core.images import ImageInputError, load_image
+from gqa_core.lens import MAX_MODELS, column_view, export_zip, reference_for, run_models
+from gqa_core.models import DEFAULT_MODELS, EMBEDDED_DIR, ModelLoadError, ModelRegistry
+from gqa_core.analysis import analyse
+
+ROOT = Path(__file__).resolve().parent
+EXAMPLES = sorted(str(p) for p in (ROOT / 'assets' / 'examples').glob('*.jpg'))
+registry = ModelRegistry(Path(os.environ.get('GQA_LENS_MODELS', EMBEDDED_DIR)))
+PANELS = ('summary', 'top5', 'overlay', 'rollout', 'grid', 'key_norms', 'assignment', 'history', 'difference')
+HELP = """Pick up to four models. Besides the embedded ones you can type
+`hub:ORG/REPO` (a saved GQA Lens model on the Hugging Face Hub) or `convert:SOURCE:VARIANT:G`, e.g.
+`convert:embedded/mha:kdgqa:2` or `convert:hf-hub:timm/vit_small_patch16_224.augreg_in21k_ft_in1k:gqa:3`
+(training-free: K/V heads mean-pooled)."""
+
+
+def _raw_path(payload: Any) -> Optional[str]:
+    """Hand the uploaded file to our own guarded loader instead of letting gradio decode it unguarded."""
+    return None if payload is None else payload.path
+
+
+def _empty_column(message: str = '') -> List[Any]:
+    return [message, None, None, None, None, None, None, None, None]
+
+
+def _columns(analyses: List[Any], errors: List[Optional[str]], layer: int, head: str, fusion: str) -> List[Any]:
+    reference = reference_for(analyses)
+    out: List[Any] = []
+    for analysis, error in zip(analyses, errors):
+        if analysis is None:
+            out += _empty_column(f'⚠️ {error}' if error else '')
+            continue
+        loaded = registry.get(analysis.spec)
+        view = column_view(analysis, layer, head, fusion, reference)
+        out += [loaded.summary(), view.top5, view.overlay, view.rollout, view.grid, view.key_norms,
+                view.assignment, view.history, view.difference]
+    return out
+
+
+def run(image: Optional[str], m0: str, m1: str, m2: str, m3: str, layer: float, head: str, fusion: str,
+        progress: gr.Progress = gr.Progress()) -> List[Any]:
+    specs = [m0, m1, m2, m3]
+    try:
+        analyses, errors, notes = run_models(registry, image, specs, progress)
+    except (ImageInputError, ValueError) as e:
+        return [None, f'⚠️ {e}', gr.update()] + _empty_column() * MAX_MODELS
+    depth = max(len(a.recording.layers) for a in analyses if a is not None) if any(analyses) else 1
+    layer = min(int(layer), depth - 1)
+    status = '; '.join(notes) if notes else 'done'
+    if any(errors):
+        status = '⚠️ ' + ' · '.join(e for e in errors if e) + (f' ({status})' if notes else '')
+    return ([analyses, status, gr.update(maximum=depth - 1, value=layer)]
+            + _columns(analyses, [e for e in errors], layer, head, fusion))
+
+
+def rerender(state: Optional[List[Any]], layer: float, head: str, fusion: str) -> List[Any]:
+    if not state:
+        return _empty_column() * MAX_MODELS
+    return _columns(state, [None] * len(state), int(layer), head, fusion)
+
+
+def export(state: Optional[List[Any]], layer: float, head: str, fusion: str) -> Optional[str]:
+    if not state or not any(state):
+        raise gr.Error('run the models on an image first')
+    path = Path(tempfile.mkdtemp(prefix='gqa-lens-')) / 'gqa-lens-analysis.zip'
+    return str(export_zip(state, int(layer), head, fusion, path))
+
+
+def predict(image: Optional[str], model: str) -> dict:
+    """API: top-5 {label: probability} of one model on one image."""
+    try:
+        loaded = registry.get(model)
+        return {label: p for label, p in analyse(loaded, load_image(image).image).top5}
+    except (ImageInputError, ModelLoadError, ValueError) as e:
+        raise gr.Error(str(e)) from None
+
+
+def build_spec(source: str, variant: str, g: float) -> str:
+    return f'convert:{source}:{variant}:{int(g)}'
+
+
+def build_demo() -> gr.Blocks:
+    embedded = registry.embedded()
+    choices = embedded + [''] if embedded else ['']
+    defaults = [m if m in embedded else '' for m in DEFAULT_MODELS]
+    with gr.Blocks(title='GQA Lens') as demo:
+        gr.Markdown('# GQA Lens\nHow grouped-query attention variants of one ViT see an image: predictions, '
+                    'attention, key-norm ratios and which query heads each shared KV head serves '
+                    '([arXiv 2408.08454](https://arxiv.org/abs/2408.08454)).')
+        state = gr.State()
+        with gr.Row():
+            with gr.Column(scale=1):
+                image = gr.Image(type='filepath', sources=['upload', 'clipboard', 'webcam'], label='image',
+                                 elem_id='image', height=260)
+                image.preprocess = _raw_path
+                if EXAMPLES:
+                    gr.Examples(EXAMPLES, inputs=[image], label='examples (CIFAR-10 test images, a photo)')
+            with gr.Column(scale=2):
+                models = [gr.Dropdown(choices, value=defaults[i], label=f'model {i + 1}', allow_custom_value=True,
+                                      elem_id=f'model-{i}') for i in range(MAX_MODELS)]
+                gr.Markdown(HELP)
+                with gr.Accordion('convert on the fly', open=False):
+                    with gr.Row():
+                        source = gr.Dropdown(['embedded/mha'], value='embedded/mha', allow_custom_value=True,
+                                             label='source (embedded/mha, hf-hub:…, timm name)')
+                        variant = gr.Dropdown(list(VARIANTS), value='kdgqa', label='variant')
+                        groups = gr.Number(value=2, precision=0, label='G (KV heads)')
+                        use = gr.Button('use as model 4')
+                with gr.Row():
+                    layer = gr.Slider(0, 11, value=0, step=1, label='layer', elem_id='layer')
+                    head = gr.Dropdown(['mean'] + [str(h) for h in range(16)], value='mean', label='head')
+                    fusion = gr.Radio(list(FUSIONS), value='mean', label='rollout head fusion')
+                run_button = gr.Button('Run', variant='primary', elem_id='run')
+                status = gr.Markdown(elem_id='status')
+        outputs: List[Any] = []
+        with gr.Row():
+            for i in range(MAX_MODELS):
+                with gr.Column(min_width=260):
+                    outputs += [
+                        gr.Markdown(elem_id=f'summary-{i}'),
+                        gr.Label(num_top_classes=5, label='top-5', elem_id=f'top5-{i}'),
+                        gr.Image(label='class-token attention (layer, head)', elem_id=f'overlay-{i}',
+                                 interactive=False, height=224),
+                        gr.Image(label='attention rollout', elem_id=f'rollout-{i}', interactive=False, height=224),
+                        gr.Plot(label='heads × layers', elem_id=f'grid-{i}'),
+                        gr.Plot(label='key-norm ratios', elem_id=f'keynorm-{i}'),
+                        gr.Plot(label='query-group assignment', elem_id=f'assign-{i}'),
+                        gr.Plot(label='allocation history', elem_id=f'history-{i}'),
+                        gr.Plot(label='difference vs MHA', elem_id=f'diff-{i}'),
+                    ]
+        with gr.Row():
+            export_button = gr.Button('Download everything (zip: JSON, CSV, PNG, figures)', elem_id='export')
+            export_file = gr.File(label='analysis', elem_id='export-file')
+
+        run_button.click(run, [image, *models, layer, head, fusion], [state, status, layer, *outputs],
+                         api_name='run')
+        for control in (layer, head, fusion):
+            control.change(rerender, [state, layer, head, fusion], outputs, api_name=False,
+                           show_progress='hidden')
+        export_button.click(export, [state, layer, head, fusion], export_file, api_name='export')
+        use.click(build_spec, [source, variant, groups], models[-1], api_name=False)
+        with gr.Row(visible=False):  # API-only endpoint: /predict (image, model spec) -> top-5
+            api_image = gr.Image(type='filepath')
+            api_image.preprocess = _raw_path
+            api_model = gr.Textbox(value=DEFAULT_MODELS[0])
+            api_out = gr.JSON()
+            api_button = gr.Button()
+        api_button.click(predict, [api_image, api_model], api_out, api_name='predict')
+    return demo
+
+
+demo = build_demo()
+demo.queue(default_concurrency_limit=int(os.environ.get('GQA_LENS_CONCURRENCY', '4')))
+
+if __name__ == '__main__':
+    demo.launch(server_name=os.environ.get('GRADIO_SERVER_NAME', '127.0.0.1'))

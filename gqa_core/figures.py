@@ -1,0 +1,173 @@
+"""Figures from recorded data. Pure functions: numbers in, plotly figures or RGB arrays out."""
+from __future__ import annotations
+
+from typing import List, Sequence
+
+import numpy as np
+import plotly.graph_objects as go
+from PIL import Image
+from plotly.colors import qualitative, sample_colorscale
+
+__all__ = ['patch_grid', 'overlay', 'colorize', 'heads_layers_figure', 'key_norm_figure', 'assignment_figure',
+           'allocation_history_figure', 'difference_figure', 'topk_figure', 'kv_colors', 'no_history_figure']
+
+LAYOUT = dict(margin=dict(l=40, r=10, t=40, b=40), height=300, template='plotly_white')
+
+
+def patch_grid(values: np.ndarray, grid_size: Sequence[int]) -> np.ndarray:
+    """Flat per-patch values -> ``(rows, cols)``; fails loudly if they do not tile the grid."""
+    rows, cols = int(grid_size[0]), int(grid_size[1])
+    if values.shape[-1] != rows * cols:
+        raise ValueError(f'{values.shape[-1]} patch values do not fill a {rows}x{cols} grid')
+    return values.reshape(*values.shape[:-1], rows, cols)
+
+
+def colorize(values: np.ndarray, colorscale: str = 'Inferno') -> np.ndarray:
+    """Min-max scaled values -> RGB uint8 through a plotly colour scale."""
+    v = values.astype(np.float64)
+    span = v.max() - v.min()
+    v = (v - v.min()) / span if span > 0 else np.zeros_like(v)
+    lut = np.array([[int(c) for c in s[s.index('(') + 1:-1].split(',')[:3]]
+                    for s in sample_colorscale(colorscale, list(np.linspace(0, 1, 256)), colortype='rgb')],
+                   dtype=np.uint8)
+    return lut[np.clip((v * 255).round().astype(int), 0, 255)]
+
+
+def overlay(view: np.ndarray, grid_values: np.ndarray, alpha: float = 0.55, size: int = 224) -> np.ndarray:
+    """The model's view of the image with a patch-level heat map blended on top, both upsampled to ``size``."""
+    h, w = view.shape[:2]
+    scale = size / max(h, w)
+    out_size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    base = Image.fromarray(view).resize(out_size, Image.BICUBIC)
+    heat = Image.fromarray(colorize(grid_values)).resize(out_size, Image.BILINEAR)
+    return np.asarray(Image.blend(base, heat, alpha))
+
+
+def heads_layers_figure(prefix_maps: np.ndarray, grid_size: Sequence[int], title: str = '') -> go.Figure:
+    """Class-token attention of every head (columns) in every layer (rows) as one mosaic heat map.
+
+    prefix_maps: ``(L, H, patches)``. Each tile is min-max scaled on its own so every head's pattern shows.
+    """
+    L, H, _ = prefix_maps.shape
+    rows, cols = int(grid_size[0]), int(grid_size[1])
+    tiles = patch_grid(prefix_maps, grid_size).astype(np.float64)
+    lo = tiles.min(axis=(-2, -1), keepdims=True)
+    span = tiles.max(axis=(-2, -1), keepdims=True) - lo
+    tiles = (tiles - lo) / np.where(span > 0, span, 1)
+    mosaic = np.full((L * (rows + 1) - 1, H * (cols + 1) - 1), np.nan)
+    for layer in range(L):
+        for head in range(H):
+            mosaic[layer * (rows + 1):layer * (rows + 1) + rows, head * (cols + 1):head * (cols + 1) + cols] = \
+                tiles[layer, head]
+    fig = go.Figure(go.Heatmap(z=mosaic, colorscale='Inferno', showscale=False, hoverinfo='skip'))
+    fig.update_layout(title=title or 'class-token attention: heads × layers', **LAYOUT)
+    fig.update_xaxes(tickvals=[h * (cols + 1) + cols / 2 - 0.5 for h in range(H)], ticktext=[f'h{h}' for h in range(H)])
+    fig.update_yaxes(tickvals=[layer * (rows + 1) + rows / 2 - 0.5 for layer in range(L)],
+                     ticktext=[f'L{layer}' for layer in range(L)], autorange='reversed')
+    return fig
+
+
+def key_norm_figure(shares: np.ndarray, key_norms: np.ndarray, title: str = '') -> go.Figure:
+    """Normalised key-norm ratios the policy used, KV heads (rows) × layers (columns); hover shows raw norms.
+
+    shares, key_norms: ``(L, G)`` for one image.
+    """
+    L, G = shares.shape
+    fig = go.Figure(go.Heatmap(
+        z=shares.T, x=[f'L{i}' for i in range(L)], y=[f'kv{g}' for g in range(G)], colorscale='Viridis',
+        customdata=key_norms.T, zmin=0, hovertemplate='%{x} %{y}<br>ratio %{z:.3f}<br>key norm %{customdata:.2f}'
+                                                     '<extra></extra>',
+        colorbar=dict(title='ratio')))
+    fig.update_layout(title=title or 'key-norm ratios (KV heads × layers)', **LAYOUT)
+    fig.update_yaxes(autorange='reversed')
+    return fig
+
+
+def kv_colors(num_kv_heads: int) -> List[str]:
+    palette = qualitative.Plotly + qualitative.D3 + qualitative.Dark24
+    return [palette[g % len(palette)] for g in range(num_kv_heads)]
+
+
+def assignment_figure(query_to_kv: np.ndarray, allocation: np.ndarray, title: str = '') -> go.Figure:
+    """Which KV head serves each query head, layers (rows) × query heads (columns), coloured by KV head.
+
+    query_to_kv: ``(L, H)``; allocation: ``(L, G)``. KV heads serving no query are listed per layer in the
+    row label (e.g. ``L3 · idle kv0``), so zero-query groups stay visible.
+    """
+    L, H = query_to_kv.shape
+    G = allocation.shape[1]
+    colors = kv_colors(G)
+    scale = []
+    for g in range(G):  # a discrete colour scale: band g -> colour g
+        scale += [[g / G, colors[g]], [(g + 1) / G, colors[g]]]
+    labels = []
+    for layer in range(L):
+        idle = [f'kv{g}' for g in range(G) if allocation[layer, g] == 0]
+        labels.append(f'L{layer}' + (f' · idle {",".join(idle)}' if idle else ''))
+    fig = go.Figure(go.Heatmap(
+        z=query_to_kv, x=[f'q{h}' for h in range(H)], y=labels, zmin=-0.5, zmax=G - 0.5, colorscale=scale,
+        text=[[f'kv{g}' for g in row] for row in query_to_kv], texttemplate='%{text}', xgap=1, ygap=1,
+        customdata=[[str(list(allocation[layer]))] * H for layer in range(L)],
+        hovertemplate='%{y} %{x} → %{text}<br>allocation %{customdata}<extra></extra>',
+        colorbar=dict(title='KV head', tickvals=list(range(G)), ticktext=[f'kv{g}' for g in range(G)])))
+    fig.update_layout(title=title or 'query-group assignment (layers × query heads)', **LAYOUT)
+    fig.update_yaxes(autorange='reversed')
+    return fig
+
+
+def allocation_history_figure(steps: Sequence[int], allocation: np.ndarray, layer: int, title: str = '') -> go.Figure:
+    """DGQA: query heads per KV head at every recomputation during training, for one layer.
+
+    steps: ``(N,)`` training step of each change; allocation: ``(N, G)``.
+    """
+    allocation = np.asarray(allocation)
+    colors = kv_colors(allocation.shape[1])
+    fig = go.Figure()
+    for g in range(allocation.shape[1]):
+        fig.add_trace(go.Scatter(x=list(steps), y=allocation[:, g], mode='lines+markers', name=f'kv{g}',
+                                 line=dict(shape='hv', color=colors[g]), stackgroup='a'))
+    fig.update_layout(title=title or f'DGQA allocation over training, layer {layer}', xaxis_title='training step',
+                      yaxis_title='query heads', **LAYOUT)
+    return fig
+
+
+def difference_figure(variant_prefix: np.ndarray, reference_prefix: np.ndarray, grid_size: Sequence[int],
+                      title: str = '') -> go.Figure:
+    """Head-mean class-token attention of a variant minus the reference (MHA), one tile per layer.
+
+    Inputs: ``(L, patches)`` each. Tile titles carry the total-variation distance of the two distributions.
+    """
+    if variant_prefix.shape != reference_prefix.shape:
+        raise ValueError(f'cannot compare attention of shapes {variant_prefix.shape} and {reference_prefix.shape}: '
+                         'the models must share backbone geometry')
+    diff = patch_grid(variant_prefix - reference_prefix, grid_size)
+    L, rows, cols = diff.shape
+    mosaic = np.full((rows, L * (cols + 1) - 1), np.nan)
+    for layer in range(L):
+        mosaic[:, layer * (cols + 1):layer * (cols + 1) + cols] = diff[layer]
+    tv = 0.5 * np.abs(variant_prefix - reference_prefix).sum(-1)
+    bound = float(np.nanmax(np.abs(mosaic))) or 1.0
+    fig = go.Figure(go.Heatmap(z=mosaic, colorscale='RdBu', zmid=0, zmin=-bound, zmax=bound, reversescale=True,
+                               hovertemplate='Δ %{z:.4f}<extra></extra>'))
+    fig.update_layout(title=title or 'attention difference vs MHA (class token, head mean)', **LAYOUT)
+    fig.update_xaxes(tickvals=[layer * (cols + 1) + cols / 2 - 0.5 for layer in range(L)],
+                     ticktext=[f'L{layer}<br>TV {tv[layer]:.2f}' for layer in range(L)])
+    fig.update_yaxes(autorange='reversed', showticklabels=False)
+    return fig
+
+
+def topk_figure(top: Sequence[tuple], title: str = '') -> go.Figure:
+    """Top-k (label, probability) as a horizontal bar chart, best on top."""
+    labels = [label for label, _ in top][::-1]
+    probs = [p for _, p in top][::-1]
+    fig = go.Figure(go.Bar(x=probs, y=labels, orientation='h', text=[f'{p:.1%}' for p in probs]))
+    fig.update_layout(title=title or 'top-5', xaxis=dict(range=[0, 1]), **LAYOUT)
+    return fig
+
+
+def no_history_figure(reason: str) -> go.Figure:
+    fig = go.Figure()
+    fig.add_annotation(text=reason, showarrow=False, x=0.5, y=0.5, xref='paper', yref='paper')
+    fig.update_layout(xaxis_visible=False, yaxis_visible=False, **LAYOUT)
+    return fig
+
