@@ -16,7 +16,7 @@ import gradio as gr
 from gqa_core import VARIANTS
 from gqa_core.analysis import FUSIONS
 from gqa_core.images import ImageInputError, load_image
-from gqa_core.lens import MAX_MODELS, column_view, export_zip, reference_for, run_models
+from gqa_core.lens import MAX_MODELS, NO_MODEL, column_view, export_zip, reference_for, run_models
 from gqa_core.models import DEFAULT_MODELS, EMBEDDED_DIR, ModelLoadError, ModelRegistry
 from gqa_core.analysis import analyse
 
@@ -97,8 +97,8 @@ def build_spec(source: str, variant: str, g: float) -> str:
 
 def build_demo() -> gr.Blocks:
     embedded = registry.embedded()
-    choices = embedded + [''] if embedded else ['']
-    defaults = [m if m in embedded else '' for m in DEFAULT_MODELS]
+    choices = embedded + [NO_MODEL]
+    defaults = [m if m in embedded else NO_MODEL for m in DEFAULT_MODELS]
     with gr.Blocks(title='GQA Lens') as demo:
         gr.Markdown('# GQA Lens\nHow grouped-query attention variants of one ViT see an image: predictions, '
                     'attention, key-norm ratios and which query heads each shared KV head serves '

@@ -90,7 +90,7 @@ def load_image(path: Optional[str], max_pixels: int = MAX_PIXELS, max_bytes: int
     except ImageInputError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise ImageInputError(f'{name}: refused as a possible decompression bomb ({e})') from None
+        raise ImageInputError(f'{name} is over the pixel limit (decompression-bomb guard): {e}') from None
     except UnidentifiedImageError:
         raise ImageInputError(f'{name} is not an image file this app can read (PNG, JPEG, GIF, WebP, BMP, TIFF, ...)') \
             from None

@@ -21,9 +21,14 @@ from .analysis import Analysis, analyse, attention_rollout, prefix_attention
 from .images import ImageInputError, load_image
 from .models import ModelRegistry
 
-__all__ = ['MAX_MODELS', 'ColumnView', 'run_models', 'column_view', 'export_zip', 'reference_for']
+__all__ = ['MAX_MODELS', 'NO_MODEL', 'ColumnView', 'run_models', 'column_view', 'export_zip', 'reference_for']
 
 MAX_MODELS = 4
+NO_MODEL = '(none)'  # the choice that leaves a column empty
+
+
+def _is_empty(spec: Optional[str]) -> bool:
+    return not spec or not spec.strip() or spec.strip() == NO_MODEL
 
 
 @dataclass
@@ -50,11 +55,11 @@ def run_models(registry: ModelRegistry, image_path: Optional[str], specs: Sequen
     loaded_image = load_image(image_path)
     analyses: List[Optional[Analysis]] = []
     errors: List[Optional[str]] = []
-    chosen = [s for s in specs if s and s.strip()]
+    chosen = [s for s in specs if not _is_empty(s)]
     if not chosen:
         raise ValueError('choose at least one model')
     for i, spec in enumerate(specs[:MAX_MODELS]):
-        if not spec or not spec.strip():
+        if _is_empty(spec):
             analyses.append(None)
             errors.append(None)
             continue
@@ -103,10 +108,9 @@ def column_view(analysis: Analysis, layer: int, head: str, fusion: str, referenc
         history = figures.allocation_history_figure(hist['steps'], np.array(hist['allocation']), layer,
                                                     title=f'{title}: allocation over training, layer {layer}')
     else:
-        history = figures.no_history_figure(f'{g["variant"].upper()} has no allocation history '
-                                            '(only DGQA changes its grouping during training)')
+        history = figures.no_history_figure('no allocation history (DGQA only)')
     if reference is None:
-        difference = figures.no_history_figure('choose an MHA model too to see the difference view')
+        difference = figures.no_history_figure('add an MHA model to compare')
     elif reference is analysis:
         difference = figures.no_history_figure('this is the MHA reference')
     else:

@@ -1,0 +1,133 @@
+"""The app over real HTTP: named API endpoints, bad input, concurrency and determinism."""
+import os
+import socket
+import statistics
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from gradio_client import Client, handle_file
+
+from bad_images import ACCEPTED, REJECTED, write_all
+from conftest import EXAMPLES_DIR
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope='module')
+def server():
+    import app
+    port = free_port()
+    app.demo.launch(server_name='127.0.0.1', server_port=port, prevent_thread_lock=True, quiet=True)
+    try:
+        yield f'http://127.0.0.1:{port}', app
+    finally:
+        app.demo.close()
+
+
+@pytest.fixture(scope='module')
+def client(server):
+    return Client(server[0], verbose=False)
+
+
+def run_args(image, *models, layer=0, head='mean', fusion='mean'):
+    models = list(models) + [''] * (4 - len(models))
+    return [handle_file(str(image)), *models, layer, head, fusion]
+
+
+def test_named_endpoints_exist(client):
+    assert {'/run', '/predict', '/export'} <= set(client.view_api(return_format='dict')['named_endpoints'])
+
+
+def test_predict_endpoint_matches_in_process_analysis(client, server):
+    app = server[1]
+    from gqa_core.analysis import analyse
+    from gqa_core.images import load_image
+    image = EXAMPLES_DIR / 'cifar10_ship.jpg'
+    expected = analyse(app.registry.get('embedded/kdgqa'), load_image(str(image)).image).top5
+    got = client.predict(handle_file(str(image)), 'embedded/kdgqa', api_name='/predict')
+    assert list(got) == [label for label, _ in expected]
+    assert list(got.values()) == [p for _, p in expected]
+
+
+def test_run_endpoint_returns_every_panel_for_four_models(client, server):
+    specs = server[1].registry.embedded()[:4]
+    out = client.predict(*run_args(EXAMPLES_DIR / 'grace_hopper.jpg', *specs, layer=3), api_name='/run')
+    status, layer_update, columns = out[0], out[1], out[2:]
+    assert status.startswith('done') or 'note' not in status
+    assert layer_update['value'] == 3
+    for i, spec in enumerate(specs):
+        summary, top5, overlay, rollout, *plots = columns[i * 9:(i + 1) * 9]
+        assert spec in summary and 'params' in summary
+        assert len(top5['confidences']) == 5
+        assert os.path.isfile(overlay) and os.path.isfile(rollout)
+        assert all(p['type'] == 'plotly' for p in plots)
+
+
+@pytest.fixture(scope='module')
+def bad_files(tmp_path_factory):
+    return write_all(tmp_path_factory.mktemp('bad'), EXAMPLES_DIR / 'cifar10_cat.jpg')
+
+
+@pytest.mark.parametrize('kind', sorted(REJECTED) + sorted(ACCEPTED))
+def test_bad_images_get_a_message_and_the_app_keeps_serving(client, bad_files, kind):
+    out = client.predict(*run_args(bad_files[kind], 'embedded/mha'), api_name='/run')
+    expected = REJECTED.get(kind) or ACCEPTED[kind]
+    assert expected in out[0], out[0]
+    assert (not out[3]) == (kind in REJECTED), 'no prediction for rejected files, one for accepted ones'
+    # still serving
+    ok = client.predict(handle_file(str(EXAMPLES_DIR / 'cifar10_dog.jpg')), 'embedded/mha', api_name='/predict')
+    assert len(ok) == 5
+
+
+def test_unknown_repo_and_invalid_g_name_the_problem(client):
+    out = client.predict(*run_args(EXAMPLES_DIR / 'cifar10_cat.jpg', 'embedded/mha', 'hub:nobody/no-such-model',
+                                   'convert:embedded/mha:gqa:3', 'convert:embedded/mha:kdgqa:2'), api_name='/run')
+    status = out[0]
+    assert 'nobody/no-such-model' in status and 'num_kv_heads=3 must be a positive divisor of the 8 heads' in status
+    cols = out[2:]
+    assert 'MHA' in cols[0] and 'KDGQA, G = 2' in cols[27], 'the good models still ran'
+    from gradio_client.exceptions import AppError
+    with pytest.raises(AppError, match='unknown model spec'):
+        client.predict(handle_file(str(EXAMPLES_DIR / 'cifar10_cat.jpg')), 'resnet50', api_name='/predict')
+
+
+def test_concurrent_clients_get_the_single_client_answer(server):
+    url = server[0]
+    images = sorted(EXAMPLES_DIR.glob('cifar10_*.jpg'))[:5]
+    specs = server[1].registry.embedded()
+    jobs = [(images[(c + r) % 5], specs[(c * 5 + r) % len(specs)]) for c in range(16) for r in range(5)]
+    single = Client(url, verbose=False)
+    expected = {(img, spec): single.predict(handle_file(str(img)), spec, api_name='/predict')
+                for img, spec in set(jobs)}
+
+    def one_client(c):
+        client = Client(url, verbose=False)
+        results = []
+        for img, spec in jobs[c * 5:(c + 1) * 5]:
+            start = time.perf_counter()
+            results.append((img, spec, client.predict(handle_file(str(img)), spec, api_name='/predict'),
+                            time.perf_counter() - start))
+        return results
+
+    with ThreadPoolExecutor(16) as pool:
+        results = [r for batch in pool.map(one_client, range(16)) for r in batch]
+    assert len(results) == 80
+    mismatches = [(img.name, spec) for img, spec, got, _ in results if got != expected[(img, spec)]]
+    assert not mismatches
+    latencies = sorted(t for *_, t in results)
+    print(f'\n16 clients x 5 requests: p50 {statistics.median(latencies) * 1000:.0f} ms, '
+          f'p95 {latencies[int(0.95 * len(latencies)) - 1] * 1000:.0f} ms')
+
+
+def test_export_endpoint_writes_a_zip(client):
+    client.predict(*run_args(EXAMPLES_DIR / 'cifar10_frog.jpg', 'embedded/mha', 'embedded/kdgqa'), api_name='/run')
+    # /export reads the session state of the same client
+    path = client.predict(0, 'mean', 'mean', api_name='/export')
+    import zipfile
+    with zipfile.ZipFile(path) as zf:
+        assert any(n.endswith('recording.json') for n in zf.namelist())

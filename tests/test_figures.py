@@ -1,0 +1,128 @@
+"""Figure builders and analysis helpers on real recordings of the embedded models."""
+import io
+import json
+import zipfile
+
+import numpy as np
+import pytest
+
+from gqa_core import figures
+from gqa_core.analysis import attention_rollout, prefix_attention
+from gqa_core.lens import column_view, export_zip, reference_for
+
+
+def test_assignment_heatmap_cells_equal_recorded_query_to_kv(analyses):
+    for spec, a in analyses.items():
+        q2kv = a.recording.stacked('query_to_kv')[:, 0]
+        alloc = a.recording.stacked('allocation')[:, 0]
+        fig = figures.assignment_figure(q2kv, alloc)
+        heat = fig.data[0]
+        assert np.array_equal(np.array(heat.z), q2kv), spec
+        assert [row[0] for row in heat.text] == [f'kv{g}' for g in q2kv[:, 0]]
+        for layer, label in enumerate(heat.y):
+            idle = [g for g in range(alloc.shape[1]) if alloc[layer, g] == 0]
+            assert ('idle' in label) == bool(idle), (spec, label)
+            for g in idle:
+                assert f'kv{g}' in label.split('idle ')[1]
+
+
+def test_key_driven_models_show_zero_query_groups(analyses):
+    kd = analyses['embedded/kdgqa']
+    alloc = kd.recording.stacked('allocation')[:, 0]
+    assert (alloc == 0).any(), 'min-max scaling leaves the weakest KV head idle'
+    labels = figures.assignment_figure(kd.recording.stacked('query_to_kv')[:, 0], alloc).data[0].y
+    assert any('idle' in label for label in labels)
+
+
+def test_key_norm_figure_shows_the_recorded_ratios_and_norms(analyses):
+    a = analyses['embedded/kdgqa']
+    shares, norms = a.recording.stacked('shares')[:, 0], a.recording.stacked('key_norms')[:, 0]
+    heat = figures.key_norm_figure(shares, norms).data[0]
+    assert np.allclose(np.array(heat.z), shares.T) and np.allclose(np.array(heat.customdata), norms.T)
+    assert len(heat.x) == shares.shape[0] and len(heat.y) == shares.shape[1]
+
+
+def test_heads_layers_mosaic_tiles_are_the_class_token_maps(analyses):
+    a = analyses['embedded/mha']
+    rows = prefix_attention(a.maps, a.recording.num_prefix_tokens)  # (L, H, patches)
+    gh, gw = a.recording.grid_size
+    z = np.array(figures.heads_layers_figure(rows, (gh, gw)).data[0].z, dtype=float)
+    L, H, _ = rows.shape
+    assert z.shape == (L * (gh + 1) - 1, H * (gw + 1) - 1)
+    tile = z[(gh + 1) * 2:(gh + 1) * 2 + gh, (gw + 1) * 3:(gw + 1) * 3 + gw]
+    expected = rows[2, 3].reshape(gh, gw)
+    expected = (expected - expected.min()) / (expected.max() - expected.min())
+    assert np.allclose(tile, expected)
+
+
+def test_overlay_keeps_aspect_and_blends():
+    view = np.zeros((60, 40, 3), np.uint8)
+    heat = np.arange(12.0).reshape(3, 4)
+    out = figures.overlay(view, heat, size=120)
+    assert out.shape == (120, 80, 3) and out.dtype == np.uint8
+    assert out.max() > 0, 'the heat map shows on a black image'
+
+
+def test_prefix_attention_handles_registers_and_no_prefix():
+    maps = np.random.default_rng(0).random((2, 3, 7, 7))
+    assert np.array_equal(prefix_attention(maps, 3), maps[..., 0, 3:])
+    assert np.allclose(prefix_attention(maps, 0), maps.mean(-2))
+
+
+def test_rollout_matches_a_hand_computation_and_validates_fusion(analyses):
+    a = analyses['embedded/gqa']
+    maps = a.maps
+    T = maps.shape[-1]
+    joint = np.eye(T)
+    for layer in maps.max(1):
+        m = 0.5 * layer + 0.5 * np.eye(T)
+        joint = (m / m.sum(-1, keepdims=True)) @ joint
+    assert np.allclose(attention_rollout(maps, 1, 'max'), joint[0, 1:])
+    with pytest.raises(ValueError, match='fusion'):
+        attention_rollout(maps, 1, 'median')
+
+
+def test_difference_view_zero_for_itself_and_rejects_other_geometry(analyses):
+    a = analyses['embedded/gqa']
+    rows = prefix_attention(a.maps, 1).mean(1)
+    fig = figures.difference_figure(rows, rows, a.recording.grid_size)
+    assert np.nanmax(np.abs(np.array(fig.data[0].z, dtype=float))) == 0
+    assert all('TV 0.00' in t for t in fig.layout.xaxis.ticktext)
+    with pytest.raises(ValueError, match='share backbone geometry'):
+        figures.difference_figure(rows, rows[:, :-4], a.recording.grid_size)
+    other = prefix_attention(analyses['embedded/mha'].maps, 1).mean(1)
+    tv = 0.5 * np.abs(rows - other).sum(-1)
+    fig = figures.difference_figure(rows, other, a.recording.grid_size)
+    assert [float(t.split('TV ')[1]) for t in fig.layout.xaxis.ticktext] == pytest.approx(tv, abs=0.006)
+
+
+def test_allocation_history_traces_are_the_saved_history(analyses):
+    dgqa = [a for a in analyses.values() if a.history is not None]
+    assert dgqa, 'the embedded family includes DGQA'
+    hist = dgqa[0].history[1]
+    alloc = np.array(hist['allocation'])
+    assert len(hist['steps']) == len(alloc) > 1
+    fig = figures.allocation_history_figure(hist['steps'], alloc, 1)
+    for g, trace in enumerate(fig.data):
+        assert list(trace.y) == list(alloc[:, g]) and list(trace.x) == hist['steps']
+
+
+def test_column_view_and_zip_export(analyses, tmp_path):
+    chosen = [analyses['embedded/mha'], analyses['embedded/kdgqa'], None, analyses['embedded/gqa']]
+    assert reference_for(chosen) is chosen[0]
+    view = column_view(chosen[1], 2, '1', 'min', reference_for(chosen))
+    assert view.overlay.shape == view.rollout.shape and view.overlay.ndim == 3
+    assert abs(sum(view.top5.values()) - sum(p for _, p in chosen[1].top5)) < 1e-9
+    path = export_zip(chosen, 2, 'mean', 'mean', tmp_path / 'a.zip')
+    with zipfile.ZipFile(path) as zf:
+        names = zf.namelist()
+        assert sum(n.endswith('recording.json') for n in names) == 3
+        assert any(n.endswith('.png') for n in names) and any(n.endswith('assignment.html') for n in names)
+        rec = json.loads(zf.read('1_embedded_kdgqa/recording.json'))
+        assert np.array_equal(np.array(rec['query_to_kv']), chosen[1].recording.stacked('query_to_kv'))
+        csv_rows = zf.read('1_embedded_kdgqa/allocations.csv').decode().splitlines()
+        L, G = chosen[1].recording.stacked('allocation')[:, 0].shape
+        assert len(csv_rows) == 1 + L * G
+        png = zf.read('0_embedded_mha/rollout_mean.png')
+        from PIL import Image
+        assert Image.open(io.BytesIO(png)).size == view.rollout.shape[1::-1]
