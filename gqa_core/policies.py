@@ -227,10 +227,23 @@ class DGQAPolicy(GroupingPolicy):
             return (self.reference - m).abs()
         return 0.9 * m + 0.1 * self.reference
 
+    @staticmethod
+    def _across_processes(stat: Tensor, op: str) -> Tensor:
+        """Under data parallelism every process must take the same decision: combine the batch statistic
+        over all processes (one all-reduce of G floats; training only)."""
+        import torch.distributed as dist
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return stat
+        stat = stat.clone()
+        dist.all_reduce(stat)
+        return stat / dist.get_world_size() if op == 'mean' else stat
+
     @torch.no_grad()
     def _update(self, key_norms: Tensor) -> None:
         if self.compat == 'official':
             m = key_norms.float().sum(0)
+            if self.training:
+                m = self._across_processes(m, 'sum')
             if not self.training or self._step % self.window == 0:
                 self._set_allocation(*self._official_allocation(self._official_weights(m)))
                 self.reference.copy_(m if not self.training else (self.reference + m) / self.window)
@@ -239,7 +252,7 @@ class DGQAPolicy(GroupingPolicy):
                 self.step.add_(1)
             return
 
-        n = key_norms.float().mean(0)
+        n = self._across_processes(key_norms.float().mean(0), 'mean')
         if self.stat == 'ema':
             self.ema.copy_(n if self._step == 0 else self.beta * self.ema + (1 - self.beta) * n)
         if self._step % self.window == 0:

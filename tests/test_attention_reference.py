@@ -49,7 +49,7 @@ def test_kdgqa_per_sample_matches_loop(H, G):
         assert (module(x) - attention_loop(module, x, allocations)).abs().max() <= 1e-5
 
 
-@pytest.mark.parametrize('H,G', [c for c in CASES if c[1] > 1])
+@pytest.mark.parametrize('H,G', CASES)
 def test_dgqa_frozen_allocation_matches_loop(H, G):
     module, x = make('dgqa', H, G, stat='ema', window=1)
     module.train()

@@ -66,3 +66,22 @@ def test_bad_train_arguments_fail_clearly(cifar_subset, tmp_path):
     cfg = config(cifar_subset, tmp_path, '--init-from', str(tmp_path / 'nowhere'))
     with pytest.raises(ValueError, match='nowhere'):
         run(cfg)
+
+
+def test_two_process_data_parallel_training(cifar_subset, tmp_path):
+    """The same script under torchrun with 2 CPU processes (gloo): the data is sharded, DGQA decides
+    identically on both ranks (its statistics are all-reduced), rank 0 saves."""
+    import os
+    import subprocess
+    import sys
+    env = dict(os.environ, ACCELERATE_USE_CPU='1', OMP_NUM_THREADS='1')
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '-m', 'gqa_core.train',
+           '--data', str(cifar_subset), '--out', str(tmp_path), *TINY_ARGS.split()[:2], '--model-args',
+           TINY_ARGS.split(' ', 3)[3], '--preprocessing', PRE, '--variants', 'dgqa-ema', '--window', '2',
+           '--epochs', '1', '--batch-size', '20', '--workers', '0', '--augment', 'none']
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    history = json.loads((tmp_path / 'dgqa-ema' / 'metrics.json').read_text())
+    assert history[0]['step'] == 540 // 20 // 2, 'each process sees half of the 540 training images'
+    model = from_pretrained(str(tmp_path / 'dgqa-ema' / 'model'))
+    assert len(model.blocks[0].attn.policy.history) > 2

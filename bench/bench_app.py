@@ -1,0 +1,57 @@
+"""Latency of one app request: four embedded models, every panel, over real HTTP with gradio_client.
+
+    python bench/bench_app.py --requests 10
+
+Launches the app in-process on 127.0.0.1, warms it up (first request loads the models), then times
+``/run`` with the four default embedded models on an example image and prints median / p95 / max.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import statistics
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault('GRADIO_ANALYTICS_ENABLED', 'False')
+os.environ.setdefault('HF_HUB_DISABLE_TELEMETRY', '1')
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--requests', type=int, default=10)
+    parser.add_argument('--image', default=str(ROOT / 'assets' / 'examples' / 'grace_hopper.jpg'))
+    args = parser.parse_args()
+    import app
+    import torch
+    from gradio_client import Client, handle_file
+    from gqa_core.models import DEFAULT_MODELS
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        port = s.getsockname()[1]
+    app.demo.launch(server_name='127.0.0.1', server_port=port, prevent_thread_lock=True, quiet=True)
+    try:
+        client = Client(f'http://127.0.0.1:{port}', verbose=False)
+        call = lambda: client.predict(handle_file(args.image), *DEFAULT_MODELS, 3, 'mean', 'mean',  # noqa: E731
+                                      api_name='/run')
+        call()
+        latencies = []
+        for _ in range(args.requests):
+            start = time.perf_counter()
+            call()
+            latencies.append(time.perf_counter() - start)
+    finally:
+        app.demo.close()
+    latencies.sort()
+    print(f'threads={torch.get_num_threads()} models={",".join(DEFAULT_MODELS)} image={Path(args.image).name}')
+    print(f'one /run request, 4 models, all panels: median {statistics.median(latencies) * 1000:.0f} ms, '
+          f'p95 {latencies[max(0, int(0.95 * len(latencies)) - 1)] * 1000:.0f} ms, max {latencies[-1] * 1000:.0f} ms '
+          f'over {len(latencies)} requests')
+
+
+if __name__ == '__main__':
+    main()
