@@ -46,9 +46,8 @@ def _columns(analyses: List[Any], errors: List[Optional[str]], layer: int, head:
         if analysis is None:
             out += _empty_column(f'⚠️ {error}' if error else '')
             continue
-        loaded = registry.get(analysis.spec)
         view = column_view(analysis, layer, head, fusion, reference)
-        out += [loaded.summary(), view.top5, view.overlay, view.rollout, view.grid, view.key_norms,
+        out += [view.summary, view.top5, view.overlay, view.rollout, view.grid, view.key_norms,
                 view.assignment, view.history, view.difference]
     return out
 
@@ -66,7 +65,7 @@ def run(image: Optional[str], m0: str, m1: str, m2: str, m3: str, layer: float, 
     if any(errors):
         status = '⚠️ ' + ' · '.join(e for e in errors if e) + (f' ({status})' if notes else '')
     return ([analyses, status, gr.update(maximum=depth - 1, value=layer)]
-            + _columns(analyses, [e for e in errors], layer, head, fusion))
+            + _columns(analyses, errors, layer, head, fusion))
 
 
 def rerender(state: Optional[List[Any]], layer: float, head: str, fusion: str) -> List[Any]:

@@ -30,6 +30,7 @@ class Analysis:
     top5: List[tuple]  # (label, probability)
     grouping: Dict[str, Any]
     history: Optional[List[Dict[str, Any]]] = None  # DGQA: per layer {'steps': [...], 'allocation': [[...]]}
+    summary: str = ''  # the model's one-line description (params, G, K/V bytes)
 
     @property
     def maps(self) -> np.ndarray:
@@ -51,7 +52,7 @@ def analyse(loaded: LoadedModel, image: Image.Image) -> Analysis:
         history = [dict(steps=b.attn.policy.history_steps.tolist(), allocation=b.attn.policy.history.tolist())
                    for b in loaded.model.blocks]
     return Analysis(loaded.spec, np.asarray(view.convert('RGB')), result, loaded.labels, top5,
-                    dict(loaded.grouping), history)
+                    dict(loaded.grouping), history, loaded.summary())
 
 
 def prefix_attention(maps: np.ndarray, num_prefix_tokens: int) -> np.ndarray:

@@ -144,12 +144,13 @@ class GroupedQueryAttention(nn.Module):
         weight = attn.qkv.weight.detach()
         new = cls(
             attn.qkv.in_features, num_heads=H, attn_head_dim=d, dim_out=attn.proj.out_features,
-            qkv_bias=attn.qkv.bias is not None, proj_bias=attn.proj.bias is not None, gated=attn.gate is not None,
+            qkv_bias=attn.qkv.bias is not None, proj_bias=attn.proj.bias is not None,
+            gated=getattr(attn, 'gate', None) is not None,
             attn_drop=attn.attn_drop.p, proj_drop=attn.proj_drop.p, num_kv_heads=G, variant=variant,
             device=weight.device, dtype=weight.dtype, **policy_options,
         )
         for name in ('q_norm', 'k_norm', 'norm', 'proj', 'gate'):
-            setattr(new, name, copy.deepcopy(getattr(attn, name)))
+            setattr(new, name, copy.deepcopy(getattr(attn, name, None)))
 
         def pool(t: Tensor) -> Tensor:
             q, k, v = t.split(H * d, 0)

@@ -121,7 +121,7 @@ def column_view(analysis: Analysis, layer: int, head: str, fusion: str, referenc
         except ValueError as e:
             difference = figures.no_history_figure(str(e))
     return ColumnView(
-        summary=analysis.spec,
+        summary=analysis.summary or analysis.spec,
         top5={label: p for label, p in analysis.top5},
         overlay=overlay,
         rollout=rollout,
