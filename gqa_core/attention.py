@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from timm.layers import Attention
 from timm.layers.attention import maybe_add_mask, resolve_self_attn_mask
 
+from .kernels import routed_attention, triton_enabled
 from .policies import Grouping, GroupingPolicy, create_policy
 
 __all__ = ['GroupedQueryAttention', 'gqa_attention_layer', 'key_head_norms', 'route_kv', 'grouped_attention']
@@ -58,6 +59,9 @@ def grouped_attention(
     """
     H, G = q.shape[1], k.shape[1]
     if map_transform is None:
+        if (query_to_kv is not None and attn_mask is None and not is_causal and dropout_p == 0
+                and not (torch.is_grad_enabled() and q.requires_grad) and triton_enabled(q)):
+            return routed_attention(q, k, v, query_to_kv, scale)  # reads K/V through the table: no copy
         if query_to_kv is not None:
             k, v = route_kv(k, query_to_kv), route_kv(v, query_to_kv)
         return F.scaled_dot_product_attention(
