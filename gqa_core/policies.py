@@ -203,8 +203,9 @@ class DGQAPolicy(GroupingPolicy):
     def _set_allocation(self, shares: Tensor, allocation: Tensor) -> None:
         self.shares.copy_(shares)
         self.allocation.copy_(allocation)
-        self.history = torch.cat([self.history, allocation[None]])
-        self.history_steps = torch.cat([self.history_steps, self.step.reshape(1)])
+        if self.training:  # the history is of training; official eval recomputes every batch
+            self.history = torch.cat([self.history, allocation[None]])
+            self.history_steps = torch.cat([self.history_steps, self.step.reshape(1)])
         self._eval_grouping = None
 
     def _official_allocation(self, weights: Tensor) -> tuple:

@@ -114,8 +114,10 @@ def test_official_dgqa_cache_update_and_eval_recompute():
     assert policy._step == 0 and int(policy.step) == 0
     policy.eval()
     batch = norms_sequence(1, G, seed=3)[0]
+    changes = len(policy.history)
     policy(batch)
     assert torch.allclose(policy.reference, batch.sum(0)), 'official eval sets c <- m'
+    assert len(policy.history) == changes, 'eval recomputation is not training history'
 
 
 def test_official_dgqa_diff_same_batch_twice_does_not_hang_or_nan():
