@@ -23,7 +23,7 @@ from .hub import ModelLoadError, from_pretrained, from_timm
 __all__ = ['LoadedModel', 'ModelRegistry', 'ModelLoadError', 'EMBEDDED_DIR', 'DEFAULT_MODELS', 'parse_spec']
 
 EMBEDDED_DIR = Path(__file__).resolve().parents[1] / 'assets' / 'models'
-DEFAULT_MODELS = ('embedded/mha', 'embedded/gqa', 'embedded/kdgqa', 'embedded/dgqa-ema')
+DEFAULT_MODELS = ('embedded/mha', 'embedded/gqa', 'embedded/kdgqa', 'embedded/dgqa-diff')
 
 
 @dataclass
