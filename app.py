@@ -14,11 +14,10 @@ from typing import Any, List, Optional
 import gradio as gr
 
 from gqa_core import VARIANTS
-from gqa_core.analysis import FUSIONS
+from gqa_core.analysis import FUSIONS, analyse
 from gqa_core.images import ImageInputError, load_image
 from gqa_core.lens import MAX_MODELS, NO_MODEL, column_view, export_zip, reference_for, run_models
 from gqa_core.models import DEFAULT_MODELS, EMBEDDED_DIR, ModelLoadError, ModelRegistry
-from gqa_core.analysis import analyse
 
 ROOT = Path(__file__).resolve().parent
 EXAMPLES = sorted(str(p) for p in (ROOT / 'assets' / 'examples').glob('*.jpg'))

@@ -22,6 +22,11 @@ from .policies import Grouping, GroupingPolicy, create_policy
 __all__ = ['GroupedQueryAttention', 'gqa_attention_layer', 'key_head_norms', 'route_kv', 'grouped_attention']
 
 
+def kv_bytes(num_kv_heads: int, head_dim: int, num_tokens: int, bytes_per_value: int = 2) -> int:
+    """Bytes of one layer's K and V cache for one image."""
+    return 2 * num_kv_heads * head_dim * num_tokens * bytes_per_value
+
+
 def key_head_norms(k: Tensor) -> Tensor:
     """Frobenius norm of every key head over tokens x head dim: ``(B, G, T, d) -> (B, G)``, float32."""
     return torch.linalg.vector_norm(k.float(), dim=(-2, -1))
@@ -234,7 +239,7 @@ class GroupedQueryAttention(nn.Module):
 
     def kv_cache_bytes(self, num_tokens: int, bytes_per_value: int = 2) -> int:
         """Bytes to cache this layer's K and V for one image of ``num_tokens`` tokens."""
-        return 2 * self.num_kv_heads * self.head_dim * num_tokens * bytes_per_value
+        return kv_bytes(self.num_kv_heads, self.head_dim, num_tokens, bytes_per_value)
 
     def extra_repr(self) -> str:
         return f'num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}'

@@ -7,7 +7,7 @@ from torch import nn
 from timm.layers import Attention
 from timm.models.vision_transformer import VisionTransformer
 
-from .attention import GroupedQueryAttention
+from .attention import GroupedQueryAttention, kv_bytes
 
 __all__ = ['convert', 'revert', 'grouping_config', 'gqa_layers', 'kv_cache_bytes']
 
@@ -78,6 +78,6 @@ def kv_cache_bytes(model: nn.Module, bytes_per_value: int = 2) -> int:
     total = 0
     for block in vit.blocks:
         attn = block.attn
-        kv_heads = getattr(attn, 'num_kv_heads', attn.num_heads)
-        total += 2 * kv_heads * attn.head_dim * tokens * bytes_per_value
+        kv_heads = getattr(attn, 'num_kv_heads', attn.num_heads)  # timm's own MHA: G = H
+        total += kv_bytes(kv_heads, attn.head_dim, tokens, bytes_per_value)
     return total

@@ -9,7 +9,7 @@ from PIL import Image
 from plotly.colors import qualitative, sample_colorscale
 
 __all__ = ['patch_grid', 'overlay', 'colorize', 'heads_layers_figure', 'key_norm_figure', 'assignment_figure',
-           'allocation_history_figure', 'difference_figure', 'topk_figure', 'kv_colors', 'no_history_figure']
+           'allocation_history_figure', 'difference_figure', 'topk_figure', 'kv_colors', 'message_figure']
 
 LAYOUT = dict(margin=dict(l=40, r=10, t=40, b=40), height=300, template='plotly_white')
 
@@ -165,7 +165,7 @@ def topk_figure(top: Sequence[tuple], title: str = '') -> go.Figure:
     return fig
 
 
-def no_history_figure(reason: str) -> go.Figure:
+def message_figure(reason: str) -> go.Figure:
     fig = go.Figure()
     fig.add_annotation(text=reason, showarrow=False, x=0.5, y=0.5, xref='paper', yref='paper')
     fig.update_layout(xaxis_visible=False, yaxis_visible=False, **LAYOUT)

@@ -18,7 +18,7 @@ from PIL import Image
 
 from . import figures
 from .analysis import Analysis, analyse, attention_rollout, prefix_attention
-from .images import ImageInputError, load_image
+from .images import load_image
 from .models import ModelRegistry
 
 __all__ = ['MAX_MODELS', 'NO_MODEL', 'ColumnView', 'run_models', 'column_view', 'export_zip', 'reference_for']
@@ -108,18 +108,18 @@ def column_view(analysis: Analysis, layer: int, head: str, fusion: str, referenc
         history = figures.allocation_history_figure(hist['steps'], np.array(hist['allocation']), layer,
                                                     title=f'{title}: allocation over training, layer {layer}')
     else:
-        history = figures.no_history_figure('no allocation history (DGQA only)')
+        history = figures.message_figure('no allocation history (DGQA only)')
     if reference is None:
-        difference = figures.no_history_figure('add an MHA model to compare')
+        difference = figures.message_figure('add an MHA model to compare')
     elif reference is analysis:
-        difference = figures.no_history_figure('this is the MHA reference')
+        difference = figures.message_figure('this is the MHA reference')
     else:
         ref_rows = prefix_attention(reference.maps, reference.recording.num_prefix_tokens).mean(1)
         try:
             difference = figures.difference_figure(all_rows.mean(1), ref_rows, grid,
                                                    title=f'{title} − {reference.spec}: class-token attention')
         except ValueError as e:
-            difference = figures.no_history_figure(str(e))
+            difference = figures.message_figure(str(e))
     return ColumnView(
         summary=analysis.summary or analysis.spec,
         top5={label: p for label, p in analysis.top5},
@@ -172,6 +172,3 @@ def export_zip(analyses: Sequence[Optional[Analysis]], layer: int, head: str, fu
                 zf.writestr(f'{folder}/{name}.html', fig.to_html(include_plotlyjs='cdn', full_html=True))
     return path
 
-
-def image_error_message(error: Exception) -> str:
-    return f'⚠️ {error}' if isinstance(error, (ImageInputError, ValueError)) else f'⚠️ unexpected error: {error}'

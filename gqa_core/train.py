@@ -204,8 +204,9 @@ def train_variant(name: str, start: nn.Module, splits: Any, preprocessing: Dict[
     train_loader = DataLoader(splits.train, batch_size=cfg.batch_size, shuffle=True, drop_last=True,
                               num_workers=cfg.workers, generator=g, persistent_workers=cfg.workers > 0)
     val_loader = DataLoader(splits.val, batch_size=cfg.batch_size * 2, num_workers=cfg.workers)
-    decay = [p for n, p in model.named_parameters() if p.ndim > 1 and 'pos_embed' not in n and 'token' not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.ndim > 1 and 'pos_embed' not in n and 'token' not in n)]
+    decay, no_decay = [], []
+    for n, p in model.named_parameters():  # no weight decay on biases, norms, embeddings and tokens
+        (decay if p.ndim > 1 and 'pos_embed' not in n and 'token' not in n else no_decay).append(p)
     optimizer = torch.optim.AdamW([{'params': decay, 'weight_decay': cfg.weight_decay},
                                    {'params': no_decay, 'weight_decay': 0.0}], lr=cfg.lr)
     steps_per_epoch = len(train_loader)
