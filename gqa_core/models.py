@@ -143,6 +143,3 @@ class ModelRegistry:
                 self._cache.popitem(last=False)
         return loaded
 
-    def cached(self) -> List[str]:
-        return list(self._cache)
-

@@ -241,11 +241,12 @@ class DGQAPolicy(GroupingPolicy):
 
     @torch.no_grad()
     def _update(self, key_norms: Tensor) -> None:
+        window_start = self._step % self.window == 0
         if self.compat == 'official':
-            m = key_norms.float().sum(0)
-            if self.training:
-                m = self._across_processes(m, 'sum')
-            if not self.training or self._step % self.window == 0:
+            if not self.training or window_start:  # the batch statistic is used only here
+                m = key_norms.float().sum(0)
+                if self.training:
+                    m = self._across_processes(m, 'sum')
                 self._set_allocation(*self._official_allocation(self._official_weights(m)))
                 self.reference.copy_(m if not self.training else (self.reference + m) / self.window)
             if self.training:
@@ -253,10 +254,11 @@ class DGQAPolicy(GroupingPolicy):
                 self.step.add_(1)
             return
 
-        n = self._across_processes(key_norms.float().mean(0), 'mean')
+        if self.stat == 'ema' or window_start:  # diff reads the norms only at window starts
+            n = self._across_processes(key_norms.float().mean(0), 'mean')
         if self.stat == 'ema':
             self.ema.copy_(n if self._step == 0 else self.beta * self.ema + (1 - self.beta) * n)
-        if self._step % self.window == 0:
+        if window_start:
             if self.stat == 'ema':
                 shares = normalise_shares(self.ema)
                 self._set_allocation(shares, largest_remainder(shares, self.num_heads))
