@@ -1,13 +1,17 @@
 """GQA Lens: compare grouped-query attention variants of a ViT on one image, side by side.
 
-    python app.py            # serves on http://127.0.0.1:7860 with the embedded models, no network needed
+    python app.py                      # http://127.0.0.1:7860 with the embedded models, no network needed
+    python app.py --model-dir DIR      # also serve DIR's model folders as local:NAME
 
-Layout and wiring only; the work happens in ``gqa_core.lens`` (running models) and ``gqa_core.figures``.
+Layout and wiring only; the work happens in ``gqa_core.lens`` (running models), ``gqa_core.figures`` and
+``gqa_core.export``. Operator settings (environment): GQA_LENS_MODEL_DIRS (folders for local:NAME),
+GQA_LENS_MAX_PARAMS / GQA_LENS_MAX_TOKENS (largest model a spec may load), GQA_LENS_SESSION_TTL (seconds an
+idle session keeps its results), GQA_LENS_CONCURRENCY.
 """
 from __future__ import annotations
 
+import argparse
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, List, Optional
 
@@ -15,16 +19,33 @@ import gradio as gr
 
 from gqa_core import VARIANTS
 from gqa_core.analysis import FUSIONS, analyse
+from gqa_core.export import export_zip
 from gqa_core.images import ImageInputError, load_image
-from gqa_core.lens import MAX_MODELS, NO_MODEL, column_view, export_zip, reference_for, run_models
+from gqa_core.lens import MAX_MODELS, NO_MODEL, column_view, reference_for, run_models
 from gqa_core.models import DEFAULT_MODELS, EMBEDDED_DIR, ModelLoadError, ModelRegistry
+from gqa_core.sessions import SessionReaper
+from gqa_core.specs import public_message
+from gqa_core.tempfiles import ExpiringFiles
 
 ROOT = Path(__file__).resolve().parent
 EXAMPLES = sorted(str(p) for p in (ROOT / 'assets' / 'examples').glob('*.jpg'))
-registry = ModelRegistry(Path(os.environ.get('GQA_LENS_MODELS', EMBEDDED_DIR)))
+SESSION_TTL = float(os.environ.get('GQA_LENS_SESSION_TTL', 1800))
+
+
+def _cli_model_dirs() -> List[str]:
+    parser = argparse.ArgumentParser(description='GQA Lens app')
+    parser.add_argument('--model-dir', action='append', default=[],
+                        help='a folder whose model sub-folders are served as local:NAME (repeatable)')
+    return parser.parse_args().model_dir
+
+
+registry = ModelRegistry(Path(os.environ.get('GQA_LENS_MODELS', EMBEDDED_DIR)),
+                         model_dirs=_cli_model_dirs() if __name__ == '__main__' else ())
+files = ExpiringFiles(ttl=max(SESSION_TTL, 60))  # overlays and exports: a fresh path each, swept when old
 PANELS = ('summary', 'top5', 'overlay', 'rollout', 'grid', 'key_norms', 'assignment', 'history', 'difference')
 HELP = """Pick up to four models. Besides the embedded ones you can type
-`hub:ORG/REPO` (a saved GQA Lens model on the Hugging Face Hub) or `convert:SOURCE:VARIANT:G`, e.g.
+`hub:ORG/NAME[@REVISION]` (a saved GQA Lens model on the Hugging Face Hub), `local:NAME` (folders the operator
+allowed) or `convert:SOURCE:VARIANT:G`, e.g.
 `convert:embedded/mha:kdgqa:2` or `convert:hf-hub:timm/vit_small_patch16_224.augreg_in21k_ft_in1k:gqa:3`
 (training-free: K/V heads mean-pooled)."""
 
@@ -46,8 +67,8 @@ def _columns(analyses: List[Any], errors: List[Optional[str]], layer: int, head:
             out += _empty_column(f'⚠️ {error}' if error else '')
             continue
         view = column_view(analysis, layer, head, fusion, reference)
-        out += [view.summary, view.top5, view.overlay, view.rollout, view.grid, view.key_norms,
-                view.assignment, view.history, view.difference]
+        out += [view.summary, view.top5, files.write_png(view.overlay), files.write_png(view.rollout), view.grid,
+                view.key_norms, view.assignment, view.history, view.difference]
     return out
 
 
@@ -57,7 +78,7 @@ def run(image: Optional[str], m0: str, m1: str, m2: str, m3: str, layer: float, 
     try:
         analyses, errors, notes = run_models(registry, image, specs, progress)
     except (ImageInputError, ValueError) as e:
-        return [None, f'⚠️ {e}', gr.update()] + _empty_column() * MAX_MODELS
+        return [None, f'⚠️ {public_message(e)}', gr.update()] + _empty_column() * MAX_MODELS
     depth = max(len(a.recording.layers) for a in analyses if a is not None) if any(analyses) else 1
     layer = min(int(layer), depth - 1)
     status = '; '.join(notes) if notes else 'done'
@@ -76,17 +97,24 @@ def rerender(state: Optional[List[Any]], layer: float, head: str, fusion: str) -
 def export(state: Optional[List[Any]], layer: float, head: str, fusion: str) -> Optional[str]:
     if not state or not any(state):
         raise gr.Error('run the models on an image first')
-    path = Path(tempfile.mkdtemp(prefix='gqa-lens-')) / 'gqa-lens-analysis.zip'
-    return str(export_zip(state, int(layer), head, fusion, path))
+    folder = files.new_path('')
+    folder.mkdir()
+    try:
+        return str(export_zip(state, int(layer), head, fusion, folder / 'gqa-lens-analysis.zip', registry))
+    except (ValueError, OSError, RuntimeError) as e:
+        raise gr.Error(f'export failed: {public_message(e)}') from None
 
 
 def predict(image: Optional[str], model: str) -> dict:
     """API: top-5 {label: probability} of one model on one image."""
     try:
         loaded = registry.get(model)
-        return {label: p for label, p in analyse(loaded, load_image(image).image).top5}
+        analysis = analyse(loaded, load_image(image).image)
     except (ImageInputError, ModelLoadError, ValueError) as e:
-        raise gr.Error(str(e)) from None
+        raise gr.Error(public_message(e)) from None
+    if not analysis.top5:
+        raise gr.Error(f'{analysis.spec} has no classifier head (features only): nothing to predict')
+    return {label: p for label, p in analysis.top5}
 
 
 def build_spec(source: str, variant: str, g: float) -> str:
@@ -95,13 +123,14 @@ def build_spec(source: str, variant: str, g: float) -> str:
 
 def build_demo() -> gr.Blocks:
     embedded = registry.embedded()
-    choices = embedded + [NO_MODEL]
+    choices = embedded + registry.local() + [NO_MODEL]
     defaults = [m if m in embedded else NO_MODEL for m in DEFAULT_MODELS]
-    with gr.Blocks(title='GQA Lens') as demo:
+    with gr.Blocks(title='GQA Lens', delete_cache=(300, int(max(SESSION_TTL, 60)))) as demo:
         gr.Markdown('# GQA Lens\nHow grouped-query attention variants of one ViT see an image: predictions, '
                     'attention, key-norm ratios and which query heads each shared KV head serves '
                     '([arXiv 2408.08454](https://arxiv.org/abs/2408.08454)).')
-        state = gr.State()
+        # Compact results (no T x T maps); dropped after SESSION_TTL idle seconds or when the page closes.
+        state = gr.State(time_to_live=SESSION_TTL)
         with gr.Row():
             with gr.Column(scale=1):
                 image = gr.Image(type='filepath', sources=['upload', 'clipboard', 'webcam'], label='image',
@@ -160,11 +189,17 @@ def build_demo() -> gr.Blocks:
             api_out = gr.JSON()
             api_button = gr.Button()
         api_button.click(predict, [api_image, api_model], api_out, api_name='predict')
+        demo.unload(_unload)
     return demo
+
+
+def _unload(request: gr.Request) -> None:
+    reaper.on_unload(request)
 
 
 demo = build_demo()
 demo.queue(default_concurrency_limit=int(os.environ.get('GQA_LENS_CONCURRENCY', '4')))
+reaper = SessionReaper(demo, ttl=SESSION_TTL, interval=min(10.0, max(SESSION_TTL / 4, 0.5))).start()
 
 if __name__ == '__main__':
     demo.launch(server_name=os.environ.get('GRADIO_SERVER_NAME', '127.0.0.1'))

@@ -1,10 +1,13 @@
-"""One model on one image: prediction plus everything recorded, and the derived attention quantities.
+"""One model on one image: prediction plus what the views need, recorded compactly.
 
-Everything past :func:`analyse` is pure numpy on recorded data, so it is testable without a model or a browser.
+An :class:`Analysis` holds, per layer and head, only the summary rows (class token, registers, or the mean over
+queries) and the attention rollout accumulated while the forward ran -- never every layer's T x T maps, so a
+DINOv2-style model at 518 px (T = 1,374) keeps a few MB per session instead of hundreds. The full maps of one
+layer are recomputed on demand (:func:`layer_maps`). Everything past :func:`analyse` is pure numpy.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 import numpy as np
@@ -13,11 +16,11 @@ from PIL import Image
 
 from .data import eval_geometry, normalisation
 from .models import LoadedModel
-from .record import Recording, record
+from .record import FUSIONS, Recording, record
 
-__all__ = ['Analysis', 'analyse', 'prefix_attention', 'attention_rollout', 'FUSIONS']
+__all__ = ['Analysis', 'analyse', 'layer_maps', 'model_input', 'prefix_attention', 'attention_rollout', 'FUSIONS']
 
-FUSIONS = ('mean', 'max', 'min')
+HEADLESS_NOTE = 'features only (no classifier head): no prediction; every attention view is still shown'
 
 
 @dataclass
@@ -25,49 +28,95 @@ class Analysis:
     """What one model did with one image. ``view`` is the image as the model saw it (resized, cropped)."""
     spec: str
     view: np.ndarray  # (h, w, 3) uint8
-    recording: Recording  # batch of one, full maps
-    labels: List[str]
-    top5: List[tuple]  # (label, probability)
+    recording: Recording  # batch of one; 'prefix' rows for every layer, rollouts per fusion
+    top5: List[tuple]  # (label, probability); empty for a headless model
     grouping: Dict[str, Any]
     history: Optional[List[Dict[str, Any]]] = None  # DGQA: per layer {'steps': [...], 'allocation': [[...]]}
     summary: str = ''  # the model's one-line description (params, G, K/V bytes)
+    notes: List[str] = field(default_factory=list)
 
     @property
-    def maps(self) -> np.ndarray:
-        """``(L, H, T, T)`` attention of the single image."""
-        return self.recording.stacked('attention')[:, 0]
+    def summary_label(self) -> str:
+        """What the summary rows are: ``class token`` or ``mean over queries``."""
+        return self.recording.row_labels[self.recording.summary_row]
+
+    @property
+    def summary_rows(self) -> np.ndarray:
+        """``(L, H, patches)``: attention of the summary row to every patch token, every layer and head."""
+        rec = self.recording
+        return rec.stacked('attention')[:, 0, :, rec.summary_row, rec.num_prefix_tokens:]
+
+    @property
+    def num_heads(self) -> int:
+        return int(self.recording.layers[0].query_to_kv.shape[-1])
+
+    def rollout(self, fusion: str = 'mean') -> np.ndarray:
+        """``(patches,)`` attention rollout of the summary row with the given head fusion."""
+        if fusion not in self.recording.rollout:
+            raise ValueError(f'fusion must be one of {tuple(self.recording.rollout)}, got {fusion!r}')
+        return self.recording.rollout[fusion][0, self.recording.num_prefix_tokens:].numpy()
+
+    def nbytes(self) -> int:
+        """Bytes of the arrays this analysis keeps (what a session holds for it)."""
+        rec = self.recording
+        tensors = [rec.logits, *rec.rollout.values()]
+        for layer in rec.layers:
+            tensors += [t for t in (layer.attention, layer.key_norms, layer.shares, layer.allocation,
+                                    layer.query_to_kv, layer.full) if t is not None]
+        return self.view.nbytes + sum(t.numel() * t.element_size() for t in tensors)
+
+
+def model_input(loaded: LoadedModel, image: Image.Image) -> tuple:
+    """``(view, x)``: the resized / cropped RGB view (uint8) and the normalised ``(1, 3, H, W)`` input."""
+    view = eval_geometry(loaded.preprocessing)(image.convert('RGB'))
+    return np.asarray(view), normalisation(loaded.preprocessing)(view)[None]
 
 
 def analyse(loaded: LoadedModel, image: Image.Image) -> Analysis:
     """Run ``loaded`` on one RGB image (always a batch of one: the result never depends on other requests)."""
-    view = eval_geometry(loaded.preprocessing)(image)
-    x = normalisation(loaded.preprocessing)(view)[None]
-    with loaded.lock, torch.inference_mode(), record(loaded.model, attention='full') as rec:
+    view, x = model_input(loaded, image)
+    with loaded.lock, torch.inference_mode(), record(loaded.model, attention='prefix', rollout=FUSIONS) as rec:
         loaded.model(x)
     result = rec.result
-    probs, idx = result.topk(5)
-    top5 = [(loaded.labels[int(i)], float(p)) for p, i in zip(probs[0], idx[0])]
+    notes: List[str] = []
+    top5: List[tuple] = []
+    if result.headless:
+        notes.append(HEADLESS_NOTE)
+    else:
+        probs, idx = result.topk(5)
+        top5 = [(loaded.labels[int(i)] if int(i) < len(loaded.labels) else f'class {int(i)}', float(p))
+                for p, i in zip(probs[0], idx[0])]
     history = None
     if loaded.grouping['variant'] == 'dgqa':
         history = [dict(steps=b.attn.policy.history_steps.tolist(), allocation=b.attn.policy.history.tolist())
                    for b in loaded.model.blocks]
-    return Analysis(loaded.spec, np.asarray(view.convert('RGB')), result, loaded.labels, top5,
-                    dict(loaded.grouping), history, loaded.summary())
+    return Analysis(loaded.spec, view, result, top5, dict(loaded.grouping), history, loaded.summary(), notes)
 
 
-def prefix_attention(maps: np.ndarray, num_prefix_tokens: int) -> np.ndarray:
-    """Attention from the class token (first prefix token) to every patch: ``(..., T, T) -> (..., patches)``.
+def layer_maps(loaded: LoadedModel, analysis: Analysis, layer: int) -> np.ndarray:
+    """``(H, T, T)`` full attention of one layer for the analysed image, recomputed from the stored view
+    (deterministic: same input, batch of one) instead of kept for every layer."""
+    x = normalisation(loaded.preprocessing)(Image.fromarray(analysis.view))[None]
+    with loaded.lock, torch.inference_mode(), record(loaded.model, attention='none', full_layers=[layer]) as rec:
+        loaded.model(x)
+    return rec.result.layers[layer].full[0].numpy()
 
-    With no prefix token the mean attention over all query tokens stands in for it.
+
+def prefix_attention(maps: np.ndarray, num_prefix_tokens: int, has_class_token: bool = True) -> np.ndarray:
+    """Attention of the summary row to every patch: ``(..., T, T) -> (..., patches)``.
+
+    The class token's row; with no class token, the mean over all query rows stands in for it.
     """
-    rows = maps[..., 0, :] if num_prefix_tokens > 0 else maps.mean(-2)
+    rows = maps[..., 0, :] if has_class_token and num_prefix_tokens > 0 else maps.mean(-2)
     return rows[..., num_prefix_tokens:]
 
 
-def attention_rollout(maps: np.ndarray, num_prefix_tokens: int, fusion: str = 'mean') -> np.ndarray:
-    """Abnar & Zuidema's rollout: fuse heads, add the residual (0.5 A + 0.5 I), renormalise, multiply layers.
+def attention_rollout(maps: np.ndarray, num_prefix_tokens: int, fusion: str = 'mean',
+                      has_class_token: bool = True) -> np.ndarray:
+    """Abnar & Zuidema's rollout from all layers' maps at once (the reference the recorder's layer-by-layer
+    accumulation is tested against): fuse heads, 0.5 A + 0.5 I, renormalise, multiply layers.
 
-    maps: ``(L, H, T, T)``. Returns ``(patches,)``: the rolled-out class-token attention to each patch.
+    maps: ``(L, H, T, T)``. Returns ``(patches,)``.
     """
     if fusion not in FUSIONS:
         raise ValueError(f'fusion must be one of {FUSIONS}, got {fusion!r}')
@@ -78,4 +127,4 @@ def attention_rollout(maps: np.ndarray, num_prefix_tokens: int, fusion: str = 'm
         a = 0.5 * layer + 0.5 * np.eye(T)
         a = a / a.sum(-1, keepdims=True)
         joint = a @ joint
-    return prefix_attention(joint[None], num_prefix_tokens)[0]
+    return prefix_attention(joint[None], num_prefix_tokens, has_class_token)[0]

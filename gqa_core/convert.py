@@ -36,19 +36,33 @@ def convert(
     go to the policy (``compat``, ``seed``, ``stat``, ``window``, ``beta``, ``noise_scale``, ...).
     """
     vit = _check_vit(model)
-    for index, block in enumerate(vit.blocks):
-        attn = block.attn
-        if isinstance(attn, GroupedQueryAttention):
-            if num_kv_heads not in (None, attn.num_kv_heads) and attn.num_kv_heads != attn.num_heads:
-                raise ValueError(f'block {index} already has G={attn.num_kv_heads}; convert to G={num_kv_heads} '
-                                 'from the multi-head model (G = H), not from another grouping')
-            attn = attn.to_attention()
-        elif type(attn) is not Attention:
-            raise ValueError(f'block {index}: attention {type(attn).__name__} is not timm Attention')
+    attns = [_convertible_attention(index, block, num_kv_heads) for index, block in enumerate(vit.blocks)]
+    # Build every new layer before touching the model: a failure (bad G, bad option) leaves it as it was.
+    new_layers = []
+    for index, attn in enumerate(attns):
         new = GroupedQueryAttention.from_attention(attn, variant, num_kv_heads, **policy_options)
         new.policy.stream = index
+        new_layers.append(new)
+    for block, new in zip(vit.blocks, new_layers):
         block.attn = new
     return vit
+
+
+def _convertible_attention(index: int, block: nn.Module, num_kv_heads: Optional[int]) -> Attention:
+    """The block's timm ``Attention`` (MHA), or a ``ValueError`` naming the block and what it holds instead."""
+    attn = getattr(block, 'attn', None)
+    if attn is None:
+        raise ValueError(f'block {index} ({type(block).__name__}) has no single `attn` module (parallel or fused '
+                         'attention blocks are not supported); the model was not changed')
+    if isinstance(attn, GroupedQueryAttention):
+        if num_kv_heads not in (None, attn.num_kv_heads) and attn.num_kv_heads != attn.num_heads:
+            raise ValueError(f'block {index} already has G={attn.num_kv_heads}; convert to G={num_kv_heads} '
+                             'from the multi-head model (G = H), not from another grouping')
+        return attn.to_attention()
+    if type(attn) is not Attention:
+        raise ValueError(f'block {index} ({type(block).__name__}): attention {type(attn).__name__} is not timm '
+                         'Attention; the model was not changed')
+    return attn
 
 
 def revert(model: nn.Module) -> VisionTransformer:

@@ -19,8 +19,11 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .convert import convert, grouping_config, kv_cache_bytes
+from .safe_config import (Budget, ConfigError, check_backbone, check_backbone_args, check_budget, check_config,
+                          check_preprocessing)
 
 __all__ = ['create_model', 'save_pretrained', 'from_pretrained', 'push_to_hub', 'from_timm', 'load_config',
+           'model_preprocessing',
            'ModelLoadError', 'CONFIG_NAME', 'WEIGHTS_NAME']
 
 CONFIG_NAME = 'config.json'
@@ -45,21 +48,88 @@ def create_model(backbone: str, backbone_args: Optional[Dict[str, Any]] = None, 
 
 
 def from_timm(name: str, variant: str, num_kv_heads: Optional[int] = None, pretrained: bool = True,
-              **policy_options: Any) -> nn.Module:
-    """Training-free variant of any timm ViT, local or on the Hub (``hf-hub:timm/vit_small_patch16_224...``),
-    loaded through timm's own loader, then converted."""
-    try:
-        model = timm.create_model(name, pretrained=pretrained)
-    except Exception as e:  # timm / hub raise many types; the user needs the name and the cause
-        raise ModelLoadError(f'could not load timm model {name!r}: {type(e).__name__}: {e}') from e
+              budget: Optional[Budget] = None, **policy_options: Any) -> nn.Module:
+    """Training-free variant of a timm ViT, then converted: ``hf-hub:ORG/NAME[@REVISION]`` (a timm-format
+    repo) or a timm name whose pretrained weights live on the Hub (``vit_small_patch16_224.augreg_in21k_ft_in1k``).
+
+    The repo's ``config.json`` is data: its architecture must be a timm ViT and its ``model_args`` pass the
+    allow-list (and ``budget``) before anything is built; weights load from ``model.safetensors`` only, through
+    timm's own loader (its checkpoint filters resize position embeddings as usual). ``pretrained=False``
+    builds a timm name with random weights.
+    """
+    if not pretrained:
+        try:
+            model = timm.create_model(check_backbone(name))
+        except ConfigError as e:
+            raise ModelLoadError(str(e)) from None
+        backbone, args, extra = name, {}, {}
+    else:
+        repo, revision = _timm_repo(name)
+        cfg = _read_json(repo, _fetch(repo, CONFIG_NAME, revision, local=False))
+        try:
+            backbone = check_backbone(cfg.get('architecture'))
+            args = check_backbone_args(cfg.get('model_args', {}))
+            num_classes = cfg.get('num_classes', cfg.get('pretrained_cfg', {}).get('num_classes'))
+            if num_classes is not None:
+                args.setdefault('num_classes', num_classes)
+            args = check_backbone_args(args)
+            overlay = _timm_preprocessing(cfg.get('pretrained_cfg', {}))
+            if budget is not None:
+                check_budget(backbone, args, budget)
+        except ConfigError as e:
+            raise ModelLoadError(f'{repo}: {CONFIG_NAME}: {e}') from None
+        weights = _fetch(repo, WEIGHTS_NAME, revision, local=False)
+        try:
+            model = timm.create_model(backbone, pretrained=True, pretrained_cfg_overlay=dict(
+                overlay, file=str(weights), source='file', custom_load=False, hf_hub_id=None, url=None), **args)
+        except Exception as e:  # timm's loader raises many types; the user needs the repo and the cause
+            raise ModelLoadError(f'{repo}: the weights could not be loaded into {backbone} '
+                                 f'({type(e).__name__}: {_short(e)})') from None
+        extra = dict(timm_pretrained=f'hf-hub:{repo}' + (f'@{revision}' if revision else ''))
     convert(model, variant, num_kv_heads, **policy_options)
-    model.gqa_lens_backbone = dict(backbone=name.removeprefix('hf-hub:'), backbone_args={},
-                                   timm_pretrained=name)
+    model.gqa_lens_backbone = dict(backbone=backbone, backbone_args=args, **extra)
     return model
 
 
-def _preprocessing(model: nn.Module) -> Dict[str, Any]:
+def _short(e: BaseException, limit: int = 200) -> str:
+    text = str(e)
+    return text if len(text) <= limit else text[:limit] + '…'
+
+
+def _timm_repo(name: str) -> tuple:
+    """``(repo_id, revision)`` of a timm-format Hub repo from ``hf-hub:ORG/NAME[@REV]`` or a timm model name."""
+    if name.startswith('hf-hub:'):
+        repo, _, revision = name[len('hf-hub:'):].partition('@')
+        return repo, revision or None
+    try:
+        arch = check_backbone(name)
+    except ConfigError as e:
+        raise ModelLoadError(str(e)) from None
+    cfg = timm.models.get_pretrained_cfg(arch)
+    hub_id = getattr(cfg, 'hf_hub_id', None) if cfg is not None else None
+    if not hub_id:
+        raise ModelLoadError(f'{name}: timm has no Hub weights for it (GQA Lens loads safetensors from the Hub only)')
+    return hub_id, None
+
+
+def _timm_preprocessing(pretrained_cfg: Any) -> Dict[str, Any]:
+    """The preprocessing fields of a timm ``pretrained_cfg``, validated; everything else in it is dropped."""
+    if not isinstance(pretrained_cfg, dict):
+        raise ConfigError('pretrained_cfg must be an object')
+    keys = ('input_size', 'mean', 'std', 'crop_pct', 'interpolation')
+    pre = {k: pretrained_cfg[k] for k in keys if k in pretrained_cfg}
+    if 'input_size' in pre:
+        check_preprocessing(dict(dict(mean=[0.5] * 3, std=[0.5] * 3), **pre))
+    return pre
+
+
+def model_preprocessing(model: nn.Module) -> Dict[str, Any]:
+    """timm's data config for ``model``, with the input size the model was really built for (its patch
+    embedding's ``img_size``, which may be non-square or differ from the pretrained default)."""
     cfg = timm.data.resolve_data_config({}, model=model)
+    img_size = getattr(getattr(model, 'patch_embed', None), 'img_size', None)
+    if img_size is not None:
+        cfg['input_size'] = (int(cfg['input_size'][0]), int(img_size[0]), int(img_size[1]))
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items()}
 
 
@@ -87,7 +157,7 @@ def save_pretrained(model: nn.Module, directory: str | os.PathLike, *, labels: O
         grouping=grouping_config(model),
         num_classes=int(model.num_classes),
         labels=list(labels) if labels is not None else None,
-        preprocessing=preprocessing or _preprocessing(model),
+        preprocessing=preprocessing or model_preprocessing(model),
         params=sum(p.numel() for p in model.parameters()),
         kv_cache_bytes_fp16=kv_cache_bytes(model),
         metrics=metrics or {},
@@ -137,10 +207,10 @@ model = from_pretrained("<this repo id or folder>").eval()
 """
 
 
-def _fetch(source: str, filename: str, revision: Optional[str]) -> Path:
-    local = Path(source)
-    if local.is_dir():
-        path = local / filename
+def _fetch(source: str, filename: str, revision: Optional[str], local: bool = True) -> Path:
+    """``filename`` of a local folder (only when ``local``) or of a Hub repo, downloaded through the Hub cache."""
+    if local and Path(source).is_dir():
+        path = Path(source) / filename
         if not path.is_file():
             raise ModelLoadError(f'{source}: missing {filename}')
         return path
@@ -161,26 +231,44 @@ def _fetch(source: str, filename: str, revision: Optional[str]) -> Path:
                 if filename == WEIGHTS_NAME else '')
         raise ModelLoadError(f'{source}: the repo has no {filename}.{hint}') from None
     except (HfHubHTTPError, OSError) as e:
-        raise ModelLoadError(f'{source}: download of {filename} failed: {e}') from None
-    except ValueError as e:  # malformed repo ids
-        raise ModelLoadError(f'{source}: not a folder or a valid Hub repo id ({e})') from None
+        raise ModelLoadError(f'{source}: download of {filename} failed ({type(e).__name__})') from None
+    except ValueError:  # malformed repo ids
+        raise ModelLoadError(f'{source}: not ' + ('a folder or ' if local else '') + 'a valid Hub repo id') from None
 
 
-def load_config(source: str, revision: Optional[str] = None) -> Dict[str, Any]:
-    path = _fetch(source, CONFIG_NAME, revision)
+def _read_json(source: str, path: Path, limit: int = 4 * 2**20) -> Dict[str, Any]:
+    if path.stat().st_size > limit:
+        raise ModelLoadError(f'{source}: {CONFIG_NAME} is over {limit // 2**20} MiB')
     try:
         config = json.loads(path.read_text())
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ModelLoadError(f'{source}: {CONFIG_NAME} is not valid JSON ({e})') from None
-    missing = [k for k in ('backbone', 'backbone_args', 'grouping') if k not in config]
-    if not isinstance(config, dict) or missing:
-        raise ModelLoadError(f'{source}: {CONFIG_NAME} is not a GQA Lens config (missing {missing})')
+        raise ModelLoadError(f'{source}: {CONFIG_NAME} is not valid JSON ({e.__class__.__name__})') from None
+    if not isinstance(config, dict):
+        raise ModelLoadError(f'{source}: {CONFIG_NAME} does not hold an object')
     return config
 
 
-def from_pretrained(source: str, revision: Optional[str] = None, map_location: str = 'cpu') -> nn.Module:
-    """Rebuild a saved model from a folder or a Hub repo id; strict: every tensor must be present and fit."""
-    config = load_config(source, revision)
+def load_config(source: str, revision: Optional[str] = None, *, local: bool = True,
+                budget: Optional[Budget] = None) -> Dict[str, Any]:
+    """The validated ``config.json`` of a folder or Hub repo (see :mod:`gqa_core.safe_config`)."""
+    config = _read_json(source, _fetch(source, CONFIG_NAME, revision, local))
+    missing = [k for k in ('backbone', 'backbone_args', 'grouping') if k not in config]
+    if missing:
+        raise ModelLoadError(f'{source}: {CONFIG_NAME} is not a GQA Lens config (missing {missing})')
+    try:
+        return check_config(config, budget)
+    except ConfigError as e:
+        raise ModelLoadError(f'{source}: {CONFIG_NAME}: {e}') from None
+
+
+def from_pretrained(source: str, revision: Optional[str] = None, map_location: str = 'cpu', *, local: bool = True,
+                    budget: Optional[Budget] = None) -> nn.Module:
+    """Rebuild a saved model from a folder or a Hub repo id; strict: every tensor must be present and fit.
+
+    ``local=False`` never reads a local folder (for repo ids typed by untrusted users); ``budget`` refuses
+    configs describing a model over it before anything is built.
+    """
+    config = load_config(source, revision, local=local, budget=budget)
     grouping = dict(config['grouping'])
     variant, num_kv_heads = grouping.pop('variant', None), grouping.pop('num_kv_heads', None)
     try:
@@ -188,16 +276,16 @@ def from_pretrained(source: str, revision: Optional[str] = None, map_location: s
         args.setdefault('num_classes', config.get('num_classes', 1000))
         model = create_model(config['backbone'], args, variant, num_kv_heads, **grouping)
     except (ValueError, RuntimeError, TypeError, KeyError) as e:
-        raise ModelLoadError(f'{source}: bad config: {e}') from None
-    weights = _fetch(source, WEIGHTS_NAME, revision)
+        raise ModelLoadError(f'{source}: bad config: {_short(e)}') from None
+    weights = _fetch(source, WEIGHTS_NAME, revision, local)
     try:
         state = load_file(weights, device=map_location)
     except (SafetensorError, OSError) as e:
-        raise ModelLoadError(f'{source}: {WEIGHTS_NAME} is corrupt or truncated ({e})') from None
+        raise ModelLoadError(f'{source}: {WEIGHTS_NAME} is corrupt or truncated ({type(e).__name__})') from None
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
-        raise ModelLoadError(f'{source}: weights do not fit the config: {e}') from None
+        raise ModelLoadError(f'{source}: weights do not fit the config: {_short(e, 600)}') from None
     model.gqa_lens_config = config
     return model
 

@@ -1,10 +1,9 @@
 """Finding, loading and caching models by a short spec string, for the app and for scripts.
 
-Specs:
-    ``embedded/kdgqa``                      a model shipped in ``assets/models`` (works offline)
-    ``hub:org/repo``                         a saved GQA Lens model on the Hub (or a local folder)
-    ``convert:SOURCE:VARIANT:G``             training-free conversion; SOURCE is ``embedded/mha``, a
-                                             ``hf-hub:timm/...`` id or a timm model name
+Specs (see :mod:`gqa_core.specs`): ``embedded/NAME``, ``local:NAME`` (operator-allowed folders only),
+``hub:ORG/NAME[@REVISION]``, ``convert:SOURCE:VARIANT:G``. Specs come from strangers: they are parsed strictly,
+configs are validated and held to a size :class:`~gqa_core.safe_config.Budget` before anything is built, and
+no message names a server path.
 """
 from __future__ import annotations
 
@@ -12,15 +11,19 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 from torch import nn
 
 from .convert import convert, grouping_config, kv_cache_bytes
-from .hub import ModelLoadError, from_pretrained, from_timm
+from .hub import ModelLoadError, from_pretrained, from_timm, model_preprocessing
+from .policies import POLICIES
+from .safe_config import Budget
+from .specs import Spec, SpecError, allowed_model_dirs, parse_spec, resolve_in, shown
 
-__all__ = ['LoadedModel', 'ModelRegistry', 'ModelLoadError', 'EMBEDDED_DIR', 'DEFAULT_MODELS', 'parse_spec']
+__all__ = ['LoadedModel', 'ModelRegistry', 'ModelLoadError', 'EMBEDDED_DIR', 'DEFAULT_MODELS', 'parse_spec',
+           'SpecError']
 
 EMBEDDED_DIR = Path(__file__).resolve().parents[1] / 'assets' / 'models'
 DEFAULT_MODELS = ('embedded/mha', 'embedded/gqa', 'embedded/kdgqa', 'embedded/dgqa-diff')
@@ -43,30 +46,10 @@ class LoadedModel:
 
     def summary(self) -> str:
         g = self.grouping
+        head = ' · features only (no classifier head)' if self.model.num_classes == 0 else ''
         return (f"**{self.spec}** — {g['variant'].upper()}, G = {g['num_kv_heads']} of "
                 f"{self.model.blocks[0].attn.num_heads} heads · {self.params:,} params · "
-                f"K/V cache {self.kv_cache_bytes / 1024:.0f} KiB / image (fp16)")
-
-
-def parse_spec(spec: str) -> Dict[str, Any]:
-    spec = (spec or '').strip()
-    if not spec:
-        raise ValueError('no model chosen')
-    if spec.startswith('embedded/'):
-        return dict(kind='embedded', name=spec.split('/', 1)[1])
-    if spec.startswith('hub:'):
-        return dict(kind='hub', repo=spec[4:])
-    if spec.startswith('convert:'):
-        parts = spec[len('convert:'):].rsplit(':', 2)
-        if len(parts) != 3:
-            raise ValueError(f'{spec!r}: expected convert:SOURCE:VARIANT:G')
-        source, variant, g = parts
-        try:
-            G = int(g)
-        except ValueError:
-            raise ValueError(f'{spec!r}: G must be an integer, got {g!r}') from None
-        return dict(kind='convert', source=source, variant=variant, G=G)
-    raise ValueError(f'unknown model spec {spec!r}: use embedded/NAME, hub:ORG/REPO or convert:SOURCE:VARIANT:G')
+                f"K/V cache {self.kv_cache_bytes / 1024:.0f} KiB / image (fp16){head}")
 
 
 def _imagenet_labels(num_classes: int) -> List[str]:
@@ -78,10 +61,17 @@ def _imagenet_labels(num_classes: int) -> List[str]:
 
 
 class ModelRegistry:
-    """Loads models by spec and keeps the most recently used ones, bounded by count and parameter bytes."""
+    """Loads models by spec and keeps the most recently used ones, bounded by count and parameter bytes.
 
-    def __init__(self, embedded_dir: Path = EMBEDDED_DIR, max_models: int = 8, max_bytes: int = 2 * 2**30) -> None:
+    ``model_dirs``: folders whose model sub-folders ``local:NAME`` may name (besides ``GQA_LENS_MODEL_DIRS``);
+    ``budget``: the largest model a config may describe (default: :meth:`Budget.from_env`).
+    """
+
+    def __init__(self, embedded_dir: Path = EMBEDDED_DIR, max_models: int = 8, max_bytes: int = 2 * 2**30,
+                 model_dirs: Sequence[str] = (), budget: Optional[Budget] = None) -> None:
         self.embedded_dir = Path(embedded_dir)
+        self.model_dirs = allowed_model_dirs(model_dirs)
+        self.budget = budget or Budget.from_env()
         self.max_models, self.max_bytes = max_models, max_bytes
         self._cache: 'OrderedDict[str, LoadedModel]' = OrderedDict()
         self._lock = threading.Lock()
@@ -91,42 +81,54 @@ class ModelRegistry:
             return []
         return [f'embedded/{p.name}' for p in sorted(self.embedded_dir.iterdir()) if (p / 'config.json').is_file()]
 
-    def _embedded_path(self, name: str) -> str:
-        path = self.embedded_dir / name
-        if not (path / 'config.json').is_file():
-            raise ValueError(f'no embedded model {name!r}; available: {", ".join(self.embedded()) or "none"}')
-        return str(path)
+    def local(self) -> List[str]:
+        names = {p.name for d in self.model_dirs for p in d.iterdir() if (p / 'config.json').is_file()}
+        return [f'local:{n}' for n in sorted(names)]
 
-    def _load(self, spec: str) -> LoadedModel:
-        parsed = parse_spec(spec)
-        if parsed['kind'] == 'embedded':
-            model = from_pretrained(self._embedded_path(parsed['name']))
-        elif parsed['kind'] == 'hub':
-            model = from_pretrained(parsed['repo'])
+    def _folder(self, spec: Spec) -> Path:
+        folders = [self.embedded_dir] if spec.kind == 'embedded' else self.model_dirs
+        for folder in folders:
+            path = resolve_in(folder, spec.name)
+            if path is not None:
+                return path
+        available = self.embedded() if spec.kind == 'embedded' else self.local()
+        raise SpecError(f'no model {shown(str(spec))}; available: {", ".join(available) or "none"}')
+
+    def _load_saved(self, spec: Spec) -> nn.Module:
+        if spec.kind == 'hub':
+            return from_pretrained(spec.name, spec.revision, local=False, budget=self.budget)
+        path = self._folder(spec)
+        try:
+            return from_pretrained(str(path), budget=self.budget)
+        except ModelLoadError as e:  # name the spec, never the server path
+            raise ModelLoadError(str(e).replace(str(path), str(spec))) from None
+
+    def _load(self, text: str) -> LoadedModel:
+        spec = parse_spec(text, tuple(POLICIES))
+        if spec.kind != 'convert':
+            model = self._load_saved(spec)
         else:
-            source = parsed['source']
-            if source.startswith('embedded/'):
-                model = from_pretrained(self._embedded_path(source.split('/', 1)[1]))
+            source = spec.source
+            if source.kind in ('embedded', 'local', 'hub'):
+                model = self._load_saved(source)
                 base_config = model.gqa_lens_config
-                convert(model, parsed['variant'], parsed['G'])
+                convert(model, spec.variant, spec.num_kv_heads)
                 model.gqa_lens_config = base_config
             else:
-                model = from_timm(source, parsed['variant'], parsed['G'])
+                name = f'hf-hub:{source.name}' + (f'@{source.revision}' if source.revision else '') \
+                    if source.kind == 'hf-hub' else source.name
+                model = from_timm(name, spec.variant, spec.num_kv_heads, budget=self.budget)
         model.eval()
         config = getattr(model, 'gqa_lens_config', None)
-        if config is not None:
-            labels = config.get('labels') or _imagenet_labels(model.num_classes)
-            preprocessing = config['preprocessing']
-        else:
-            import timm
-            labels = _imagenet_labels(model.num_classes)
-            preprocessing = {k: (list(v) if isinstance(v, tuple) else v)
-                             for k, v in timm.data.resolve_data_config({}, model=model).items()}
-        return LoadedModel(spec, model, list(labels), preprocessing, grouping_config(model),
+        labels = (config or {}).get('labels') or _imagenet_labels(model.num_classes)
+        preprocessing = model_preprocessing(model)
+        if config is not None and config.get('preprocessing'):
+            preprocessing = dict(config['preprocessing'], input_size=preprocessing['input_size'])
+        return LoadedModel(str(spec), model, list(labels), preprocessing, grouping_config(model),
                            sum(p.numel() for p in model.parameters()), kv_cache_bytes(model))
 
     def get(self, spec: str, progress: Optional[Callable[[str], None]] = None) -> LoadedModel:
-        spec = spec.strip()
+        spec = str(parse_spec(spec, tuple(POLICIES)))  # canonical key; refuses bad specs before any work
         with self._lock:
             if spec in self._cache:
                 self._cache.move_to_end(spec)
@@ -142,4 +144,3 @@ class ModelRegistry:
                     len(self._cache) > 1 and sum(m.num_bytes for m in self._cache.values()) > self.max_bytes):
                 self._cache.popitem(last=False)
         return loaded
-

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field, fields
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -19,9 +19,11 @@ from .attention import GroupedQueryAttention, _uniform_index, route_kv
 from .convert import gqa_layers, grouping_config
 from .policies import Grouping
 
-__all__ = ['LayerRecord', 'Recording', 'record', 'ATTENTION_ROWS']
+__all__ = ['LayerRecord', 'Recording', 'record', 'token_grid', 'ATTENTION_ROWS', 'FUSIONS', 'MEAN_ROW']
 
 ATTENTION_ROWS = ('prefix', 'full', 'none')
+FUSIONS = ('mean', 'max', 'min')
+MEAN_ROW = 'mean over queries'
 
 
 @dataclass
@@ -34,23 +36,38 @@ class LayerRecord:
     key_norms: ``(B, G)`` Frobenius norm of each key head.
     shares: ``(B, G)`` the normalised ratios the policy apportioned (uniform for static policies).
     allocation: ``(B, G)`` query heads per KV head. query_to_kv: ``(B, H)`` KV head of each query head.
+    full: ``(B, H, T, T)`` maps of this layer when it was named in ``full_layers`` (else None), whatever
+        ``attention`` says: the one layer a view asks for, without holding T x T for every layer.
     """
     attention: Optional[Tensor]
     key_norms: Tensor
     shares: Tensor
     allocation: Tensor
     query_to_kv: Tensor
+    full: Optional[Tensor] = None
 
 
 @dataclass
 class Recording:
-    """All layers of one forward plus its logits. ``grid_size`` is the patch grid (rows, cols)."""
+    """All layers of one forward plus its output.
+
+    grid_size: the patch grid (rows, cols) of the tokens this forward actually saw (``dynamic_img_size``
+        models at another input size included). row_labels: what each recorded ``"prefix"`` row is
+        (``class token``, ``register i``, ``mean over queries``); summary_row: the row that stands for the
+        image (the class token, else the mean over all queries). rollout: per head fusion, ``(B, T)`` attention
+        rollout of the summary row, accumulated layer by layer while the forward ran.
+    logits: the model's output; ``(B, D)`` pooled features for a headless model (``num_classes == 0``).
+    """
     layers: List[LayerRecord]
     logits: Tensor
     num_prefix_tokens: int
     grid_size: tuple
     attention_rows: str
     config: Dict[str, Any] = field(default_factory=dict)
+    row_labels: List[str] = field(default_factory=list)
+    summary_row: int = 0
+    rollout: Dict[str, Tensor] = field(default_factory=dict)
+    headless: bool = False
 
     def probabilities(self) -> Tensor:
         return self.logits.float().softmax(-1)
@@ -64,10 +81,15 @@ class Recording:
         return np.stack([getattr(layer, name).numpy() for layer in self.layers])
 
     def to_numpy(self) -> Dict[str, Any]:
+        """Every array, layer-first; per-layer full maps as ``full_layer{i}``; rollouts as ``rollout_{fusion}``."""
         out: Dict[str, Any] = {f.name: self.stacked(f.name) for f in fields(LayerRecord)
-                               if self.layers and getattr(self.layers[0], f.name) is not None}
+                               if f.name != 'full' and self.layers and getattr(self.layers[0], f.name) is not None}
+        out.update({f'full_layer{i}': layer.full.numpy() for i, layer in enumerate(self.layers)
+                    if layer.full is not None})
+        out.update({f'rollout_{fusion}': joint.numpy() for fusion, joint in self.rollout.items()})
         out.update(logits=self.logits.float().numpy(), num_prefix_tokens=self.num_prefix_tokens,
-                   grid_size=tuple(self.grid_size), attention_rows=self.attention_rows, config=dict(self.config))
+                   grid_size=tuple(self.grid_size), attention_rows=self.attention_rows, config=dict(self.config),
+                   row_labels=list(self.row_labels), summary_row=self.summary_row, headless=self.headless)
         return out
 
     def to_json(self) -> str:
@@ -76,34 +98,58 @@ class Recording:
         return json.dumps({k: plain(v) for k, v in self.to_numpy().items()})
 
 
+def _row_labels(model: nn.Module) -> List[str]:
+    """What each recorded prefix row is: the class token, registers, and a mean row when there is no class token."""
+    has_class = getattr(model, 'cls_token', None) is not None
+    registers = int(getattr(model, 'num_reg_tokens', 0))
+    labels = (['class token'] if has_class else []) + [f'register {i}' for i in range(registers)]
+    extra = int(getattr(model, 'num_prefix_tokens', 0)) - len(labels)
+    labels += [f'prefix token {i}' for i in range(extra)]  # e.g. a distillation token
+    return labels if has_class else labels + [MEAN_ROW]
+
+
 class record:
     """Context manager attaching a recorder to every :class:`GroupedQueryAttention` of ``model``.
 
-    attention: ``"prefix"`` (class-token / register rows; cheap), ``"full"`` (all T x T) or ``"none"``.
-    The last forward inside the block is kept in :attr:`result`.
+    attention: ``"prefix"`` (class-token / register rows, plus the mean over queries when there is no class
+    token; cheap), ``"full"`` (all T x T) or ``"none"``. full_layers: layers whose full ``(B, H, T, T)`` maps
+    are kept besides. rollout: head fusions (of :data:`FUSIONS`) whose attention rollout is accumulated layer
+    by layer, so no T x T map outlives its layer. The last forward inside the block is kept in :attr:`result`.
     """
 
-    def __init__(self, model: nn.Module, attention: str = 'prefix') -> None:
+    def __init__(self, model: nn.Module, attention: str = 'prefix', full_layers: Sequence[int] = (),
+                 rollout: Sequence[str] = ()) -> None:
         if attention not in ATTENTION_ROWS:
             raise ValueError(f'attention must be one of {ATTENTION_ROWS}, got {attention!r}')
+        unknown = [f for f in rollout if f not in FUSIONS]
+        if unknown:
+            raise ValueError(f'rollout fusions must be among {FUSIONS}, got {unknown}')
         self.model = model
         self.attention = attention
         self.layers_list = gqa_layers(model)
         if not self.layers_list:
             raise ValueError(f'{type(model).__name__} has no grouped-query attention layers; call convert() first')
+        depth = len(self.layers_list)
+        bad = [i for i in full_layers if not -depth <= int(i) < depth]
+        if bad:
+            raise ValueError(f'full_layers {bad} out of range for {depth} layers')
+        self.full_layers = {int(i) % depth for i in full_layers}
+        self.fusions = tuple(dict.fromkeys(rollout))
         self.num_prefix_tokens = int(getattr(model, 'num_prefix_tokens', 0))
-        patch_embed = getattr(model, 'patch_embed', None)
-        self.grid_size = tuple(getattr(patch_embed, 'grid_size', ()) or ())
+        self.row_labels = _row_labels(model)
+        self.has_class_token = getattr(model, 'cls_token', None) is not None
         self.config = grouping_config(model)
         self.result: Optional[Recording] = None
         self._layers: List[LayerRecord] = []
+        self._joint: Dict[str, Tensor] = {}
+        self._grid: tuple = ()
         self._hooks: list = []
 
     def __enter__(self) -> 'record':
         for layer in self.layers_list:
             layer.recorder = self._capture
         self._hooks = [
-            self.model.register_forward_pre_hook(lambda *_: self._layers.clear()),
+            self.model.register_forward_pre_hook(self._start),
             self.model.register_forward_hook(self._finish),
         ]
         return self
@@ -114,39 +160,92 @@ class record:
         for hook in self._hooks:
             hook.remove()
 
+    def _start(self, module: nn.Module, args: Any) -> None:
+        self._layers.clear()
+        self._joint = {}
+        self._grid = token_grid(module, args[0] if args else None)
+
+    def _summary(self, maps: Tensor) -> Tensor:
+        """``(..., T, T) -> (..., T)``: the class token's row, else the mean over all query rows."""
+        return maps[..., 0, :] if self.has_class_token else maps.mean(-2)
+
     @torch.no_grad()
     def _capture(self, layer: GroupedQueryAttention, q: Tensor, k: Tensor, key_norms: Tensor,
                  grouping: Grouping, attn_mask: Optional[Tensor]) -> None:
-        B, H = q.shape[:2]
+        B, H, T = q.shape[0], q.shape[1], q.shape[2]
+        index = len(self._layers)
         routing = grouping.query_to_kv
         if routing is None:
             routing = _uniform_index(H, layer.num_kv_heads, q.device)
-        maps = None
-        if self.attention != 'none':
-            rows = q if self.attention == 'full' or self.num_prefix_tokens == 0 else q[:, :, :self.num_prefix_tokens]
-            scores = (rows.float() * layer.scale) @ route_kv(k.float(), routing).transpose(-2, -1)
-            if self.attention == 'full':
-                scores = maybe_add_mask(scores, resolve_self_attn_mask(q.shape[-2], scores, attn_mask))
-            maps = scores.softmax(-1)
-            if self.attention == 'prefix' and self.num_prefix_tokens == 0:
-                maps = maps.mean(-2, keepdim=True)
-            maps = maps.cpu()
+        needs_full = (self.attention == 'full' or index in self.full_layers or bool(self.fusions)
+                      or (self.attention == 'prefix' and not self.has_class_token))
+        rows = q if needs_full else q[:, :, :self.num_prefix_tokens]
+        maps = (rows.float() * layer.scale) @ route_kv(k.float(), routing).transpose(-2, -1)
+        if needs_full:
+            maps = maybe_add_mask(maps, resolve_self_attn_mask(T, maps, attn_mask))
+        maps = _softmax_(maps)
+        attention = None
+        if self.attention == 'full':
+            attention = maps.cpu()
+        elif self.attention == 'prefix':
+            attention = maps[:, :, :self.num_prefix_tokens]
+            if not self.has_class_token:
+                attention = torch.cat([attention, maps.mean(-2, keepdim=True)], dim=2)
+            attention = attention.cpu().clone()
+        full = maps.cpu().clone() if index in self.full_layers and self.attention != 'full' else None
+        if self.attention == 'full' and index in self.full_layers:
+            full = attention
+        if self.fusions:
+            self._accumulate_rollout(maps)
+        del maps
 
         def batched(t: Tensor, width: int) -> Tensor:
             return t.expand(B, width).cpu() if t.dim() == 1 else t.cpu()
 
         G = layer.num_kv_heads
         self._layers.append(LayerRecord(
-            attention=maps,
+            attention=attention,
             key_norms=key_norms.float().cpu(),
             shares=batched(grouping.shares.float(), G),
             allocation=batched(grouping.allocation, G),
             query_to_kv=batched(routing, H),
+            full=full,
         ))
 
+    def _accumulate_rollout(self, maps: Tensor) -> None:
+        """Abnar & Zuidema's rollout, one layer at a time: fuse heads, 0.5 A + 0.5 I, renormalise rows,
+        left-multiply the product of the layers below. Holds one (B, T, T) product per fusion."""
+        eye = torch.eye(maps.shape[-1], dtype=maps.dtype, device=maps.device)
+        for fusion in self.fusions:
+            fused = maps.mean(1) if fusion == 'mean' else getattr(maps, 'a' + fusion)(1)
+            fused.mul_(0.5).add_(eye, alpha=0.5)
+            fused.div_(fused.sum(-1, keepdim=True))
+            joint = self._joint.get(fusion)
+            self._joint[fusion] = fused if joint is None else torch.matmul(fused, joint)
+
     def _finish(self, module: nn.Module, args: Any, output: Tensor) -> None:
+        rollout = {fusion: self._summary(joint).cpu() for fusion, joint in self._joint.items()}
+        self._joint = {}
         self.result = Recording(
             layers=list(self._layers), logits=output.detach().float().cpu(),
-            num_prefix_tokens=self.num_prefix_tokens, grid_size=self.grid_size,
-            attention_rows=self.attention, config=self.config,
+            num_prefix_tokens=self.num_prefix_tokens, grid_size=self._grid,
+            attention_rows=self.attention, config=self.config, row_labels=list(self.row_labels),
+            summary_row=0 if self.has_class_token else len(self.row_labels) - 1, rollout=rollout,
+            headless=int(getattr(module, 'num_classes', 1)) == 0,
         )
+
+
+def _softmax_(scores: Tensor) -> Tensor:
+    """Softmax over the last dim, in place: at T = 1,374 a second (B, H, T, T) copy would double the peak."""
+    scores.sub_(scores.amax(-1, keepdim=True)).exp_()
+    return scores.div_(scores.sum(-1, keepdim=True))
+
+
+def token_grid(model: nn.Module, x: Optional[Tensor]) -> tuple:
+    """The patch grid (rows, cols) a forward on ``x`` produces: the static grid, or for a
+    ``dynamic_img_size`` model the grid of ``x``'s own size."""
+    patch_embed = getattr(model, 'patch_embed', None)
+    grid = tuple(getattr(patch_embed, 'grid_size', ()) or ())
+    if getattr(model, 'dynamic_img_size', False) and isinstance(x, Tensor) and x.dim() == 4:
+        grid = tuple(int(s) for s in patch_embed.dynamic_feat_size(tuple(x.shape[-2:])))
+    return grid

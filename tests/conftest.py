@@ -1,5 +1,10 @@
 import os
+import socket
+import tempfile
 
+# A folder the app is allowed to serve models from (local:NAME); tests write hostile model folders into it.
+ALLOWED_MODELS = __import__('pathlib').Path(tempfile.mkdtemp(prefix='gqa-lens-allowed-'))
+os.environ['GQA_LENS_MODEL_DIRS'] = str(ALLOWED_MODELS)
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
 os.environ.setdefault('HF_HUB_DISABLE_TELEMETRY', '1')
 os.environ.setdefault('GRADIO_ANALYTICS_ENABLED', 'False')
@@ -72,3 +77,21 @@ def analyses(registry):
     from gqa_core.images import load_image
     image = load_image(str(EXAMPLES_DIR / 'cifar10_ship.jpg')).image
     return {spec: analyse(registry.get(spec), image) for spec in registry.embedded()}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope='session')
+def app_server():
+    """The real app, served once on 127.0.0.1 for every HTTP and browser test: ``(url, app module)``."""
+    import app
+    port = free_port()
+    app.demo.launch(server_name='127.0.0.1', server_port=port, prevent_thread_lock=True, quiet=True)
+    try:
+        yield f'http://127.0.0.1:{port}', app
+    finally:
+        app.demo.close()

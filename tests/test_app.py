@@ -1,6 +1,5 @@
 """The app over real HTTP: named API endpoints, bad input, concurrency and determinism."""
 import os
-import socket
 import statistics
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -12,21 +11,9 @@ from bad_images import ACCEPTED, REJECTED, write_all
 from conftest import EXAMPLES_DIR
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope='module')
-def server():
-    import app
-    port = free_port()
-    app.demo.launch(server_name='127.0.0.1', server_port=port, prevent_thread_lock=True, quiet=True)
-    try:
-        yield f'http://127.0.0.1:{port}', app
-    finally:
-        app.demo.close()
+def server(app_server):
+    return app_server
 
 
 @pytest.fixture(scope='module')
@@ -130,4 +117,4 @@ def test_export_endpoint_writes_a_zip(client):
     path = client.predict(0, 'mean', 'mean', api_name='/export')
     import zipfile
     with zipfile.ZipFile(path) as zf:
-        assert any(n.endswith('recording.json') for n in zf.namelist())
+        assert any(n.endswith('arrays.npz') for n in zf.namelist())

@@ -1,7 +1,6 @@
 """End to end in a real browser: headless Debian chromium driven by Playwright."""
 import os
 import re
-import socket
 from pathlib import Path
 
 import pytest
@@ -15,16 +14,8 @@ ARGS = ['--headless', '--no-sandbox', '--disable-gpu', '--disable-background-net
 
 
 @pytest.fixture(scope='module')
-def app_url():
-    import app
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        port = s.getsockname()[1]
-    app.demo.launch(server_name='127.0.0.1', server_port=port, prevent_thread_lock=True, quiet=True)
-    try:
-        yield f'http://127.0.0.1:{port}'
-    finally:
-        app.demo.close()
+def app_url(app_server):
+    return app_server[0]
 
 
 def choose(page, slot: int, value: str) -> None:

@@ -5,10 +5,13 @@ import zipfile
 
 import numpy as np
 import pytest
+import torch
 
 from gqa_core import figures
-from gqa_core.analysis import attention_rollout, prefix_attention
-from gqa_core.lens import column_view, export_zip, reference_for
+from gqa_core.analysis import FUSIONS, attention_rollout, layer_maps, model_input, prefix_attention
+from gqa_core.export import export_zip
+from gqa_core.lens import column_view, reference_for
+from gqa_core.record import record
 
 
 def test_assignment_heatmap_cells_equal_recorded_query_to_kv(analyses):
@@ -44,7 +47,7 @@ def test_key_norm_figure_shows_the_recorded_ratios_and_norms(analyses):
 
 def test_heads_layers_mosaic_tiles_are_the_class_token_maps(analyses):
     a = analyses['embedded/mha']
-    rows = prefix_attention(a.maps, a.recording.num_prefix_tokens)  # (L, H, patches)
+    rows = a.summary_rows  # (L, H, patches)
     gh, gw = a.recording.grid_size
     z = np.array(figures.heads_layers_figure(rows, (gh, gw)).data[0].z, dtype=float)
     L, H, _ = rows.shape
@@ -67,30 +70,52 @@ def test_prefix_attention_handles_registers_and_no_prefix():
     maps = np.random.default_rng(0).random((2, 3, 7, 7))
     assert np.array_equal(prefix_attention(maps, 3), maps[..., 0, 3:])
     assert np.allclose(prefix_attention(maps, 0), maps.mean(-2))
+    assert np.allclose(prefix_attention(maps, 2, has_class_token=False), maps.mean(-2)[..., 2:])
 
 
-def test_rollout_matches_a_hand_computation_and_validates_fusion(analyses):
-    a = analyses['embedded/gqa']
-    maps = a.maps
-    T = maps.shape[-1]
-    joint = np.eye(T)
-    for layer in maps.max(1):
-        m = 0.5 * layer + 0.5 * np.eye(T)
-        joint = (m / m.sum(-1, keepdims=True)) @ joint
-    assert np.allclose(attention_rollout(maps, 1, 'max'), joint[0, 1:])
+def full_maps(registry, analysis):
+    """(L, H, T, T) maps of the analysed image, recorded in full (what the compact analysis avoids keeping)."""
+    loaded = registry.get(analysis.spec)
+    x = model_input(loaded, __import__('PIL.Image').Image.fromarray(analysis.view))[1]
+    with torch.inference_mode(), record(loaded.model, attention='full') as rec:
+        loaded.model(x)
+    return rec.result.stacked('attention')[:, 0]
+
+
+def test_recorded_rollout_equals_a_hand_computation_from_full_maps(analyses, registry):
+    for spec in ('embedded/gqa', 'embedded/kdgqa'):
+        a = analyses[spec]
+        maps = full_maps(registry, a)
+        T = maps.shape[-1]
+        joint = np.eye(T)
+        for layer in maps.max(1):
+            m = 0.5 * layer + 0.5 * np.eye(T)
+            joint = (m / m.sum(-1, keepdims=True)) @ joint
+        assert np.allclose(a.rollout('max'), joint[0, 1:], atol=1e-5)
+        for fusion in FUSIONS:  # accumulated layer by layer while the forward ran == all layers at once
+            assert np.allclose(a.rollout(fusion), attention_rollout(maps, 1, fusion), atol=1e-5), (spec, fusion)
+        assert np.allclose(a.summary_rows, maps[:, :, 0, 1:], atol=1e-6), 'summary rows are the class-token rows'
     with pytest.raises(ValueError, match='fusion'):
         attention_rollout(maps, 1, 'median')
+    with pytest.raises(ValueError, match='fusion'):
+        a.rollout('median')
+
+
+def test_layer_maps_recomputes_one_layers_full_maps(analyses, registry):
+    a = analyses['embedded/kdgqa']
+    maps = full_maps(registry, a)
+    assert np.array_equal(layer_maps(registry.get(a.spec), a, 3), maps[3])
 
 
 def test_difference_view_zero_for_itself_and_rejects_other_geometry(analyses):
     a = analyses['embedded/gqa']
-    rows = prefix_attention(a.maps, 1).mean(1)
+    rows = a.summary_rows.mean(1)
     fig = figures.difference_figure(rows, rows, a.recording.grid_size)
     assert np.nanmax(np.abs(np.array(fig.data[0].z, dtype=float))) == 0
     assert all('TV 0.00' in t for t in fig.layout.xaxis.ticktext)
     with pytest.raises(ValueError, match='share backbone geometry'):
         figures.difference_figure(rows, rows[:, :-4], a.recording.grid_size)
-    other = prefix_attention(analyses['embedded/mha'].maps, 1).mean(1)
+    other = analyses['embedded/mha'].summary_rows.mean(1)
     tv = 0.5 * np.abs(rows - other).sum(-1)
     fig = figures.difference_figure(rows, other, a.recording.grid_size)
     assert [float(t.split('TV ')[1]) for t in fig.layout.xaxis.ticktext] == pytest.approx(tv, abs=0.006)
@@ -107,19 +132,23 @@ def test_allocation_history_traces_are_the_saved_history(analyses):
         assert list(trace.y) == list(alloc[:, g]) and list(trace.x) == hist['steps']
 
 
-def test_column_view_and_zip_export(analyses, tmp_path):
+def test_column_view_and_zip_export(analyses, registry, tmp_path):
     chosen = [analyses['embedded/mha'], analyses['embedded/kdgqa'], None, analyses['embedded/gqa']]
     assert reference_for(chosen) is chosen[0]
     view = column_view(chosen[1], 2, '1', 'min', reference_for(chosen))
     assert view.overlay.shape == view.rollout.shape and view.overlay.ndim == 3
     assert abs(sum(view.top5.values()) - sum(p for _, p in chosen[1].top5)) < 1e-9
-    path = export_zip(chosen, 2, 'mean', 'mean', tmp_path / 'a.zip')
+    path = export_zip(chosen, 2, 'mean', 'mean', tmp_path / 'a.zip', registry)
     with zipfile.ZipFile(path) as zf:
         names = zf.namelist()
-        assert sum(n.endswith('recording.json') for n in names) == 3
+        assert sum(n.endswith('arrays.npz') for n in names) == 3 and sum(n.endswith('meta.json') for n in names) == 3
         assert any(n.endswith('.png') for n in names) and any(n.endswith('assignment.html') for n in names)
-        rec = json.loads(zf.read('1_embedded_kdgqa/recording.json'))
-        assert np.array_equal(np.array(rec['query_to_kv']), chosen[1].recording.stacked('query_to_kv'))
+        arrays = np.load(io.BytesIO(zf.read('1_embedded_kdgqa/arrays.npz')), allow_pickle=False)
+        assert np.array_equal(arrays['query_to_kv'], chosen[1].recording.stacked('query_to_kv')[:, 0])
+        assert np.array_equal(arrays['rollout_min'], chosen[1].recording.rollout['min'][0].numpy())
+        assert np.array_equal(arrays['full_layer2'], layer_maps(registry.get('embedded/kdgqa'), chosen[1], 2))
+        meta = json.loads(zf.read('1_embedded_kdgqa/meta.json'))
+        assert meta['row_labels'] == ['class token'] and meta['top5'][0][0] == chosen[1].top5[0][0]
         csv_rows = zf.read('1_embedded_kdgqa/allocations.csv').decode().splitlines()
         L, G = chosen[1].recording.stacked('allocation')[:, 0].shape
         assert len(csv_rows) == 1 + L * G

@@ -1,0 +1,106 @@
+"""The "Download everything" zip: one per analysis, written as a stream with bounded memory.
+
+Per model: ``arrays.npz`` (every recorded array, plus the full ``(H, T, T)`` maps of the chosen layer,
+recomputed on demand), ``meta.json`` (spec, top-5, grouping, row labels, grid, history), ``allocations.csv``,
+the overlay and rollout PNGs, and every plotly figure as JSON and standalone HTML. Arrays are written one at
+a time straight into the archive (``.npy`` inside ``.npz`` inside the zip), never as JSON lists of floats,
+so peak memory is one array, not the whole recording.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import re
+import zipfile
+from pathlib import Path
+from typing import Dict, Iterator, Optional, Sequence, Tuple
+
+import numpy as np
+from PIL import Image
+
+from .analysis import Analysis, layer_maps
+from .lens import column_view, reference_for
+from .models import ModelRegistry
+
+__all__ = ['export_zip', 'analysis_arrays']
+
+FIGURES = ('grid', 'key_norms', 'assignment', 'history', 'difference')
+
+
+def analysis_arrays(analysis: Analysis) -> Iterator[Tuple[str, np.ndarray]]:
+    """``(name, array)`` for everything an analysis holds, layer-first (batch of one dropped)."""
+    rec = analysis.recording
+    yield 'view', analysis.view
+    yield 'attention_rows', rec.stacked('attention')[:, 0]  # (L, H, rows, T): see meta.json row_labels
+    for name in ('key_norms', 'shares', 'allocation', 'query_to_kv'):
+        yield name, rec.stacked(name)[:, 0]
+    for fusion, joint in rec.rollout.items():
+        yield f'rollout_{fusion}', joint[0].numpy()  # (T,)
+    yield ('features' if rec.headless else 'logits'), rec.logits[0].numpy()
+
+
+def _write_npz(zf: zipfile.ZipFile, name: str, arrays: Iterator[Tuple[str, np.ndarray]]) -> None:
+    with zf.open(name, 'w', force_zip64=True) as stream, \
+            zipfile.ZipFile(stream, 'w', compression=zipfile.ZIP_STORED, allowZip64=True) as npz:
+        for key, array in arrays:
+            with npz.open(f'{key}.npy', 'w', force_zip64=True) as entry:
+                np.lib.format.write_array(entry, np.ascontiguousarray(array), allow_pickle=False)
+
+
+def _png(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format='PNG')
+    return buf.getvalue()
+
+
+def _meta(analysis: Analysis, layer: int, head: str, fusion: str) -> Dict:
+    rec = analysis.recording
+    return dict(spec=analysis.spec, top5=analysis.top5, grouping=analysis.grouping, notes=analysis.notes,
+                row_labels=rec.row_labels, summary_row=rec.summary_row, grid_size=list(rec.grid_size),
+                num_prefix_tokens=rec.num_prefix_tokens, headless=rec.headless, history=analysis.history,
+                chosen=dict(layer=layer, head=head, fusion=fusion))
+
+
+def export_zip(analyses: Sequence[Optional[Analysis]], layer: int, head: str, fusion: str, path: Path,
+               registry: Optional[ModelRegistry] = None) -> Path:
+    """Write the zip to ``path``. With ``registry``, each model's full maps of ``layer`` are recomputed and
+    included as ``full_layer{layer}``."""
+    reference = reference_for(analyses)
+    with zipfile.ZipFile(path, 'w', compression=zipfile.ZIP_DEFLATED, compresslevel=1) as zf:
+        for i, analysis in enumerate(analyses):
+            if analysis is None:
+                continue
+            folder = f'{i}_{re.sub(r"[^A-Za-z0-9_.-]+", "_", analysis.spec)[:80]}'
+            layer_i = min(max(int(layer), 0), len(analysis.recording.layers) - 1)
+
+            def arrays() -> Iterator[Tuple[str, np.ndarray]]:
+                yield from analysis_arrays(analysis)
+                if registry is not None:
+                    yield f'full_layer{layer_i}', layer_maps(registry.get(analysis.spec), analysis, layer_i)
+
+            zf.writestr(f'{folder}/meta.json', json.dumps(_meta(analysis, layer_i, head, fusion)))
+            zf.compression = zipfile.ZIP_STORED
+            _write_npz(zf, f'{folder}/arrays.npz', arrays())
+            zf.compression = zipfile.ZIP_DEFLATED
+            rows = io.StringIO()
+            writer = csv.writer(rows)
+            writer.writerow(['layer', 'kv_head', 'allocation', 'share', 'key_norm'])
+            rec = analysis.recording
+            alloc, shares, norms = (rec.stacked(n)[:, 0] for n in ('allocation', 'shares', 'key_norms'))
+            for li in range(alloc.shape[0]):
+                for g in range(alloc.shape[1]):
+                    writer.writerow([li, g, int(alloc[li, g]), float(shares[li, g]), float(norms[li, g])])
+            zf.writestr(f'{folder}/allocations.csv', rows.getvalue())
+            view = column_view(analysis, layer_i, head, fusion, reference)
+            zf.writestr(f'{folder}/attention_layer{layer_i}_head-{view_head(head)}.png', _png(view.overlay))
+            zf.writestr(f'{folder}/rollout_{fusion}.png', _png(view.rollout))
+            for name in FIGURES:
+                fig = getattr(view, name)
+                zf.writestr(f'{folder}/{name}.json', fig.to_json())
+                zf.writestr(f'{folder}/{name}.html', fig.to_html(include_plotlyjs='cdn', full_html=True))
+    return path
+
+
+def view_head(head: Optional[str]) -> str:
+    return str(int(head)) if head is not None and str(head).isdigit() else 'mean'
