@@ -24,6 +24,7 @@ __all__ = ['LayerRecord', 'Recording', 'record', 'token_grid', 'ATTENTION_ROWS',
 ATTENTION_ROWS = ('prefix', 'full', 'none')
 FUSIONS = ('mean', 'max', 'min')
 MEAN_ROW = 'mean over queries'
+ROW_BLOCK_BYTES = 16 * 2**20  # transient attention scores per tile of query rows
 
 
 @dataclass
@@ -173,31 +174,45 @@ class record:
     def _capture(self, layer: GroupedQueryAttention, q: Tensor, k: Tensor, key_norms: Tensor,
                  grouping: Grouping, attn_mask: Optional[Tensor]) -> None:
         B, H, T = q.shape[0], q.shape[1], q.shape[2]
+        P = self.num_prefix_tokens
         index = len(self._layers)
         routing = grouping.query_to_kv
         if routing is None:
             routing = _uniform_index(H, layer.num_kv_heads, q.device)
-        needs_full = (self.attention == 'full' or index in self.full_layers or bool(self.fusions)
-                      or (self.attention == 'prefix' and not self.has_class_token))
-        rows = q if needs_full else q[:, :, :self.num_prefix_tokens]
-        maps = (rows.float() * layer.scale) @ route_kv(k.float(), routing).transpose(-2, -1)
-        if needs_full:
-            maps = maybe_add_mask(maps, resolve_self_attn_mask(T, maps, attn_mask))
-        maps = _softmax_(maps)
+        keep_full = self.attention == 'full' or index in self.full_layers
+        mean_row = self.attention == 'prefix' and not self.has_class_token
+        n_rows = T if keep_full or self.fusions or mean_row else P
+        queries = q.float() * layer.scale
+        keys = route_kv(k.float(), routing).transpose(-2, -1)  # (B, H, d, T)
+        bias = resolve_self_attn_mask(T, queries, attn_mask) if n_rows else None
+        full = queries.new_empty(B, H, T, T) if keep_full else None
+        fused = {f: queries.new_empty(B, T, T) for f in self.fusions}
+        row_sum = queries.new_zeros(B, H, T) if mean_row else None
+        prefix: List[Tensor] = []
+        step = max(1, ROW_BLOCK_BYTES // max(1, B * H * T * 4))
+        for start in range(0, n_rows, step):  # tiles of query rows bound the transient memory at large T
+            stop = min(n_rows, start + step)
+            block = queries[:, :, start:stop] @ keys  # (B, H, rows, T)
+            if bias is not None:
+                block = block + bias[..., start:stop, :]
+            block = _softmax_(block)
+            if full is not None:
+                full[:, :, start:stop] = block
+            if start < P:
+                prefix.append(block[:, :, :P - start].clone())
+            if row_sum is not None:
+                row_sum += block.sum(2)
+            for fusion, out in fused.items():
+                out[:, start:stop] = block.mean(1) if fusion == 'mean' else getattr(block, 'a' + fusion)(1)
+            del block
         attention = None
         if self.attention == 'full':
-            attention = maps.cpu()
+            attention = full.cpu()
         elif self.attention == 'prefix':
-            attention = maps[:, :, :self.num_prefix_tokens]
-            if not self.has_class_token:
-                attention = torch.cat([attention, maps.mean(-2, keepdim=True)], dim=2)
-            attention = attention.cpu().clone()
-        full = maps.cpu().clone() if index in self.full_layers and self.attention != 'full' else None
-        if self.attention == 'full' and index in self.full_layers:
-            full = attention
-        if self.fusions:
-            self._accumulate_rollout(maps)
-        del maps
+            rows = prefix + ([(row_sum / T)[:, :, None]] if row_sum is not None else [])
+            attention = torch.cat(rows, dim=2).cpu() if rows else queries.new_empty(B, H, 0, T).cpu()
+        if fused:
+            self._accumulate_rollout(fused)
 
         def batched(t: Tensor, width: int) -> Tensor:
             return t.expand(B, width).cpu() if t.dim() == 1 else t.cpu()
@@ -209,19 +224,17 @@ class record:
             shares=batched(grouping.shares.float(), G),
             allocation=batched(grouping.allocation, G),
             query_to_kv=batched(routing, H),
-            full=full,
+            full=full.cpu() if index in self.full_layers else None,
         ))
 
-    def _accumulate_rollout(self, maps: Tensor) -> None:
-        """Abnar & Zuidema's rollout, one layer at a time: fuse heads, 0.5 A + 0.5 I, renormalise rows,
-        left-multiply the product of the layers below. Holds one (B, T, T) product per fusion."""
-        eye = torch.eye(maps.shape[-1], dtype=maps.dtype, device=maps.device)
-        for fusion in self.fusions:
-            fused = maps.mean(1) if fusion == 'mean' else getattr(maps, 'a' + fusion)(1)
-            fused.mul_(0.5).add_(eye, alpha=0.5)
-            fused.div_(fused.sum(-1, keepdim=True))
+    def _accumulate_rollout(self, fused: Dict[str, Tensor]) -> None:
+        """Abnar & Zuidema's rollout, one layer at a time: heads fused, 0.5 A + 0.5 I, rows renormalised,
+        left-multiplying the product of the layers below. Holds one (B, T, T) product per fusion."""
+        for fusion, a in fused.items():
+            a.mul_(0.5).diagonal(dim1=-2, dim2=-1).add_(0.5)
+            a.div_(a.sum(-1, keepdim=True))
             joint = self._joint.get(fusion)
-            self._joint[fusion] = fused if joint is None else torch.matmul(fused, joint)
+            self._joint[fusion] = a if joint is None else torch.matmul(a, joint)
 
     def _finish(self, module: nn.Module, args: Any, output: Tensor) -> None:
         rollout = {fusion: self._summary(joint).cpu() for fusion, joint in self._joint.items()}

@@ -118,3 +118,56 @@ def test_export_endpoint_writes_a_zip(client):
     import zipfile
     with zipfile.ZipFile(path) as zf:
         assert any(n.endswith('arrays.npz') for n in zf.namelist())
+
+
+def _column_outputs(out):
+    """(summary, top-5 labels and confidences, overlay bytes, rollout bytes) of each of the four columns."""
+    cols = out[2:]
+    result = []
+    for i in range(4):
+        summary, top5, overlay, rollout = cols[i * 9:i * 9 + 4]
+        images = []
+        for path in (overlay, rollout):
+            data = open(path, 'rb').read()
+            assert len(data) > 0, 'a returned image is empty'
+            from PIL import Image
+            import io
+            Image.open(io.BytesIO(data)).load()  # a whole, decodable PNG
+            images.append(data)
+        result.append((summary, [(c['label'], c['confidence']) for c in top5['confidences']], *images))
+    return result
+
+
+def test_sixteen_concurrent_clients_same_image_four_models(server):
+    """Identical images from many sessions never share a file: 0 errors, no empty image, same answers."""
+    url = server[0]
+    specs = server[1].registry.embedded()[:4]
+    image = EXAMPLES_DIR / 'cifar10_horse.jpg'
+    expected = _column_outputs(Client(url, verbose=False).predict(*run_args(image, *specs, layer=2), api_name='/run'))
+
+    def one_client(c):
+        client = Client(url, verbose=False)
+        return [_column_outputs(client.predict(*run_args(image, *specs, layer=2), api_name='/run')) for _ in range(2)]
+
+    with ThreadPoolExecutor(16) as pool:
+        results = [r for batch in pool.map(one_client, range(16)) for r in batch]
+    assert len(results) == 32
+    assert all(r == expected for r in results)
+
+
+def test_closed_and_idle_sessions_free_their_state_and_files(server):
+    import datetime
+    from gradio_client.exceptions import AppError
+    app = server[1]
+    client = Client(server[0], verbose=False)
+    client.predict(*run_args(EXAMPLES_DIR / 'cifar10_frog.jpg', 'embedded/mha'), api_name='/run')
+    path = client.predict(0, 'mean', 'mean', api_name='/export')
+    assert os.path.isfile(path)
+    assert app.reaper.sessions() >= 1 and app.files.count() >= 1
+    later = datetime.datetime.now() + datetime.timedelta(seconds=app.SESSION_TTL + 1)
+    assert app.reaper.reap(now=later) >= 1
+    assert app.reaper.sessions() == 0, 'every idle session is gone, with gradio’s per-session copies'
+    with pytest.raises(AppError, match='run the models on an image first'):
+        client.predict(0, 'mean', 'mean', api_name='/export')  # its results went with the session
+    app.files.sweep(now=time.time() + app.files.ttl + 1)
+    assert app.files.count() == 0, 'overlays and exports are deleted once old'

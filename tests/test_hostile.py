@@ -168,3 +168,77 @@ def test_concurrent_hostile_and_normal_requests(hostile):
         results = list(pool.map(one, range(8)))
     assert all(r == expected for r in results[1::2])
     assert all('not an allowed key' in r for r in results[0::2])
+
+
+HUB_SCRIPT = '''
+import json, sys
+opened = []
+sys.addaudithook(lambda e, a: opened.append(str(a[0])) if e == 'open' and a and 'sentinel' in str(a[0]) else None)
+from gqa_core.models import ModelRegistry
+registry = ModelRegistry()
+out = {}
+for spec in sys.argv[1:]:
+    try:
+        registry.get(spec)
+        out[spec] = 'loaded'
+    except ValueError as e:
+        out[spec] = str(e)
+out['opened'] = opened
+print('RESULT' + json.dumps(out))
+'''
+
+
+def test_configs_fetched_from_the_hub_are_data(tmp_path):
+    """Over real HTTP (a local Hub on 127.0.0.1): GQA Lens and timm-format configs with loader options, paths,
+    huge models, other architectures, pickle-only weights or broken JSON are refused before anything is built."""
+    import subprocess
+    from hub_server import HubServer
+    sentinel = tmp_path / 'sentinel.pth'
+    sentinel.write_bytes(b'never read me')
+    mha = ROOT / 'assets' / 'models' / 'mha'
+    ours = json.loads((mha / 'config.json').read_text())
+    timm_cfg = dict(architecture='vit_tiny_patch16_224', num_classes=10,
+                    model_args=dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=6),
+                    pretrained_cfg=dict(input_size=[3, 32, 32], mean=[0.5] * 3, std=[0.5] * 3))
+    repos = {
+        'evil/loader-opts': ({**ours, 'backbone_args': {**ours['backbone_args'], 'checkpoint_path': str(sentinel)}},
+                             'model.safetensors'),
+        'evil/huge': ({**ours, 'backbone_args': {**ours['backbone_args'], 'embed_dim': 4096, 'depth': 64,
+                                                 'num_heads': 64}}, 'model.safetensors'),
+        'evil/timm-opts': ({**timm_cfg, 'model_args': {**timm_cfg['model_args'], 'checkpoint_path': str(sentinel)}},
+                           'model.safetensors'),
+        'evil/timm-overlay': ({**timm_cfg, 'pretrained_cfg': {**timm_cfg['pretrained_cfg'], 'file': str(sentinel),
+                                                              'crop_pct': 1e-9}}, 'model.safetensors'),
+        'evil/timm-bin': (timm_cfg, 'pytorch_model.bin'),
+        'evil/timm-huge': ({**timm_cfg, 'architecture': 'vit_giant_patch14_224', 'model_args': {}},
+                           'model.safetensors'),
+        'evil/timm-arch': ({**timm_cfg, 'architecture': 'resnet50'}, 'model.safetensors'),
+        'evil/not-json': ('{"backbone": ', 'model.safetensors'),
+    }
+    for repo, (config, weights) in repos.items():
+        folder = tmp_path / 'hub' / repo
+        folder.mkdir(parents=True)
+        (folder / 'config.json').write_text(config if isinstance(config, str) else json.dumps(config))
+        (folder / weights).write_bytes(b'pickle would be here' if weights.endswith('.bin') else
+                                       (mha / 'model.safetensors').read_bytes())
+    specs = {
+        'hub:evil/loader-opts': "'checkpoint_path' is not an allowed key",
+        'hub:evil/huge': 'this server allows 350,000,000',
+        'convert:hf-hub:evil/timm-opts:gqa:2': "'checkpoint_path' is not an allowed key",
+        'convert:hf-hub:evil/timm-overlay:gqa:2': 'crop_pct must be a number 0.25..1',
+        'convert:hf-hub:evil/timm-bin:gqa:2': 'never unpickles',
+        'convert:hf-hub:evil/timm-huge:gqa:2': 'this server allows 350,000,000',
+        'convert:hf-hub:evil/timm-arch:gqa:2': 'is not a timm Vision Transformer',
+        'hub:evil/not-json': 'config.json is not valid JSON',
+    }
+    env = dict(os.environ, HF_HUB_OFFLINE='0', HF_HOME=str(tmp_path / 'hf-home'), HF_HUB_DISABLE_XET='1')
+    with HubServer(tmp_path / 'hub') as server:
+        env['HF_ENDPOINT'] = server.url
+        proc = subprocess.run([sys.executable, '-c', HUB_SCRIPT, *specs], env=env, capture_output=True, text=True,
+                              timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.split('RESULT', 1)[1])
+    for spec, expected in specs.items():
+        assert expected in result[spec], (spec, result[spec])
+        assert str(tmp_path) not in result[spec]
+    assert result['opened'] == [], 'a path named in a config was opened'
