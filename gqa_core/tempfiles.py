@@ -40,7 +40,7 @@ class ExpiringFiles:
 
     def write_png(self, array: np.ndarray) -> str:
         buf = io.BytesIO()
-        Image.fromarray(array).save(buf, format='PNG')
+        Image.fromarray(array).save(buf, format='PNG', compress_level=1)  # speed over a few KB
         return self.write_bytes(buf.getvalue(), '.png')
 
     def write_bytes(self, data: bytes, suffix: str) -> str:
