@@ -18,14 +18,14 @@ from typing import Any, List, Optional
 import gradio as gr
 
 from gqa_core import VARIANTS
-from gqa_core.analysis import FUSIONS, analyse
-from gqa_core.export import export_zip
-from gqa_core.images import ImageInputError, load_image
-from gqa_core.lens import MAX_MODELS, NO_MODEL, column_view, reference_for, run_models
-from gqa_core.models import DEFAULT_MODELS, EMBEDDED_DIR, ModelLoadError, ModelRegistry
-from gqa_core.sessions import SessionReaper
-from gqa_core.specs import public_message
-from gqa_core.tempfiles import ExpiringFiles
+from gqa_core.lens.analysis import FUSIONS, analyse
+from gqa_core.lens.export import export_zip
+from gqa_core.lens.images import ImageInputError, load_image
+from gqa_core.lens.views import MAX_MODELS, NO_MODEL, column_view, reference_for, run_models
+from gqa_core.lens.models import DEFAULT_MODELS, EMBEDDED_DIR, ModelLoadError, ModelRegistry
+from gqa_core.lens.sessions import SessionReaper
+from gqa_core.lens.specs import public_message
+from gqa_core.lens.tempfiles import ExpiringFiles
 
 ROOT = Path(__file__).resolve().parent
 EXAMPLES = sorted(str(p) for p in (ROOT / 'assets' / 'examples').glob('*.jpg'))

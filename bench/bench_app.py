@@ -29,7 +29,7 @@ def main() -> None:
     import app
     import torch
     from gradio_client import Client, handle_file
-    from gqa_core.models import DEFAULT_MODELS
+    from gqa_core.lens.models import DEFAULT_MODELS
     with socket.socket() as s:
         s.bind(('127.0.0.1', 0))
         port = s.getsockname()[1]

@@ -76,12 +76,12 @@ def scale(args: argparse.Namespace) -> dict:
     import torch
     from PIL import Image
     from gqa_core import convert
-    from gqa_core.analysis import analyse
-    from gqa_core.export import export_zip
-    from gqa_core.hub import save_pretrained
-    from gqa_core.lens import column_view
-    from gqa_core.models import ModelRegistry
-    from gqa_core.tempfiles import ExpiringFiles
+    from gqa_core.lens.analysis import analyse
+    from gqa_core.lens.export import export_zip
+    from gqa_core.training.hub import save_pretrained
+    from gqa_core.lens.views import column_view
+    from gqa_core.lens.models import ModelRegistry
+    from gqa_core.lens.tempfiles import ExpiringFiles
 
     torch.set_num_threads(args.threads)
     work = Path(tempfile.mkdtemp(prefix='gqa-lens-bench-'))
@@ -140,7 +140,7 @@ while True:
 
 def sessions(args: argparse.Namespace) -> dict:
     from gradio_client import Client, handle_file
-    from gqa_core.models import DEFAULT_MODELS
+    from gqa_core.lens.models import DEFAULT_MODELS
     with socket.socket() as s:
         s.bind(('127.0.0.1', 0))
         port = s.getsockname()[1]

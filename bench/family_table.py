@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from gqa_core.evaluate import evaluate
-from gqa_core.hub import from_pretrained
+from gqa_core.training.evaluate import evaluate
+from gqa_core.training.hub import from_pretrained
 
 ROOT = Path(__file__).resolve().parents[1]
 FAMILY = ['mha', 'gqa', 'kdgqa', 'dgqa-diff', 'dgqa-ema', 'pgqa']

@@ -64,7 +64,7 @@ EXAMPLES_DIR = ROOT / 'assets' / 'examples'
 def registry():
     """The embedded model family (assets/models); GQA_LENS_MODELS may point elsewhere during development."""
     import os
-    from gqa_core.models import EMBEDDED_DIR, ModelRegistry
+    from gqa_core.lens.models import EMBEDDED_DIR, ModelRegistry
     reg = ModelRegistry(__import__('pathlib').Path(os.environ.get('GQA_LENS_MODELS', EMBEDDED_DIR)))
     assert reg.embedded(), 'the embedded models are missing from assets/models'
     return reg
@@ -73,8 +73,8 @@ def registry():
 @pytest.fixture(scope='session')
 def analyses(registry):
     """Real recordings: every embedded model on a real CIFAR-10 test image."""
-    from gqa_core.analysis import analyse
-    from gqa_core.images import load_image
+    from gqa_core.lens.analysis import analyse
+    from gqa_core.lens.images import load_image
     image = load_image(str(EXAMPLES_DIR / 'cifar10_ship.jpg')).image
     return {spec: analyse(registry.get(spec), image) for spec in registry.embedded()}
 

@@ -32,8 +32,8 @@ def test_named_endpoints_exist(client):
 
 def test_predict_endpoint_matches_in_process_analysis(client, server):
     app = server[1]
-    from gqa_core.analysis import analyse
-    from gqa_core.images import load_image
+    from gqa_core.lens.analysis import analyse
+    from gqa_core.lens.images import load_image
     image = EXAMPLES_DIR / 'cifar10_ship.jpg'
     expected = analyse(app.registry.get('embedded/kdgqa'), load_image(str(image)).image).top5
     got = client.predict(handle_file(str(image)), 'embedded/kdgqa', api_name='/predict')

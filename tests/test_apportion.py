@@ -3,7 +3,7 @@ import itertools
 import pytest
 import torch
 
-from gqa_core.apportion import (largest_remainder, min_max_shares, normalise_shares, official_round,
+from gqa_core.core.apportion import (largest_remainder, min_max_shares, normalise_shares, official_round,
                                 query_to_kv, uniform_allocation)
 
 

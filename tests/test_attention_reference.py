@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from gqa_core import GroupedQueryAttention, grouped_attention
-from gqa_core.apportion import query_to_kv
+from gqa_core.core.apportion import query_to_kv
 
 from reference import attention_loop, hamilton, key_norms, min_max, project
 

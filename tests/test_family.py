@@ -4,8 +4,8 @@ import re
 
 import pytest
 
-from gqa_core.evaluate import evaluate
-from gqa_core.hub import from_pretrained
+from gqa_core.training.evaluate import evaluate
+from gqa_core.training.hub import from_pretrained
 
 from conftest import ROOT, SHARED_CIFAR
 

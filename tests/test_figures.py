@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from gqa_core import figures
-from gqa_core.analysis import FUSIONS, attention_rollout, layer_maps, model_input, prefix_attention
-from gqa_core.export import export_zip
-from gqa_core.lens import column_view, reference_for
-from gqa_core.record import record
+from gqa_core.lens import figures
+from gqa_core.lens.analysis import FUSIONS, attention_rollout, layer_maps, model_input, prefix_attention
+from gqa_core.lens.export import export_zip
+from gqa_core.lens.views import column_view, reference_for
+from gqa_core.core.record import record
 
 
 def test_assignment_heatmap_cells_equal_recorded_query_to_kv(analyses):

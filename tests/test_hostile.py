@@ -174,7 +174,7 @@ HUB_SCRIPT = '''
 import json, sys
 opened = []
 sys.addaudithook(lambda e, a: opened.append(str(a[0])) if e == 'open' and a and 'sentinel' in str(a[0]) else None)
-from gqa_core.models import ModelRegistry
+from gqa_core.lens.models import ModelRegistry
 registry = ModelRegistry()
 out = {}
 for spec in sys.argv[1:]:

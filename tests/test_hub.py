@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import save_file
 
 from gqa_core import convert, grouping_config
-from gqa_core.hub import ModelLoadError, create_model, from_pretrained, save_pretrained
+from gqa_core.training.hub import ModelLoadError, create_model, from_pretrained, save_pretrained
 
 from hub_server import HubServer
 
@@ -96,7 +96,7 @@ def test_local_errors_name_the_problem(tmp_path):
 
 HUB_SCRIPT = textwrap.dedent('''
     import json, sys, torch
-    from gqa_core.hub import from_pretrained, from_timm, ModelLoadError
+    from gqa_core.training.hub import from_pretrained, from_timm, ModelLoadError
     out = {}
     model = from_pretrained("lens/kdgqa-tiny").eval()
     x = torch.load(sys.argv[1], weights_only=True)

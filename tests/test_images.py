@@ -2,7 +2,7 @@ import re
 
 import pytest
 
-from gqa_core.images import ImageInputError, load_image
+from gqa_core.lens.images import ImageInputError, load_image
 
 from bad_images import ACCEPTED, REJECTED, write_all
 from conftest import EXAMPLES_DIR

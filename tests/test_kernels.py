@@ -12,8 +12,8 @@ pytest.importorskip('triton')
 SCRIPT = textwrap.dedent('''
     import json, torch, torch.nn.functional as F
     from gqa_core import convert
-    from gqa_core.attention import route_kv
-    from gqa_core.kernels import routed_attention, triton_enabled
+    from gqa_core.core.attention import route_kv
+    from gqa_core.core.kernels import routed_attention, triton_enabled
     from conftest import tiny_vit
     torch.manual_seed(0)
     out = {"enabled": triton_enabled(torch.zeros(1))}
@@ -27,7 +27,7 @@ SCRIPT = textwrap.dedent('''
             ref = F.scaled_dot_product_attention(q, route_kv(k, routing), route_kv(v, routing))
             errors.append(float((got - ref).abs().max()))
     out["kernel_max_err"] = max(errors)
-    import gqa_core.attention as attention
+    import gqa_core.core.attention as attention
     calls = []
     original = attention.routed_attention
     attention.routed_attention = lambda *a, **kw: calls.append(1) or original(*a, **kw)
@@ -35,7 +35,7 @@ SCRIPT = textwrap.dedent('''
     x = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
         fast = model(x)
-        from gqa_core.kernels import use_triton
+        from gqa_core.core.kernels import use_triton
         use_triton(False)
         slow = model(x)
     out["model_max_err"] = float((fast - slow).abs().max())

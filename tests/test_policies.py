@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from gqa_core import convert, create_policy, start_epoch
-from gqa_core.policies import DGQAPolicy, KDGQAPolicy, PGQAPolicy
+from gqa_core.core.policies import DGQAPolicy, KDGQAPolicy, PGQAPolicy
 
 from conftest import tiny_vit
 from reference import hamilton

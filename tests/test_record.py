@@ -9,7 +9,7 @@ import torch
 from timm.utils import AttentionExtract
 
 from gqa_core import convert, record
-from gqa_core.apportion import query_to_kv
+from gqa_core.core.apportion import query_to_kv
 
 from conftest import tiny_vit
 

@@ -6,9 +6,9 @@ import torch
 from safetensors.torch import load_file
 
 from gqa_core import grouping_config
-from gqa_core.evaluate import evaluate
-from gqa_core.hub import from_pretrained
-from gqa_core.train import parse_args, run
+from gqa_core.training.evaluate import evaluate
+from gqa_core.training.hub import from_pretrained
+from gqa_core.training.train import parse_args, run
 
 TINY_ARGS = ('--timm-model vit_tiny_patch16_224 --model-args '
              '{"img_size":32,"patch_size":8,"embed_dim":48,"depth":2,"num_heads":6,"mlp_ratio":2.0,"num_classes":10}')

@@ -18,7 +18,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .convert import convert, grouping_config, kv_cache_bytes
+from ..core.convert import convert, grouping_config, kv_cache_bytes
 from .safe_config import (Budget, ConfigError, check_backbone, check_backbone_args, check_budget, check_config,
                           check_preprocessing)
 
@@ -200,7 +200,7 @@ A timm `{config['backbone']}` whose attention is **{g['variant']}** with {g['num
 ## Load
 
 ```python
-from gqa_core.hub import from_pretrained
+from gqa_core import from_pretrained
 model = from_pretrained("<this repo id or folder>").eval()
 ```
 {extra}

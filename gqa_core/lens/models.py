@@ -16,16 +16,16 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import torch
 from torch import nn
 
-from .convert import convert, grouping_config, kv_cache_bytes
-from .hub import ModelLoadError, from_pretrained, from_timm, model_preprocessing
-from .policies import POLICIES
-from .safe_config import Budget
+from ..core.convert import convert, grouping_config, kv_cache_bytes
+from ..training.hub import ModelLoadError, from_pretrained, from_timm, model_preprocessing
+from ..core.policies import POLICIES
+from ..training.safe_config import Budget
 from .specs import Spec, SpecError, allowed_model_dirs, parse_spec, resolve_in, shown
 
 __all__ = ['LoadedModel', 'ModelRegistry', 'ModelLoadError', 'EMBEDDED_DIR', 'DEFAULT_MODELS', 'parse_spec',
            'SpecError']
 
-EMBEDDED_DIR = Path(__file__).resolve().parents[1] / 'assets' / 'models'
+EMBEDDED_DIR = Path(__file__).resolve().parents[2] / 'assets' / 'models'
 DEFAULT_MODELS = ('embedded/mha', 'embedded/gqa', 'embedded/kdgqa', 'embedded/dgqa-diff')
 
 

@@ -14,9 +14,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .data import eval_geometry, normalisation
+from ..training.data import eval_geometry, normalisation
 from .models import LoadedModel
-from .record import FUSIONS, Recording, record
+from ..core.record import FUSIONS, Recording, record
 
 __all__ = ['Analysis', 'analyse', 'layer_maps', 'model_input', 'prefix_attention', 'attention_rollout', 'FUSIONS']
 

@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image
 
 from .analysis import Analysis, layer_maps
-from .lens import column_view, reference_for
+from .views import column_view, reference_for
 from .models import ModelRegistry
 
 __all__ = ['export_zip', 'analysis_arrays']

@@ -144,7 +144,7 @@ def check_backbone_args(args: Any) -> Dict[str, Any]:
 
 
 def check_grouping(grouping: Any) -> Dict[str, Any]:
-    from .policies import POLICIES
+    from ..core.policies import POLICIES
     if not isinstance(grouping, dict):
         raise ConfigError('grouping must be an object')
     grouping = dict(grouping)

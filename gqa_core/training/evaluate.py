@@ -1,0 +1,97 @@
+"""Evaluate a saved or Hub model on a dataset split: ``python -m gqa_core.evaluate MODEL --data SRC``.
+
+Prints top-1 / top-5, per-class accuracy and, for the key-driven variants, the mean allocation (query heads
+per KV head) of every layer over the split. ``--json FILE`` writes the same numbers.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any, Dict, Optional
+
+import torch
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from .data import build_datasets
+from .hub import ModelLoadError, from_pretrained
+from ..core.record import record
+
+__all__ = ['evaluate', 'main']
+
+
+@torch.inference_mode()
+def evaluate(model_source: str, data: str, split: str = 'test', batch_size: int = 256, workers: int = 0,
+             device: str = 'cpu', val_fraction: float = 0.1, seed: int = 0,
+             limit: Optional[int] = None) -> Dict[str, Any]:
+    model = from_pretrained(model_source).to(device).eval()
+    config = model.gqa_lens_config
+    splits = build_datasets(data, config['preprocessing'], val_fraction=val_fraction, seed=seed, limit=limit)
+    dataset = {'test': splits.test, 'val': splits.val}[split]
+    if dataset is None:
+        raise ValueError(f'{data} has no {split} split')
+    labels = config.get('labels') or splits.classes
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers)
+    keyed = config['grouping']['variant'] in ('kdgqa', 'dgqa')
+    hits1 = hits5 = total = 0
+    per_class_hit = torch.zeros(len(labels))
+    per_class_n = torch.zeros(len(labels))
+    alloc_sum: Optional[torch.Tensor] = None
+    with record(model, attention='none') as rec:
+        for images, targets in tqdm(loader, desc=f'{split}', leave=False):
+            logits = model(images.to(device)).float().cpu()
+            top = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
+            hit = top[:, 0] == targets
+            hits1 += int(hit.sum())
+            hits5 += int((top == targets[:, None]).any(-1).sum())
+            total += len(targets)
+            per_class_hit.index_add_(0, targets, hit.float())
+            per_class_n.index_add_(0, targets, torch.ones(len(targets)))
+            allocation = torch.stack([layer.allocation for layer in rec.result.layers]).float().sum(1)
+            alloc_sum = allocation if alloc_sum is None else alloc_sum + allocation
+    result: Dict[str, Any] = dict(
+        model=model_source, data=data, split=split, n=total, top1=hits1 / max(total, 1), top5=hits5 / max(total, 1),
+        per_class={label: float(per_class_hit[i] / per_class_n[i].clamp_min(1)) for i, label in enumerate(labels)},
+        grouping=config['grouping'],
+    )
+    if alloc_sum is not None:
+        result['mean_allocation'] = (alloc_sum / max(total, 1)).tolist()
+    result['key_driven'] = keyed
+    return result
+
+
+def format_result(result: Dict[str, Any]) -> str:
+    lines = [f"{result['model']} on {result['data']} [{result['split']}], {result['n']} images",
+             f"top-1 {result['top1'] * 100:.2f} %   top-5 {result['top5'] * 100:.2f} %", '', 'per class:']
+    lines += [f'  {label:<12} {acc * 100:6.2f} %' for label, acc in result['per_class'].items()]
+    if result['key_driven'] and 'mean_allocation' in result:
+        lines += ['', 'mean allocation per layer (query heads per KV head):']
+        lines += [f'  layer {i:2d}: ' + ' '.join(f'{a:5.2f}' for a in row)
+                  for i, row in enumerate(result['mean_allocation'])]
+    return '\n'.join(lines)
+
+
+def main(argv: Optional[list] = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('model', help='a saved model folder or a Hub repo id')
+    parser.add_argument('--data', required=True, help='folder, .tar.gz archive or Hub dataset name')
+    parser.add_argument('--split', choices=['test', 'val'], default='test')
+    parser.add_argument('--batch-size', type=int, default=256)
+    parser.add_argument('--workers', type=int, default=0)
+    parser.add_argument('--device', default='cpu')
+    parser.add_argument('--limit', type=int, default=None)
+    parser.add_argument('--json', help='also write the result here')
+    args = parser.parse_args(argv)
+    try:
+        result = evaluate(args.model, args.data, args.split, args.batch_size, args.workers, args.device,
+                          limit=args.limit)
+    except (ValueError, ModelLoadError, FileNotFoundError) as e:
+        raise SystemExit(f'error: {e}') from None
+    print(format_result(result))
+    if args.json:
+        with open(args.json, 'w') as f:
+            json.dump(result, f, indent=2)
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,393 @@
+"""Uptrain (or train) grouped-query variants and compare them: ``python -m gqa_core.train ...``.
+
+The paper's protocol: start from an MHA checkpoint, convert (K/V heads mean-pooled), train, evaluate.
+One command can run several variants with the same budget and writes one comparison table. Runs on CPU,
+one GPU, or many through ``accelerate launch -m gqa_core.train ...``.
+
+    python -m gqa_core.train --data ../shared/data/cifar10-jpeg.tar.gz --init-from assets/mha \
+        --variants gqa kdgqa dgqa-diff dgqa-ema pgqa --epochs 1 --out runs/uptrain
+
+Model selection uses the validation split carved from train; test is evaluated once, at the end, for the
+model chosen on validation.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import random
+import time
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+import yaml
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from ..core.convert import convert, kv_cache_bytes
+from .data import build_datasets
+from .hub import ModelLoadError, create_model, from_pretrained, save_pretrained
+from ..core.policies import start_epoch
+
+__all__ = ['TrainConfig', 'PRESETS', 'VARIANT_SPECS', 'train_variant', 'run', 'main', 'evaluate_loader']
+
+# Variant names on the command line -> (policy, options).
+VARIANT_SPECS: Dict[str, Tuple[str, Dict[str, Any]]] = {
+    'mha': ('mha', {}), 'gqa': ('gqa', {}), 'kdgqa': ('kdgqa', {}),
+    'dgqa-diff': ('dgqa', {'stat': 'diff'}), 'dgqa-ema': ('dgqa', {'stat': 'ema'}), 'pgqa': ('pgqa', {}),
+}
+
+
+@dataclass
+class TrainConfig:
+    data: str = ''
+    out: str = 'runs/train'
+    variants: List[str] = field(default_factory=lambda: ['gqa'])
+    num_kv_heads: Optional[int] = None  # default H / 2
+    compat: str = 'paper'
+    window: int = 300
+    beta: float = 0.9
+    noise_scale: float = 0.1
+    # where the weights come from: a GQA Lens folder / repo, a timm name (+ pretrained), or random init
+    init_from: Optional[str] = None
+    timm_model: Optional[str] = None
+    pretrained: bool = False
+    init_safetensors: Optional[str] = None
+    model_args: Dict[str, Any] = field(default_factory=dict)
+    preprocessing: Optional[Dict[str, Any]] = None
+    # optimisation
+    epochs: int = 5
+    batch_size: int = 32
+    lr: float = 1e-5
+    weight_decay: float = 0.01
+    warmup_epochs: float = 0.0
+    label_smoothing: float = 0.0
+    augment: str = 'randaugment'
+    grad_clip: Optional[float] = None
+    seed: int = 42
+    val_fraction: float = 0.1
+    limit: Optional[int] = None
+    max_steps: Optional[int] = None  # stop early (smoke tests)
+    stop_after: Optional[int] = None  # run at most this many epochs now; --resume continues the same schedule
+    workers: int = 2
+    mixed_precision: str = 'auto'  # auto: bf16 on GPU, none on CPU
+    save_dtype: Optional[str] = None  # e.g. float16 for shipping
+    resume: bool = False
+    bench_batch: int = 32
+
+
+PRESETS: Dict[str, Dict[str, Any]] = {
+    # The authors' uptraining recipe (method.md).
+    'authors': dict(lr=1e-5, weight_decay=0.01, batch_size=32, epochs=5, augment='randaugment', seed=42,
+                    preprocessing_mean_std=0.5),
+    # Training a small ViT from scratch on 32 px CIFAR.
+    'scratch-cifar': dict(lr=2e-3, weight_decay=0.05, batch_size=256, epochs=30, augment='crop-flip',
+                          label_smoothing=0.1, warmup_epochs=1.0, grad_clip=1.0, seed=0),
+}
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def build_start_model(cfg: TrainConfig) -> Tuple[nn.Module, Dict[str, Any], Optional[List[str]]]:
+    """The multi-head starting point and its preprocessing (and labels, if it has them)."""
+    if cfg.init_from:
+        model = from_pretrained(cfg.init_from)
+        config = model.gqa_lens_config
+        if config['grouping']['variant'] != 'mha':
+            raise ValueError(f'{cfg.init_from} is {config["grouping"]["variant"]}; uptraining starts from MHA')
+        return model, cfg.preprocessing or config['preprocessing'], config.get('labels')
+    if not cfg.timm_model:
+        raise ValueError('give --init-from (a GQA Lens MHA model) or --timm-model')
+    model = create_model(cfg.timm_model, cfg.model_args, 'mha', pretrained=cfg.pretrained)
+    if cfg.init_safetensors:
+        from safetensors.torch import load_file
+        model.load_state_dict(load_file(cfg.init_safetensors), strict=True)
+    import timm
+    pre = dict(cfg.preprocessing or {k: (list(v) if isinstance(v, tuple) else v)
+                                      for k, v in timm.data.resolve_data_config({}, model=model).items()})
+    return model, pre, None
+
+
+def make_variant(start: nn.Module, name: str, cfg: TrainConfig) -> nn.Module:
+    if name not in VARIANT_SPECS:
+        raise ValueError(f'unknown variant {name!r}; choose from {sorted(VARIANT_SPECS)}')
+    import copy
+    policy, options = VARIANT_SPECS[name]
+    options = dict(options, compat=cfg.compat, seed=cfg.seed)
+    if policy == 'dgqa':
+        options.update(window=cfg.window, beta=cfg.beta)
+    if policy == 'pgqa':
+        options.update(noise_scale=cfg.noise_scale)
+    heads = start.blocks[0].attn.num_heads
+    G = None if policy == 'mha' else (cfg.num_kv_heads or heads // 2)
+    model = copy.deepcopy(start)
+    convert(model, policy, G, **options)
+    model.gqa_lens_backbone = start.gqa_lens_backbone
+    return model
+
+
+@torch.no_grad()
+def evaluate_loader(model: nn.Module, loader: DataLoader, num_classes: int, accelerator: Any = None,
+                    desc: str = 'eval') -> Dict[str, Any]:
+    """top-1, top-5 and per-class accuracy over a loader."""
+    model.eval()
+    correct1 = correct5 = total = 0
+    per_class_hit = torch.zeros(num_classes, dtype=torch.long)
+    per_class_n = torch.zeros(num_classes, dtype=torch.long)
+    for images, labels in tqdm(loader, desc=desc, leave=False):
+        logits = model(images)
+        if accelerator is not None:
+            logits, labels = accelerator.gather_for_metrics((logits, labels))
+        top = logits.float().topk(min(5, num_classes), dim=-1).indices.cpu()
+        labels = labels.cpu()
+        hit1 = top[:, 0] == labels
+        correct1 += int(hit1.sum())
+        correct5 += int((top == labels[:, None]).any(-1).sum())
+        total += len(labels)
+        per_class_hit.index_add_(0, labels, hit1.long())
+        per_class_n.index_add_(0, labels, torch.ones_like(labels))
+    return dict(top1=correct1 / max(total, 1), top5=correct5 / max(total, 1), n=total,
+                per_class=(per_class_hit.float() / per_class_n.clamp_min(1)).tolist())
+
+
+@torch.no_grad()
+def images_per_second(model: nn.Module, input_size: List[int], batch: int, device: torch.device,
+                      repeats: int = 3) -> float:
+    model.eval()
+    x = torch.randn(batch, *input_size, device=device)
+    model(x)
+    best = math.inf
+    for _ in range(repeats):
+        if device.type == 'cuda':
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        model(x)
+        if device.type == 'cuda':
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start)
+    return batch / best
+
+
+def _append_metrics(out: Path, row: Dict[str, Any]) -> None:
+    history_path = out / 'metrics.json'
+    history = json.loads(history_path.read_text()) if history_path.exists() else []
+    history = [h for h in history if h['epoch'] != row['epoch']] + [row]
+    history_path.write_text(json.dumps(history, indent=2))
+    with open(out / 'metrics.csv', 'w', newline='') as f:
+        writer = csv.DictWriter(f, fieldnames=list(row))
+        writer.writeheader()
+        writer.writerows(history)
+
+
+def train_variant(name: str, start: nn.Module, splits: Any, preprocessing: Dict[str, Any], labels: List[str],
+                  cfg: TrainConfig) -> Dict[str, Any]:
+    """Convert, train, keep the best-on-validation model, evaluate it on test. Returns its summary row."""
+    from accelerate import Accelerator
+    mixed = cfg.mixed_precision
+    if mixed == 'auto':
+        mixed = 'bf16' if torch.cuda.is_available() else 'no'
+    accelerator = Accelerator(mixed_precision=mixed)
+    out = Path(cfg.out) / name
+    ckpt = out / 'checkpoint'
+    out.mkdir(parents=True, exist_ok=True)
+    seed_everything(cfg.seed)
+    model = make_variant(start, name, cfg)
+    g = torch.Generator().manual_seed(cfg.seed)
+    train_loader = DataLoader(splits.train, batch_size=cfg.batch_size, shuffle=True, drop_last=True,
+                              num_workers=cfg.workers, generator=g, persistent_workers=cfg.workers > 0)
+    val_loader = DataLoader(splits.val, batch_size=cfg.batch_size * 2, num_workers=cfg.workers)
+    decay, no_decay = [], []
+    for n, p in model.named_parameters():  # no weight decay on biases, norms, embeddings and tokens
+        (decay if p.ndim > 1 and 'pos_embed' not in n and 'token' not in n else no_decay).append(p)
+    optimizer = torch.optim.AdamW([{'params': decay, 'weight_decay': cfg.weight_decay},
+                                   {'params': no_decay, 'weight_decay': 0.0}], lr=cfg.lr)
+    steps_per_epoch = len(train_loader)
+    total = cfg.epochs * steps_per_epoch if cfg.max_steps is None else min(cfg.max_steps, cfg.epochs * steps_per_epoch)
+    warmup = int(cfg.warmup_epochs * steps_per_epoch)
+
+    def schedule(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    model, optimizer, train_loader, val_loader, scheduler = accelerator.prepare(
+        model, optimizer, train_loader, val_loader, scheduler)
+    state = dict(epoch=0, step=0, best_val=-1.0)
+    if cfg.resume and (ckpt / 'model.safetensors').exists():
+        from safetensors.torch import load_file
+        accelerator.unwrap_model(model).load_state_dict(load_file(ckpt / 'model.safetensors'), strict=True)
+        saved = torch.load(ckpt / 'training_state.pt', weights_only=True)  # our own local file
+        optimizer.load_state_dict(saved['optimizer'])
+        scheduler.load_state_dict(saved['scheduler'])
+        torch.set_rng_state(saved['rng'])
+        g.set_state(saved['loader_rng'])
+        state = json.loads((ckpt / 'state.json').read_text())
+        accelerator.print(f'[{name}] resumed at epoch {state["epoch"]}, step {state["step"]}')
+
+    start_time = time.perf_counter()
+    last_epoch = cfg.epochs if cfg.stop_after is None else min(cfg.epochs, state['epoch'] + cfg.stop_after)
+    for epoch in range(state['epoch'], last_epoch):
+        if state['step'] >= total:
+            break
+        model.train()
+        start_epoch(model)
+        seen = hits = 0
+        loss_sum = 0.0
+        bar = tqdm(train_loader, desc=f'{name} epoch {epoch + 1}/{cfg.epochs}', disable=not accelerator.is_main_process)
+        for images, targets in bar:
+            with accelerator.autocast():
+                logits = model(images)
+                loss = F.cross_entropy(logits.float(), targets, label_smoothing=cfg.label_smoothing)
+            accelerator.backward(loss)
+            if cfg.grad_clip:
+                accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            state['step'] += 1
+            seen += len(targets)
+            hits += int((logits.argmax(-1) == targets).sum())
+            loss_sum += float(loss.detach()) * len(targets)
+            bar.set_postfix(loss=f'{loss_sum / seen:.3f}', acc=f'{hits / seen:.3f}')
+            if state['step'] >= total:
+                break
+        val = evaluate_loader(model, val_loader, len(labels), accelerator, desc='val')
+        state['epoch'] = epoch + 1
+        row = dict(epoch=epoch + 1, step=state['step'], train_loss=loss_sum / max(seen, 1),
+                   train_top1=hits / max(seen, 1), val_top1=val['top1'], val_top5=val['top5'],
+                   lr=scheduler.get_last_lr()[0], seconds=time.perf_counter() - start_time)
+        if accelerator.is_main_process:
+            _append_metrics(out, row)
+            unwrapped = accelerator.unwrap_model(model)
+            ckpt.mkdir(exist_ok=True)
+            from safetensors.torch import save_file
+            save_file({k: v.detach().cpu().contiguous() for k, v in unwrapped.state_dict().items()},
+                      ckpt / 'model.safetensors')
+            torch.save(dict(optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+                            rng=torch.get_rng_state(), loader_rng=g.get_state()), ckpt / 'training_state.pt')
+            if val['top1'] > state['best_val']:
+                state['best_val'] = val['top1']
+                save_pretrained(unwrapped, out / 'best', labels=labels, preprocessing=preprocessing,
+                                metrics=dict(val_top1=round(val['top1'], 4), epoch=epoch + 1))
+            (ckpt / 'state.json').write_text(json.dumps(state))
+        accelerator.print(f'[{name}] epoch {epoch + 1}: ' + ', '.join(
+            f'{k}={v:.4f}' if isinstance(v, float) else f'{k}={v}' for k, v in row.items()))
+    accelerator.wait_for_everyone()
+
+    best = from_pretrained(str(out / 'best')).to(accelerator.device).eval()
+    summary = dict(variant=name, val_top1=state['best_val'])
+    if splits.test is not None:
+        test_loader = accelerator.prepare(DataLoader(splits.test, batch_size=cfg.batch_size * 2,
+                                                     num_workers=cfg.workers))
+        test = evaluate_loader(best, test_loader, len(labels), accelerator, desc='test')
+        summary.update(test_top1=test['top1'], test_top5=test['top5'])
+    summary.update(
+        params=sum(p.numel() for p in best.parameters()),
+        kv_cache_bytes=kv_cache_bytes(best),
+        images_per_s=images_per_second(best, preprocessing['input_size'], cfg.bench_batch, accelerator.device),
+        steps=state['step'],
+    )
+    if accelerator.is_main_process:
+        metrics = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in summary.items() if k != 'variant'}
+        save_dtype = getattr(torch, cfg.save_dtype) if cfg.save_dtype else None
+        best_cpu = best.cpu()
+        best_cpu.gqa_lens_backbone = best.gqa_lens_backbone
+        save_pretrained(best_cpu, out / 'model', labels=labels, preprocessing=preprocessing, metrics=metrics,
+                        dtype=save_dtype)
+        (out / 'summary.json').write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def comparison_table(rows: List[Dict[str, Any]]) -> str:
+    lines = ['| variant | val top-1 | test top-1 | test top-5 | params | KV cache / image (fp16) | images/s |',
+             '|---|---:|---:|---:|---:|---:|---:|']
+    for r in rows:
+        lines.append(f"| {r['variant']} | {r['val_top1'] * 100:.2f} % | {r.get('test_top1', float('nan')) * 100:.2f} % "
+                     f"| {r.get('test_top5', float('nan')) * 100:.2f} % | {r['params']:,} | "
+                     f"{r['kv_cache_bytes']:,} B | {r['images_per_s']:.0f} |")
+    return '\n'.join(lines) + '\n'
+
+
+def run(cfg: TrainConfig) -> List[Dict[str, Any]]:
+    seed_everything(cfg.seed)
+    start, preprocessing, labels = build_start_model(cfg)
+    splits = build_datasets(cfg.data, preprocessing, augment=cfg.augment, val_fraction=cfg.val_fraction,
+                            seed=cfg.seed, limit=cfg.limit)
+    labels = labels or splits.classes
+    if start.num_classes != len(labels):
+        start.reset_classifier(len(labels))
+    rows = [train_variant(name, start, splits, preprocessing, labels, cfg) for name in cfg.variants]
+    out = Path(cfg.out)
+    (out / 'comparison.md').write_text(comparison_table(rows))
+    (out / 'comparison.json').write_text(json.dumps(rows, indent=2))
+    with open(out / 'comparison.csv', 'w', newline='') as f:
+        writer = csv.DictWriter(f, fieldnames=sorted({k for r in rows for k in r}))
+        writer.writeheader()
+        writer.writerows(rows)
+    print(comparison_table(rows))
+    return rows
+
+
+def parse_args(argv: Optional[List[str]] = None) -> TrainConfig:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--config', help='YAML file with TrainConfig fields (flags override it)')
+    parser.add_argument('--preset', choices=sorted(PRESETS), help='named recipe (flags and --config override it)')
+    defaults = TrainConfig()
+    for f in fields(TrainConfig):
+        flag = '--' + f.name.replace('_', '-')
+        value = getattr(defaults, f.name)
+        if isinstance(value, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
+        elif f.name == 'variants':
+            parser.add_argument(flag, nargs='+', default=None, choices=sorted(VARIANT_SPECS))
+        elif f.name in ('model_args', 'preprocessing'):
+            parser.add_argument(flag, type=json.loads, default=None, help='JSON object')
+        else:
+            kind = {'num_kv_heads': int, 'grad_clip': float, 'limit': int, 'max_steps': int, 'stop_after': int}.get(
+                f.name, type(value) if value is not None else str)
+            parser.add_argument(flag, type=kind, default=None)
+    args = parser.parse_args(argv)
+    merged: Dict[str, Any] = {}
+    if args.preset:
+        preset = dict(PRESETS[args.preset])
+        if preset.pop('preprocessing_mean_std', None) is not None:
+            merged['_mean_std'] = 0.5
+        merged.update(preset)
+    if args.config:
+        merged.update(yaml.safe_load(Path(args.config).read_text()) or {})
+    merged.update({k: v for k, v in vars(args).items() if v is not None and k not in ('config', 'preset')})
+    mean_std = merged.pop('_mean_std', None)
+    unknown = set(merged) - {f.name for f in fields(TrainConfig)}
+    if unknown:
+        raise SystemExit(f'unknown config keys: {sorted(unknown)}')
+    cfg = TrainConfig(**merged)
+    if not cfg.data:
+        raise SystemExit('--data is required (a folder, a .tar.gz archive or a Hub dataset name)')
+    if mean_std is not None and cfg.preprocessing is None and cfg.timm_model:
+        import timm
+        model = timm.create_model(cfg.timm_model, pretrained=False, **cfg.model_args)
+        pre = timm.data.resolve_data_config({}, model=model)
+        cfg.preprocessing = {k: (list(v) if isinstance(v, tuple) else v) for k, v in pre.items()}
+        cfg.preprocessing.update(mean=[mean_std] * 3, std=[mean_std] * 3)
+    return cfg
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    cfg = parse_args(argv)
+    try:
+        run(cfg)
+    except (ValueError, ModelLoadError, FileNotFoundError) as e:
+        raise SystemExit(f'error: {e}') from None
+
+
+if __name__ == '__main__':
+    main()
