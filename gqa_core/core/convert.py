@@ -1,18 +1,20 @@
 """Converting timm Vision Transformers between multi-head attention and the grouped-query family."""
 from __future__ import annotations
 
-from typing import Any, Dict, Optional
+import copy
+from typing import Any, Dict, List, Optional, Sequence, Union
 
-from torch import nn
+from torch import Tensor, nn
 from timm.layers import Attention
 from timm.models.vision_transformer import VisionTransformer
 
 from .attention import GroupedQueryAttention, kv_bytes
+from .grouping import GROUPINGS, advise_grouping, check_permutations, permute_heads
 
-__all__ = ['convert', 'revert', 'grouping_config', 'gqa_layers', 'kv_cache_bytes']
+__all__ = ['convert', 'revert', 'grouping_config', 'gqa_layers', 'kv_cache_bytes', 'source_heads', 'check_vit']
 
 
-def _check_vit(model: nn.Module) -> VisionTransformer:
+def check_vit(model: nn.Module) -> VisionTransformer:
     if not isinstance(model, VisionTransformer):
         raise ValueError(f'expected a timm VisionTransformer (vit_*, deit_*, ...), got {type(model).__name__}')
     return model
@@ -26,6 +28,8 @@ def convert(
         model: nn.Module,
         variant: str,
         num_kv_heads: Optional[int] = None,
+        grouping: Union[str, Sequence[Sequence[int]]] = 'consecutive',
+        calibration: Optional[Tensor] = None,
         **policy_options: Any,
 ) -> VisionTransformer:
     """Swap every block's attention of a timm ViT, in place, for :class:`GroupedQueryAttention`.
@@ -34,18 +38,53 @@ def convert(
     output projection are copied; no other weight is touched (the final norm included). A model converted
     before can change policy at the same G (weights kept) or be re-pooled from G = H. ``policy_options``
     go to the policy (``compat``, ``seed``, ``stat``, ``window``, ``beta``, ``noise_scale``, ...).
+
+    ``grouping`` decides which MHA heads share a KV head: ``"consecutive"`` (the paper's), ``"output-error"``
+    (chosen per layer on the ``calibration`` images, see :mod:`gqa_core.core.grouping`) or one head order per
+    layer. Non-consecutive groupings permute the MHA's heads (function-preserving) before pooling; each layer's
+    ``source_heads`` then records which original head sits at each position.
     """
-    vit = _check_vit(model)
+    vit = check_vit(model)
     attns = [_convertible_attention(index, block, num_kv_heads) for index, block in enumerate(vit.blocks)]
+    sources = [getattr(block.attn, 'source_heads', None) for block in vit.blocks]
+    perms = _grouping_permutations(vit, attns, grouping, calibration, num_kv_heads)
+    if perms is not None:
+        attns = [copy.deepcopy(a) for a in attns]  # permute copies: a failure below leaves the model as it was
+        for attn, perm in zip(attns, perms):
+            permute_heads(attn, perm)
+        sources = perms
     # Build every new layer before touching the model: a failure (bad G, bad option) leaves it as it was.
     new_layers = []
     for index, attn in enumerate(attns):
         new = GroupedQueryAttention.from_attention(attn, variant, num_kv_heads, **policy_options)
         new.policy.stream = index
+        new.source_heads = list(sources[index]) if sources[index] is not None else None
         new_layers.append(new)
     for block, new in zip(vit.blocks, new_layers):
         block.attn = new
     return vit
+
+
+def _grouping_permutations(vit: VisionTransformer, attns: list, grouping: Any, calibration: Optional[Tensor],
+                            num_kv_heads: Optional[int]) -> Optional[List[List[int]]]:
+    if isinstance(grouping, str):
+        if grouping == 'consecutive':
+            return None
+        if grouping not in GROUPINGS:
+            raise ValueError(f'grouping must be one of {GROUPINGS} or one head order per layer, got {grouping!r}')
+        if calibration is None:
+            raise ValueError('grouping="output-error" needs calibration images (a tensor (N, 3, H, W))')
+        return advise_grouping(vit, num_kv_heads, calibration).permutations
+    return check_permutations(grouping, len(attns), attns[0].num_heads)
+
+
+def source_heads(model: nn.Module) -> Optional[List[List[int]]]:
+    """Per layer, the original MHA head at each head position (None when every layer kept the MHA order)."""
+    layers = gqa_layers(model)
+    perms = [getattr(layer, 'source_heads', None) for layer in layers]
+    if all(p is None or list(p) == list(range(len(p))) for p in perms):
+        return None
+    return [list(p) if p is not None else list(range(layer.num_heads)) for p, layer in zip(perms, layers)]
 
 
 def _convertible_attention(index: int, block: nn.Module, num_kv_heads: Optional[int]) -> Attention:
@@ -67,7 +106,7 @@ def _convertible_attention(index: int, block: nn.Module, num_kv_heads: Optional[
 
 def revert(model: nn.Module) -> VisionTransformer:
     """Back to timm's own ``Attention`` (MHA), exactly equivalent at inference for fixed groupings."""
-    vit = _check_vit(model)
+    vit = check_vit(model)
     for block in vit.blocks:
         if isinstance(block.attn, GroupedQueryAttention):
             block.attn = block.attn.to_attention()
@@ -87,7 +126,7 @@ def grouping_config(model: nn.Module) -> Dict[str, Any]:
 
 def kv_cache_bytes(model: nn.Module, bytes_per_value: int = 2) -> int:
     """Bytes of K and V one image occupies over all layers (fp16 by default) -- what grouping saves."""
-    vit = _check_vit(model)
+    vit = check_vit(model)
     tokens = vit.patch_embed.num_patches + vit.num_prefix_tokens
     total = 0
     for block in vit.blocks:

@@ -34,6 +34,7 @@ class Analysis:
     history: Optional[List[Dict[str, Any]]] = None  # DGQA: per layer {'steps': [...], 'allocation': [[...]]}
     summary: str = ''  # the model's one-line description (params, G, K/V bytes)
     notes: List[str] = field(default_factory=list)
+    source_heads: Optional[List[List[int]]] = None  # advised grouping: original MHA head at each position
 
     @property
     def summary_label(self) -> str:
@@ -90,7 +91,8 @@ def analyse(loaded: LoadedModel, image: Image.Image) -> Analysis:
     if loaded.grouping['variant'] == 'dgqa':
         history = [dict(steps=b.attn.policy.history_steps.tolist(), allocation=b.attn.policy.history.tolist())
                    for b in loaded.model.blocks]
-    return Analysis(loaded.spec, view, result, top5, dict(loaded.grouping), history, loaded.summary(), notes)
+    return Analysis(loaded.spec, view, result, top5, dict(loaded.grouping), history, loaded.summary(), notes,
+                    loaded.source_heads)
 
 
 def layer_maps(loaded: LoadedModel, analysis: Analysis, layer: int) -> np.ndarray:

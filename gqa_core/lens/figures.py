@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import List, Sequence
+from typing import List, Optional, Sequence
 
 import numpy as np
 import plotly.graph_objects as go
@@ -103,11 +103,13 @@ def kv_colors(num_kv_heads: int) -> List[str]:
     return [palette[g % len(palette)] for g in range(num_kv_heads)]
 
 
-def assignment_figure(query_to_kv: np.ndarray, allocation: np.ndarray, title: str = '') -> go.Figure:
+def assignment_figure(query_to_kv: np.ndarray, allocation: np.ndarray, title: str = '',
+                      source_heads: Optional[Sequence[Sequence[int]]] = None) -> go.Figure:
     """Which KV head serves each query head, layers (rows) × query heads (columns), coloured by KV head.
 
     query_to_kv: ``(L, H)``; allocation: ``(L, G)``. KV heads serving no query are listed per layer in the
-    row label (e.g. ``L3 · idle kv0``), so zero-query groups stay visible.
+    row label (e.g. ``L3 · idle kv0``), so zero-query groups stay visible. source_heads: ``(L, H)`` original
+    MHA head at each position (an advised grouping); the hover then names the MHA heads each KV head pooled.
     """
     L, H = query_to_kv.shape
     G = allocation.shape[1]
@@ -122,12 +124,24 @@ def assignment_figure(query_to_kv: np.ndarray, allocation: np.ndarray, title: st
     fig = _figure(go.Heatmap(
         z=query_to_kv, x=[f'q{h}' for h in range(H)], y=labels, zmin=-0.5, zmax=G - 0.5, colorscale=scale,
         text=[[f'kv{g}' for g in row] for row in query_to_kv], texttemplate='%{text}', xgap=1, ygap=1,
-        customdata=[[str(list(allocation[layer]))] * H for layer in range(L)],
-        hovertemplate='%{y} %{x} → %{text}<br>allocation %{customdata}<extra></extra>',
+        customdata=[[_assignment_hover(allocation, source_heads, layer, h) for h in range(H)] for layer in range(L)],
+        hovertemplate='%{y} %{x} → %{text}<br>%{customdata}<extra></extra>',
         colorbar=dict(title='KV head', tickvals=list(range(G)), ticktext=[f'kv{g}' for g in range(G)])))
     fig.update_layout(title=title or 'query-group assignment (layers × query heads)')
     fig.update_yaxes(autorange='reversed')
     return fig
+
+
+def _assignment_hover(allocation: np.ndarray, source_heads: Optional[Sequence[Sequence[int]]], layer: int,
+                      h: int) -> str:
+    text = f'allocation {list(int(a) for a in allocation[layer])}'
+    if source_heads is not None:
+        src = list(source_heads[layer])
+        G = allocation.shape[1]
+        s = len(src) // G
+        pooled = ' '.join(f'kv{g}←{src[g * s:(g + 1) * s]}' for g in range(G))
+        text += f'<br>query head = MHA head {src[h]}<br>pooled: {pooled}'
+    return text
 
 
 def allocation_history_figure(steps: Sequence[int], allocation: np.ndarray, layer: int, title: str = '') -> go.Figure:

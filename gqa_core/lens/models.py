@@ -16,10 +16,11 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import torch
 from torch import nn
 
-from ..core.convert import convert, grouping_config, kv_cache_bytes
+from ..core.convert import convert, grouping_config, kv_cache_bytes, source_heads
 from ..training.hub import ModelLoadError, from_pretrained, from_timm, model_preprocessing
 from ..core.policies import POLICIES
 from ..training.safe_config import Budget
+from .calibration import calibration_images
 from .specs import Spec, SpecError, allowed_model_dirs, parse_spec, resolve_in, shown
 
 __all__ = ['LoadedModel', 'ModelRegistry', 'ModelLoadError', 'EMBEDDED_DIR', 'DEFAULT_MODELS', 'parse_spec',
@@ -27,6 +28,7 @@ __all__ = ['LoadedModel', 'ModelRegistry', 'ModelLoadError', 'EMBEDDED_DIR', 'DE
 
 EMBEDDED_DIR = Path(__file__).resolve().parents[2] / 'assets' / 'models'
 DEFAULT_MODELS = ('embedded/mha', 'embedded/gqa', 'embedded/kdgqa', 'embedded/dgqa-diff')
+CALIBRATION_TOKENS = 8_192  # calibration images x tokens the advisor may score for one live conversion
 
 
 @dataclass
@@ -38,6 +40,7 @@ class LoadedModel:
     grouping: Dict[str, Any]
     params: int
     kv_cache_bytes: int
+    source_heads: Optional[List[List[int]]] = None  # advised grouping: MHA head at each head position, per layer
     lock: threading.Lock = field(default_factory=threading.Lock)  # recording attaches to the model: one at a time
 
     @property
@@ -47,6 +50,7 @@ class LoadedModel:
     def summary(self) -> str:
         g = self.grouping
         head = ' · features only (no classifier head)' if self.model.num_classes == 0 else ''
+        head += ' · advised head grouping (hover the assignment for source heads)' if self.source_heads else ''
         return (f"**{self.spec}** — {g['variant'].upper()}, G = {g['num_kv_heads']} of "
                 f"{self.model.blocks[0].attn.num_heads} heads · {self.params:,} params · "
                 f"K/V cache {self.kv_cache_bytes / 1024:.0f} KiB / image (fp16){head}")
@@ -111,21 +115,34 @@ class ModelRegistry:
             source = spec.source
             if source.kind in ('embedded', 'local', 'hub'):
                 model = self._load_saved(source)
-                base_config = model.gqa_lens_config
-                convert(model, spec.variant, spec.num_kv_heads)
-                model.gqa_lens_config = base_config
             else:
                 name = f'hf-hub:{source.name}' + (f'@{source.revision}' if source.revision else '') \
                     if source.kind == 'hf-hub' else source.name
-                model = from_timm(name, spec.variant, spec.num_kv_heads, budget=self.budget)
+                model = from_timm(name, 'mha', budget=self.budget)
+            base_config = getattr(model, 'gqa_lens_config', None)
+            calibration = None
+            if spec.grouping != 'consecutive':
+                tokens = model.patch_embed.num_patches + model.num_prefix_tokens
+                n = max(8, min(512, CALIBRATION_TOKENS // tokens))  # bounded work for a live request
+                calibration = calibration_images(self._preprocessing(model), n)
+            convert(model, spec.variant, spec.num_kv_heads, grouping=spec.grouping, calibration=calibration)
+            if base_config is not None:
+                model.gqa_lens_config = base_config
         model.eval()
         config = getattr(model, 'gqa_lens_config', None)
         labels = (config or {}).get('labels') or _imagenet_labels(model.num_classes)
+        preprocessing = self._preprocessing(model)
+        return LoadedModel(str(spec), model, list(labels), preprocessing, grouping_config(model),
+                           sum(p.numel() for p in model.parameters()), kv_cache_bytes(model), source_heads(model))
+
+    @staticmethod
+    def _preprocessing(model: nn.Module) -> Dict[str, Any]:
+        """The saved preprocessing (if any) at the input size the model really has."""
         preprocessing = model_preprocessing(model)
+        config = getattr(model, 'gqa_lens_config', None)
         if config is not None and config.get('preprocessing'):
             preprocessing = dict(config['preprocessing'], input_size=preprocessing['input_size'])
-        return LoadedModel(str(spec), model, list(labels), preprocessing, grouping_config(model),
-                           sum(p.numel() for p in model.parameters()), kv_cache_bytes(model))
+        return preprocessing
 
     def get(self, spec: str, progress: Optional[Callable[[str], None]] = None) -> LoadedModel:
         spec = str(parse_spec(spec, tuple(POLICIES)))  # canonical key; refuses bad specs before any work

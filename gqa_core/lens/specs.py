@@ -4,8 +4,9 @@
     local:NAME                         a model folder in a directory the operator allowed
                                        (``GQA_LENS_MODEL_DIRS``, or ``python app.py --model-dir DIR``)
     hub:ORG/NAME[@REVISION]            a saved GQA Lens model on the Hugging Face Hub
-    convert:SOURCE:VARIANT:G           training-free conversion of SOURCE, one of the above, ``hf-hub:ORG/NAME``
-                                       (a timm-format repo) or a timm ViT name with Hub weights
+    convert:SOURCE:VARIANT:G[:GROUPING] training-free conversion of SOURCE, one of the above, ``hf-hub:ORG/NAME``
+                                       (a timm-format repo) or a timm ViT name with Hub weights; GROUPING is
+                                       ``consecutive`` (default) or ``output-error`` (the grouping advisor)
 
 A spec never names a server path: ``NAME`` is one path component resolved strictly inside its folder, a Hub
 id is only ever looked up on the Hub, and every message quotes at most a short prefix of what was typed.
@@ -27,7 +28,8 @@ NAME = re.compile(r'^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$')
 REPO_PART = re.compile(r'^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$')
 REVISION = re.compile(r'^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$')
 TIMM_NAME = re.compile(r'^[a-z0-9_]{1,80}(\.[a-z0-9_]{1,80})?$')
-KINDS_HELP = 'use embedded/NAME, local:NAME, hub:ORG/NAME[@REVISION] or convert:SOURCE:VARIANT:G'
+KINDS_HELP = 'use embedded/NAME, local:NAME, hub:ORG/NAME[@REVISION] or convert:SOURCE:VARIANT:G[:GROUPING]'
+GROUPINGS = ('consecutive', 'output-error')
 
 
 class SpecError(ValueError):
@@ -48,10 +50,12 @@ class Spec:
     source: Optional['Spec'] = None  # convert only
     variant: str = ''
     num_kv_heads: int = 0
+    grouping: str = 'consecutive'
 
     def __str__(self) -> str:
         if self.kind == 'convert':
-            return f'convert:{self.source}:{self.variant}:{self.num_kv_heads}'
+            suffix = '' if self.grouping == 'consecutive' else f':{self.grouping}'
+            return f'convert:{self.source}:{self.variant}:{self.num_kv_heads}{suffix}'
         rev = f'@{self.revision}' if self.revision else ''
         return {'embedded': f'embedded/{self.name}', 'local': f'local:{self.name}', 'hub': f'hub:{self.name}{rev}',
                 'hf-hub': f'hf-hub:{self.name}{rev}', 'timm': self.name}[self.kind]
@@ -104,7 +108,11 @@ def parse_spec(spec: Optional[str], variants: Sequence[str] = (), allow_convert:
         repo, revision = _repo(spec[len('hub:'):], 'hub:')
         return Spec('hub', repo, revision)
     if spec.startswith('convert:') and allow_convert:
-        parts = spec[len('convert:'):].rsplit(':', 2)
+        body, grouping = spec[len('convert:'):], 'consecutive'
+        for name in GROUPINGS:
+            if body.endswith(':' + name):
+                body, grouping = body[:-len(name) - 1], name
+        parts = body.rsplit(':', 2)
         if len(parts) != 3:
             raise SpecError(f'{shown(spec)}: expected convert:SOURCE:VARIANT:G')
         source, variant, g = parts
@@ -112,7 +120,8 @@ def parse_spec(spec: Optional[str], variants: Sequence[str] = (), allow_convert:
             raise SpecError(f'unknown variant {shown(variant)}; choose one of {", ".join(variants)}')
         if not re.fullmatch(r'[0-9]{1,2}', g) or not 1 <= int(g) <= MAX_G:
             raise SpecError(f'G must be an integer 1..{MAX_G}, got {shown(g)}')
-        return Spec('convert', source=_source(source, variants), variant=variant, num_kv_heads=int(g))
+        return Spec('convert', source=_source(source, variants), variant=variant, num_kv_heads=int(g),
+                    grouping=grouping)
     raise SpecError(f'unknown model spec {shown(spec)}: {KINDS_HELP}')
 
 

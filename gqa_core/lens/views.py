@@ -135,7 +135,7 @@ def column_view(analysis: Analysis, layer: int, head: str, fusion: str, referenc
         key_norms=figures.key_norm_figure(rec.stacked('shares')[:, 0], rec.stacked('key_norms')[:, 0],
                                           title=f'{title}: key-norm ratios'),
         assignment=figures.assignment_figure(rec.stacked('query_to_kv')[:, 0], rec.stacked('allocation')[:, 0],
-                                             title=f'{title}: query → KV head'),
+                                             title=f'{title}: query → KV head', source_heads=analysis.source_heads),
         history=history,
         difference=difference,
     )

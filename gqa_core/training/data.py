@@ -37,6 +37,14 @@ class DataSplits:
     val: Dataset
     test: Optional[Dataset]
     classes: List[str]
+    train_eval: Optional[Dataset] = None  # the train split with the evaluation transform (calibration)
+
+    def calibration(self, n: int, seed: int = 0) -> torch.Tensor:
+        """``(n, 3, H, W)``: ``n`` training images (never val or test) drawn with ``seed``, preprocessed as at
+        evaluation -- the calibration set of the grouping advisor."""
+        source = self.train_eval if self.train_eval is not None else self.train
+        order = torch.randperm(len(source), generator=torch.Generator().manual_seed(seed))[:n].tolist()
+        return torch.stack([source[i][0] for i in order])
 
 
 def cache_root() -> Path:
@@ -152,4 +160,5 @@ def build_datasets(source: str, preprocessing: Dict[str, Any], *, augment: str =
         val_idx = [val_idx[i] for i in torch.randperm(len(val_idx), generator=g)[:limit].tolist()]
         if test is not None:
             test = Subset(test, torch.randperm(len(test), generator=g)[:limit].tolist())
-    return DataSplits(Subset(train_full, train_idx), Subset(val_full, val_idx), test, classes)
+    return DataSplits(Subset(train_full, train_idx), Subset(val_full, val_idx), test, classes,
+                      Subset(val_full, train_idx))

@@ -18,7 +18,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..core.convert import convert, grouping_config, kv_cache_bytes
+from ..core.convert import convert, gqa_layers, grouping_config, kv_cache_bytes, source_heads
+from ..core.grouping import check_permutations
 from .safe_config import (Budget, ConfigError, check_backbone, check_backbone_args, check_budget, check_config,
                           check_preprocessing)
 
@@ -155,6 +156,7 @@ def save_pretrained(model: nn.Module, directory: str | os.PathLike, *, labels: O
         backbone=spec['backbone'],
         backbone_args=spec['backbone_args'],
         grouping=grouping_config(model),
+        source_heads=source_heads(model),
         num_classes=int(model.num_classes),
         labels=list(labels) if labels is not None else None,
         preprocessing=preprocessing or model_preprocessing(model),
@@ -286,8 +288,22 @@ def from_pretrained(source: str, revision: Optional[str] = None, map_location: s
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
         raise ModelLoadError(f'{source}: weights do not fit the config: {_short(e, 600)}') from None
+    _set_source_heads(model, config.get('source_heads'), source)
     model.gqa_lens_config = config
     return model
+
+
+def _set_source_heads(model: nn.Module, perms: Any, source: str) -> None:
+    """Which MHA head each head position came from (an advised grouping), checked against the model."""
+    if perms is None:
+        return
+    layers = gqa_layers(model)
+    try:
+        perms = check_permutations(perms, len(layers), layers[0].num_heads)
+    except ValueError as e:
+        raise ModelLoadError(f'{source}: {CONFIG_NAME}: source_heads: {e}') from None
+    for layer, perm in zip(layers, perms):
+        layer.source_heads = perm
 
 
 def push_to_hub(model: nn.Module, repo_id: str, *, private: bool = False, token: Optional[str] = None,

@@ -218,6 +218,10 @@ def check_config(config: Any, budget: Optional[Budget] = None) -> Dict[str, Any]
         raise ConfigError('num_classes must be an int 0..100000')
     out['num_classes'] = num_classes
     out['labels'] = check_labels(config.get('labels'), num_classes)
+    heads = config.get('source_heads')
+    if heads is not None and not (isinstance(heads, list) and len(heads) <= 64 and all(
+            isinstance(p, list) and len(p) <= 64 and all(_int(0, 63)(h) for h in p) for p in heads)):
+        raise ConfigError('source_heads must be null or one list of head indices per layer')
     if config.get('preprocessing') is not None:
         out['preprocessing'] = check_preprocessing(config['preprocessing'])
     if budget is not None:

@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ..core.convert import convert, kv_cache_bytes
+from ..core.grouping import advise_grouping
 from .data import build_datasets
 from .hub import ModelLoadError, create_model, from_pretrained, save_pretrained
 from ..core.policies import start_epoch
@@ -49,6 +50,8 @@ class TrainConfig:
     out: str = 'runs/train'
     variants: List[str] = field(default_factory=lambda: ['gqa'])
     num_kv_heads: Optional[int] = None  # default H / 2
+    grouping: str = 'consecutive'  # or 'output-error': heads grouped by the advisor (gqa_core.core.grouping)
+    calibration_images: int = 512  # training images the advisor scores groupings on
     compat: str = 'paper'
     window: int = 300
     beta: float = 0.9
@@ -116,7 +119,7 @@ def build_start_model(cfg: TrainConfig) -> Tuple[nn.Module, Dict[str, Any], Opti
     return model, pre, None
 
 
-def make_variant(start: nn.Module, name: str, cfg: TrainConfig) -> nn.Module:
+def make_variant(start: nn.Module, name: str, cfg: TrainConfig, calibration: Optional[torch.Tensor] = None) -> nn.Module:
     if name not in VARIANT_SPECS:
         raise ValueError(f'unknown variant {name!r}; choose from {sorted(VARIANT_SPECS)}')
     import copy
@@ -129,7 +132,16 @@ def make_variant(start: nn.Module, name: str, cfg: TrainConfig) -> nn.Module:
     heads = start.blocks[0].attn.num_heads
     G = None if policy == 'mha' else (cfg.num_kv_heads or heads // 2)
     model = copy.deepcopy(start)
-    convert(model, policy, G, **options)
+    grouping: Any = 'consecutive'
+    if cfg.grouping != 'consecutive' and policy != 'mha':
+        advice = getattr(start, 'gqa_lens_advice', {})  # one advice per G, shared by every variant
+        if G not in advice:
+            if calibration is None:
+                raise ValueError(f'grouping={cfg.grouping!r} needs calibration images')
+            advice[G] = advise_grouping(start, G, calibration).permutations
+            start.gqa_lens_advice = advice
+        grouping = advice[G]
+    convert(model, policy, G, grouping=grouping, **options)
     model.gqa_lens_backbone = start.gqa_lens_backbone
     return model
 
@@ -199,7 +211,8 @@ def train_variant(name: str, start: nn.Module, splits: Any, preprocessing: Dict[
     ckpt = out / 'checkpoint'
     out.mkdir(parents=True, exist_ok=True)
     seed_everything(cfg.seed)
-    model = make_variant(start, name, cfg)
+    calibration = splits.calibration(cfg.calibration_images, cfg.seed) if cfg.grouping != 'consecutive' else None
+    model = make_variant(start, name, cfg, calibration)
     g = torch.Generator().manual_seed(cfg.seed)
     train_loader = DataLoader(splits.train, batch_size=cfg.batch_size, shuffle=True, drop_last=True,
                               num_workers=cfg.workers, generator=g, persistent_workers=cfg.workers > 0)

@@ -1,0 +1,290 @@
+"""Which MHA heads share a KV head: the grouping advisor.
+
+The paper mean-pools *consecutive* heads. Any other grouping is a function-preserving permutation of the MHA's
+heads (q / k / v rows, output-projection columns) followed by the same consecutive pooling, so every variant
+-- KDGQA's contiguous runs included -- composes with it. ``"output-error"`` chooses, per layer, the partition
+of heads into equal groups whose mean-pooled K/V change the attention layer's output least on calibration
+images: for each candidate group S the error is ``sum ||sum_{h in S} W_h (o'_h - o_h)||^2`` over tokens, where
+``o_h`` is head h's MHA output, ``o'_h`` its output with S's pooled K/V and ``W_h`` its output-projection
+columns. When the partitions are few (8 heads into 4 pairs: 105) each is scored by the layer's full output
+error; otherwise groups are scored on their own (the sum over groups bounds the error without cross-group
+terms) and the best partition is found exactly by dynamic programming over head subsets when that is cheap,
+or by best-improvement pairwise swaps from the consecutive grouping. Candidates are scored in batches (one
+fused attention call for many groups or partitions), and a layer keeps the consecutive grouping whenever the
+choice does not lower its full output error. Each layer is scored on the inputs it receives once
+the MHA model's own inputs (the default) or on the inputs it receives once the layers below it are converted
+(``sequential=True``).
+"""
+from __future__ import annotations
+
+import copy
+import itertools
+import math
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from timm.layers import Attention
+
+__all__ = ['GroupingAdvice', 'advise_grouping', 'permute_heads', 'check_permutations', 'head_groups', 'GROUPINGS']
+
+GROUPINGS = ('consecutive', 'output-error')
+MAX_EXHAUSTIVE_PARTITIONS = 2_000  # up to this many partitions, each is scored by the layer's full error
+MAX_EXACT_PARTITIONS = 20_000  # up to this (or pairs), exact DP on the per-group bound; beyond, pairwise swaps
+TRANSIENT_VALUES = 8_000_000  # floats per scoring call (32 MB): bounds memory for any model and batch
+
+
+@dataclass
+class GroupingAdvice:
+    """Per layer: the head order to pool consecutively, and the output error of both groupings."""
+    permutations: List[List[int]]
+    error_consecutive: List[float]
+    error_advised: List[float]
+    search: List[str] = field(default_factory=list)  # 'exact' | 'swap' | 'kept' per layer
+
+    def to_dict(self) -> Dict:
+        return dict(permutations=self.permutations, error_consecutive=self.error_consecutive,
+                    error_advised=self.error_advised, search=self.search)
+
+
+def check_permutations(perms: Sequence[Sequence[int]], depth: int, num_heads: int) -> List[List[int]]:
+    """Validate explicit per-layer head permutations (data from users or configs)."""
+    if not isinstance(perms, (list, tuple)) or len(perms) != depth:
+        raise ValueError(f'grouping needs one head permutation per layer ({depth})')
+    out = []
+    for i, perm in enumerate(perms):
+        if not isinstance(perm, (list, tuple)) or sorted(int(h) for h in perm if type(h) is int) != list(range(num_heads)) \
+                or len(perm) != num_heads:
+            raise ValueError(f'layer {i}: the head order must be a permutation of 0..{num_heads - 1}')
+        out.append([int(h) for h in perm])
+    return out
+
+
+def head_groups(perm: Sequence[int], num_kv_heads: int) -> List[List[int]]:
+    """Which original MHA heads each KV head was pooled from."""
+    s = len(perm) // num_kv_heads
+    return [list(perm[g * s:(g + 1) * s]) for g in range(num_kv_heads)]
+
+
+@torch.no_grad()
+def permute_heads(attn: Attention, perm: Sequence[int]) -> None:
+    """Reorder a timm ``Attention``'s heads in place (new head i is old head ``perm[i]``); the layer computes
+    exactly the same function."""
+    H, d = attn.num_heads, attn.head_dim
+    index = torch.as_tensor(list(perm), device=attn.qkv.weight.device)
+    w = attn.qkv.weight
+    attn.qkv.weight.copy_(w.view(3, H, d, -1)[:, index].reshape_as(w))
+    if attn.qkv.bias is not None:
+        attn.qkv.bias.copy_(attn.qkv.bias.view(3, H, d)[:, index].reshape(-1))
+    p = attn.proj.weight
+    attn.proj.weight.copy_(p.view(p.shape[0], H, d)[:, index].reshape_as(p))
+
+
+def _heads(attn: Attention, x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    B, N, _ = x.shape
+    qkv = attn.qkv(x).reshape(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)
+    return attn.q_norm(q), attn.k_norm(k), v
+
+
+def _mha_outputs(attn: Attention, inputs: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """q, k, v of ``inputs`` and the multi-head output the pooled layer should match."""
+    q, k, v = _heads(attn, inputs)
+    return q, k, v, F.scaled_dot_product_attention(q, k, v, scale=attn.scale)
+
+
+def _group_costs(attn: Attention, inputs: Tensor, groups: Sequence[Tuple[int, ...]], batch: int) -> Tensor:
+    """Output error of pooling each group's K/V, summed over calibration tokens: ``(len(groups),)``."""
+    H, d = attn.num_heads, attn.head_dim
+    index = torch.tensor(groups, dtype=torch.long)  # (M, s)
+    M, s = index.shape
+    weight = attn.proj.weight.view(-1, H, d)[:, index]  # (D, M, s, d)
+    costs = torch.zeros(M, dtype=torch.float64)
+    for start in range(0, inputs.shape[0], batch):
+        q, k, v, o = _mha_outputs(attn, inputs[start:start + batch])
+        B, T = q.shape[0], q.shape[2]
+        chunk = max(1, TRANSIENT_VALUES // (B * T * max(weight.shape[0], s * d)))  # groups per fused call
+        for m0 in range(0, M, chunk):
+            idx = index[m0:m0 + chunk]
+            m = idx.shape[0]
+            qs = q[:, idx.reshape(-1)]  # (B, m*s, T, d)
+            kp, vp = k[:, idx].mean(2), v[:, idx].mean(2)  # (B, m, T, d)
+            o2 = F.scaled_dot_product_attention(qs, kp, vp, scale=attn.scale, enable_gqa=True)
+            delta = (o2 - o[:, idx.reshape(-1)]).reshape(B, m, s, T, d).transpose(2, 3).reshape(B, m, T, s * d)
+            w = weight[:, m0:m0 + m].reshape(-1, m, s * d)  # (D, m, s*d): the group's projection columns
+            if s * d < w.shape[0]:  # ||W delta||^2 = delta^T (W^T W) delta: cheaper through the Gram matrix
+                gram = torch.einsum('oma,omb->mab', w, w)
+                costs[m0:m0 + m] += (torch.einsum('bmta,mac->bmtc', delta, gram) * delta).sum((0, 2, 3)).double()
+            else:
+                costs[m0:m0 + m] += torch.einsum('bmta,oma->bmto', delta, w).square().sum((0, 2, 3)).double()
+    return costs
+
+
+def _layer_errors(attn: Attention, inputs: Tensor, perms: Sequence[Sequence[int]], G: int, batch: int) -> List[float]:
+    """Full output error of the layer (all groups together, through the projection) for each head order,
+    several orders per fused attention call."""
+    H, d = attn.num_heads, attn.head_dim
+    index = torch.as_tensor([list(p) for p in perms])  # (P, H)
+    P = index.shape[0]
+    proj = attn.proj.weight.view(-1, H, d)
+    totals = torch.zeros(P, dtype=torch.float64)
+    for start in range(0, inputs.shape[0], batch):
+        q, k, v, o = _mha_outputs(attn, inputs[start:start + batch])
+        B, T = q.shape[0], q.shape[2]
+        chunk = max(1, TRANSIENT_VALUES // (B * T * max(proj.shape[0], H * d)))
+        for p0 in range(0, P, chunk):
+            idx = index[p0:p0 + chunk]
+            n = idx.shape[0]
+            flat = idx.reshape(-1)
+            kp = k[:, flat].view(B, n * G, H // G, T, d).mean(2)
+            vp = v[:, flat].view(B, n * G, H // G, T, d).mean(2)
+            o2 = F.scaled_dot_product_attention(q[:, flat], kp, vp, scale=attn.scale, enable_gqa=True)
+            delta = (o2 - o[:, flat]).view(B, n, H, T, d)
+            y = torch.einsum('bnhtd,onhd->bnto', delta, proj[:, idx])
+            totals[p0:p0 + n] += y.square().sum((0, 2, 3)).double()
+    return totals.tolist()
+
+
+def _partitions(heads: Tuple[int, ...], s: int):
+    """Every partition of ``heads`` into groups of size s, each once (a group holds the lowest head left)."""
+    if not heads:
+        yield ()
+        return
+    low, rest = heads[0], heads[1:]
+    for combo in itertools.combinations(rest, s - 1):
+        remaining = tuple(h for h in rest if h not in combo)
+        for tail in _partitions(remaining, s):
+            yield ((low, *combo), *tail)
+
+
+def _num_partitions(H: int, G: int) -> int:
+    s = H // G
+    return math.factorial(H) // (math.factorial(s) ** G * math.factorial(G))
+
+
+def _exact(H: int, s: int, cost: Dict[Tuple[int, ...], float]) -> List[Tuple[int, ...]]:
+    """Minimum-cost partition of heads into groups of size s: DP over the set of heads not yet grouped
+    (the group holding the lowest remaining head is chosen at each step, so each partition is seen once)."""
+    @lru_cache(maxsize=None)
+    def best(mask: int) -> Tuple[float, Tuple[Tuple[int, ...], ...]]:
+        if mask == 0:
+            return 0.0, ()
+        heads = [h for h in range(H) if mask >> h & 1]
+        low, rest = heads[0], heads[1:]
+        result = (math.inf, ())
+        for combo in itertools.combinations(rest, s - 1):
+            group = (low, *combo)
+            sub_cost, sub = best(mask & ~sum(1 << h for h in group))
+            c = cost[group] + sub_cost
+            if c < result[0]:
+                result = (c, (group, *sub))
+        return result
+
+    groups = list(best((1 << H) - 1)[1])
+    best.cache_clear()
+    return groups
+
+
+def _swap_search(attn: Attention, inputs: Tensor, H: int, G: int, batch: int,
+                 max_rounds: int = 64) -> List[Tuple[int, ...]]:
+    """Best-improvement pairwise swaps between groups, from the consecutive grouping; each round scores all
+    candidate groups of all swaps in one batch."""
+    s = H // G
+    groups = [tuple(range(g * s, (g + 1) * s)) for g in range(G)]
+    cache: Dict[Tuple[int, ...], float] = {}
+
+    def score(candidates: List[Tuple[int, ...]]) -> None:
+        todo = sorted({c for c in candidates if c not in cache})
+        if todo:
+            for c, value in zip(todo, _group_costs(attn, inputs, todo, batch).tolist()):
+                cache[c] = value
+
+    score(groups)
+    for _ in range(max_rounds):
+        moves = []
+        for a, b in itertools.combinations(range(G), 2):
+            for i in groups[a]:
+                for j in groups[b]:
+                    ga = tuple(sorted(set(groups[a]) - {i} | {j}))
+                    gb = tuple(sorted(set(groups[b]) - {j} | {i}))
+                    moves.append((a, b, ga, gb))
+        score([g for m in moves for g in m[2:]])
+        gain, move = max(((cache[groups[a]] + cache[groups[b]] - cache[ga] - cache[gb]), (a, b, ga, gb))
+                         for a, b, ga, gb in moves)
+        if gain <= 1e-12 * max(1.0, sum(cache[g] for g in groups)):
+            break
+        a, b, ga, gb = move
+        groups[a], groups[b] = ga, gb
+    return groups
+
+
+def _layer_inputs(vit: nn.Module, images: Tensor) -> Tensor:
+    x = vit.patch_embed(images)
+    x = vit._pos_embed(x)
+    x = vit.patch_drop(x)
+    return vit.norm_pre(x)
+
+
+@torch.no_grad()
+def advise_grouping(model: nn.Module, num_kv_heads: int, images: Tensor, *, sequential: bool = False,
+                    batch: int = 64) -> GroupingAdvice:
+    """Choose each layer's head grouping for pooling an MHA ViT to ``num_kv_heads`` KV heads (see module doc).
+
+    ``images``: calibration inputs ``(N, 3, H, W)``, already preprocessed. The model is not changed.
+    ``sequential``: score each layer on the inputs the converted layers below produce instead of the MHA
+    model's own (on the embedded model this was better at G = 2 and worse at G = 4; see the README).
+    """
+    from .attention import GroupedQueryAttention
+    from .convert import check_vit
+    vit = check_vit(model)
+    was_training = vit.training
+    vit.eval()
+    tokens = _layer_inputs(vit, images)
+    advice = GroupingAdvice([], [], [])
+    for index, block in enumerate(vit.blocks):
+        attn = block.attn
+        if isinstance(attn, GroupedQueryAttention) and attn.num_kv_heads == attn.num_heads:
+            attn = attn.to_attention()  # a G = H grouped layer is multi-head attention
+        if type(attn) is not Attention:
+            raise ValueError(f'block {index}: the grouping advisor needs the multi-head model (G = H), '
+                             f'got {type(attn).__name__}' + (f' with G={attn.num_kv_heads}'
+                                                             if hasattr(attn, 'num_kv_heads') else ''))
+        H = attn.num_heads
+        if num_kv_heads < 1 or H % num_kv_heads:
+            raise ValueError(f'num_kv_heads={num_kv_heads} must be a positive divisor of the {H} heads')
+        G, s = num_kv_heads, H // num_kv_heads
+        x = block.norm1(tokens)
+        consecutive = list(range(H))
+        if G == H or G == 1:
+            groups, how = [tuple(range(g * s, (g + 1) * s)) for g in range(G)], 'kept'
+        elif _num_partitions(H, G) <= MAX_EXHAUSTIVE_PARTITIONS:  # score every partition by the full error
+            partitions = list(_partitions(tuple(range(H)), s))
+            errors = _layer_errors(attn, x, [[h for g in p for h in g] for p in partitions], G, batch)
+            groups, how = list(partitions[min(range(len(errors)), key=errors.__getitem__)]), 'exhaustive'
+        elif _num_partitions(H, G) <= MAX_EXACT_PARTITIONS or (s == 2 and H <= 16):
+            candidates = list(itertools.combinations(range(H), s))
+            costs = _group_costs(attn, x, candidates, batch).tolist()
+            groups, how = _exact(H, s, dict(zip(candidates, costs))), 'exact'
+        else:
+            groups, how = _swap_search(attn, x, H, G, batch), 'swap'
+        perm = [h for group in groups for h in group]
+        err_c, err_a = _layer_errors(attn, x, [consecutive, perm], G, batch)
+        if err_a > err_c:  # the search minimised a per-group bound; never worse than the paper's grouping
+            perm, err_a, how = consecutive, err_c, 'kept'
+        advice.permutations.append(perm)
+        advice.error_consecutive.append(err_c)
+        advice.error_advised.append(err_a)
+        advice.search.append(how)
+        if sequential:  # the next layer sees what the converted layer below it produces
+            converted = copy.deepcopy(block)
+            pooled = copy.deepcopy(attn)
+            permute_heads(pooled, perm)
+            converted.attn = GroupedQueryAttention.from_attention(pooled, 'gqa', G)
+            tokens = converted(tokens)
+        else:
+            tokens = block(tokens)
+    vit.train(was_training)
+    return advice
