@@ -16,12 +16,17 @@ from pathlib import Path
 from typing import Any, List, Optional
 
 import gradio as gr
+import numpy as np
 
 from gqa_core import VARIANTS
 from gqa_core.lens.analysis import FUSIONS, analyse
 from gqa_core.lens.export import export_zip
 from gqa_core.lens.images import ImageInputError, load_image
-from gqa_core.lens.views import MAX_MODELS, NO_MODEL, column_view, reference_for, run_models
+from gqa_core.core.ablation import ABLATION_MODES
+from gqa_core.lens import figures
+from gqa_core.lens.explorer import (LIVE_MAX_IMAGES, kv_budget_table, live_kv_budget, shipped_dataset_stats,
+                                    shipped_kv_budget)
+from gqa_core.lens.views import MAX_MODELS, NO_MODEL, PANELS, column_view, reference_for, run_models
 from gqa_core.lens.models import DEFAULT_MODELS, EMBEDDED_DIR, ModelLoadError, ModelRegistry
 from gqa_core.lens.sessions import SessionReaper
 from gqa_core.lens.specs import public_message
@@ -42,12 +47,12 @@ def _cli_model_dirs() -> List[str]:
 registry = ModelRegistry(Path(os.environ.get('GQA_LENS_MODELS', EMBEDDED_DIR)),
                          model_dirs=_cli_model_dirs() if __name__ == '__main__' else ())
 files = ExpiringFiles(ttl=max(SESSION_TTL, 60))  # overlays and exports: a fresh path each, swept when old
-PANELS = ('summary', 'top5', 'overlay', 'rollout', 'grid', 'key_norms', 'assignment', 'history', 'difference')
 HELP = """Pick up to four models. Besides the embedded ones you can type
 `hub:ORG/NAME[@REVISION]` (a saved GQA Lens model on the Hugging Face Hub), `local:NAME` (folders the operator
 allowed) or `convert:SOURCE:VARIANT:G`, e.g.
 `convert:embedded/mha:kdgqa:2` or `convert:hf-hub:timm/vit_small_patch16_224.augreg_in21k_ft_in1k:gqa:3`
-(training-free: K/V heads mean-pooled)."""
+(training-free: K/V heads mean-pooled); add `:output-error` to let the grouping advisor choose which MHA heads
+share a KV head (`convert:embedded/mha:gqa:4:output-error`)."""
 
 
 def _raw_path(payload: Any) -> Optional[str]:
@@ -56,24 +61,25 @@ def _raw_path(payload: Any) -> Optional[str]:
 
 
 def _empty_column(message: str = '') -> List[Any]:
-    return [message, None, None, None, None, None, None, None, None]
+    return [message] + [None] * (len(PANELS) - 1)
 
 
-def _columns(analyses: List[Any], errors: List[Optional[str]], layer: int, head: str, fusion: str) -> List[Any]:
+def _columns(analyses: List[Any], errors: List[Optional[str]], layer: int, head: str, fusion: str,
+             mode: str = 'zero') -> List[Any]:
     reference = reference_for(analyses)
     out: List[Any] = []
     for analysis, error in zip(analyses, errors):
         if analysis is None:
             out += _empty_column(f'⚠️ {error}' if error else '')
             continue
-        view = column_view(analysis, layer, head, fusion, reference)
-        out += [view.summary, view.top5, files.write_png(view.overlay), files.write_png(view.rollout), view.grid,
-                view.key_norms, view.assignment, view.history, view.difference]
+        view = column_view(analysis, layer, head, fusion, reference, mode)
+        images = dict(overlay=files.write_png(view.overlay), rollout=files.write_png(view.rollout))
+        out += [images.get(name, getattr(view, name)) for name in PANELS]
     return out
 
 
 def run(image: Optional[str], m0: str, m1: str, m2: str, m3: str, layer: float, head: str, fusion: str,
-        progress: gr.Progress = gr.Progress()) -> List[Any]:
+        mode: str = 'zero', progress: gr.Progress = gr.Progress()) -> List[Any]:
     specs = [m0, m1, m2, m3]
     try:
         analyses, errors, notes = run_models(registry, image, specs, progress)
@@ -85,13 +91,13 @@ def run(image: Optional[str], m0: str, m1: str, m2: str, m3: str, layer: float, 
     if any(errors):
         status = '⚠️ ' + ' · '.join(e for e in errors if e) + (f' ({status})' if notes else '')
     return ([analyses, status, gr.update(maximum=depth - 1, value=layer)]
-            + _columns(analyses, errors, layer, head, fusion))
+            + _columns(analyses, errors, layer, head, fusion, mode))
 
 
-def rerender(state: Optional[List[Any]], layer: float, head: str, fusion: str) -> List[Any]:
+def rerender(state: Optional[List[Any]], layer: float, head: str, fusion: str, mode: str) -> List[Any]:
     if not state:
         return _empty_column() * MAX_MODELS
-    return _columns(state, [None] * len(state), int(layer), head, fusion)
+    return _columns(state, [None] * len(state), int(layer), head, fusion, mode)
 
 
 def export(state: Optional[List[Any]], layer: float, head: str, fusion: str) -> Optional[str]:
@@ -117,8 +123,57 @@ def predict(image: Optional[str], model: str) -> dict:
     return {label: p for label, p in analysis.top5}
 
 
-def build_spec(source: str, variant: str, g: float) -> str:
-    return f'convert:{source}:{variant}:{int(g)}'
+def build_spec(source: str, variant: str, g: float, grouping: str = 'consecutive') -> str:
+    return f'convert:{source}:{variant}:{int(g)}' + ('' if grouping == 'consecutive' else f':{grouping}')
+
+
+def kv_budget_live(spec: str, n: float, progress: gr.Progress = gr.Progress()) -> List[Any]:
+    """API: the KV-budget explorer for any multi-head model, on the shipped images."""
+    try:
+        result = live_kv_budget(registry, spec, int(n), lambda f, what: progress(f, desc=what))
+    except (ModelLoadError, ValueError, OSError, RuntimeError) as e:
+        raise gr.Error(public_message(e)) from None
+    return [figures.kv_budget_figure(result), kv_budget_table(result)]
+
+
+def _dataset_tab() -> None:
+    try:
+        stats = shipped_dataset_stats()
+    except (OSError, ValueError):
+        gr.Markdown('no shipped dataset view (assets/analysis/dataset/stats.json)')
+        return
+    gr.Markdown(f"The embedded family on the full CIFAR-10 {stats['split']} split ({stats['n']:,} images), "
+                'from `python -m gqa_core.stats` (shipped JSON).')
+    gr.Dataframe([[name, round(100 * s['top1'], 2), s['grouping']['variant'],
+                   round(float(np.mean(s['idle_rate'])), 4), round(float(np.mean(s['allocation_entropy'])), 4)]
+                  for name, s in stats['models'].items()],
+                 headers=['model', 'top-1 %', 'variant', 'mean idle rate', 'mean entropy (bits)'],
+                 elem_id='dataset-table', interactive=False)
+    for i, fig in enumerate(figures.stats_figures(stats)):
+        gr.Plot(fig, elem_id=f'dataset-plot-{i}')
+
+
+def _kv_budget_tab(choices: List[str]) -> None:
+    headers = ['G', 'variant', 'grouping', 'K/V bytes', 'top-1 %', 'agreement %']
+    try:
+        shipped = shipped_kv_budget()
+        gr.Markdown(f"Accuracy against K/V cache per image for `{shipped['model']}`: every G, GQA and KDGQA, "
+                    f"consecutive vs advised grouping, training-free, full CIFAR-10 {shipped['split']} split "
+                    f"({shipped['n']:,} images; `python -m gqa_core.kv_budget`, shipped JSON).")
+        gr.Plot(figures.kv_budget_figure(shipped), elem_id='kvb-shipped-plot')
+        gr.Dataframe(kv_budget_table(shipped), headers=headers, elem_id='kvb-shipped-table', interactive=False)
+    except (OSError, ValueError):
+        gr.Markdown('no shipped KV-budget result (assets/analysis/kv-budget/kv_budget.json)')
+    gr.Markdown(f'**Live** for another multi-head model, on up to {LIVE_MAX_IMAGES} of the shipped images (top-1 '
+                'when the model has CIFAR-10 labels, agreement with its MHA predictions always):')
+    with gr.Row():
+        spec = gr.Dropdown(choices, value='embedded/mha', allow_custom_value=True, label='MHA model',
+                           elem_id='kvb-spec')
+        n = gr.Slider(8, LIVE_MAX_IMAGES, value=64, step=8, label='images', elem_id='kvb-n')
+        button = gr.Button('Compute', elem_id='kvb-run')
+    plot = gr.Plot(elem_id='kvb-live-plot')
+    table = gr.Dataframe(headers=headers, elem_id='kvb-live-table', interactive=False)
+    button.click(kv_budget_live, [spec, n], [plot, table], api_name='kv_budget')
 
 
 def build_demo() -> gr.Blocks:
@@ -129,68 +184,83 @@ def build_demo() -> gr.Blocks:
         gr.Markdown('# GQA Lens\nHow grouped-query attention variants of one ViT see an image: predictions, '
                     'attention, key-norm ratios and which query heads each shared KV head serves '
                     '([arXiv 2408.08454](https://arxiv.org/abs/2408.08454)).')
-        # Compact results (no T x T maps); dropped after SESSION_TTL idle seconds or when the page closes.
-        state = gr.State(time_to_live=SESSION_TTL)
-        with gr.Row():
-            with gr.Column(scale=1):
-                image = gr.Image(type='filepath', sources=['upload', 'clipboard', 'webcam'], label='image',
-                                 elem_id='image', height=260)
-                image.preprocess = _raw_path
-                if EXAMPLES:
-                    gr.Examples(EXAMPLES, inputs=[image], label='examples (CIFAR-10 test images, a photo)')
-            with gr.Column(scale=2):
-                models = [gr.Dropdown(choices, value=defaults[i], label=f'model {i + 1}', allow_custom_value=True,
-                                      elem_id=f'model-{i}') for i in range(MAX_MODELS)]
-                gr.Markdown(HELP)
-                with gr.Accordion('convert on the fly', open=False):
-                    with gr.Row():
-                        source = gr.Dropdown(['embedded/mha'], value='embedded/mha', allow_custom_value=True,
-                                             label='source (embedded/mha, hf-hub:…, timm name)')
-                        variant = gr.Dropdown(list(VARIANTS), value='kdgqa', label='variant')
-                        groups = gr.Number(value=2, precision=0, label='G (KV heads)')
-                        use = gr.Button('use as model 4')
-                with gr.Row():
-                    layer = gr.Slider(0, 11, value=0, step=1, label='layer', elem_id='layer')
-                    head = gr.Dropdown(['mean'] + [str(h) for h in range(16)], value='mean', label='head')
-                    fusion = gr.Radio(list(FUSIONS), value='mean', label='rollout head fusion')
-                run_button = gr.Button('Run', variant='primary', elem_id='run')
-                status = gr.Markdown(elem_id='status')
-        outputs: List[Any] = []
-        with gr.Row():
-            for i in range(MAX_MODELS):
-                with gr.Column(min_width=260):
-                    outputs += [
-                        gr.Markdown(elem_id=f'summary-{i}'),
-                        gr.Label(num_top_classes=5, label='top-5', elem_id=f'top5-{i}'),
-                        gr.Image(label='class-token attention (layer, head)', elem_id=f'overlay-{i}',
-                                 interactive=False, height=224),
-                        gr.Image(label='attention rollout', elem_id=f'rollout-{i}', interactive=False, height=224),
-                        gr.Plot(label='heads × layers', elem_id=f'grid-{i}'),
-                        gr.Plot(label='key-norm ratios', elem_id=f'keynorm-{i}'),
-                        gr.Plot(label='query-group assignment', elem_id=f'assign-{i}'),
-                        gr.Plot(label='allocation history', elem_id=f'history-{i}'),
-                        gr.Plot(label='difference vs MHA', elem_id=f'diff-{i}'),
-                    ]
-        with gr.Row():
-            export_button = gr.Button('Download everything (zip: JSON, CSV, PNG, figures)', elem_id='export')
-            export_file = gr.File(label='analysis', elem_id='export-file')
-
-        run_button.click(run, [image, *models, layer, head, fusion], [state, status, layer, *outputs],
-                         api_name='run')
-        for control in (layer, head, fusion):
-            control.change(rerender, [state, layer, head, fusion], outputs, api_name=False,
-                           show_progress='hidden')
-        export_button.click(export, [state, layer, head, fusion], export_file, api_name='export')
-        use.click(build_spec, [source, variant, groups], models[-1], api_name=False)
-        with gr.Row(visible=False):  # API-only endpoint: /predict (image, model spec) -> top-5
-            api_image = gr.Image(type='filepath')
-            api_image.preprocess = _raw_path
-            api_model = gr.Textbox(value=DEFAULT_MODELS[0])
-            api_out = gr.JSON()
-            api_button = gr.Button()
-        api_button.click(predict, [api_image, api_model], api_out, api_name='predict')
+        with gr.Tab('One image', elem_id='tab-image'):
+            _image_tab(choices, defaults)
+        with gr.Tab('KV budget', elem_id='tab-kv-budget'):
+            _kv_budget_tab(embedded + registry.local())
+        with gr.Tab('Dataset view', elem_id='tab-dataset'):
+            _dataset_tab()
         demo.unload(_unload)
     return demo
+
+
+def _image_tab(choices: List[str], defaults: List[str]) -> None:
+    """Up to four models on one image, side by side."""
+    # Compact results (no T x T maps); dropped after SESSION_TTL idle seconds or when the page closes.
+    state = gr.State(time_to_live=SESSION_TTL)
+    with gr.Row():
+        with gr.Column(scale=1):
+            image = gr.Image(type='filepath', sources=['upload', 'clipboard', 'webcam'], label='image',
+                             elem_id='image', height=260)
+            image.preprocess = _raw_path
+            if EXAMPLES:
+                gr.Examples(EXAMPLES, inputs=[image], label='examples (CIFAR-10 test images, a photo)')
+        with gr.Column(scale=2):
+            models = [gr.Dropdown(choices, value=defaults[i], label=f'model {i + 1}', allow_custom_value=True,
+                                  elem_id=f'model-{i}') for i in range(MAX_MODELS)]
+            gr.Markdown(HELP)
+            with gr.Accordion('convert on the fly', open=False):
+                with gr.Row():
+                    source = gr.Dropdown(['embedded/mha'], value='embedded/mha', allow_custom_value=True,
+                                         label='source (embedded/mha, hf-hub:…, timm name)')
+                    variant = gr.Dropdown(list(VARIANTS), value='kdgqa', label='variant')
+                    groups = gr.Number(value=2, precision=0, label='G (KV heads)')
+                    grouping = gr.Radio(['consecutive', 'output-error'], value='consecutive', label='grouping')
+                    use = gr.Button('use as model 4')
+            with gr.Row():
+                layer = gr.Slider(0, 11, value=0, step=1, label='layer', elem_id='layer')
+                head = gr.Dropdown(['mean'] + [str(h) for h in range(16)], value='mean', label='head')
+                fusion = gr.Radio(list(FUSIONS), value='mean', label='rollout head fusion')
+                mode = gr.Radio(list(ABLATION_MODES), value='zero', label='ablation', elem_id='ablation-mode')
+            run_button = gr.Button('Run', variant='primary', elem_id='run')
+            status = gr.Markdown(elem_id='status')
+    outputs: List[Any] = []
+    with gr.Row():
+        for i in range(MAX_MODELS):
+            with gr.Column(min_width=260):
+                outputs += [
+                    gr.Markdown(elem_id=f'summary-{i}'),
+                    gr.Label(num_top_classes=5, label='top-5', elem_id=f'top5-{i}'),
+                    gr.Image(label='class-token attention (layer, head)', elem_id=f'overlay-{i}',
+                             interactive=False, height=224),
+                    gr.Image(label='attention rollout', elem_id=f'rollout-{i}', interactive=False, height=224),
+                    gr.Plot(label='heads × layers', elem_id=f'grid-{i}'),
+                    gr.Plot(label='key norms → allocation', elem_id=f'keynorm-{i}'),
+                    gr.Plot(label='query-group assignment', elem_id=f'assign-{i}'),
+                    gr.Plot(label='allocation history', elem_id=f'history-{i}'),
+                    gr.Plot(label='difference vs MHA', elem_id=f'diff-{i}'),
+                    gr.Plot(label='which heads matter: ablation', elem_id=f'ablation-{i}'),
+                    gr.Plot(label='within-group diversity', elem_id=f'diversity-{i}'),
+                    gr.Plot(label='faithfulness (deletion / insertion)', elem_id=f'faith-{i}'),
+                ]
+    with gr.Row():
+        export_button = gr.Button('Download everything (zip: JSON, CSV, PNG, figures)', elem_id='export')
+        export_file = gr.File(label='analysis', elem_id='export-file')
+
+    run_button.click(run, [image, *models, layer, head, fusion, mode], [state, status, layer, *outputs],
+                     api_name='run')
+    for control in (layer, head, fusion, mode):
+        control.change(rerender, [state, layer, head, fusion, mode], outputs, api_name=False,
+                       show_progress='hidden')
+    export_button.click(export, [state, layer, head, fusion], export_file, api_name='export')
+    use.click(build_spec, [source, variant, groups, grouping], models[-1], api_name=False)
+    with gr.Row(visible=False):  # API-only endpoint: /predict (image, model spec) -> top-5
+        api_image = gr.Image(type='filepath')
+        api_image.preprocess = _raw_path
+        api_model = gr.Textbox(value=DEFAULT_MODELS[0])
+        api_out = gr.JSON()
+        api_button = gr.Button()
+    api_button.click(predict, [api_image, api_model], api_out, api_name='predict')
 
 
 def _unload(request: gr.Request) -> None:

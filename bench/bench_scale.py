@@ -79,7 +79,7 @@ def scale(args: argparse.Namespace) -> dict:
     from gqa_core.lens.analysis import analyse
     from gqa_core.lens.export import export_zip
     from gqa_core.training.hub import save_pretrained
-    from gqa_core.lens.views import column_view
+    from gqa_core.lens.views import FIGURES, column_view
     from gqa_core.lens.models import ModelRegistry
     from gqa_core.lens.tempfiles import ExpiringFiles
 
@@ -105,7 +105,7 @@ def scale(args: argparse.Namespace) -> dict:
     start = time.perf_counter()
     view = column_view(analysis, layer, 'mean', 'mean', None)
     files.write_png(view.overlay), files.write_png(view.rollout)
-    for name in ('grid', 'key_norms', 'assignment', 'history', 'difference'):
+    for name in FIGURES:
         getattr(view, name).to_json()
     render_s = time.perf_counter() - start
     path = work / 'export.zip'
@@ -153,7 +153,7 @@ def sessions(args: argparse.Namespace) -> dict:
 
         def one_session() -> None:
             client = Client(url, verbose=False)
-            client.predict(handle_file(args.image), *DEFAULT_MODELS, 3, 'mean', 'mean', api_name='/run')
+            client.predict(handle_file(args.image), *DEFAULT_MODELS, 3, 'mean', 'mean', 'zero', api_name='/run')
             client.close()
 
         def settle() -> float:

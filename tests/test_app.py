@@ -9,6 +9,9 @@ from gradio_client import Client, handle_file
 
 from bad_images import ACCEPTED, REJECTED, write_all
 from conftest import EXAMPLES_DIR
+from gqa_core.lens.views import PANELS
+
+N = len(PANELS)  # outputs per result column
 
 
 @pytest.fixture(scope='module')
@@ -21,9 +24,9 @@ def client(server):
     return Client(server[0], verbose=False)
 
 
-def run_args(image, *models, layer=0, head='mean', fusion='mean'):
+def run_args(image, *models, layer=0, head='mean', fusion='mean', mode='zero'):
     models = list(models) + [''] * (4 - len(models))
-    return [handle_file(str(image)), *models, layer, head, fusion]
+    return [handle_file(str(image)), *models, layer, head, fusion, mode]
 
 
 def test_named_endpoints_exist(client):
@@ -48,7 +51,7 @@ def test_run_endpoint_returns_every_panel_for_four_models(client, server):
     assert status.startswith('done') or 'note' not in status
     assert layer_update['value'] == 3
     for i, spec in enumerate(specs):
-        summary, top5, overlay, rollout, *plots = columns[i * 9:(i + 1) * 9]
+        summary, top5, overlay, rollout, *plots = columns[i * N:(i + 1) * N]
         assert spec in summary and 'params' in summary
         assert len(top5['confidences']) == 5
         assert os.path.isfile(overlay) and os.path.isfile(rollout)
@@ -77,7 +80,7 @@ def test_unknown_repo_and_invalid_g_name_the_problem(client):
     status = out[0]
     assert 'nobody/no-such-model' in status and 'num_kv_heads=3 must be a positive divisor of the 8 heads' in status
     cols = out[2:]
-    assert 'MHA' in cols[0] and 'KDGQA, G = 2' in cols[27], 'the good models still ran'
+    assert 'MHA' in cols[0] and 'KDGQA, G = 2' in cols[3 * N], 'the good models still ran'
     from gradio_client.exceptions import AppError
     with pytest.raises(AppError, match='unknown model spec'):
         client.predict(handle_file(str(EXAMPLES_DIR / 'cifar10_cat.jpg')), 'resnet50', api_name='/predict')
@@ -125,7 +128,7 @@ def _column_outputs(out):
     cols = out[2:]
     result = []
     for i in range(4):
-        summary, top5, overlay, rollout = cols[i * 9:i * 9 + 4]
+        summary, top5, overlay, rollout = cols[i * N:i * N + 4]
         images = []
         for path in (overlay, rollout):
             data = open(path, 'rb').read()

@@ -11,6 +11,7 @@ import pytest
 from gradio_client import Client, handle_file
 
 from conftest import ALLOWED_MODELS, EXAMPLES_DIR, ROOT
+from gqa_core.lens.views import PANELS
 
 SENTINEL = ALLOWED_MODELS.parent / f'{ALLOWED_MODELS.name}-sentinel.pth'  # outside the allowed folder
 OPENED = []
@@ -68,7 +69,7 @@ def server_paths(outside: Path) -> list:
 def run_spec(url: str, spec: str) -> list:
     client = Client(url, verbose=False)
     return client.predict(handle_file(str(EXAMPLES_DIR / 'cifar10_cat.jpg')), 'embedded/mha', spec, '', '', 0,
-                          'mean', 'mean', api_name='/run')
+                          'mean', 'mean', 'zero', api_name='/run')
 
 
 HOSTILE = {
@@ -120,7 +121,7 @@ def test_hostile_specs_get_a_named_refusal_and_no_server_path(hostile, spec):
 
 def test_a_legitimate_model_in_an_allowed_folder_loads(hostile):
     out = run_spec(hostile[0], 'local:fine')
-    assert out[0].startswith('done') and 'local:fine' in out[2 + 9]
+    assert out[0].startswith('done') and 'local:fine' in out[2 + len(PANELS)]
 
 
 def test_an_uploaded_config_named_by_its_upload_path_is_refused(hostile, tmp_path):

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from timm.layers import Attention
 from timm.layers.attention import maybe_add_mask, resolve_self_attn_mask
 
+from .ablation import ablated_output
 from .kernels import routed_attention, triton_enabled
 from .policies import Grouping, GroupingPolicy, create_policy
 
@@ -135,6 +136,8 @@ class GroupedQueryAttention(nn.Module):
         self.proj_drop = nn.Dropout(proj_drop)
         # Set by gqa_core.record(); called with what this forward computed. None: zero cost.
         self.recorder: Optional[Callable[..., None]] = None
+        # Set by gqa_core.core.ablation.ablate(): (query mask, KV mask, mode) of the heads to remove.
+        self.ablation: Optional[tuple] = None
 
     @classmethod
     def from_attention(
@@ -225,6 +228,11 @@ class GroupedQueryAttention(nn.Module):
             q, k, v, grouping.query_to_kv, scale=self.scale, attn_mask=attn_mask, is_causal=is_causal,
             dropout_p=self.attn_drop.p if self.training else 0., map_transform=map_transform,
         )
+        if self.ablation is not None:
+            routing = grouping.query_to_kv
+            if routing is None:
+                routing = _uniform_index(self.num_heads, self.num_kv_heads, x.device)
+            x = ablated_output(x, v, routing, *self.ablation)
         x = self.policy.perturb_output(x)
         if recorder is not None:
             recorder(self, q, k, key_norms, grouping, attn_mask)

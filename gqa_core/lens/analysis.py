@@ -7,6 +7,7 @@ layer are recomputed on demand (:func:`layer_maps`). Everything past :func:`anal
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
@@ -15,11 +16,13 @@ import torch
 from PIL import Image
 
 from ..training.data import eval_geometry, normalisation
+from .heads import AblationResult, ablation_study, faithfulness
 from .models import LoadedModel
 from ..core.record import FUSIONS, Recording, record
 
 __all__ = ['Analysis', 'analyse', 'layer_maps', 'model_input', 'prefix_attention', 'attention_rollout', 'FUSIONS']
 
+DEEP_MAX_TOKENS = int(os.environ.get('GQA_LENS_DEEP_MAX_TOKENS', 600))
 HEADLESS_NOTE = 'features only (no classifier head): no prediction; every attention view is still shown'
 
 
@@ -35,6 +38,9 @@ class Analysis:
     summary: str = ''  # the model's one-line description (params, G, K/V bytes)
     notes: List[str] = field(default_factory=list)
     source_heads: Optional[List[List[int]]] = None  # advised grouping: original MHA head at each position
+    ablation: Optional[AblationResult] = None  # which heads matter (None: not computed, see deep_note)
+    faithfulness: Optional[Dict[str, Dict[str, Any]]] = None  # deletion / insertion per map
+    deep_note: str = ''
 
     @property
     def summary_label(self) -> str:
@@ -73,12 +79,36 @@ def model_input(loaded: LoadedModel, image: Image.Image) -> tuple:
     return np.asarray(view), normalisation(loaded.preprocessing)(view)[None]
 
 
-def analyse(loaded: LoadedModel, image: Image.Image) -> Analysis:
-    """Run ``loaded`` on one RGB image (always a batch of one: the result never depends on other requests)."""
+def analyse(loaded: LoadedModel, image: Image.Image, deep: bool = True) -> Analysis:
+    """Run ``loaded`` on one RGB image (always a batch of one: the result never depends on other requests).
+
+    ``deep``: also ablate every head and measure the maps' faithfulness (batched forwards), for models of at
+    most ``GQA_LENS_DEEP_MAX_TOKENS`` tokens (default 600) so a live request stays bounded.
+    """
     view, x = model_input(loaded, image)
-    with loaded.lock, torch.inference_mode(), record(loaded.model, attention='prefix', rollout=FUSIONS) as rec:
-        loaded.model(x)
-    result = rec.result
+    with loaded.lock:
+        with torch.inference_mode(), record(loaded.model, attention='prefix', rollout=FUSIONS) as rec:
+            loaded.model(x)
+        result = rec.result
+        analysis = _summarise(loaded, view, result)
+        tokens = int(result.layers[0].attention.shape[-1])
+        if not deep:
+            analysis.deep_note = 'head ablation and faithfulness not computed'
+        elif tokens > DEEP_MAX_TOKENS:
+            analysis.deep_note = (f'head ablation and faithfulness need {tokens:,} tokens x many forwards; this server '
+                                  f'computes them live up to {DEEP_MAX_TOKENS:,} tokens (GQA_LENS_DEEP_MAX_TOKENS)')
+        else:
+            target = None if result.headless else int(result.logits[0].argmax())
+            label = analysis.top5[0][0] if analysis.top5 else ''
+            analysis.ablation = ablation_study(loaded.model, x, target, label)
+            last = analysis.summary_rows[-1].mean(0)
+            analysis.faithfulness = faithfulness(loaded.model, x, {f'{analysis.summary_label} map': last,
+                                                                   'rollout': analysis.rollout('mean')},
+                                                 result.grid_size, target)
+    return analysis
+
+
+def _summarise(loaded: LoadedModel, view: np.ndarray, result: Recording) -> Analysis:
     notes: List[str] = []
     top5: List[tuple] = []
     if result.headless:

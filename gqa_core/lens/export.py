@@ -20,12 +20,11 @@ import numpy as np
 from PIL import Image
 
 from .analysis import Analysis, layer_maps
-from .views import column_view, reference_for
+from .views import FIGURES, column_view, reference_for
 from .models import ModelRegistry
 
 __all__ = ['export_zip', 'analysis_arrays']
 
-FIGURES = ('grid', 'key_norms', 'assignment', 'history', 'difference')
 
 
 def analysis_arrays(analysis: Analysis) -> Iterator[Tuple[str, np.ndarray]]:
@@ -37,6 +36,13 @@ def analysis_arrays(analysis: Analysis) -> Iterator[Tuple[str, np.ndarray]]:
         yield name, rec.stacked(name)[:, 0]
     for fusion, joint in rec.rollout.items():
         yield f'rollout_{fusion}', joint[0].numpy()  # (T,)
+    if analysis.ablation is not None:
+        for mode in analysis.ablation.kv:
+            yield f'ablation_kv_{mode}', analysis.ablation.kv[mode]  # (L, G) drop of the score
+            yield f'ablation_query_{mode}', analysis.ablation.query[mode]  # (L, H)
+    for i, (name, curves) in enumerate((analysis.faithfulness or {}).items()):
+        for key in ('fractions', 'deletion', 'insertion'):
+            yield f'faithfulness{i}_{key}', curves[key]
     yield ('features' if rec.headless else 'logits'), rec.logits[0].numpy()
 
 
@@ -59,7 +65,10 @@ def _meta(analysis: Analysis, layer: int, head: str, fusion: str) -> Dict:
     return dict(spec=analysis.spec, top5=analysis.top5, grouping=analysis.grouping, notes=analysis.notes,
                 row_labels=rec.row_labels, summary_row=rec.summary_row, grid_size=list(rec.grid_size),
                 num_prefix_tokens=rec.num_prefix_tokens, headless=rec.headless, history=analysis.history,
-                chosen=dict(layer=layer, head=head, fusion=fusion))
+                chosen=dict(layer=layer, head=head, fusion=fusion), deep_note=analysis.deep_note,
+                faithfulness={name: dict(index=i, deletion_auc=c['deletion_auc'], insertion_auc=c['insertion_auc'])
+                              for i, (name, c) in enumerate((analysis.faithfulness or {}).items())},
+                source_heads=analysis.source_heads)
 
 
 def export_zip(analyses: Sequence[Optional[Analysis]], layer: int, head: str, fusion: str, path: Path,

@@ -6,11 +6,16 @@ from typing import List, Optional, Sequence
 
 import numpy as np
 import plotly.graph_objects as go
+import torch
 from PIL import Image
 from plotly.colors import qualitative, sample_colorscale
+from plotly.subplots import make_subplots
+
+from ..core.apportion import largest_remainder, min_max_shares
 
 __all__ = ['patch_grid', 'overlay', 'colorize', 'heads_layers_figure', 'key_norm_figure', 'assignment_figure',
-           'allocation_history_figure', 'difference_figure', 'topk_figure', 'kv_colors', 'message_figure']
+           'allocation_history_figure', 'difference_figure', 'topk_figure', 'kv_colors', 'message_figure',
+           'ablation_figure', 'diversity_figure', 'faithfulness_figure']
 
 # A small white template built once: plotly deep-copies and validates the template of every new figure, and
 # its built-in ones cost ~15 ms a figure -- most of a column's render time.
@@ -79,22 +84,6 @@ def heads_layers_figure(prefix_maps: np.ndarray, grid_size: Sequence[int], title
     fig.update_xaxes(tickvals=[h * (cols + 1) + cols / 2 - 0.5 for h in range(H)], ticktext=[f'h{h}' for h in range(H)])
     fig.update_yaxes(tickvals=[layer * (rows + 1) + rows / 2 - 0.5 for layer in range(L)],
                      ticktext=[f'L{layer}' for layer in range(L)], autorange='reversed')
-    return fig
-
-
-def key_norm_figure(shares: np.ndarray, key_norms: np.ndarray, title: str = '') -> go.Figure:
-    """Normalised key-norm ratios the policy used, KV heads (rows) × layers (columns); hover shows raw norms.
-
-    shares, key_norms: ``(L, G)`` for one image.
-    """
-    L, G = shares.shape
-    fig = _figure(go.Heatmap(
-        z=shares.T, x=[f'L{i}' for i in range(L)], y=[f'kv{g}' for g in range(G)], colorscale='Viridis',
-        customdata=key_norms.T, zmin=0, hovertemplate='%{x} %{y}<br>ratio %{z:.3f}<br>key norm %{customdata:.2f}'
-                                                     '<extra></extra>',
-        colorbar=dict(title='ratio')))
-    fig.update_layout(title=title or 'key-norm ratios (KV heads × layers)')
-    fig.update_yaxes(autorange='reversed')
     return fig
 
 
@@ -200,3 +189,165 @@ def message_figure(reason: str) -> go.Figure:
     fig.update_layout(xaxis_visible=False, yaxis_visible=False)
     return fig
 
+
+
+def key_norm_figure(key_norms: np.ndarray, allocation: np.ndarray, title: str = '') -> go.Figure:
+    """Left: each layer's normalised key norms -- the shares KDGQA would apportion from these keys (min-max
+    scaled), with the query heads KDGQA would give each KV head as text. Right: the allocation the model's own
+    policy used. Both KV heads (rows) × layers (columns); hover shows the raw norms.
+
+    key_norms, allocation: ``(L, G)`` for one image.
+    """
+    L, G = key_norms.shape
+    H = int(allocation[0].sum())
+    shares = min_max_shares(torch.as_tensor(key_norms)).numpy()
+    would = largest_remainder(torch.as_tensor(shares), H).numpy()
+    x, y = [f'L{i}' for i in range(L)], [f'kv{g}' for g in range(G)]
+    fig = make_subplots(rows=1, cols=2, horizontal_spacing=0.08,
+                        subplot_titles=('normalised key norms (KDGQA shares)', 'allocation used'))
+    fig.update_layout(**LAYOUT)
+    fig.add_trace(go.Heatmap(z=shares.T, x=x, y=y, zmin=0, colorscale='Viridis', text=would.T,
+                             texttemplate='%{text}', customdata=key_norms.T, showscale=False,
+                             hovertemplate='%{x} %{y}<br>share %{z:.3f} → KDGQA would give %{text} queries'
+                                           '<br>key norm %{customdata:.2f}<extra></extra>'), row=1, col=1)
+    fig.add_trace(go.Heatmap(z=allocation.T, x=x, y=y, zmin=0, zmax=H, colorscale='Viridis', text=allocation.T,
+                             texttemplate='%{text}', colorbar=dict(title='queries'),
+                             hovertemplate='%{x} %{y}: %{z} query heads<extra></extra>'), row=1, col=2)
+    fig.update_yaxes(autorange='reversed')
+    fig.update_layout(title=title or 'key norms and allocation')
+    return fig
+
+
+def ablation_figure(kv_drop: np.ndarray, query_drop: np.ndarray, score: str, title: str = '') -> go.Figure:
+    """Drop of the score when one KV head (left, layers × KV heads) or one query head (right, layers × query
+    heads) is removed. kv_drop: ``(L, G)``; query_drop: ``(L, H)``."""
+    L, G = kv_drop.shape
+    H = query_drop.shape[1]
+    bound = float(max(np.abs(kv_drop).max(), np.abs(query_drop).max())) or 1.0
+    fig = make_subplots(rows=1, cols=2, column_widths=[max(G, 1), max(H, 1)], horizontal_spacing=0.08,
+                        subplot_titles=('remove a KV head', 'remove a query head'))
+    fig.update_layout(**LAYOUT)
+    common = dict(colorscale='RdBu', reversescale=True, zmid=0, zmin=-bound, zmax=bound)
+    fig.add_trace(go.Heatmap(z=kv_drop, x=[f'kv{g}' for g in range(G)], y=[f'L{i}' for i in range(L)],
+                             showscale=False, hovertemplate='%{y} %{x}: Δ %{z:.4f}<extra></extra>', **common),
+                  row=1, col=1)
+    fig.add_trace(go.Heatmap(z=query_drop, x=[f'q{h}' for h in range(H)], y=[f'L{i}' for i in range(L)],
+                             colorbar=dict(title='drop'), hovertemplate='%{y} %{x}: Δ %{z:.4f}<extra></extra>',
+                             **common), row=1, col=2)
+    fig.update_yaxes(autorange='reversed')
+    fig.update_layout(title=title or f'drop of {score} when a head is removed')
+    return fig
+
+
+def diversity_figure(diversity: np.ndarray, title: str = '') -> go.Figure:
+    """Mean pairwise Jensen-Shannon divergence (bits) among the query heads sharing each KV head,
+    layers (rows) × KV heads (columns); blank where a KV head serves fewer than two query heads."""
+    L, G = diversity.shape
+    fig = _figure(go.Heatmap(z=diversity, x=[f'kv{g}' for g in range(G)], y=[f'L{i}' for i in range(L)], zmin=0,
+                             colorscale='Magma', colorbar=dict(title='JSD (bits)'),
+                             hovertemplate='%{y} %{x}: JSD %{z:.3f}<extra></extra>'))
+    fig.update_yaxes(autorange='reversed')
+    fig.update_layout(title=title or 'within-group diversity of the query heads')
+    return fig
+
+
+def faithfulness_figure(curves: dict, score: str, title: str = '') -> go.Figure:
+    """Deletion (solid) and insertion (dashed) curves per map, AUCs in the legend."""
+    fig = _figure()
+    colors = qualitative.Plotly
+    for i, (name, c) in enumerate(curves.items()):
+        fig.add_trace(go.Scatter(x=c['fractions'], y=c['deletion'], mode='lines', line=dict(color=colors[i]),
+                                 name=f'{name}: deletion AUC {c["deletion_auc"]:.3f}'))
+        fig.add_trace(go.Scatter(x=c['fractions'], y=c['insertion'], mode='lines',
+                                 line=dict(color=colors[i], dash='dash'),
+                                 name=f'{name}: insertion AUC {c["insertion_auc"]:.3f}'))
+    fig.update_layout(title=title or 'faithfulness: deletion / insertion', xaxis_title='fraction of patches',
+                      yaxis_title=score, legend=dict(orientation='h', y=-0.3))
+    return fig
+
+
+def kv_budget_figure(result: dict, metric: str = 'auto') -> go.Figure:
+    """Accuracy (or agreement with MHA) against K/V cache bytes per image, one line per variant × grouping."""
+    rows = result['rows']
+    if metric == 'auto':
+        metric = 'top1' if all(r.get('top1') is not None for r in rows) else 'agreement'
+    mha = next(r for r in rows if r['variant'] == 'mha')
+    fig = _figure()
+    styles = {'consecutive': 'dash', 'output-error': 'solid'}
+    colors = dict(gqa=qualitative.Plotly[0], kdgqa=qualitative.Plotly[1])
+    keys = sorted({(r['variant'], r['grouping']) for r in rows if r['variant'] != 'mha'})
+    for variant, grouping in keys:
+        line = sorted((r for r in rows if r['variant'] == variant and r['grouping'] == grouping),
+                      key=lambda r: r['kv_bytes'])
+        if grouping == 'output-error':  # G = 1 has one grouping only: share its point
+            line = sorted(line + [r for r in rows if r['variant'] == variant and r['num_kv_heads'] == 1
+                                  and r['grouping'] == 'consecutive'], key=lambda r: r['kv_bytes'])
+        fig.add_trace(go.Scatter(
+            x=[r['kv_bytes'] for r in line], y=[r[metric] for r in line], mode='lines+markers',
+            name=f'{variant.upper()} · {grouping}', line=dict(dash=styles.get(grouping, 'dot'),
+                                                              color=colors.get(variant)),
+            text=[f"G={r['num_kv_heads']}" for r in line],
+            hovertemplate='%{text}: %{x:,} B, %{y:.2%}<extra>%{fullData.name}</extra>'))
+    fig.add_trace(go.Scatter(x=[mha['kv_bytes']], y=[mha[metric]], mode='markers', name='MHA',
+                             marker=dict(symbol='star', size=12, color='black'),
+                             hovertemplate='MHA: %{x:,} B, %{y:.2%}<extra></extra>'))
+    label = 'top-1 accuracy' if metric == 'top1' else 'agreement with MHA'
+    fig.update_layout(title=f"{label} vs K/V cache per image ({result.get('model', '')}, "
+                            f"{result.get('split', '')}, n={result.get('n', '?')}, training-free)",
+                      xaxis_title='K/V cache bytes per image (fp16)', yaxis_title=label, yaxis_tickformat='.0%',
+                      height=420)
+    return fig
+
+
+def stats_figures(result: dict) -> List[go.Figure]:
+    """The dataset view: top-1 and agreement, idle rate per layer × KV head for each model, allocation entropy
+    per layer, and each model's per-class mean allocation of its last layer."""
+    names = list(result['models'])
+    figs = []
+    agree = np.array([[result['agreement'][a][b] for b in names] for a in names])
+    fig = _figure(go.Heatmap(z=agree, x=names, y=names, zmin=0, zmax=1, colorscale='Viridis', text=agree,
+                             texttemplate='%{text:.3f}', hovertemplate='%{y} vs %{x}: %{z:.4f}<extra></extra>'))
+    fig.update_layout(title=f"top-1 agreement ({result['split']}, n={result['n']}); top-1: "
+                            + ', '.join(f"{n} {result['models'][n]['top1']:.2%}" for n in names), height=380)
+    fig.update_yaxes(autorange='reversed')
+    figs.append(fig)
+    keyed = [n for n in names if result['models'][n]['grouping']['variant'] != 'mha']
+    if keyed:
+        fig = make_subplots(rows=1, cols=len(keyed), subplot_titles=keyed, horizontal_spacing=0.03)
+        fig.update_layout(**LAYOUT)
+        for i, name in enumerate(keyed):
+            idle = np.array(result['models'][name]['idle_rate'])  # (L, G)
+            fig.add_trace(go.Heatmap(z=idle.T, zmin=0, zmax=1, colorscale='Reds', showscale=i == len(keyed) - 1,
+                                     x=[f'L{j}' for j in range(idle.shape[0])],
+                                     y=[f'kv{g}' for g in range(idle.shape[1])],
+                                     hovertemplate=f'{name} %{{x}} %{{y}}: idle %{{z:.1%}}<extra></extra>'),
+                          row=1, col=i + 1)
+        fig.update_yaxes(autorange='reversed')
+        fig.update_layout(title='rate at which each KV head serves no query (layers × KV heads)', height=320)
+        figs.append(fig)
+        fig = _figure()
+        for name in keyed:
+            ent = result['models'][name]['allocation_entropy']
+            fig.add_trace(go.Scatter(x=list(range(len(ent))), y=ent, mode='lines+markers', name=name))
+        fig.update_layout(title='mean allocation entropy per layer (bits; log2 G = uniform)', xaxis_title='layer',
+                          yaxis_title='bits')
+        figs.append(fig)
+        fig = make_subplots(rows=1, cols=len(keyed), subplot_titles=keyed, horizontal_spacing=0.03)
+        fig.update_layout(**LAYOUT)
+        for i, name in enumerate(keyed):
+            s = result['models'][name]
+            last = np.array(s['per_class_allocation'])[:, -1]  # (C, G)
+            fig.add_trace(go.Heatmap(z=last, y=s['classes'], x=[f'kv{g}' for g in range(last.shape[1])],
+                                     colorscale='Viridis', showscale=i == len(keyed) - 1,
+                                     hovertemplate=f'{name} %{{y}} %{{x}}: %{{z:.2f}} queries<extra></extra>'),
+                          row=1, col=i + 1)
+        fig.update_layout(title='mean allocation per class, last layer (classes × KV heads)', height=380)
+        figs.append(fig)
+        fig = _figure()
+        for name in keyed:
+            hist = np.array(result['models'][name]['allocation_histogram'])  # (L, H+1)
+            fig.add_trace(go.Bar(x=list(range(hist.shape[1])), y=hist.mean(0), name=name))
+        fig.update_layout(title='allocation histogram, all layers (fraction of KV heads serving k query heads)',
+                          xaxis_title='query heads served', yaxis_title='fraction', barmode='group')
+        figs.append(fig)
+    return figs

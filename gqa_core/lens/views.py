@@ -11,11 +11,13 @@ import numpy as np
 
 from . import figures
 from .analysis import Analysis, analyse
+from .heads import group_diversity
 from .images import load_image
 from .models import ModelRegistry
 from .specs import public_message, shown
 
-__all__ = ['MAX_MODELS', 'NO_MODEL', 'ColumnView', 'run_models', 'column_view', 'reference_for']
+__all__ = ['MAX_MODELS', 'NO_MODEL', 'ColumnView', 'run_models', 'column_view', 'reference_for', 'PANELS',
+           'FIGURES']
 
 MAX_MODELS = 4
 NO_MODEL = '(none)'  # the choice that leaves a column empty
@@ -37,6 +39,14 @@ class ColumnView:
     assignment: Any
     history: Any
     difference: Any
+    ablation: Any = None
+    diversity: Any = None
+    faithfulness: Any = None
+
+
+PANELS = ('summary', 'top5', 'overlay', 'rollout', 'grid', 'key_norms', 'assignment', 'history', 'difference',
+          'ablation', 'diversity', 'faithfulness')
+FIGURES = ('grid', 'key_norms', 'assignment', 'history', 'difference', 'ablation', 'diversity', 'faithfulness')
 
 
 def run_models(registry: ModelRegistry, image_path: Optional[str], specs: Sequence[Optional[str]],
@@ -93,7 +103,8 @@ def _head_label(analysis: Analysis, head: Optional[str]) -> str:
     return str(int(head))
 
 
-def column_view(analysis: Analysis, layer: int, head: str, fusion: str, reference: Optional[Analysis]) -> ColumnView:
+def column_view(analysis: Analysis, layer: int, head: str, fusion: str, reference: Optional[Analysis],
+                ablation_mode: str = 'zero') -> ColumnView:
     """Every view of one column from the compact analysis: no model runs, nothing T x T is touched."""
     rec = analysis.recording
     L = len(rec.layers)
@@ -132,10 +143,31 @@ def column_view(analysis: Analysis, layer: int, head: str, fusion: str, referenc
         overlay=overlay,
         rollout=rollout,
         grid=figures.heads_layers_figure(all_rows, grid, title=f'{title}: {who}, heads × layers'),
-        key_norms=figures.key_norm_figure(rec.stacked('shares')[:, 0], rec.stacked('key_norms')[:, 0],
-                                          title=f'{title}: key-norm ratios'),
+        key_norms=figures.key_norm_figure(rec.stacked('key_norms')[:, 0], rec.stacked('allocation')[:, 0],
+                                          title=f'{title}: key norms → allocation'),
         assignment=figures.assignment_figure(rec.stacked('query_to_kv')[:, 0], rec.stacked('allocation')[:, 0],
                                              title=f'{title}: query → KV head', source_heads=analysis.source_heads),
         history=history,
         difference=difference,
+        ablation=_ablation_view(analysis, title, ablation_mode),
+        diversity=figures.diversity_figure(
+            group_diversity(rec.stacked('attention')[:, 0, :, rec.summary_row], rec.stacked('query_to_kv')[:, 0],
+                            int(g['num_kv_heads'])), title=f'{title}: within-group diversity ({who})'),
+        faithfulness=(figures.faithfulness_figure(analysis.faithfulness, _score_name(analysis),
+                                                  title=f'{title}: deletion / insertion')
+                      if analysis.faithfulness else figures.message_figure(analysis.deep_note)),
     )
+
+
+def _score_name(analysis: Analysis) -> str:
+    return f'p({analysis.top5[0][0]})' if analysis.top5 else 'feature cosine'
+
+
+def _ablation_view(analysis: Analysis, title: str, mode: str) -> Any:
+    result = analysis.ablation
+    if result is None:
+        return figures.message_figure(analysis.deep_note)
+    if mode not in result.kv:
+        raise ValueError(f'ablation mode must be one of {tuple(result.kv)}, got {mode!r}')
+    return figures.ablation_figure(result.kv[mode], result.query[mode], result.target,
+                                   title=f'{title}: drop of {result.target} ({mode} ablation)')

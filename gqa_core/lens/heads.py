@@ -1,0 +1,166 @@
+"""Which heads and groups matter, for one model on one image.
+
+- :func:`ablation_study`: the drop in the predicted class's probability when each KV head (with every query
+  head it serves in that forward) or each single query head is removed -- zero or mean ablation, every
+  removal of the model in batched forwards (see :mod:`gqa_core.core.ablation`). Headless models: the change
+  of the features (1 - cosine similarity).
+- :func:`group_diversity`: per layer and KV head, the mean pairwise Jensen-Shannon divergence (bits) between
+  the summary-row attention maps of the query heads sharing it -- the within-group similarity PGQA claims to
+  reduce. NaN where a KV head serves fewer than two query heads.
+- :func:`faithfulness`: deletion and insertion curves and their AUCs for a patch ranking (the class-token map,
+  the rollout): patches removed from / revealed onto a mean-colour image in the order the map ranks them, one
+  batched forward per curve, the area taken over the fraction of patches including the unperturbed point.
+"""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from ..core.ablation import ABLATION_MODES, ablate
+
+__all__ = ['AblationResult', 'ablation_study', 'group_diversity', 'jensen_shannon', 'faithfulness',
+           'deletion_insertion', 'CURVE_STEPS']
+
+CURVE_STEPS = 32  # points per deletion / insertion curve (fewer when the model has fewer patches)
+ROWS_PER_FORWARD_TOKENS = 32_768  # batch rows x tokens per forward: bounds memory for large models
+
+
+def _score(outputs: Tensor, reference: Tensor, target: Optional[int]) -> Tensor:
+    """Probability of ``target`` (classifiers) or cosine similarity to the reference features (headless)."""
+    if target is not None:
+        return outputs.float().softmax(-1)[:, target]
+    return torch.nn.functional.cosine_similarity(outputs.float(), reference.float()[None], dim=-1)
+
+
+def _chunks(model: nn.Module, x: Tensor) -> int:
+    tokens = int(model.patch_embed.num_patches) + int(getattr(model, 'num_prefix_tokens', 0))
+    return max(1, ROWS_PER_FORWARD_TOKENS // tokens)
+
+
+@torch.inference_mode()
+def _batched(model: nn.Module, x: Tensor, query_heads: Optional[Tensor] = None, kv_heads: Optional[Tensor] = None,
+             mode: str = 'zero') -> Tensor:
+    """Run ``x`` (one row per ablation or perturbation) in bounded chunks, the head masks sliced alongside."""
+    step = _chunks(model, x)
+    outs = []
+    for start in range(0, x.shape[0], step):
+        chunk = x[start:start + step]
+        if query_heads is None and kv_heads is None:
+            outs.append(model(chunk))
+            continue
+        q = query_heads[start:start + step] if query_heads is not None else None
+        kv = kv_heads[start:start + step] if kv_heads is not None else None
+        with ablate(model, q, kv, mode):
+            outs.append(model(chunk))
+    return torch.cat(outs)
+
+
+@dataclass
+class AblationResult:
+    """Drops of the score when heads are removed, per mode: ``kv[mode]`` ``(L, G)``, ``query[mode]`` ``(L, H)``."""
+    kv: Dict[str, np.ndarray]
+    query: Dict[str, np.ndarray]
+    target: str  # what the score is: "p(label)" or "feature cosine"
+    base_score: float
+
+
+@torch.inference_mode()
+def ablation_study(model: nn.Module, x: Tensor, target: Optional[int], target_name: str = '') -> AblationResult:
+    """Every single KV-head and query-head removal of ``model`` on the one image ``x`` ``(1, 3, H, W)``, both
+    modes. Rows: for each layer l and KV head g one removal, then for each (l, h) one; all in batched forwards."""
+    from ..core.convert import gqa_layers
+    layers = gqa_layers(model)
+    L, H, G = len(layers), layers[0].num_heads, layers[0].num_kv_heads
+    n_kv, n_q = L * G, L * H
+    kv_mask = torch.zeros(1 + n_kv + n_q, L, G, dtype=torch.bool)
+    q_mask = torch.zeros(1 + n_kv + n_q, L, H, dtype=torch.bool)
+    rows = torch.arange(n_kv)
+    kv_mask[1 + rows, rows // G, rows % G] = True
+    rows = torch.arange(n_q)
+    q_mask[1 + n_kv + rows, rows // H, rows % H] = True
+    batch = x.expand(1 + n_kv + n_q, *x.shape[1:])
+    kv_out: Dict[str, np.ndarray] = {}
+    q_out: Dict[str, np.ndarray] = {}
+    base = model(x)[0]
+    base_score = float(_score(base[None], base, target)[0])
+    for mode in ABLATION_MODES:
+        out = _batched(model, batch[1:], q_mask[1:], kv_mask[1:], mode)
+        drop = base_score - _score(out, base, target).double().numpy()
+        kv_out[mode] = drop[:n_kv].reshape(L, G)
+        q_out[mode] = drop[n_kv:].reshape(L, H)
+    return AblationResult(kv_out, q_out, f'p({target_name})' if target is not None else 'feature cosine',
+                          base_score)
+
+
+def jensen_shannon(p: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """JSD in bits between distributions along the last axis (0 = identical, 1 = disjoint)."""
+    p = p / p.sum(-1, keepdims=True)
+    q = q / q.sum(-1, keepdims=True)
+    m = 0.5 * (p + q)
+
+    def kl(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        with np.errstate(divide='ignore', invalid='ignore'):
+            terms = np.where(a > 0, a * np.log2(a / b), 0.0)
+        return terms.sum(-1)
+    return 0.5 * kl(p, m) + 0.5 * kl(q, m)
+
+
+def group_diversity(rows: np.ndarray, query_to_kv: np.ndarray, num_kv_heads: int) -> np.ndarray:
+    """rows: ``(L, H, T)`` attention of each query head's summary row; query_to_kv: ``(L, H)``.
+    Returns ``(L, G)`` mean pairwise JSD among the query heads sharing each KV head (NaN below two)."""
+    L = rows.shape[0]
+    out = np.full((L, num_kv_heads), np.nan)
+    for layer in range(L):  # tiny numpy work on recorded data, not the forward pass
+        for g in range(num_kv_heads):
+            heads = np.flatnonzero(query_to_kv[layer] == g)
+            if len(heads) >= 2:
+                pairs = np.array(list(itertools.combinations(heads, 2)))
+                out[layer, g] = float(jensen_shannon(rows[layer, pairs[:, 0]], rows[layer, pairs[:, 1]]).mean())
+    return out
+
+
+def _patch_masks(order: np.ndarray, counts: List[int], grid: tuple, patch: tuple, size: tuple) -> Tensor:
+    """``(len(counts), 1, H, W)`` pixel masks: 1 on the first ``k`` patches of ``order`` for each k."""
+    rows, cols = grid
+    masks = torch.zeros(len(counts), rows * cols)
+    for i, k in enumerate(counts):
+        masks[i, torch.as_tensor(order[:k], dtype=torch.long)] = 1.0
+    masks = masks.view(-1, 1, rows, cols)
+    masks = masks.repeat_interleave(patch[0], 2).repeat_interleave(patch[1], 3)
+    pad_h, pad_w = size[0] - masks.shape[2], size[1] - masks.shape[3]
+    return torch.nn.functional.pad(masks, (0, max(0, pad_w), 0, max(0, pad_h)))[..., :size[0], :size[1]]
+
+
+@torch.inference_mode()
+def deletion_insertion(model: nn.Module, x: Tensor, ranking: np.ndarray, grid: tuple, target: Optional[int],
+                       steps: int = CURVE_STEPS) -> Dict[str, object]:
+    """Deletion and insertion curves for one patch ranking (higher = more important) on ``x`` ``(1, 3, H, W)``.
+
+    Removed patches take the value 0 of the normalised input (the dataset's mean colour). Returns the
+    fractions, both curves and their trapezoidal AUCs (each curve includes its unperturbed end).
+    """
+    P = int(grid[0] * grid[1])
+    order = np.argsort(-np.asarray(ranking), kind='stable')
+    counts = sorted({round(i * P / min(steps, P)) for i in range(min(steps, P) + 1)})
+    patch = tuple(int(p) for p in model.patch_embed.patch_size)
+    masks = _patch_masks(order, counts, grid, patch, tuple(x.shape[-2:]))
+    base = model(x)[0]
+    deleted = x * (1 - masks)  # the top-k patches removed
+    inserted = x * masks  # only the top-k patches shown
+    deletion = _score(_batched(model, deleted), base, target).double().numpy()
+    insertion = _score(_batched(model, inserted), base, target).double().numpy()
+    fractions = np.array(counts, dtype=np.float64) / P
+    return dict(fractions=fractions, deletion=deletion, insertion=insertion,
+                deletion_auc=float(np.trapezoid(deletion, fractions)),
+                insertion_auc=float(np.trapezoid(insertion, fractions)))
+
+
+def faithfulness(model: nn.Module, x: Tensor, maps: Dict[str, np.ndarray], grid: tuple,
+                 target: Optional[int]) -> Dict[str, Dict[str, object]]:
+    """:func:`deletion_insertion` for each named map (e.g. ``{"class-token map": ..., "rollout": ...}``)."""
+    return {name: deletion_insertion(model, x, ranking, grid, target) for name, ranking in maps.items()}

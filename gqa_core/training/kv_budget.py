@@ -1,0 +1,129 @@
+"""KV-budget explorer: accuracy against K/V cache bytes for every number of KV heads, training-free.
+
+    python -m gqa_core.kv_budget assets/models/mha --data ../shared/data/cifar10-jpeg.tar.gz --split test \
+        --out runs/kv-budget
+
+From one multi-head model: for every divisor G of its H heads, GQA and KDGQA with consecutive and advised
+(``output-error``) grouping, each evaluated on the split (top-1 against the labels, and agreement with the MHA
+model's own top-1, which needs no labels). Writes ``kv_budget.json``, ``kv_budget.csv`` and a standalone
+``kv_budget.html`` with the plotly figure.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import json
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from ..core.convert import convert, kv_cache_bytes
+from ..core.grouping import advise_grouping
+from .data import build_datasets
+from .hub import from_pretrained
+
+__all__ = ['kv_budget', 'kv_budget_rows', 'main', 'VARIANTS', 'GROUPINGS']
+
+VARIANTS = ('gqa', 'kdgqa')
+GROUPINGS = ('consecutive', 'output-error')
+
+
+@torch.inference_mode()
+def _predictions(model: nn.Module, images: Tensor, batch_size: int) -> Tensor:
+    return torch.cat([model(images[i:i + batch_size]).argmax(-1) for i in range(0, len(images), batch_size)])
+
+
+def kv_budget_rows(mha: nn.Module, images: Tensor, labels: Optional[Tensor], calibration: Tensor, *,
+                   variants: Sequence[str] = VARIANTS, groupings: Sequence[str] = GROUPINGS, batch_size: int = 256,
+                   progress: Optional[Callable[[float, str], None]] = None) -> List[Dict[str, Any]]:
+    """One row per (G, variant, grouping), plus the MHA row; ``labels`` None: agreement only."""
+    mha = mha.eval()
+    H = mha.blocks[0].attn.num_heads
+    reference = _predictions(mha, images, batch_size)
+    rows = [dict(num_kv_heads=H, variant='mha', grouping='consecutive', kv_bytes=kv_cache_bytes(mha),
+                 top1=float((reference == labels).float().mean()) if labels is not None else None, agreement=1.0)]
+    divisors = [g for g in range(1, H) if H % g == 0]
+    jobs = [(g, v, grouping) for g in divisors for v in variants for grouping in groupings
+            if not (grouping != 'consecutive' and g == 1)]  # one group: nothing to choose
+    advice: Dict[int, List[List[int]]] = {}
+    for i, (g, variant, grouping) in enumerate(jobs):
+        if progress is not None:
+            progress(i / len(jobs), f'G={g} {variant} {grouping}')
+        model = copy.deepcopy(mha)
+        perms: Any = 'consecutive'
+        if grouping == 'output-error':
+            if g not in advice:
+                advice[g] = advise_grouping(mha, g, calibration).permutations
+            perms = advice[g]
+        convert(model, variant, g, grouping=perms)
+        predictions = _predictions(model.eval(), images, batch_size)
+        rows.append(dict(num_kv_heads=g, variant=variant, grouping=grouping, kv_bytes=kv_cache_bytes(model),
+                         top1=float((predictions == labels).float().mean()) if labels is not None else None,
+                         agreement=float((predictions == reference).float().mean())))
+    if progress is not None:
+        progress(1.0, 'done')
+    return rows
+
+
+def kv_budget(model_source: str, data: str, split: str = 'test', limit: Optional[int] = None,
+              calibration_images: int = 512, seed: int = 0, batch_size: int = 256) -> Dict[str, Any]:
+    model = from_pretrained(model_source).float().eval()
+    config = model.gqa_lens_config
+    if config['grouping']['variant'] != 'mha':
+        raise ValueError(f'{model_source} is {config["grouping"]["variant"]}; the explorer starts from MHA')
+    splits = build_datasets(data, config['preprocessing'], seed=seed, limit=limit)
+    dataset = {'test': splits.test, 'val': splits.val}[split]
+    xs, ys = [], []
+    for x, y in tqdm(DataLoader(dataset, batch_size=batch_size), desc=f'loading {split}', leave=False):
+        xs.append(x)
+        ys.append(y)
+    images, labels = torch.cat(xs), torch.cat(ys)
+    bar = tqdm(total=100, desc='kv budget')
+
+    def progress(fraction: float, what: str) -> None:
+        bar.n = int(fraction * 100)
+        bar.set_postfix_str(what)
+        bar.refresh()
+    rows = kv_budget_rows(model, images, labels, splits.calibration(calibration_images, seed), progress=progress,
+                          batch_size=batch_size)
+    bar.close()
+    return dict(model=model_source, data=Path(data).name, split=split, n=len(labels), seed=seed,
+                calibration_images=calibration_images, num_heads=model.blocks[0].attn.num_heads, rows=rows)
+
+
+def write_outputs(result: Dict[str, Any], out: Path) -> None:
+    from ..lens.figures import kv_budget_figure
+    out.mkdir(parents=True, exist_ok=True)
+    (out / 'kv_budget.json').write_text(json.dumps(result, indent=1) + '\n')
+    with open(out / 'kv_budget.csv', 'w', newline='') as f:
+        writer = csv.DictWriter(f, fieldnames=list(result['rows'][0]))
+        writer.writeheader()
+        writer.writerows(result['rows'])
+    kv_budget_figure(result).write_html(out / 'kv_budget.html', include_plotlyjs=True, full_html=True)
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('model', help='a saved multi-head GQA Lens model (folder or Hub repo)')
+    parser.add_argument('--data', required=True)
+    parser.add_argument('--split', default='test', choices=('test', 'val'))
+    parser.add_argument('--limit', type=int)
+    parser.add_argument('--calibration-images', type=int, default=512)
+    parser.add_argument('--seed', type=int, default=0)
+    parser.add_argument('--out', default='runs/kv-budget')
+    args = parser.parse_args(argv)
+    result = kv_budget(args.model, args.data, args.split, args.limit, args.calibration_images, args.seed)
+    write_outputs(result, Path(args.out))
+    for row in result['rows']:
+        top1 = f"{row['top1'] * 100:6.2f} %" if row['top1'] is not None else '   n/a'
+        print(f"G={row['num_kv_heads']:<3} {row['variant']:<6} {row['grouping']:<12} {row['kv_bytes']:>9,} B  "
+              f"top-1 {top1}  agreement {row['agreement'] * 100:6.2f} %")
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,121 @@
+"""Dataset view: how a family of models allocates queries over a whole split, and how often they agree.
+
+    python -m gqa_core.stats assets/models/mha assets/models/kdgqa ... --data ../shared/data/cifar10-jpeg.tar.gz \
+        --split test --out runs/stats
+
+Per model: top-1; per layer the allocation histogram (how often a KV head served 0, 1, ..., H query heads),
+the rate at which each KV head was idle, the mean entropy of the allocation (bits; 0 = every query head on one
+KV head, log2 G = uniform) and the mean allocation per class. Between models: pairwise agreement of top-1.
+Writes ``stats.json``, ``stats.csv`` (one row per model, layer and KV head) and a standalone ``stats.html``.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from ..core.record import record
+from .data import build_datasets
+from .hub import from_pretrained
+
+__all__ = ['dataset_stats', 'model_stats', 'main']
+
+
+@torch.inference_mode()
+def model_stats(model: torch.nn.Module, loader: DataLoader, num_classes: int, desc: str = '') -> Dict[str, Any]:
+    """Allocation statistics and predictions of one model over a loader."""
+    model = model.eval()
+    predictions: List[torch.Tensor] = []
+    labels: List[torch.Tensor] = []
+    hist = idle = entropy = per_class = None
+    with record(model, attention='none') as rec:
+        for images, targets in tqdm(loader, desc=desc, leave=False):
+            predictions.append(model(images).argmax(-1))
+            labels.append(targets)
+            alloc = torch.stack([layer.allocation for layer in rec.result.layers], 1)  # (B, L, G)
+            B, L, G = alloc.shape
+            H = int(alloc[0, 0].sum())
+            if hist is None:
+                hist = torch.zeros(L, H + 1, dtype=torch.float64)
+                idle = torch.zeros(L, G, dtype=torch.float64)
+                entropy = torch.zeros(L, dtype=torch.float64)
+                per_class = torch.zeros(num_classes, L, G, dtype=torch.float64)
+                counts = torch.zeros(num_classes, dtype=torch.float64)
+            hist += torch.nn.functional.one_hot(alloc, H + 1).sum((0, 2)).double()
+            idle += (alloc == 0).sum(0).double()
+            p = alloc.double() / H
+            entropy += torch.where(p > 0, -p * torch.log2(p.clamp_min(1e-12)), torch.zeros_like(p)).sum(-1).sum(0)
+            per_class.index_add_(0, targets, alloc.double())
+            counts += torch.bincount(targets, minlength=num_classes).double()
+    pred, lab = torch.cat(predictions), torch.cat(labels)
+    n = len(lab)
+    return dict(n=n, top1=float((pred == lab).float().mean()), predictions=pred.tolist(),
+                allocation_histogram=(hist / (n * idle.shape[1])).tolist(), idle_rate=(idle / n).tolist(),
+                allocation_entropy=(entropy / n).tolist(),
+                per_class_allocation=(per_class / counts.clamp_min(1)[:, None, None]).tolist())
+
+
+def dataset_stats(models: Sequence[str], data: str, split: str = 'test', limit: Optional[int] = None,
+                  batch_size: int = 256, seed: int = 0) -> Dict[str, Any]:
+    """Statistics of each model and their pairwise top-1 agreement on one split."""
+    result: Dict[str, Any] = dict(data=Path(data).name, split=split, models={})
+    predictions = {}
+    for source in tqdm(models, desc='models'):
+        model = from_pretrained(source).float()
+        config = model.gqa_lens_config
+        splits = build_datasets(data, config['preprocessing'], seed=seed, limit=limit)
+        dataset = {'test': splits.test, 'val': splits.val}[split]
+        name = Path(source).name if Path(source).is_dir() else source
+        stats = model_stats(model, DataLoader(dataset, batch_size=batch_size), len(splits.classes), desc=name)
+        predictions[name] = torch.tensor(stats.pop('predictions'))
+        stats.update(grouping=config['grouping'], classes=splits.classes)
+        result['models'][name] = stats
+        result['n'] = stats['n']
+    names = list(predictions)
+    result['agreement'] = {a: {b: float((predictions[a] == predictions[b]).float().mean()) for b in names}
+                           for a in names}
+    return result
+
+
+def write_outputs(result: Dict[str, Any], out: Path, html: bool = True) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / 'stats.json').write_text(json.dumps(result) + '\n')
+    with open(out / 'stats.csv', 'w', newline='') as f:
+        writer = csv.writer(f)
+        writer.writerow(['model', 'top1', 'layer', 'kv_head', 'idle_rate', 'mean_allocation', 'layer_entropy_bits'])
+        for name, s in result['models'].items():
+            for layer, rates in enumerate(s['idle_rate']):
+                for g, rate in enumerate(rates):
+                    mean = sum(c[layer][g] for c in s['per_class_allocation']) / len(s['per_class_allocation'])
+                    writer.writerow([name, s['top1'], layer, g, rate, mean, s['allocation_entropy'][layer]])
+    if html:
+        from ..lens.figures import stats_figures
+        parts = [fig.to_html(include_plotlyjs=(i == 0), full_html=False) for i, fig in enumerate(stats_figures(result))]
+        (out / 'stats.html').write_text('<html><head><meta charset="utf-8"><title>GQA Lens dataset view</title>'
+                                        '</head><body>' + '\n'.join(parts) + '</body></html>')
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('models', nargs='+', help='saved GQA Lens models (folders or Hub repos)')
+    parser.add_argument('--data', required=True)
+    parser.add_argument('--split', default='test', choices=('test', 'val'))
+    parser.add_argument('--limit', type=int)
+    parser.add_argument('--out', default='runs/stats')
+    parser.add_argument('--no-html', action='store_true', help='JSON and CSV only')
+    args = parser.parse_args(argv)
+    result = dataset_stats(args.models, args.data, args.split, args.limit)
+    write_outputs(result, Path(args.out), html=not args.no_html)
+    for name, s in result['models'].items():
+        print(f"{name:<12} top-1 {s['top1'] * 100:6.2f} %   idle rate per layer "
+              + ' '.join(f'{sum(r) / len(r):.2f}' for r in s['idle_rate']))
+
+
+if __name__ == '__main__':
+    main()
