@@ -47,10 +47,27 @@ def main() -> None:
     finally:
         app.demo.close()
     latencies.sort()
+    # What the "which heads matter" panels (ablation + faithfulness; diversity is drawn from recorded data) add
+    # to one column, in process: analyse with and without them, per embedded model.
+    from PIL import Image
+    from gqa_core.lens.analysis import analyse
+    image = Image.open(args.image)
+    added = {}
+    for spec in DEFAULT_MODELS:
+        loaded = app.registry.get(spec)
+        runs = {True: [], False: []}
+        for _ in range(5):
+            for deep in (False, True):
+                start = time.perf_counter()
+                analyse(loaded, image, deep=deep)
+                runs[deep].append(time.perf_counter() - start)
+        added[spec] = statistics.median(runs[True]) - statistics.median(runs[False])
     print(f'threads={torch.get_num_threads()} models={",".join(DEFAULT_MODELS)} image={Path(args.image).name}')
     print(f'one /run request, 4 models, all panels: median {statistics.median(latencies) * 1000:.0f} ms, '
           f'p95 {latencies[max(0, int(0.95 * len(latencies)) - 1)] * 1000:.0f} ms, max {latencies[-1] * 1000:.0f} ms '
           f'over {len(latencies)} requests')
+    print('ablation + faithfulness add per column (median of 5): '
+          + ', '.join(f'{spec} {ms * 1000:.0f} ms' for spec, ms in added.items()))
 
 
 if __name__ == '__main__':

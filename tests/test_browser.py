@@ -58,3 +58,61 @@ def test_upload_run_two_models_and_read_the_page(app_url, tmp_path):
         page.locator('#run').click()
         expect(page.locator('#status')).to_contain_text('not an image file', timeout=30_000)
         browser.close()
+
+
+def _table_rows(page, elem_id):
+    """The visible cell texts of a gradio Dataframe, row by row."""
+    rows = page.locator(f'#{elem_id} tbody tr')
+    return [[c.strip() for c in rows.nth(i).locator('td').all_inner_texts()] for i in range(rows.count())]
+
+
+def test_heads_panels_and_dataset_tabs_show_the_apis_numbers(app_url, tmp_path):
+    import json
+    from playwright.sync_api import expect, sync_playwright
+    from conftest import ROOT
+    client = Client(app_url, verbose=False)
+    image = EXAMPLES_DIR / 'cifar10_dog.jpg'
+    out = client.predict(handle_file(str(image)), 'embedded/kdgqa', '(none)', '(none)', '(none)', 0, 'mean', 'mean',
+                         'zero', api_name='/run')
+    from gqa_core.lens.views import PANELS
+    faith = json.loads(out[2 + PANELS.index('faithfulness')]['plot'])
+    expected_legend = faith['data'][0]['name']  # e.g. "class token map: deletion AUC 0.412"
+    live_plot, live_table = client.predict('embedded/mha', 8, api_name='/kv_budget')
+    shipped_kvb = json.loads((ROOT / 'assets' / 'analysis' / 'kv-budget' / 'kv_budget.json').read_text())
+    shipped_stats = json.loads((ROOT / 'assets' / 'analysis' / 'dataset' / 'stats.json').read_text())
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        page = browser.new_page(viewport={'width': 1600, 'height': 1200})
+        page.goto(app_url)
+        page.locator('#image input[type=file]').set_input_files(str(image))
+        choose(page, 0, 'embedded/kdgqa')
+        for slot in (1, 2, 3):
+            choose(page, slot, '(none)')
+        page.locator('#run').click()
+        for elem in ('ablation-0', 'diversity-0', 'faith-0', 'keynorm-0'):
+            expect(page.locator(f'#{elem} .js-plotly-plot')).to_be_visible(timeout=60_000)
+        expect(page.locator('#faith-0 .legendtext').first).to_have_text(expected_legend, timeout=30_000)
+
+        page.get_by_role('tab', name='KV budget').click()
+        expect(page.locator('#kvb-shipped-plot .js-plotly-plot')).to_be_visible(timeout=30_000)
+        rows = _table_rows(page, 'kvb-shipped-table')
+        wanted = next(r for r in shipped_kvb['rows'] if r['num_kv_heads'] == 4 and r['variant'] == 'gqa'
+                      and r['grouping'] == 'output-error')
+        row = next(r for r in rows if r[:3] == ['4', 'gqa', 'output-error'])
+        assert float(row[4]) == pytest.approx(100 * wanted['top1'], abs=0.01)
+        page.locator('#kvb-n input[type=number]').fill('8')
+        page.locator('#kvb-n input[type=number]').press('Enter')
+        page.locator('#kvb-run').click()
+        expect(page.locator('#kvb-live-plot .js-plotly-plot')).to_be_visible(timeout=120_000)
+        expect(page.locator('#kvb-live-table tbody tr').nth(len(live_table['data']) - 1)).to_be_visible()
+        live_rows = _table_rows(page, 'kvb-live-table')
+        assert [r[5] for r in live_rows] == [str(r[5]) for r in live_table['data']]
+
+        page.get_by_role('tab', name='Dataset view').click()
+        expect(page.locator('#dataset-plot-0 .js-plotly-plot')).to_be_visible(timeout=30_000)
+        rows = _table_rows(page, 'dataset-table')
+        kd = next(r for r in rows if r[0] == 'kdgqa')
+        assert float(kd[1]) == pytest.approx(100 * shipped_stats['models']['kdgqa']['top1'], abs=0.01)
+        page.screenshot(path=str(Path(os.environ.get('GQA_LENS_SCREENSHOTS', tmp_path)) / 'dataset-view.png'),
+                        full_page=True)
+        browser.close()

@@ -37,12 +37,17 @@ def test_key_driven_models_show_zero_query_groups(analyses):
     assert any('idle' in label for label in labels)
 
 
-def test_key_norm_figure_shows_the_recorded_ratios_and_norms(analyses):
+def test_key_norm_figure_shows_kdgqa_shares_beside_the_allocation_used(analyses):
+    from gqa_core.core.apportion import largest_remainder, min_max_shares
     a = analyses['embedded/kdgqa']
-    shares, norms = a.recording.stacked('shares')[:, 0], a.recording.stacked('key_norms')[:, 0]
-    heat = figures.key_norm_figure(shares, norms).data[0]
-    assert np.allclose(np.array(heat.z), shares.T) and np.allclose(np.array(heat.customdata), norms.T)
-    assert len(heat.x) == shares.shape[0] and len(heat.y) == shares.shape[1]
+    norms, alloc = a.recording.stacked('key_norms')[:, 0], a.recording.stacked('allocation')[:, 0]
+    left, right = figures.key_norm_figure(norms, alloc).data
+    shares = min_max_shares(torch.as_tensor(norms)).numpy()
+    assert np.allclose(np.array(left.z, dtype=float), shares.T) and np.allclose(np.array(left.customdata), norms.T)
+    assert np.array_equal(np.array(left.text), largest_remainder(torch.as_tensor(shares), 8).numpy().T)
+    assert np.array_equal(np.array(right.z), alloc.T)
+    assert np.array_equal(np.array(left.text), np.array(right.z)), 'KDGQA itself allocates what it would'
+    assert np.allclose(a.recording.stacked('shares')[:, 0], shares, atol=1e-6)
 
 
 def test_heads_layers_mosaic_tiles_are_the_class_token_maps(analyses):
