@@ -60,10 +60,11 @@ def test_upload_run_two_models_and_read_the_page(app_url, tmp_path):
         browser.close()
 
 
-def _table_rows(page, elem_id):
-    """The visible cell texts of a gradio Dataframe, row by row."""
-    rows = page.locator(f'#{elem_id} tbody tr')
-    return [[c.strip() for c in rows.nth(i).locator('td').all_inner_texts()] for i in range(rows.count())]
+def _table_rows(page, elem_id, columns):
+    """The cell texts of a gradio Dataframe as the page shows them, row by row (headers dropped)."""
+    cells = [t.strip() for t in page.locator(f'#{elem_id}').inner_text().split('\n') if t.strip()]
+    body = cells[columns:]
+    return [body[i:i + columns] for i in range(0, len(body) - columns + 1, columns)]
 
 
 def test_heads_panels_and_dataset_tabs_show_the_apis_numbers(app_url, tmp_path):
@@ -95,7 +96,7 @@ def test_heads_panels_and_dataset_tabs_show_the_apis_numbers(app_url, tmp_path):
 
         page.get_by_role('tab', name='KV budget').click()
         expect(page.locator('#kvb-shipped-plot .js-plotly-plot')).to_be_visible(timeout=30_000)
-        rows = _table_rows(page, 'kvb-shipped-table')
+        rows = _table_rows(page, 'kvb-shipped-table', 6)
         wanted = next(r for r in shipped_kvb['rows'] if r['num_kv_heads'] == 4 and r['variant'] == 'gqa'
                       and r['grouping'] == 'output-error')
         row = next(r for r in rows if r[:3] == ['4', 'gqa', 'output-error'])
@@ -104,13 +105,13 @@ def test_heads_panels_and_dataset_tabs_show_the_apis_numbers(app_url, tmp_path):
         page.locator('#kvb-n input[type=number]').press('Enter')
         page.locator('#kvb-run').click()
         expect(page.locator('#kvb-live-plot .js-plotly-plot')).to_be_visible(timeout=120_000)
-        expect(page.locator('#kvb-live-table tbody tr').nth(len(live_table['data']) - 1)).to_be_visible()
-        live_rows = _table_rows(page, 'kvb-live-table')
-        assert [r[5] for r in live_rows] == [str(r[5]) for r in live_table['data']]
+        expect(page.locator('#kvb-live-table')).to_contain_text('output-error', timeout=120_000)
+        live_rows = _table_rows(page, 'kvb-live-table', 6)
+        assert [float(r[5]) for r in live_rows] == [float(r[5]) for r in live_table['data']]
 
         page.get_by_role('tab', name='Dataset view').click()
         expect(page.locator('#dataset-plot-0 .js-plotly-plot')).to_be_visible(timeout=30_000)
-        rows = _table_rows(page, 'dataset-table')
+        rows = _table_rows(page, 'dataset-table', 5)
         kd = next(r for r in rows if r[0] == 'kdgqa')
         assert float(kd[1]) == pytest.approx(100 * shipped_stats['models']['kdgqa']['top1'], abs=0.01)
         page.screenshot(path=str(Path(os.environ.get('GQA_LENS_SCREENSHOTS', tmp_path)) / 'dataset-view.png'),
