@@ -79,10 +79,10 @@ def _columns(analyses: List[Any], errors: List[Optional[str]], layer: int, head:
 
 
 def run(image: Optional[str], m0: str, m1: str, m2: str, m3: str, layer: float, head: str, fusion: str,
-        mode: str = 'zero', progress: gr.Progress = gr.Progress()) -> List[Any]:
+        mode: str = 'zero', deep: bool = False, progress: gr.Progress = gr.Progress()) -> List[Any]:
     specs = [m0, m1, m2, m3]
     try:
-        analyses, errors, notes = run_models(registry, image, specs, progress)
+        analyses, errors, notes = run_models(registry, image, specs, progress, deep=bool(deep))
     except (ImageInputError, ValueError) as e:
         return [None, f'⚠️ {public_message(e)}', gr.update()] + _empty_column() * MAX_MODELS
     depth = max(len(a.recording.layers) for a in analyses if a is not None) if any(analyses) else 1
@@ -222,6 +222,8 @@ def _image_tab(choices: List[str], defaults: List[str]) -> None:
                 head = gr.Dropdown(['mean'] + [str(h) for h in range(16)], value='mean', label='head')
                 fusion = gr.Radio(list(FUSIONS), value='mean', label='rollout head fusion')
                 mode = gr.Radio(list(ABLATION_MODES), value='zero', label='ablation', elem_id='ablation-mode')
+                deep = gr.Checkbox(False, label='which heads matter: ablation + faithfulness (~0.3-0.5 s a model)',
+                                   elem_id='deep')
             run_button = gr.Button('Run', variant='primary', elem_id='run')
             status = gr.Markdown(elem_id='status')
     outputs: List[Any] = []
@@ -247,7 +249,7 @@ def _image_tab(choices: List[str], defaults: List[str]) -> None:
         export_button = gr.Button('Download everything (zip: JSON, CSV, PNG, figures)', elem_id='export')
         export_file = gr.File(label='analysis', elem_id='export-file')
 
-    run_button.click(run, [image, *models, layer, head, fusion, mode], [state, status, layer, *outputs],
+    run_button.click(run, [image, *models, layer, head, fusion, mode, deep], [state, status, layer, *outputs],
                      api_name='run')
     for control in (layer, head, fusion, mode):
         control.change(rerender, [state, layer, head, fusion, mode], outputs, api_name=False,

@@ -24,6 +24,7 @@ sys.path.insert(0, str(ROOT))
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--requests', type=int, default=10)
+    parser.add_argument('--deep', action='store_true', help='with the which-heads-matter panels (ablation, faithfulness)')
     parser.add_argument('--image', default=str(ROOT / 'assets' / 'examples' / 'grace_hopper.jpg'))
     args = parser.parse_args()
     import app
@@ -37,7 +38,7 @@ def main() -> None:
     try:
         client = Client(f'http://127.0.0.1:{port}', verbose=False)
         call = lambda: client.predict(handle_file(args.image), *DEFAULT_MODELS, 3, 'mean', 'mean', 'zero',  # noqa: E731
-                                      api_name='/run')
+                                      args.deep, api_name='/run')
         call()
         latencies = []
         for _ in range(args.requests):
@@ -63,7 +64,7 @@ def main() -> None:
                 runs[deep].append(time.perf_counter() - start)
         added[spec] = statistics.median(runs[True]) - statistics.median(runs[False])
     print(f'threads={torch.get_num_threads()} models={",".join(DEFAULT_MODELS)} image={Path(args.image).name}')
-    print(f'one /run request, 4 models, all panels: median {statistics.median(latencies) * 1000:.0f} ms, '
+    print(f'one /run request, 4 models, all panels{" + ablation + faithfulness" if args.deep else ""}: median {statistics.median(latencies) * 1000:.0f} ms, '
           f'p95 {latencies[max(0, int(0.95 * len(latencies)) - 1)] * 1000:.0f} ms, max {latencies[-1] * 1000:.0f} ms '
           f'over {len(latencies)} requests')
     print('ablation + faithfulness add per column (median of 5): '

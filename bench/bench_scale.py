@@ -153,7 +153,7 @@ def sessions(args: argparse.Namespace) -> dict:
 
         def one_session() -> None:
             client = Client(url, verbose=False)
-            client.predict(handle_file(args.image), *DEFAULT_MODELS, 3, 'mean', 'mean', 'zero', api_name='/run')
+            client.predict(handle_file(args.image), *DEFAULT_MODELS, 3, 'mean', 'mean', 'zero', False, api_name='/run')
             client.close()
 
         def settle() -> float:

@@ -24,9 +24,9 @@ def client(server):
     return Client(server[0], verbose=False)
 
 
-def run_args(image, *models, layer=0, head='mean', fusion='mean', mode='zero'):
+def run_args(image, *models, layer=0, head='mean', fusion='mean', mode='zero', deep=True):
     models = list(models) + [''] * (4 - len(models))
-    return [handle_file(str(image)), *models, layer, head, fusion, mode]
+    return [handle_file(str(image)), *models, layer, head, fusion, mode, deep]
 
 
 def test_named_endpoints_exist(client):

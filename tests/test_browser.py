@@ -74,7 +74,7 @@ def test_heads_panels_and_dataset_tabs_show_the_apis_numbers(app_url, tmp_path):
     client = Client(app_url, verbose=False)
     image = EXAMPLES_DIR / 'cifar10_dog.jpg'
     out = client.predict(handle_file(str(image)), 'embedded/kdgqa', '(none)', '(none)', '(none)', 0, 'mean', 'mean',
-                         'zero', api_name='/run')
+                         'zero', True, api_name='/run')
     from gqa_core.lens.views import PANELS
     faith = json.loads(out[2 + PANELS.index('faithfulness')]['plot'])
     expected_legend = faith['data'][0]['name']  # e.g. "class token map: deletion AUC 0.412"
@@ -89,6 +89,7 @@ def test_heads_panels_and_dataset_tabs_show_the_apis_numbers(app_url, tmp_path):
         choose(page, 0, 'embedded/kdgqa')
         for slot in (1, 2, 3):
             choose(page, slot, '(none)')
+        page.locator('#deep input[type=checkbox]').check()
         page.locator('#run').click()
         for elem in ('ablation-0', 'diversity-0', 'faith-0', 'keynorm-0'):
             expect(page.locator(f'#{elem} .js-plotly-plot')).to_be_visible(timeout=60_000)

@@ -69,7 +69,7 @@ def server_paths(outside: Path) -> list:
 def run_spec(url: str, spec: str) -> list:
     client = Client(url, verbose=False)
     return client.predict(handle_file(str(EXAMPLES_DIR / 'cifar10_cat.jpg')), 'embedded/mha', spec, '', '', 0,
-                          'mean', 'mean', 'zero', api_name='/run')
+                          'mean', 'mean', 'zero', False, api_name='/run')
 
 
 HOSTILE = {

@@ -93,7 +93,7 @@ def analyse(loaded: LoadedModel, image: Image.Image, deep: bool = True) -> Analy
         analysis = _summarise(loaded, view, result)
         tokens = int(result.layers[0].attention.shape[-1])
         if not deep:
-            analysis.deep_note = 'head ablation and faithfulness not computed'
+            analysis.deep_note = 'tick "which heads matter" and run again for head ablation and faithfulness'
         elif tokens > DEEP_MAX_TOKENS:
             analysis.deep_note = (f'head ablation and faithfulness need {tokens:,} tokens x many forwards; this server '
                                   f'computes them live up to {DEEP_MAX_TOKENS:,} tokens (GQA_LENS_DEEP_MAX_TOKENS)')

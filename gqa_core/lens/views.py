@@ -50,7 +50,7 @@ FIGURES = ('grid', 'key_norms', 'assignment', 'history', 'difference', 'ablation
 
 
 def run_models(registry: ModelRegistry, image_path: Optional[str], specs: Sequence[Optional[str]],
-               progress: Any = None) -> tuple:
+               progress: Any = None, deep: bool = True) -> tuple:
     """Load the image once (safely) and run each chosen model on it.
 
     Returns ``(analyses, errors, notes)``: ``analyses[i]`` is None where slot ``i`` is empty or failed, and
@@ -71,7 +71,7 @@ def run_models(registry: ModelRegistry, image_path: Optional[str], specs: Sequen
             if progress is not None:
                 progress((i + 0.5) / len(specs), desc=f'{shown(spec, 40)}: loading and running')
             loaded = registry.get(spec)
-            analyses.append(analyse(loaded, loaded_image.image))
+            analyses.append(analyse(loaded, loaded_image.image, deep=deep))
             errors.append(None)
         except (ValueError, OSError, RuntimeError, TypeError, IndexError, KeyError, AttributeError) as e:
             # ModelLoadError / SpecError / ConfigError are ValueErrors; anything else from a model is named,
