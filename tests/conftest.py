@@ -76,7 +76,7 @@ def analyses(registry):
     from gqa_core.lens.analysis import analyse
     from gqa_core.lens.images import load_image
     image = load_image(str(EXAMPLES_DIR / 'cifar10_ship.jpg')).image
-    return {spec: analyse(registry.get(spec), image) for spec in registry.embedded()}
+    return {spec: analyse(registry.get(spec), image, deep=True) for spec in registry.embedded()}
 
 
 def free_port() -> int:

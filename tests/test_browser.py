@@ -18,6 +18,15 @@ def app_url(app_server):
     return app_server[0]
 
 
+def open_with_image(p, app_url, image):
+    """Chromium on the app with ``image`` uploaded: ``(browser, page)``."""
+    browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+    page = browser.new_page(viewport={'width': 1600, 'height': 1200})
+    page.goto(app_url)
+    page.locator('#image input[type=file]').set_input_files(str(image))
+    return browser, page
+
+
 def choose(page, slot: int, value: str) -> None:
     box = page.locator(f'#model-{slot} input')
     box.click()
@@ -32,10 +41,7 @@ def test_upload_run_two_models_and_read_the_page(app_url, tmp_path):
     image = EXAMPLES_DIR / 'cifar10_ship.jpg'
     expected = Client(app_url, verbose=False).predict(handle_file(str(image)), 'embedded/kdgqa', api_name='/predict')
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-        page = browser.new_page(viewport={'width': 1600, 'height': 1200})
-        page.goto(app_url)
-        page.locator('#image input[type=file]').set_input_files(str(image))
+        browser, page = open_with_image(p, app_url, image)
         choose(page, 0, 'embedded/kdgqa')
         choose(page, 1, 'embedded/mha')
         choose(page, 2, '(none)')
@@ -82,10 +88,7 @@ def test_heads_panels_and_dataset_tabs_show_the_apis_numbers(app_url, tmp_path):
     shipped_kvb = json.loads((ROOT / 'assets' / 'analysis' / 'kv-budget' / 'kv_budget.json').read_text())
     shipped_stats = json.loads((ROOT / 'assets' / 'analysis' / 'dataset' / 'stats.json').read_text())
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-        page = browser.new_page(viewport={'width': 1600, 'height': 1200})
-        page.goto(app_url)
-        page.locator('#image input[type=file]').set_input_files(str(image))
+        browser, page = open_with_image(p, app_url, image)
         choose(page, 0, 'embedded/kdgqa')
         for slot in (1, 2, 3):
             choose(page, slot, '(none)')

@@ -79,7 +79,7 @@ def model_input(loaded: LoadedModel, image: Image.Image) -> tuple:
     return np.asarray(view), normalisation(loaded.preprocessing)(view)[None]
 
 
-def analyse(loaded: LoadedModel, image: Image.Image, deep: bool = True) -> Analysis:
+def analyse(loaded: LoadedModel, image: Image.Image, deep: bool = False) -> Analysis:
     """Run ``loaded`` on one RGB image (always a batch of one: the result never depends on other requests).
 
     ``deep``: also ablate every head and measure the maps' faithfulness (batched forwards), for models of at

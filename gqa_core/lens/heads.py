@@ -37,7 +37,8 @@ def _score(outputs: Tensor, reference: Tensor, target: Optional[int]) -> Tensor:
     return torch.nn.functional.cosine_similarity(outputs.float(), reference.float()[None], dim=-1)
 
 
-def _chunks(model: nn.Module, x: Tensor) -> int:
+def _chunks(model: nn.Module) -> int:
+    """Batch rows per forward for this model's token count."""
     tokens = int(model.patch_embed.num_patches) + int(getattr(model, 'num_prefix_tokens', 0))
     return max(1, ROWS_PER_FORWARD_TOKENS // tokens)
 
@@ -46,7 +47,7 @@ def _chunks(model: nn.Module, x: Tensor) -> int:
 def _batched(model: nn.Module, x: Tensor, query_heads: Optional[Tensor] = None, kv_heads: Optional[Tensor] = None,
              mode: str = 'zero') -> Tensor:
     """Run ``x`` (one row per ablation or perturbation) in bounded chunks, the head masks sliced alongside."""
-    step = _chunks(model, x)
+    step = _chunks(model)
     outs = []
     for start in range(0, x.shape[0], step):
         chunk = x[start:start + step]

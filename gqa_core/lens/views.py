@@ -50,7 +50,7 @@ FIGURES = ('grid', 'key_norms', 'assignment', 'history', 'difference', 'ablation
 
 
 def run_models(registry: ModelRegistry, image_path: Optional[str], specs: Sequence[Optional[str]],
-               progress: Any = None, deep: bool = True) -> tuple:
+               progress: Any = None, deep: bool = False) -> tuple:
     """Load the image once (safely) and run each chosen model on it.
 
     Returns ``(analyses, errors, notes)``: ``analyses[i]`` is None where slot ``i`` is empty or failed, and
