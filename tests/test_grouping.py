@@ -47,8 +47,9 @@ def test_explicit_grouping_pools_the_named_heads_and_composes_with_kdgqa():
         convert(copy.deepcopy(mha), 'gqa', 3, grouping=[[0, 0, 1, 2, 3, 4], list(range(6))])
 
 
-def _layer_error_by_hand(attn, x, groups):
-    """Per-head loop: each head attends with its group's mean-pooled K/V; error of the projected output."""
+def _layer_error_by_hand(attn, x, groups, rows=slice(None)):
+    """Per-head loop: each head attends with its group's mean-pooled K/V; error of the projected output in
+    the query ``rows`` that count."""
     H, d = attn.num_heads, attn.head_dim
     B, N, _ = x.shape
     q, k, v = attn.qkv(x).reshape(B, N, 3, H, d).permute(2, 0, 3, 1, 4)
@@ -59,29 +60,79 @@ def _layer_error_by_hand(attn, x, groups):
         kg, vg = k[:, list(group)].mean(1), v[:, list(group)].mean(1)
         for h in group:
             out_pooled[h] = torch.softmax(q[:, h] @ kg.transpose(-1, -2) * attn.scale, -1) @ vg
-    delta = torch.cat([out_pooled[h] - out_mha[h] for h in range(H)], -1)
+    delta = torch.cat([out_pooled[h] - out_mha[h] for h in range(H)], -1)[:, rows]
     return float((delta @ attn.proj.weight.T).double().pow(2).sum())
 
 
-def test_exhaustive_search_finds_the_partition_with_the_least_output_error():
+PAIRINGS = [((0, a), tuple(sorted({1, 2, 3} - {a}))) for a in (1, 2, 3)]  # 4 heads into 2 pairs
+
+
+def _small_vit():
     torch.manual_seed(0)
-    model = timm.create_model('vit_tiny_patch16_224', img_size=32, patch_size=8, depth=2, num_heads=4,
-                              embed_dim=64).eval()
+    return timm.create_model('vit_tiny_patch16_224', img_size=32, patch_size=8, depth=2, num_heads=4,
+                             embed_dim=64, num_classes=5).eval()
+
+
+def test_exhaustive_search_finds_the_partition_with_the_least_output_error():
+    model = _small_vit()
     images = torch.randn(6, 3, 32, 32)
-    advice = advise_grouping(model, 2, images)
+    advice = advise_grouping(model, 2, images, candidates=1)
     with torch.no_grad():
         x = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(images))))
         for layer, block in enumerate(model.blocks):
             h = block.norm1(x)
-            partitions = [((0, a), tuple(sorted({1, 2, 3} - {a}))) for a in (1, 2, 3)]
-            errors = {p: _layer_error_by_hand(block.attn, h, p) for p in partitions}
+            # only the class token's output reaches the head of this token-pooled model in its last layer
+            rows = slice(0, 1) if layer == len(model.blocks) - 1 else slice(None)
+            errors = {p: _layer_error_by_hand(block.attn, h, p, rows) for p in PAIRINGS}
             best = min(errors, key=errors.get)
-            assert advice.search[layer] == 'exhaustive'
+            assert advice.search[layer] == 'exhaustive' and advice.output_divergence[layer] is None
             assert sorted(map(sorted, [advice.permutations[layer][:2], advice.permutations[layer][2:]])) == \
                 sorted(map(list, best))
             assert advice.error_advised[layer] == pytest.approx(errors[best], rel=1e-4)
             assert advice.error_consecutive[layer] == pytest.approx(errors[((0, 1), (2, 3))], rel=1e-4)
             x = block(x)
+
+
+def _kl(reference, output):
+    p, q = torch.log_softmax(reference.double(), -1), torch.log_softmax(output.double(), -1)
+    return float((p.exp() * (p - q)).sum(-1).mean())
+
+
+def _with_pooled(model, perms):
+    """A copy of ``model`` whose first len(perms) layers are pooled to 2 KV heads by hand, the rest MHA."""
+    from gqa_core.core.attention import GroupedQueryAttention
+    pooled = copy.deepcopy(model)
+    for layer, perm in enumerate(perms):
+        attn = copy.deepcopy(model.blocks[layer].attn)
+        permute_heads(attn, [h for g in perm for h in g])
+        pooled.blocks[layer].attn = GroupedQueryAttention.from_attention(attn, 'gqa', 2)
+    return pooled.eval()
+
+
+def test_model_output_decides_among_the_best_ranked_partitions():
+    model = _small_vit()
+    images = torch.randn(6, 3, 32, 32)
+    advice = advise_grouping(model, 2, images, candidates=3)
+    chosen = [tuple(tuple(sorted(p[i:i + 2])) for i in (0, 2)) for p in advice.permutations]
+    compared = 0
+    with torch.no_grad():
+        reference = model(images)
+        x = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(images))))
+        for layer, block in enumerate(model.blocks):
+            rows = slice(0, 1) if layer == len(model.blocks) - 1 else slice(None)
+            errors = {p: _layer_error_by_hand(block.attn, block.norm1(x), p, rows) for p in PAIRINGS}
+            allowed = [p for p in PAIRINGS if errors[p] <= errors[((0, 1), (2, 3))] * (1 + 1e-6)]
+            # layers below keep their chosen grouping, layers above stay multi-head
+            kl = {p: _kl(reference, _with_pooled(model, chosen[:layer] + [p])(images)) for p in allowed}
+            compared += len(allowed) > 1
+            assert chosen[layer] == tuple(sorted(min(kl, key=kl.get)))
+            assert advice.output_divergence[layer] == pytest.approx(kl[chosen[layer]], rel=1e-3, abs=1e-9)
+            assert advice.error_advised[layer] <= advice.error_consecutive[layer]
+            x = block(x)
+    assert compared > 0  # some layer had a choice to make on the model's output
+    # the last divergence is the converted model's own
+    converted = convert(copy.deepcopy(model), 'gqa', 2, grouping=advice.permutations).eval()
+    assert advice.output_divergence[-1] == pytest.approx(_kl(reference, converted(images)), rel=1e-3)
 
 
 @pytest.mark.parametrize('name', ['vit_base_patch16_224', 'vit_large_patch16_224'])
@@ -126,3 +177,14 @@ def test_embedded_conversion_with_advised_grouping_in_the_registry(registry):
     loaded = registry.get('convert:embedded/mha:gqa:4:output-error')
     assert loaded.source_heads is not None and 'advised head grouping' in loaded.summary()
     assert all(sorted(p) == list(range(8)) for p in loaded.source_heads)
+
+
+def test_a_work_bound_turns_the_model_output_comparison_off():
+    """Live conversions bound the second stage; below one candidate's cost it does not run."""
+    model = _small_vit()
+    images = torch.randn(6, 3, 32, 32)
+    bounded = advise_grouping(model, 2, images, max_refine_flops=1.0)
+    layer_error_only = advise_grouping(model, 2, images, candidates=1)
+    assert bounded.output_divergence == [None, None]
+    assert bounded.permutations == layer_error_only.permutations
+    assert advise_grouping(model, 2, images, max_refine_flops=1e12).output_divergence[0] is not None

@@ -30,6 +30,7 @@ def convert(
         num_kv_heads: Optional[int] = None,
         grouping: Union[str, Sequence[Sequence[int]]] = 'consecutive',
         calibration: Optional[Tensor] = None,
+        max_refine_flops: Optional[float] = None,
         **policy_options: Any,
 ) -> VisionTransformer:
     """Swap every block's attention of a timm ViT, in place, for :class:`GroupedQueryAttention`.
@@ -42,12 +43,13 @@ def convert(
     ``grouping`` decides which MHA heads share a KV head: ``"consecutive"`` (the paper's), ``"output-error"``
     (chosen per layer on the ``calibration`` images, see :mod:`gqa_core.core.grouping`) or one head order per
     layer. Non-consecutive groupings permute the MHA's heads (function-preserving) before pooling; each layer's
-    ``source_heads`` then records which original head sits at each position.
+    ``source_heads`` then records which original head sits at each position. ``max_refine_flops`` bounds the
+    advisor's model-output comparison (for live requests).
     """
     vit = check_vit(model)
     attns = [_convertible_attention(index, block, num_kv_heads) for index, block in enumerate(vit.blocks)]
     sources = [getattr(block.attn, 'source_heads', None) for block in vit.blocks]
-    perms = _grouping_permutations(vit, attns, grouping, calibration, num_kv_heads)
+    perms = _grouping_permutations(vit, attns, grouping, calibration, num_kv_heads, max_refine_flops)
     if perms is not None:
         attns = [copy.deepcopy(a) for a in attns]  # permute copies: a failure below leaves the model as it was
         for attn, perm in zip(attns, perms):
@@ -66,7 +68,8 @@ def convert(
 
 
 def _grouping_permutations(vit: VisionTransformer, attns: list, grouping: Any, calibration: Optional[Tensor],
-                            num_kv_heads: Optional[int]) -> Optional[List[List[int]]]:
+                            num_kv_heads: Optional[int],
+                            max_refine_flops: Optional[float]) -> Optional[List[List[int]]]:
     if isinstance(grouping, str):
         if grouping == 'consecutive':
             return None
@@ -74,7 +77,7 @@ def _grouping_permutations(vit: VisionTransformer, attns: list, grouping: Any, c
             raise ValueError(f'grouping must be one of {GROUPINGS} or one head order per layer, got {grouping!r}')
         if calibration is None:
             raise ValueError('grouping="output-error" needs calibration images (a tensor (N, 3, H, W))')
-        return advise_grouping(vit, num_kv_heads, calibration).permutations
+        return advise_grouping(vit, num_kv_heads, calibration, max_refine_flops=max_refine_flops).permutations
     return check_permutations(grouping, len(attns), attns[0].num_heads)
 
 

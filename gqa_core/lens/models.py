@@ -29,6 +29,7 @@ __all__ = ['LoadedModel', 'ModelRegistry', 'ModelLoadError', 'EMBEDDED_DIR', 'DE
 EMBEDDED_DIR = Path(__file__).resolve().parents[2] / 'assets' / 'models'
 DEFAULT_MODELS = ('embedded/mha', 'embedded/gqa', 'embedded/kdgqa', 'embedded/dgqa-diff')
 CALIBRATION_TOKENS = 8_192  # calibration images x tokens the advisor may score for one live conversion
+REFINE_FLOPS = 1e12  # the advisor's model-output comparison, per live conversion (about 20 s on 2 CPU cores)
 
 
 @dataclass
@@ -125,7 +126,8 @@ class ModelRegistry:
                 tokens = model.patch_embed.num_patches + model.num_prefix_tokens
                 n = max(8, min(512, CALIBRATION_TOKENS // tokens))  # bounded work for a live request
                 calibration = calibration_images(self._preprocessing(model), n)
-            convert(model, spec.variant, spec.num_kv_heads, grouping=spec.grouping, calibration=calibration)
+            convert(model, spec.variant, spec.num_kv_heads, grouping=spec.grouping, calibration=calibration,
+                    max_refine_flops=REFINE_FLOPS)
             if base_config is not None:
                 model.gqa_lens_config = base_config
         model.eval()
