@@ -12,7 +12,7 @@ import torch
 
 from ..training.kv_budget import kv_budget_rows
 from .calibration import CALIBRATION_FILE, calibration_images
-from .models import ModelRegistry
+from .models import REFINE_FLOPS, ModelRegistry, live_calibration_size
 
 __all__ = ['ANALYSIS_DIR', 'shipped_kv_budget', 'shipped_dataset_stats', 'live_kv_budget', 'LIVE_MAX_IMAGES',
            'kv_budget_table']
@@ -40,8 +40,8 @@ def kv_budget_table(result: Dict[str, Any]) -> list:
 def live_kv_budget(registry: ModelRegistry, spec: str, n: int,
                    progress: Optional[Callable[[float, str], None]] = None) -> Dict[str, Any]:
     """The explorer for any multi-head model the registry can load, on ``n`` of the shipped images (after the
-    first 128, which calibrate the advisor). Top-1 where the model's labels are the images' CIFAR-10 classes,
-    agreement with the MHA model always."""
+    first 128, which calibrate the advisor; fewer of them for models of many tokens). Top-1 where the model's
+    labels are the images' CIFAR-10 classes, agreement with the MHA model always."""
     n = int(n)
     if not 1 <= n <= LIVE_MAX_IMAGES:
         raise ValueError(f'number of images must be 1..{LIVE_MAX_IMAGES}, got {n}')
@@ -55,7 +55,8 @@ def live_kv_budget(registry: ModelRegistry, spec: str, n: int,
         classes = [str(c) for c in data['classes']]
     same_classes = list(loaded.labels) == classes
     with loaded.lock:
+        calibration = images[:live_calibration_size(loaded.model, most=LIVE_CALIBRATION)]  # bounded work
         rows = kv_budget_rows(loaded.model, images[LIVE_CALIBRATION:], labels if same_classes else None,
-                              images[:LIVE_CALIBRATION], progress=progress, batch_size=64)
+                              calibration, progress=progress, batch_size=64, max_refine_flops=REFINE_FLOPS)
     return dict(model=loaded.spec, data='shipped CIFAR-10 training images', split='live', n=n,
                 num_heads=loaded.model.blocks[0].attn.num_heads, rows=rows)

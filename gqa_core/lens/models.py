@@ -32,6 +32,12 @@ CALIBRATION_TOKENS = 8_192  # calibration images x tokens the advisor may score 
 REFINE_FLOPS = 1e12  # the advisor's model-output comparison, per live conversion (about 20 s on 2 CPU cores)
 
 
+def live_calibration_size(model: nn.Module, most: int = 512) -> int:
+    """How many calibration images the grouping advisor scores for one live request (bounded work)."""
+    tokens = model.patch_embed.num_patches + model.num_prefix_tokens
+    return max(8, min(most, CALIBRATION_TOKENS // tokens))
+
+
 @dataclass
 class LoadedModel:
     spec: str
@@ -123,9 +129,7 @@ class ModelRegistry:
             base_config = getattr(model, 'gqa_lens_config', None)
             calibration = None
             if spec.grouping != 'consecutive':
-                tokens = model.patch_embed.num_patches + model.num_prefix_tokens
-                n = max(8, min(512, CALIBRATION_TOKENS // tokens))  # bounded work for a live request
-                calibration = calibration_images(self._preprocessing(model), n)
+                calibration = calibration_images(self._preprocessing(model), live_calibration_size(model))
             convert(model, spec.variant, spec.num_kv_heads, grouping=spec.grouping, calibration=calibration,
                     max_refine_flops=REFINE_FLOPS)
             if base_config is not None:

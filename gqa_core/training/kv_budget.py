@@ -40,8 +40,10 @@ def _predictions(model: nn.Module, images: Tensor, batch_size: int) -> Tensor:
 
 def kv_budget_rows(mha: nn.Module, images: Tensor, labels: Optional[Tensor], calibration: Tensor, *,
                    variants: Sequence[str] = VARIANTS, groupings: Sequence[str] = GROUPINGS, batch_size: int = 256,
-                   progress: Optional[Callable[[float, str], None]] = None) -> List[Dict[str, Any]]:
-    """One row per (G, variant, grouping), plus the MHA row; ``labels`` None: agreement only."""
+                   progress: Optional[Callable[[float, str], None]] = None,
+                   max_refine_flops: Optional[float] = None) -> List[Dict[str, Any]]:
+    """One row per (G, variant, grouping), plus the MHA row; ``labels`` None: agreement only.
+    ``max_refine_flops`` bounds the grouping advisor's model-output comparison (live requests)."""
     mha = mha.eval()
     H = mha.blocks[0].attn.num_heads
     reference = _predictions(mha, images, batch_size)
@@ -58,7 +60,7 @@ def kv_budget_rows(mha: nn.Module, images: Tensor, labels: Optional[Tensor], cal
         perms: Any = 'consecutive'
         if grouping == 'output-error':
             if g not in advice:
-                advice[g] = advise_grouping(mha, g, calibration).permutations
+                advice[g] = advise_grouping(mha, g, calibration, max_refine_flops=max_refine_flops).permutations
             perms = advice[g]
         convert(model, variant, g, grouping=perms)
         predictions = _predictions(model.eval(), images, batch_size)
