@@ -23,6 +23,7 @@ from gqa_core.lens.analysis import FUSIONS, analyse
 from gqa_core.lens.export import export_zip
 from gqa_core.lens.images import ImageInputError, load_image
 from gqa_core.core.ablation import ABLATION_MODES
+from gqa_core.core.grouping import GROUPINGS
 from gqa_core.lens import figures
 from gqa_core.lens.explorer import (LIVE_MAX_IMAGES, kv_budget_table, live_kv_budget, shipped_dataset_stats,
                                     shipped_kv_budget)
@@ -215,7 +216,7 @@ def _image_tab(choices: List[str], defaults: List[str]) -> None:
                                          label='source (embedded/mha, hf-hub:…, timm name)')
                     variant = gr.Dropdown(list(VARIANTS), value='kdgqa', label='variant')
                     groups = gr.Number(value=2, precision=0, label='G (KV heads)')
-                    grouping = gr.Radio(['consecutive', 'output-error'], value='consecutive', label='grouping')
+                    grouping = gr.Radio(list(GROUPINGS), value='consecutive', label='grouping')
                     use = gr.Button('use as model 4')
             with gr.Row():
                 layer = gr.Slider(0, 11, value=0, step=1, label='layer', elem_id='layer')

@@ -11,7 +11,8 @@ from timm.models.vision_transformer import VisionTransformer
 from .attention import GroupedQueryAttention, kv_bytes
 from .grouping import GROUPINGS, advise_grouping, check_permutations, permute_heads
 
-__all__ = ['convert', 'revert', 'grouping_config', 'gqa_layers', 'kv_cache_bytes', 'source_heads', 'check_vit']
+__all__ = ['convert', 'revert', 'grouping_config', 'gqa_layers', 'kv_cache_bytes', 'num_tokens', 'source_heads',
+           'check_vit']
 
 
 def check_vit(model: nn.Module) -> VisionTransformer:
@@ -127,10 +128,15 @@ def grouping_config(model: nn.Module) -> Dict[str, Any]:
     return configs[0]
 
 
+def num_tokens(model: nn.Module) -> int:
+    """Tokens per image at the model's configured size: its patches plus prefix tokens (class, registers)."""
+    return int(model.patch_embed.num_patches) + int(getattr(model, 'num_prefix_tokens', 0))
+
+
 def kv_cache_bytes(model: nn.Module, bytes_per_value: int = 2) -> int:
     """Bytes of K and V one image occupies over all layers (fp16 by default) -- what grouping saves."""
     vit = check_vit(model)
-    tokens = vit.patch_embed.num_patches + vit.num_prefix_tokens
+    tokens = num_tokens(vit)
     total = 0
     for block in vit.blocks:
         attn = block.attn

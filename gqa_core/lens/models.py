@@ -16,7 +16,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import torch
 from torch import nn
 
-from ..core.convert import convert, grouping_config, kv_cache_bytes, source_heads
+from ..core.convert import convert, grouping_config, kv_cache_bytes, num_tokens, source_heads
 from ..training.hub import ModelLoadError, from_pretrained, from_timm, model_preprocessing
 from ..core.policies import POLICIES
 from ..training.safe_config import Budget
@@ -34,8 +34,7 @@ REFINE_FLOPS = 1e12  # the advisor's model-output comparison, per live conversio
 
 def live_calibration_size(model: nn.Module, most: int = 512) -> int:
     """How many calibration images the grouping advisor scores for one live request (bounded work)."""
-    tokens = model.patch_embed.num_patches + model.num_prefix_tokens
-    return max(8, min(most, CALIBRATION_TOKENS // tokens))
+    return max(8, min(most, CALIBRATION_TOKENS // num_tokens(model)))
 
 
 @dataclass

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Sequence
 
+from ..core.grouping import GROUPINGS
+
 __all__ = ['Spec', 'SpecError', 'parse_spec', 'shown', 'resolve_in', 'allowed_model_dirs', 'MAX_SPEC_CHARS',
            'public_message']
 
@@ -29,7 +31,6 @@ REPO_PART = re.compile(r'^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$')
 REVISION = re.compile(r'^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$')
 TIMM_NAME = re.compile(r'^[a-z0-9_]{1,80}(\.[a-z0-9_]{1,80})?$')
 KINDS_HELP = 'use embedded/NAME, local:NAME, hub:ORG/NAME[@REVISION] or convert:SOURCE:VARIANT:G[:GROUPING]'
-GROUPINGS = ('consecutive', 'output-error')
 
 
 class SpecError(ValueError):

@@ -23,14 +23,13 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ..core.convert import convert, kv_cache_bytes
-from ..core.grouping import advise_grouping
+from ..core.grouping import GROUPINGS, advise_grouping
 from .data import build_datasets
 from .hub import from_pretrained
 
 __all__ = ['kv_budget', 'kv_budget_rows', 'main', 'VARIANTS', 'GROUPINGS']
 
 VARIANTS = ('gqa', 'kdgqa')
-GROUPINGS = ('consecutive', 'output-error')
 
 
 @torch.inference_mode()

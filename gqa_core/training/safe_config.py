@@ -19,6 +19,8 @@ from typing import Any, Callable, Dict, Optional
 import timm
 import torch
 
+from ..core.convert import num_tokens
+
 __all__ = ['ConfigError', 'Budget', 'check_backbone', 'check_backbone_args', 'check_grouping', 'check_preprocessing',
            'check_labels', 'check_budget', 'check_config', 'BACKBONE_ARGS', 'POLICY_OPTIONS']
 
@@ -196,7 +198,7 @@ def check_budget(backbone: str, args: Dict[str, Any], budget: Budget) -> Dict[st
         raise ConfigError(f'backbone {backbone!r} cannot be built with these backbone_args '
                           f'({type(e).__name__}: {str(e)[:200]})') from None
     params = sum(p.numel() for p in model.parameters())
-    tokens = int(model.patch_embed.num_patches) + int(getattr(model, 'num_prefix_tokens', 0))
+    tokens = num_tokens(model)
     if params > budget.max_params:
         raise ConfigError(f'the config asks for a model of {params:,} parameters; this server allows '
                           f'{budget.max_params:,}')
