@@ -223,7 +223,7 @@ def _image_tab(choices: List[str], defaults: List[str]) -> None:
                 head = gr.Dropdown(['mean'] + [str(h) for h in range(16)], value='mean', label='head')
                 fusion = gr.Radio(list(FUSIONS), value='mean', label='rollout head fusion')
                 mode = gr.Radio(list(ABLATION_MODES), value='zero', label='ablation', elem_id='ablation-mode')
-                deep = gr.Checkbox(False, label='which heads matter: ablation + faithfulness (~0.3-0.5 s a model)',
+                deep = gr.Checkbox(False, label='which heads matter: ablation + faithfulness (~0.4-0.6 s a model)',
                                    elem_id='deep')
             run_button = gr.Button('Run', variant='primary', elem_id='run')
             status = gr.Markdown(elem_id='status')
