@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from ..core.ablation import ABLATION_MODES, ablate
+from ..core.convert import gqa_layers, num_tokens
 
 __all__ = ['AblationResult', 'ablation_study', 'group_diversity', 'jensen_shannon', 'faithfulness',
            'deletion_insertion', 'CURVE_STEPS']
@@ -39,8 +40,7 @@ def _score(outputs: Tensor, reference: Tensor, target: Optional[int]) -> Tensor:
 
 def _chunks(model: nn.Module) -> int:
     """Batch rows per forward for this model's token count."""
-    tokens = int(model.patch_embed.num_patches) + int(getattr(model, 'num_prefix_tokens', 0))
-    return max(1, ROWS_PER_FORWARD_TOKENS // tokens)
+    return max(1, ROWS_PER_FORWARD_TOKENS // num_tokens(model))
 
 
 @torch.inference_mode()
@@ -74,23 +74,22 @@ class AblationResult:
 def ablation_study(model: nn.Module, x: Tensor, target: Optional[int], target_name: str = '') -> AblationResult:
     """Every single KV-head and query-head removal of ``model`` on the one image ``x`` ``(1, 3, H, W)``, both
     modes. Rows: for each layer l and KV head g one removal, then for each (l, h) one; all in batched forwards."""
-    from ..core.convert import gqa_layers
     layers = gqa_layers(model)
     L, H, G = len(layers), layers[0].num_heads, layers[0].num_kv_heads
     n_kv, n_q = L * G, L * H
-    kv_mask = torch.zeros(1 + n_kv + n_q, L, G, dtype=torch.bool)
-    q_mask = torch.zeros(1 + n_kv + n_q, L, H, dtype=torch.bool)
+    kv_mask = torch.zeros(n_kv + n_q, L, G, dtype=torch.bool)
+    q_mask = torch.zeros(n_kv + n_q, L, H, dtype=torch.bool)
     rows = torch.arange(n_kv)
-    kv_mask[1 + rows, rows // G, rows % G] = True
+    kv_mask[rows, rows // G, rows % G] = True
     rows = torch.arange(n_q)
-    q_mask[1 + n_kv + rows, rows // H, rows % H] = True
-    batch = x.expand(1 + n_kv + n_q, *x.shape[1:])
+    q_mask[n_kv + rows, rows // H, rows % H] = True
+    batch = x.expand(n_kv + n_q, *x.shape[1:])
     kv_out: Dict[str, np.ndarray] = {}
     q_out: Dict[str, np.ndarray] = {}
     base = model(x)[0]
     base_score = float(_score(base[None], base, target)[0])
     for mode in ABLATION_MODES:
-        out = _batched(model, batch[1:], q_mask[1:], kv_mask[1:], mode)
+        out = _batched(model, batch, q_mask, kv_mask, mode)
         drop = base_score - _score(out, base, target).double().numpy()
         kv_out[mode] = drop[:n_kv].reshape(L, G)
         q_out[mode] = drop[n_kv:].reshape(L, H)
@@ -139,18 +138,19 @@ def _patch_masks(order: np.ndarray, counts: List[int], grid: tuple, patch: tuple
 
 @torch.inference_mode()
 def deletion_insertion(model: nn.Module, x: Tensor, ranking: np.ndarray, grid: tuple, target: Optional[int],
-                       steps: int = CURVE_STEPS) -> Dict[str, object]:
+                       steps: int = CURVE_STEPS, base: Optional[Tensor] = None) -> Dict[str, object]:
     """Deletion and insertion curves for one patch ranking (higher = more important) on ``x`` ``(1, 3, H, W)``.
 
     Removed patches take the value 0 of the normalised input (the dataset's mean colour). Returns the
-    fractions, both curves and their trapezoidal AUCs (each curve includes its unperturbed end).
+    fractions, both curves and their trapezoidal AUCs (each curve includes its unperturbed end). ``base``: the
+    model's output on ``x`` when the caller has it.
     """
     P = int(grid[0] * grid[1])
     order = np.argsort(-np.asarray(ranking), kind='stable')
     counts = sorted({round(i * P / min(steps, P)) for i in range(min(steps, P) + 1)})
     patch = tuple(int(p) for p in model.patch_embed.patch_size)
     masks = _patch_masks(order, counts, grid, patch, tuple(x.shape[-2:]))
-    base = model(x)[0]
+    base = model(x)[0] if base is None else base
     deleted = x * (1 - masks)  # the top-k patches removed
     inserted = x * masks  # only the top-k patches shown
     deletion = _score(_batched(model, deleted), base, target).double().numpy()
@@ -164,4 +164,6 @@ def deletion_insertion(model: nn.Module, x: Tensor, ranking: np.ndarray, grid: t
 def faithfulness(model: nn.Module, x: Tensor, maps: Dict[str, np.ndarray], grid: tuple,
                  target: Optional[int]) -> Dict[str, Dict[str, object]]:
     """:func:`deletion_insertion` for each named map (e.g. ``{"class-token map": ..., "rollout": ...}``)."""
-    return {name: deletion_insertion(model, x, ranking, grid, target) for name, ranking in maps.items()}
+    with torch.inference_mode():
+        base = model(x)[0]
+    return {name: deletion_insertion(model, x, ranking, grid, target, base=base) for name, ranking in maps.items()}

@@ -153,14 +153,10 @@ def column_view(analysis: Analysis, layer: int, head: str, fusion: str, referenc
         diversity=figures.diversity_figure(
             group_diversity(rec.stacked('attention')[:, 0, :, rec.summary_row], rec.stacked('query_to_kv')[:, 0],
                             int(g['num_kv_heads'])), title=f'{title}: within-group diversity ({who})'),
-        faithfulness=(figures.faithfulness_figure(analysis.faithfulness, _score_name(analysis),
+        faithfulness=(figures.faithfulness_figure(analysis.faithfulness, analysis.ablation.target,
                                                   title=f'{title}: deletion / insertion')
                       if analysis.faithfulness else figures.message_figure(analysis.deep_note)),
     )
-
-
-def _score_name(analysis: Analysis) -> str:
-    return f'p({analysis.top5[0][0]})' if analysis.top5 else 'feature cosine'
 
 
 def _ablation_view(analysis: Analysis, title: str, mode: str) -> Any:
