@@ -119,7 +119,16 @@ def build_start_model(cfg: TrainConfig) -> Tuple[nn.Module, Dict[str, Any], Opti
     return model, pre, None
 
 
-def make_variant(start: nn.Module, name: str, cfg: TrainConfig, calibration: Optional[torch.Tensor] = None) -> nn.Module:
+def start_grouping(start: nn.Module, splits: Any, cfg: TrainConfig) -> Any:
+    """Which MHA heads every variant of the run pools together: ``"consecutive"``, or the grouping advisor's
+    head orders on ``cfg.calibration_images`` training images (one advice for all variants: they share G)."""
+    if cfg.grouping == 'consecutive' or all(VARIANT_SPECS.get(v, ('',))[0] == 'mha' for v in cfg.variants):
+        return 'consecutive'  # nothing to pool
+    G = cfg.num_kv_heads or start.blocks[0].attn.num_heads // 2
+    return advise_grouping(start, G, splits.calibration(cfg.calibration_images, cfg.seed)).permutations
+
+
+def make_variant(start: nn.Module, name: str, cfg: TrainConfig, grouping: Any = 'consecutive') -> nn.Module:
     if name not in VARIANT_SPECS:
         raise ValueError(f'unknown variant {name!r}; choose from {sorted(VARIANT_SPECS)}')
     import copy
@@ -132,16 +141,7 @@ def make_variant(start: nn.Module, name: str, cfg: TrainConfig, calibration: Opt
     heads = start.blocks[0].attn.num_heads
     G = None if policy == 'mha' else (cfg.num_kv_heads or heads // 2)
     model = copy.deepcopy(start)
-    grouping: Any = 'consecutive'
-    if cfg.grouping != 'consecutive' and policy != 'mha':
-        advice = getattr(start, 'gqa_lens_advice', {})  # one advice per G, shared by every variant
-        if G not in advice:
-            if calibration is None:
-                raise ValueError(f'grouping={cfg.grouping!r} needs calibration images')
-            advice[G] = advise_grouping(start, G, calibration).permutations
-            start.gqa_lens_advice = advice
-        grouping = advice[G]
-    convert(model, policy, G, grouping=grouping, **options)
+    convert(model, policy, G, grouping=grouping if policy != 'mha' else 'consecutive', **options)
     model.gqa_lens_backbone = start.gqa_lens_backbone
     return model
 
@@ -200,8 +200,9 @@ def _append_metrics(out: Path, row: Dict[str, Any]) -> None:
 
 
 def train_variant(name: str, start: nn.Module, splits: Any, preprocessing: Dict[str, Any], labels: List[str],
-                  cfg: TrainConfig) -> Dict[str, Any]:
-    """Convert, train, keep the best-on-validation model, evaluate it on test. Returns its summary row."""
+                  cfg: TrainConfig, grouping: Any = None) -> Dict[str, Any]:
+    """Convert, train, keep the best-on-validation model, evaluate it on test. Returns its summary row.
+    ``grouping``: from :func:`start_grouping` (computed here when None)."""
     from accelerate import Accelerator
     mixed = cfg.mixed_precision
     if mixed == 'auto':
@@ -211,8 +212,9 @@ def train_variant(name: str, start: nn.Module, splits: Any, preprocessing: Dict[
     ckpt = out / 'checkpoint'
     out.mkdir(parents=True, exist_ok=True)
     seed_everything(cfg.seed)
-    calibration = splits.calibration(cfg.calibration_images, cfg.seed) if cfg.grouping != 'consecutive' else None
-    model = make_variant(start, name, cfg, calibration)
+    if grouping is None:
+        grouping = start_grouping(start, splits, cfg)
+    model = make_variant(start, name, cfg, grouping)
     g = torch.Generator().manual_seed(cfg.seed)
     train_loader = DataLoader(splits.train, batch_size=cfg.batch_size, shuffle=True, drop_last=True,
                               num_workers=cfg.workers, generator=g, persistent_workers=cfg.workers > 0)
@@ -338,7 +340,8 @@ def run(cfg: TrainConfig) -> List[Dict[str, Any]]:
     labels = labels or splits.classes
     if start.num_classes != len(labels):
         start.reset_classifier(len(labels))
-    rows = [train_variant(name, start, splits, preprocessing, labels, cfg) for name in cfg.variants]
+    grouping = start_grouping(start, splits, cfg)
+    rows = [train_variant(name, start, splits, preprocessing, labels, cfg, grouping) for name in cfg.variants]
     out = Path(cfg.out)
     (out / 'comparison.md').write_text(comparison_table(rows))
     (out / 'comparison.json').write_text(json.dumps(rows, indent=2))
