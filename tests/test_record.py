@@ -8,7 +8,7 @@ import timm
 import torch
 from timm.utils import AttentionExtract
 
-from gqa_core import convert, record
+from gqa_core import convert, gqa_layers, record
 from gqa_core.core.apportion import query_to_kv
 
 from conftest import tiny_vit
@@ -90,7 +90,7 @@ def test_recorder_detaches_and_rejects_bad_arguments():
     model = convert(tiny_vit(depth=1), 'gqa', 3)
     with record(model):
         pass
-    assert model.blocks[0].attn.recorder is None
+    assert all(layer.probe is None for layer in gqa_layers(model))
     with pytest.raises(ValueError, match='attention must be one of'):
         record(model, attention='rows')
     with pytest.raises(ValueError, match='call convert'):

@@ -16,7 +16,6 @@ __all__ = [
     'official_round',
     'uniform_allocation',
     'query_to_kv',
-    'is_uniform',
 ]
 
 
@@ -84,7 +83,3 @@ def query_to_kv(allocation: Tensor, num_heads: int) -> Tensor:
     ends = allocation.cumsum(-1)
     heads = torch.arange(num_heads, device=allocation.device).expand(*allocation.shape[:-1], num_heads)
     return torch.searchsorted(ends.contiguous(), heads.contiguous(), right=True)
-
-
-def is_uniform(allocation: Tensor) -> bool:
-    return bool((allocation == allocation.reshape(-1)[0]).all())

@@ -1,9 +1,11 @@
 """Grouped-query self-attention as a drop-in replacement for timm's ``Attention``.
 
-One fused projection makes H query heads and G key/value heads; a :class:`~gqa_core.policies.GroupingPolicy`
-decides which KV head each query head reads; one fused attention call per layer computes the result.
-Uniform groupings go straight to ``scaled_dot_product_attention(enable_gqa=True)``; other groupings route
-K/V to the query heads with an index (no Python loop over heads or groups).
+One fused projection makes H query heads and G key/value heads; a
+:class:`~gqa_core.core.policies.GroupingPolicy` decides which KV head each query head reads; one fused
+attention call per layer computes the result. Uniform groupings go straight to
+``scaled_dot_product_attention(enable_gqa=True)``; other groupings route K/V to the query heads with an index
+(no Python loop over heads or groups). One :class:`~gqa_core.core.probe.AttentionProbe` slot lets recording
+and ablation see or edit what a forward computed.
 """
 from __future__ import annotations
 
@@ -16,9 +18,9 @@ from torch import Tensor, nn
 from timm.layers import Attention
 from timm.layers.attention import maybe_add_mask, resolve_self_attn_mask
 
-from .ablation import ablated_output
 from .kernels import routed_attention, triton_enabled
 from .policies import Grouping, GroupingPolicy, create_policy
+from .probe import AttentionProbe
 
 __all__ = ['GroupedQueryAttention', 'gqa_attention_layer', 'key_head_norms', 'route_kv', 'grouped_attention']
 
@@ -42,17 +44,14 @@ def route_kv(kv: Tensor, query_to_kv: Tensor) -> Tensor:
     return kv[batch, query_to_kv]
 
 
-def _uniform_index(num_heads: int, num_kv_heads: int, device: torch.device) -> Tensor:
-    return torch.arange(num_heads, device=device) // (num_heads // num_kv_heads)
-
-
 def grouped_attention(
         q: Tensor,
         k: Tensor,
         v: Tensor,
-        query_to_kv: Optional[Tensor],
+        query_to_kv: Tensor,
         *,
         scale: float,
+        uniform: bool = False,
         dropout_p: float = 0.0,
         attn_mask: Optional[Tensor] = None,
         is_causal: bool = False,
@@ -60,22 +59,21 @@ def grouped_attention(
 ) -> Tensor:
     """``softmax(q_h k_{g(h)}^T * scale) v_{g(h)}`` for every query head h in one fused call.
 
-    q: ``(B, H, T, d)``; k, v: ``(B, G, T, d)``; ``query_to_kv`` None means uniform groups. With
-    ``map_transform`` the post-softmax map is materialised and transformed (PGQA's noise) before ``@ v``.
+    q: ``(B, H, T, d)``; k, v: ``(B, G, T, d)``; ``query_to_kv`` ``(H,)`` or ``(B, H)``; ``uniform`` says it is
+    the uniform grouping, which SDPA's ``enable_gqa`` runs without routing. With ``map_transform`` the
+    post-softmax map is materialised and transformed (PGQA's noise) before ``@ v``.
     """
-    H, G = q.shape[1], k.shape[1]
+    H = q.shape[1]
     if map_transform is None:
-        if (query_to_kv is not None and attn_mask is None and not is_causal and dropout_p == 0
-                and not (torch.is_grad_enabled() and q.requires_grad) and triton_enabled(q)):
-            return routed_attention(q, k, v, query_to_kv, scale)  # reads K/V through the table: no copy
-        if query_to_kv is not None:
+        if not uniform:
+            if (attn_mask is None and not is_causal and dropout_p == 0
+                    and not (torch.is_grad_enabled() and q.requires_grad) and triton_enabled(q)):
+                return routed_attention(q, k, v, query_to_kv, scale)  # reads K/V through the table: no copy
             k, v = route_kv(k, query_to_kv), route_kv(v, query_to_kv)
         return F.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
             enable_gqa=k.shape[1] != H,
         )
-    if query_to_kv is None:
-        query_to_kv = _uniform_index(H, G, q.device)
     k, v = route_kv(k, query_to_kv), route_kv(v, query_to_kv)
     attn = (q * scale) @ k.transpose(-2, -1)
     attn = maybe_add_mask(attn, resolve_self_attn_mask(q.shape[-2], attn, attn_mask, is_causal))
@@ -83,6 +81,18 @@ def grouped_attention(
     if dropout_p > 0:
         attn = F.dropout(attn, p=dropout_p)
     return attn @ v
+
+
+@torch.no_grad()
+def _copy_qkv(source: nn.Linear, target: nn.Linear, split: tuple, kv_map: Callable[[Tensor], Tensor]) -> None:
+    """Copy a fused q/k/v projection into one with another KV-head layout: q as it is, k and v (weights and
+    biases) through ``kv_map``."""
+    def remap(t: Tensor) -> Tensor:
+        q, k, v = t.split(split, 0)
+        return torch.cat([q, kv_map(k), kv_map(v)])
+    target.weight.copy_(remap(source.weight.detach()))
+    if source.bias is not None:
+        target.bias.copy_(remap(source.bias.detach()))
 
 
 class GroupedQueryAttention(nn.Module):
@@ -134,10 +144,8 @@ class GroupedQueryAttention(nn.Module):
         self.gate = nn.Linear(dim, self.attn_dim, bias=qkv_bias, **dd) if gated else None
         self.proj = nn.Linear(self.attn_dim, dim_out or dim, bias=proj_bias, **dd)
         self.proj_drop = nn.Dropout(proj_drop)
-        # Set by gqa_core.record(); called with what this forward computed. None: zero cost.
-        self.recorder: Optional[Callable[..., None]] = None
-        # Set by gqa_core.core.ablation.ablate(): (query mask, KV mask, mode) of the heads to remove.
-        self.ablation: Optional[tuple] = None
+        # Set by record() / ablate() (gqa_core.core.probe): sees or edits what a forward computed. None: no cost.
+        self.probe: Optional[AttentionProbe] = None
 
     @classmethod
     def from_attention(
@@ -164,17 +172,10 @@ class GroupedQueryAttention(nn.Module):
         for name in ('q_norm', 'k_norm', 'norm', 'proj', 'gate'):
             setattr(new, name, copy.deepcopy(getattr(attn, name, None)))
 
-        def pool(t: Tensor) -> Tensor:
-            q, k, v = t.split(H * d, 0)
-            rest = t.shape[1:]
-            k = k.reshape(G, H // G, d, *rest).mean(1).reshape(G * d, *rest)
-            v = v.reshape(G, H // G, d, *rest).mean(1).reshape(G * d, *rest)
-            return torch.cat([q, k, v])
+        def pool(t: Tensor) -> Tensor:  # (H d, ...) -> (G d, ...): consecutive blocks of H / G heads averaged
+            return t.reshape(G, H // G, d, *t.shape[1:]).mean(1).reshape(G * d, *t.shape[1:])
 
-        with torch.no_grad():
-            new.qkv.weight.copy_(pool(weight))
-            if attn.qkv.bias is not None:
-                new.qkv.bias.copy_(pool(attn.qkv.bias.detach()))
+        _copy_qkv(attn.qkv, new.qkv, (H * d,) * 3, pool)
         return new.train(attn.training)
 
     def to_attention(self) -> Attention:
@@ -183,9 +184,7 @@ class GroupedQueryAttention(nn.Module):
         Exact only for a grouping fixed at inference time; per-sample or noisy-at-eval policies raise.
         """
         p = self.policy
-        static = p.name in ('mha', 'gqa', 'dgqa', 'pgqa') and p.compat == 'paper' and not getattr(
-            p, 'noise_in_eval', False)
-        if not static:
+        if not p.fixed_at_inference:
             raise ValueError(f'{p.name} (compat={p.compat}) has no fixed grouping at inference; cannot express '
                              'it as plain multi-head attention')
         allocation = getattr(p, 'allocation', p.uniform)
@@ -199,17 +198,10 @@ class GroupedQueryAttention(nn.Module):
         for name in ('q_norm', 'k_norm', 'norm', 'proj', 'gate'):
             setattr(attn, name, copy.deepcopy(getattr(self, name)))
 
-        def expand(t: Tensor) -> Tensor:
-            q, k, v = t.split(self.qkv_split, 0)
-            rest = t.shape[1:]
-            k = k.reshape(self.num_kv_heads, d, *rest)[index].reshape(self.attn_dim, *rest)
-            v = v.reshape(self.num_kv_heads, d, *rest)[index].reshape(self.attn_dim, *rest)
-            return torch.cat([q, k, v])
+        def expand(t: Tensor) -> Tensor:  # (G d, ...) -> (H d, ...): each KV head for the queries it serves
+            return t.reshape(self.num_kv_heads, d, *t.shape[1:])[index].reshape(self.attn_dim, *t.shape[1:])
 
-        with torch.no_grad():
-            attn.qkv.weight.copy_(expand(weight))
-            if self.qkv.bias is not None:
-                attn.qkv.bias.copy_(expand(self.qkv.bias.detach()))
+        _copy_qkv(self.qkv, attn.qkv, self.qkv_split, expand)
         return attn.train(self.training)
 
     def forward(self, x: Tensor, attn_mask: Optional[Tensor] = None, is_causal: bool = False) -> Tensor:
@@ -220,22 +212,20 @@ class GroupedQueryAttention(nn.Module):
         k = self.k_norm(k.view(B, N, self.num_kv_heads, self.head_dim).transpose(1, 2))
         v = v.view(B, N, self.num_kv_heads, self.head_dim).transpose(1, 2)
 
-        recorder = self.recorder
-        key_norms = key_head_norms(k) if self.policy.uses_key_norms or recorder is not None else None
+        probe = self.probe
+        wants_norms = self.policy.uses_key_norms or (probe is not None and probe.needs_key_norms)
+        key_norms = key_head_norms(k) if wants_norms else None
         grouping: Grouping = self.policy(key_norms)
         map_transform = self.policy.perturb_attention_map if self.policy.perturbs_attention_map() else None
         x = grouped_attention(
-            q, k, v, grouping.query_to_kv, scale=self.scale, attn_mask=attn_mask, is_causal=is_causal,
-            dropout_p=self.attn_drop.p if self.training else 0., map_transform=map_transform,
+            q, k, v, grouping.query_to_kv, scale=self.scale, uniform=grouping.uniform, attn_mask=attn_mask,
+            is_causal=is_causal, dropout_p=self.attn_drop.p if self.training else 0., map_transform=map_transform,
         )
-        if self.ablation is not None:
-            routing = grouping.query_to_kv
-            if routing is None:
-                routing = _uniform_index(self.num_heads, self.num_kv_heads, x.device)
-            x = ablated_output(x, v, routing, *self.ablation)
+        if probe is not None:
+            x = probe.edit(x, v, grouping)
         x = self.policy.perturb_output(x)
-        if recorder is not None:
-            recorder(self, q, k, key_norms, grouping, attn_mask)
+        if probe is not None:
+            probe.observe(self, q, k, key_norms, grouping, attn_mask)
 
         x = self.norm(x.transpose(1, 2).reshape(B, N, self.attn_dim))
         if gate is not None:

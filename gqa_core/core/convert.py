@@ -10,19 +10,9 @@ from timm.models.vision_transformer import VisionTransformer
 
 from .attention import GroupedQueryAttention, kv_bytes
 from .grouping import GROUPINGS, advise_grouping, check_permutations, permute_heads
+from .vit import check_vit, gqa_layers, num_tokens
 
-__all__ = ['convert', 'revert', 'grouping_config', 'gqa_layers', 'kv_cache_bytes', 'num_tokens', 'source_heads',
-           'check_vit']
-
-
-def check_vit(model: nn.Module) -> VisionTransformer:
-    if not isinstance(model, VisionTransformer):
-        raise ValueError(f'expected a timm VisionTransformer (vit_*, deit_*, ...), got {type(model).__name__}')
-    return model
-
-
-def gqa_layers(model: nn.Module) -> list:
-    return [m for m in model.modules() if isinstance(m, GroupedQueryAttention)]
+__all__ = ['convert', 'revert', 'grouping_config', 'kv_cache_bytes', 'source_heads']
 
 
 def convert(
@@ -126,11 +116,6 @@ def grouping_config(model: nn.Module) -> Dict[str, Any]:
     if any(c != configs[0] for c in configs):
         raise ValueError('layers of this model use different groupings: ' + str(configs))
     return configs[0]
-
-
-def num_tokens(model: nn.Module) -> int:
-    """Tokens per image at the model's configured size: its patches plus prefix tokens (class, registers)."""
-    return int(model.patch_embed.num_patches) + int(getattr(model, 'num_prefix_tokens', 0))
 
 
 def kv_cache_bytes(model: nn.Module, bytes_per_value: int = 2) -> int:

@@ -22,8 +22,7 @@ two stages:
    model this second stage added 1.2 - 1.8 points at G = 4 and 4 - 5 at G = 2 (see the README).
 
 A candidate must not have a larger layer error than the consecutive grouping, so a layer keeps the paper's
-grouping whenever nothing beats it. Each layer is ranked on the inputs of the MHA model (the default) or on
-those it receives once the layers below it are converted (``sequential=True``).
+grouping whenever nothing beats it. Each layer is ranked on the inputs of the MHA model.
 """
 from __future__ import annotations
 
@@ -38,6 +37,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from timm.layers import Attention
+
+from .attention import GroupedQueryAttention
+from .vit import block_inputs, check_vit, model_output, output_rows, run_blocks
 
 __all__ = ['GroupingAdvice', 'advise_grouping', 'permute_heads', 'check_permutations', 'head_groups', 'GROUPINGS']
 
@@ -56,11 +58,6 @@ class GroupingAdvice:
     search: List[str] = field(default_factory=list)  # 'exhaustive' | 'exact' | 'swap' | 'kept' per layer
     # per layer, KL(MHA || layers so far converted) of the model's output, when candidates were compared on it
     output_divergence: List[Optional[float]] = field(default_factory=list)
-
-    def to_dict(self) -> Dict:
-        return dict(permutations=self.permutations, error_consecutive=self.error_consecutive,
-                    error_advised=self.error_advised, search=self.search,
-                    output_divergence=self.output_divergence)
 
 
 def check_permutations(perms: Sequence[Sequence[int]], depth: int, num_heads: int) -> List[List[int]]:
@@ -239,37 +236,6 @@ def _swap_search(attn: Attention, inputs: Tensor, H: int, G: int, batch: int, ro
     return groups
 
 
-def _layer_inputs(vit: nn.Module, images: Tensor) -> Tensor:
-    x = vit.patch_embed(images)
-    x = vit._pos_embed(x)
-    x = vit.patch_drop(x)
-    return vit.norm_pre(x)
-
-
-def _output_rows(vit: nn.Module, index: int) -> Optional[slice]:
-    """The query rows of block ``index`` whose attention output reaches the model's output: only the class
-    token's in the last block of a token-pooled model, all otherwise."""
-    last = index == len(vit.blocks) - 1
-    if last and getattr(vit, 'global_pool', None) == 'token' and getattr(vit, 'cls_token', None) is not None:
-        return slice(0, 1)
-    return None
-
-
-def _run(blocks: Sequence[nn.Module], tokens: Tensor, batch: int) -> Tensor:
-    outs = []
-    for start in range(0, tokens.shape[0], batch):
-        x = tokens[start:start + batch]
-        for block in blocks:
-            x = block(x)
-        outs.append(x)
-    return torch.cat(outs)
-
-
-def _model_output(vit: nn.Module, tokens: Tensor, first: int, batch: int) -> Tensor:
-    """Logits (pooled features when headless) of the model from the tokens entering block ``first``."""
-    return vit.forward_head(vit.norm(_run(vit.blocks[first:], tokens, batch)))
-
-
 def _output_divergence(reference: Tensor, output: Tensor, headless: bool) -> float:
     """Mean KL(MHA || candidate) of the predicted distributions; squared feature error when headless."""
     if headless:
@@ -289,7 +255,6 @@ def _refine_flops_per_candidate(vit: nn.Module, tokens: Tensor) -> float:
 
 def _pooled_block(block: nn.Module, attn: Attention, perm: Sequence[int], G: int) -> nn.Module:
     """A copy of ``block`` whose attention is ``attn`` with heads ``perm`` pooled consecutively into G."""
-    from .attention import GroupedQueryAttention
     pooled = copy.deepcopy(attn)
     permute_heads(pooled, perm)
     converted = copy.copy(block)  # shallow: shares the block's other layers, which are only read
@@ -326,70 +291,69 @@ def _ranked_partitions(attn: Attention, x: Tensor, G: int, rows: Optional[slice]
     return [(perm, err_a)], err_c, how
 
 
+def _choose_by_output(vit: nn.Module, index: int, attn: Attention, ranked: List[Tuple[List[int], float]], G: int,
+                      tokens: Tensor, reference: Tensor, batch: int) -> Tuple[float, List[int], float, Tensor]:
+    """Stage 2 for layer ``index``: among ``ranked`` head orders, the one whose model output (the layers below
+    already converted, given as ``tokens`` entering this block) stays closest to the MHA ``reference``.
+    Returns its divergence, order, layer error and the tokens it passes to the next block."""
+    headless = getattr(vit, 'num_classes', 0) == 0
+    best = None
+    for perm, err in ranked:
+        out = run_blocks([_pooled_block(vit.blocks[index], attn, perm, G)], tokens, batch)
+        d = _output_divergence(reference, model_output(vit, out, index + 1, batch), headless)
+        if best is None or d < best[0]:
+            best = (d, perm, err, out)
+    return best
+
+
 @torch.no_grad()
-def advise_grouping(model: nn.Module, num_kv_heads: int, images: Tensor, *, sequential: bool = False,
-                    candidates: int = 8, max_refine_flops: Optional[float] = None,
-                    batch: int = 64) -> GroupingAdvice:
+def advise_grouping(model: nn.Module, num_kv_heads: int, images: Tensor, *, candidates: int = 8,
+                    max_refine_flops: Optional[float] = None, batch: int = 64) -> GroupingAdvice:
     """Choose each layer's head grouping for pooling an MHA ViT to ``num_kv_heads`` KV heads (see module doc).
 
     ``images``: calibration inputs ``(N, 3, H, W)``, already preprocessed. The model is not changed.
-    ``sequential``: rank each layer's partitions on the inputs the converted layers below produce instead of
-    the MHA model's own. ``candidates``: how many of the best-ranked partitions of a layer are compared on
-    the model's output when the partitions were scored exhaustively (1: the least layer error wins).
-    ``max_refine_flops``: a bound on that comparison's work (fewer candidates, or none, when it would exceed
-    it), for callers that serve strangers; ``None``: unbounded.
+    ``candidates``: how many of the best-ranked partitions of a layer are compared on the model's output when
+    the partitions were scored exhaustively (1: the least layer error wins). ``max_refine_flops``: a bound on
+    that comparison's work (fewer candidates, or none, when it would exceed it), for callers that serve
+    strangers; ``None``: unbounded.
     """
-    from .convert import check_vit
     vit = check_vit(model)
     if candidates < 1:
         raise ValueError(f'candidates={candidates} must be at least 1')
+    G, H = num_kv_heads, vit.blocks[0].attn.num_heads
+    if G < 1 or H % G:
+        raise ValueError(f'num_kv_heads={G} must be a positive divisor of the {H} heads')
     was_training = vit.training
     vit.eval()
-    mha_tokens = _layer_inputs(vit, images)
-    H0 = vit.blocks[0].attn.num_heads
+    mha_tokens = block_inputs(vit, images)
     if max_refine_flops is not None:
         candidates = max(1, min(candidates, int(max_refine_flops // _refine_flops_per_candidate(vit, mha_tokens))))
-    refine = candidates > 1 and 1 < num_kv_heads < H0 and H0 % num_kv_heads == 0 \
-        and _num_partitions(H0, num_kv_heads) <= MAX_EXHAUSTIVE_PARTITIONS
-    converted_tokens = mha_tokens  # what the layers chosen so far produce (tracked when it is used)
-    reference = _model_output(vit, mha_tokens, 0, batch) if refine else None
-    headless = getattr(vit, 'num_classes', 0) == 0
+    refine = candidates > 1 and 1 < G < H and _num_partitions(H, G) <= MAX_EXHAUSTIVE_PARTITIONS
+    converted_tokens = mha_tokens  # what the layers chosen so far produce (tracked when stage 2 runs)
+    reference = model_output(vit, mha_tokens, 0, batch) if refine else None
     advice = GroupingAdvice([], [], [])
     for index, block in enumerate(vit.blocks):
         attn = _multi_head(block.attn, index)
-        G = num_kv_heads
-        if G < 1 or attn.num_heads % G:
-            raise ValueError(f'num_kv_heads={G} must be a positive divisor of the {attn.num_heads} heads')
-        rows = _output_rows(vit, index)
-        x = block.norm1(converted_tokens if sequential else mha_tokens)
-        ranked, err_c, how = _ranked_partitions(attn, x, G, rows, candidates, batch)
+        ranked, err_c, how = _ranked_partitions(attn, block.norm1(mha_tokens), G, output_rows(vit, index),
+                                                candidates, batch)
         divergence = None
-        if refine:  # the model's output decides among the best-ranked partitions
-            best = None
-            for perm, err in ranked:
-                out = _run([_pooled_block(block, attn, perm, G)], converted_tokens, batch)
-                d = _output_divergence(reference, _model_output(vit, out, index + 1, batch), headless)
-                if best is None or d < best[0]:
-                    best = (d, perm, err, out)
-            divergence, perm, err_a, converted_tokens = best
+        if refine:
+            divergence, perm, err_a, converted_tokens = _choose_by_output(
+                vit, index, attn, ranked, G, converted_tokens, reference, batch)
         else:
             perm, err_a = ranked[0]
-            if sequential:
-                converted_tokens = _run([_pooled_block(block, attn, perm, G)], converted_tokens, batch)
         advice.permutations.append(list(perm))
         advice.error_consecutive.append(err_c)
         advice.error_advised.append(err_a)
         advice.search.append(how)
         advice.output_divergence.append(divergence)
-        if not sequential:
-            mha_tokens = _run([block], mha_tokens, batch)
+        mha_tokens = run_blocks([block], mha_tokens, batch)
     vit.train(was_training)
     return advice
 
 
 def _multi_head(attn: nn.Module, index: int) -> Attention:
     """The block's attention as timm ``Attention`` (a G = H grouped layer is multi-head attention)."""
-    from .attention import GroupedQueryAttention
     if isinstance(attn, GroupedQueryAttention) and attn.num_kv_heads == attn.num_heads:
         attn = attn.to_attention()
     if type(attn) is not Attention:

@@ -4,14 +4,15 @@ A policy turns the key-head norms of one layer into a :class:`Grouping`. It owns
 (DGQA's window statistics and allocation history live in buffers, so they travel in the state dict) and any
 randomness comes from a generator it owns, never from the global RNG.
 
-``compat="paper"`` follows the paper (see ``docs/method.md``); ``compat="official"`` reproduces the authors'
-code, quirks included, for replication, except that it never hangs or produces NaN.
+``compat="paper"`` follows the paper (``docs/method.md``: the spec, with every place the authors' code departs
+from the paper); ``compat="official"`` reproduces the authors' code, quirks included, for replication, except
+that it never hangs or produces NaN.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Dict, Optional, Type
+from typing import Any, Dict, Optional, Sequence, Tuple, Type
 
 import torch
 from torch import Tensor, nn
@@ -26,7 +27,7 @@ from .apportion import (
 )
 
 __all__ = [
-    'Grouping', 'GroupingPolicy', 'MHAPolicy', 'GQAPolicy', 'KDGQAPolicy', 'DGQAPolicy', 'PGQAPolicy',
+    'Grouping', 'GroupingPolicy', 'Option', 'MHAPolicy', 'GQAPolicy', 'KDGQAPolicy', 'DGQAPolicy', 'PGQAPolicy',
     'POLICIES', 'create_policy', 'start_epoch',
 ]
 
@@ -38,24 +39,69 @@ class Grouping:
     """One forward's grouping of a layer.
 
     allocation: ``(G,)`` shared by the batch or ``(B, G)`` per sample; query heads per KV head.
-    query_to_kv: the KV head of every query head, ``(H,)`` or ``(B, H)``; ``None`` when the grouping is the
-        uniform one, which the fused kernel handles natively (``enable_gqa``) without routing.
+    query_to_kv: the KV head of every query head, ``(H,)`` or ``(B, H)``.
     shares: the normalised ratios the allocation was apportioned from, same shape as ``allocation``.
+    uniform: the grouping is the uniform one (H / G consecutive query heads per KV head), which the fused
+        kernel runs natively (``enable_gqa``) without routing K/V through ``query_to_kv``.
     """
     allocation: Tensor
-    query_to_kv: Optional[Tensor]
+    query_to_kv: Tensor
     shares: Tensor
+    uniform: bool = False
+
+
+@dataclass(frozen=True)
+class Option:
+    """One constructor option of a policy, as configs and command lines may give it: a type, a range or a
+    set of choices. The single description of an option: config validation and the trainer read it."""
+    kind: type
+    low: Optional[float] = None
+    high: Optional[float] = None
+    high_open: bool = False
+    choices: Optional[Sequence[Any]] = None
+
+    def accepts(self, value: Any) -> bool:
+        if self.choices is not None:
+            return type(value) is self.kind and value in self.choices
+        if self.kind is bool:
+            return type(value) is bool
+        if self.kind is int and type(value) is not int:
+            return False
+        if self.kind is float and (type(value) not in (int, float) or not math.isfinite(value)):
+            return False
+        over = self.high is not None and (value >= self.high if self.high_open else value > self.high)
+        return not (self.low is not None and value < self.low) and not over
+
+    def rule(self) -> str:
+        if self.choices is not None:
+            return ' or '.join(str(c) for c in self.choices)
+        if self.kind is bool:
+            return 'true or false'
+        noun = 'an int' if self.kind is int else 'a number'
+        high = '' if self.high is None else (f' below {self.high}' if self.high_open else f' up to {self.high}')
+        return f'{noun} from {self.low}{high}' if self.low is not None else noun
 
 
 class GroupingPolicy(nn.Module):
-    """Base class. Subclasses set ``name`` and override :meth:`forward`."""
+    """Base class. Subclasses set ``name`` and their capabilities, declare their ``OPTIONS`` and override
+    :meth:`forward`.
+
+    Capabilities, so no caller needs to switch on a policy's name:
+    ``uses_key_norms`` -- the grouping is computed from the keys' norms;
+    :attr:`fixed_at_inference` -- one grouping serves every input in eval mode (the layer is then exactly a
+    multi-head attention with repeated K/V heads); :meth:`allocation_history` -- how the grouping changed in
+    training.
+    """
     name: str = ''
     uses_key_norms: bool = False
+    OPTIONS: Dict[str, Option] = {
+        'compat': Option(str, choices=COMPAT_MODES),
+        'seed': Option(int, low=0, high=2**31 - 1),
+    }
 
     def __init__(self, num_heads: int, num_kv_heads: int, compat: str = 'paper', seed: int = 0) -> None:
         super().__init__()
-        if compat not in COMPAT_MODES:
-            raise ValueError(f'compat must be one of {COMPAT_MODES}, got {compat!r}')
+        GroupingPolicy.check_options(dict(compat=compat, seed=seed))
         if num_kv_heads < 1 or num_heads % num_kv_heads:
             raise ValueError(
                 f'{self.name}: num_kv_heads={num_kv_heads} must be a positive divisor of num_heads={num_heads}')
@@ -66,6 +112,28 @@ class GroupingPolicy(nn.Module):
         self.stream = 0  # set per layer by convert(), so layers draw different noise from one seed
         self._generators: Dict[torch.device, torch.Generator] = {}
         self.register_buffer('uniform', uniform_allocation(num_heads, num_kv_heads), persistent=False)
+        self.register_buffer('uniform_index', query_to_kv(self.uniform, num_heads), persistent=False)
+
+    @classmethod
+    def check_options(cls, options: Dict[str, Any]) -> Dict[str, Any]:
+        """``options`` checked against :attr:`OPTIONS` (configs are data); ValueError naming the first bad one."""
+        for key, value in options.items():
+            if key not in cls.OPTIONS:
+                raise ValueError(f'{cls.name}: bad policy options {sorted(options)}: {key!r} is not one '
+                                 f'(allowed: {", ".join(sorted(cls.OPTIONS))})')
+            if not cls.OPTIONS[key].accepts(value):
+                raise ValueError(f'{cls.name or "policy"}: {key} must be {cls.OPTIONS[key].rule()}, got {value!r}')
+        return dict(options)
+
+    # -- capabilities ---------------------------------------------------------------------------------------
+    @property
+    def fixed_at_inference(self) -> bool:
+        """True when, in eval mode, the grouping does not depend on the input."""
+        return True
+
+    def allocation_history(self) -> Optional[Tuple[Tensor, Tensor]]:
+        """``(steps, allocations)`` of every training-time change, or None for a policy that never changes."""
+        return None
 
     # -- randomness -----------------------------------------------------------------------------------------
     def generator(self, device: torch.device) -> torch.Generator:
@@ -78,7 +146,7 @@ class GroupingPolicy(nn.Module):
     # -- the grouping -----------------------------------------------------------------------------------------
     def uniform_grouping(self) -> Grouping:
         shares = self.uniform.float() / self.num_heads
-        return Grouping(self.uniform, None, shares)
+        return Grouping(self.uniform, self.uniform_index, shares, uniform=True)
 
     def forward(self, key_norms: Optional[Tensor]) -> Grouping:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -138,6 +206,10 @@ class KDGQAPolicy(GroupingPolicy):
     name = 'kdgqa'
     uses_key_norms = True
 
+    @property
+    def fixed_at_inference(self) -> bool:
+        return False  # every image (paper) or batch (official) gets its own allocation
+
     def forward(self, key_norms: Optional[Tensor]) -> Grouping:
         assert key_norms is not None
         if self.compat == 'official':
@@ -163,6 +235,19 @@ class DGQAPolicy(GroupingPolicy):
     """
     name = 'dgqa'
     uses_key_norms = True
+    OPTIONS = {
+        **GroupingPolicy.OPTIONS,
+        'stat': Option(str, choices=('diff', 'ema')),
+        'window': Option(int, low=1, high=10**9),
+        'beta': Option(float, low=0.0, high=1.0, high_open=True),
+    }
+
+    @property
+    def fixed_at_inference(self) -> bool:
+        return self.compat == 'paper'  # official mode recomputes from every eval batch
+
+    def allocation_history(self) -> Optional[Tuple[Tensor, Tensor]]:
+        return self.history_steps, self.history
 
     def __init__(
             self,
@@ -174,12 +259,7 @@ class DGQAPolicy(GroupingPolicy):
             **kwargs: Any,
     ) -> None:
         super().__init__(num_heads, num_kv_heads, **kwargs)
-        if stat not in ('diff', 'ema'):
-            raise ValueError(f"dgqa: stat must be 'diff' or 'ema', got {stat!r}")
-        if window < 1:
-            raise ValueError(f'dgqa: window must be >= 1, got {window}')
-        if not 0.0 <= beta < 1.0:
-            raise ValueError(f'dgqa: beta must be in [0, 1), got {beta}')
+        self.check_options(dict(stat=stat, window=window, beta=beta))
         self.stat, self.window, self.beta = stat, int(window), float(beta)
         self.register_buffer('allocation', self.uniform.clone())
         self.register_buffer('shares', self.uniform.float() / num_heads)
@@ -278,8 +358,8 @@ class DGQAPolicy(GroupingPolicy):
         if self._eval_grouping is None:
             # Frozen in eval: decide once (one host sync) whether the kernel can take it as uniform.
             uniform = bool(torch.equal(self.allocation, self.uniform))
-            routing = None if uniform else query_to_kv(self.allocation, self.num_heads)
-            self._eval_grouping = Grouping(self.allocation, routing, self.shares)
+            self._eval_grouping = Grouping(self.allocation, query_to_kv(self.allocation, self.num_heads),
+                                           self.shares, uniform)
         return self._eval_grouping
 
     def train(self, mode: bool = True) -> 'DGQAPolicy':
@@ -313,12 +393,20 @@ class PGQAPolicy(GroupingPolicy):
     eval, computed in float32 (their version crashes in bf16).
     """
     name = 'pgqa'
+    OPTIONS = {
+        **GroupingPolicy.OPTIONS,
+        'noise_scale': Option(float, low=0.0, high=100.0),
+        'noise_in_eval': Option(bool),
+    }
+
+    @property
+    def fixed_at_inference(self) -> bool:
+        return self.compat == 'paper' and not self.noise_in_eval  # official noise is drawn afresh each forward
 
     def __init__(self, num_heads: int, num_kv_heads: int, noise_scale: float = 0.1, noise_in_eval: bool = False,
                  **kwargs: Any) -> None:
         super().__init__(num_heads, num_kv_heads, **kwargs)
-        if noise_scale < 0 or not math.isfinite(noise_scale):
-            raise ValueError(f'pgqa: noise_scale must be finite and >= 0, got {noise_scale}')
+        self.check_options(dict(noise_scale=noise_scale, noise_in_eval=noise_in_eval))
         self.noise_scale = float(noise_scale)
         self.noise_in_eval = bool(noise_in_eval)
 
@@ -369,10 +457,8 @@ def create_policy(variant: str, num_heads: int, num_kv_heads: Optional[int], **o
         raise ValueError(f'unknown variant {variant!r}; choose one of {sorted(POLICIES)}')
     if num_kv_heads is None and variant != 'mha':
         raise ValueError(f'{variant}: num_kv_heads is required')
-    try:
-        return POLICIES[variant](num_heads, num_kv_heads, **options)
-    except TypeError as e:
-        raise ValueError(f'{variant}: bad policy options {sorted(options)}: {e}') from None
+    POLICIES[variant].check_options(options)
+    return POLICIES[variant](num_heads, num_kv_heads, **options)
 
 
 def start_epoch(model: nn.Module) -> None:

@@ -2,7 +2,8 @@
 
 ``with record(model) as rec: logits = model(x)`` then ``rec.result`` is a :class:`Recording`. Recording
 never changes the forward's output: maps are computed beside the fused kernel, not instead of it. When no
-recorder is attached the layers pay nothing but one ``is None`` check.
+recorder is attached the layers pay nothing but one ``is None`` check (the layer's probe slot,
+:mod:`gqa_core.core.probe`).
 """
 from __future__ import annotations
 
@@ -15,15 +16,16 @@ import torch
 from torch import Tensor, nn
 from timm.layers.attention import maybe_add_mask, resolve_self_attn_mask
 
-from .attention import GroupedQueryAttention, _uniform_index, route_kv
-from .convert import gqa_layers, grouping_config
+from .attention import GroupedQueryAttention, route_kv
+from .convert import grouping_config
 from .policies import Grouping
+from .probe import AttentionProbe, attach, detach
+from .vit import MEAN_ROW, gqa_layers, has_class_token, prefix_labels, summary_row, token_grid
 
 __all__ = ['LayerRecord', 'Recording', 'record', 'token_grid', 'ATTENTION_ROWS', 'FUSIONS', 'MEAN_ROW']
 
 ATTENTION_ROWS = ('prefix', 'full', 'none')
 FUSIONS = ('mean', 'max', 'min')
-MEAN_ROW = 'mean over queries'
 ROW_BLOCK_BYTES = 16 * 2**20  # transient attention scores per tile of query rows
 
 
@@ -99,14 +101,16 @@ class Recording:
         return json.dumps({k: plain(v) for k, v in self.to_numpy().items()})
 
 
-def _row_labels(model: nn.Module) -> List[str]:
-    """What each recorded prefix row is: the class token, registers, and a mean row when there is no class token."""
-    has_class = getattr(model, 'cls_token', None) is not None
-    registers = int(getattr(model, 'num_reg_tokens', 0))
-    labels = (['class token'] if has_class else []) + [f'register {i}' for i in range(registers)]
-    extra = int(getattr(model, 'num_prefix_tokens', 0)) - len(labels)
-    labels += [f'prefix token {i}' for i in range(extra)]  # e.g. a distillation token
-    return labels if has_class else labels + [MEAN_ROW]
+class _LayerProbe(AttentionProbe):
+    """Hands what one layer computed to its :class:`record`."""
+    needs_key_norms = True
+
+    def __init__(self, capture: Any) -> None:
+        self.capture = capture
+
+    def observe(self, layer: nn.Module, q: Tensor, k: Tensor, key_norms: Optional[Tensor], grouping: Grouping,
+                attn_mask: Optional[Tensor]) -> None:
+        self.capture(layer, q, k, key_norms, grouping, attn_mask)
 
 
 class record:
@@ -137,8 +141,9 @@ class record:
         self.full_layers = {int(i) % depth for i in full_layers}
         self.fusions = tuple(dict.fromkeys(rollout))
         self.num_prefix_tokens = int(getattr(model, 'num_prefix_tokens', 0))
-        self.row_labels = _row_labels(model)
-        self.has_class_token = getattr(model, 'cls_token', None) is not None
+        self.row_labels = prefix_labels(model)
+        self.summary_row = summary_row(model)
+        self.has_class_token = has_class_token(model)
         self.config = grouping_config(model)
         self.result: Optional[Recording] = None
         self._layers: List[LayerRecord] = []
@@ -147,8 +152,7 @@ class record:
         self._hooks: list = []
 
     def __enter__(self) -> 'record':
-        for layer in self.layers_list:
-            layer.recorder = self._capture
+        attach(self.layers_list, [_LayerProbe(self._capture) for _ in self.layers_list])
         self._hooks = [
             self.model.register_forward_pre_hook(self._start),
             self.model.register_forward_hook(self._finish),
@@ -156,8 +160,7 @@ class record:
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        for layer in self.layers_list:
-            layer.recorder = None
+        detach(self.layers_list)
         for hook in self._hooks:
             hook.remove()
 
@@ -174,58 +177,47 @@ class record:
     def _capture(self, layer: GroupedQueryAttention, q: Tensor, k: Tensor, key_norms: Tensor,
                  grouping: Grouping, attn_mask: Optional[Tensor]) -> None:
         B, H, T = q.shape[0], q.shape[1], q.shape[2]
-        P = self.num_prefix_tokens
         index = len(self._layers)
-        routing = grouping.query_to_kv
-        if routing is None:
-            routing = _uniform_index(H, layer.num_kv_heads, q.device)
         keep_full = self.attention == 'full' or index in self.full_layers
         mean_row = self.attention == 'prefix' and not self.has_class_token
-        n_rows = T if keep_full or self.fusions or mean_row else P
-        queries = q.float() * layer.scale
-        keys = route_kv(k.float(), routing).transpose(-2, -1)  # (B, H, d, T)
-        bias = resolve_self_attn_mask(T, queries, attn_mask) if n_rows else None
-        full = queries.new_empty(B, H, T, T) if keep_full else None
-        fused = {f: queries.new_empty(B, T, T) for f in self.fusions}
-        row_sum = queries.new_zeros(B, H, T) if mean_row else None
-        prefix: List[Tensor] = []
-        step = max(1, ROW_BLOCK_BYTES // max(1, B * H * T * 4))
-        for start in range(0, n_rows, step):  # tiles of query rows bound the transient memory at large T
-            stop = min(n_rows, start + step)
-            block = queries[:, :, start:stop] @ keys  # (B, H, rows, T)
-            if bias is not None:
-                block = block + bias[..., start:stop, :]
-            block = _softmax_(block)
-            if full is not None:
-                full[:, :, start:stop] = block
-            if start < P:
-                prefix.append(block[:, :, :P - start].clone())
-            if row_sum is not None:
-                row_sum += block.sum(2)
-            for fusion, out in fused.items():
-                out[:, start:stop] = block.mean(1) if fusion == 'mean' else getattr(block, 'a' + fusion)(1)
-            del block
-        attention = None
-        if self.attention == 'full':
-            attention = full.cpu()
-        elif self.attention == 'prefix':
-            rows = prefix + ([(row_sum / T)[:, :, None]] if row_sum is not None else [])
-            attention = torch.cat(rows, dim=2).cpu() if rows else queries.new_empty(B, H, 0, T).cpu()
-        if fused:
-            self._accumulate_rollout(fused)
+        n_rows = T if keep_full or self.fusions or mean_row else self.num_prefix_tokens
+        maps = _RowMaps(B, H, T, self.num_prefix_tokens, keep_full, mean_row, self.fusions, q.device)
+        if n_rows:
+            queries = q.float() * layer.scale
+            keys = route_kv(k.float(), grouping.query_to_kv).transpose(-2, -1)  # (B, H, d, T)
+            bias = resolve_self_attn_mask(T, queries, attn_mask)
+            step = max(1, ROW_BLOCK_BYTES // max(1, B * H * T * 4))
+            for start in range(0, n_rows, step):  # tiles of query rows bound the transient memory at large T
+                stop = min(n_rows, start + step)
+                block = queries[:, :, start:stop] @ keys  # (B, H, rows, T)
+                if bias is not None:
+                    block = block + bias[..., start:stop, :]
+                maps.add(start, _softmax_(block))
+                del block
+        if maps.fused:
+            self._accumulate_rollout(maps.fused)
+        self._layers.append(self._layer_record(layer, maps, key_norms, grouping, index))
+
+    def _layer_record(self, layer: GroupedQueryAttention, maps: '_RowMaps', key_norms: Tensor,
+                      grouping: Grouping, index: int) -> LayerRecord:
+        B, H, G = maps.B, layer.num_heads, layer.num_kv_heads
 
         def batched(t: Tensor, width: int) -> Tensor:
             return t.expand(B, width).cpu() if t.dim() == 1 else t.cpu()
 
-        G = layer.num_kv_heads
-        self._layers.append(LayerRecord(
+        attention = None
+        if self.attention == 'full':
+            attention = maps.full.cpu()
+        elif self.attention == 'prefix':
+            attention = maps.prefix_rows().cpu()
+        return LayerRecord(
             attention=attention,
             key_norms=key_norms.float().cpu(),
             shares=batched(grouping.shares.float(), G),
             allocation=batched(grouping.allocation, G),
-            query_to_kv=batched(routing, H),
-            full=full.cpu() if index in self.full_layers else None,
-        ))
+            query_to_kv=batched(grouping.query_to_kv, H),
+            full=maps.full.cpu() if index in self.full_layers else None,
+        )
 
     def _accumulate_rollout(self, fused: Dict[str, Tensor]) -> None:
         """Abnar & Zuidema's rollout, one layer at a time: heads fused, 0.5 A + 0.5 I, rows renormalised,
@@ -243,7 +235,7 @@ class record:
             layers=list(self._layers), logits=output.detach().float().cpu(),
             num_prefix_tokens=self.num_prefix_tokens, grid_size=self._grid,
             attention_rows=self.attention, config=self.config, row_labels=list(self.row_labels),
-            summary_row=0 if self.has_class_token else len(self.row_labels) - 1, rollout=rollout,
+            summary_row=self.summary_row, rollout=rollout,
             headless=int(getattr(module, 'num_classes', 1)) == 0,
         )
 
@@ -254,11 +246,31 @@ def _softmax_(scores: Tensor) -> Tensor:
     return scores.div_(scores.sum(-1, keepdim=True))
 
 
-def token_grid(model: nn.Module, x: Optional[Tensor]) -> tuple:
-    """The patch grid (rows, cols) a forward on ``x`` produces: the static grid, or for a
-    ``dynamic_img_size`` model the grid of ``x``'s own size."""
-    patch_embed = getattr(model, 'patch_embed', None)
-    grid = tuple(getattr(patch_embed, 'grid_size', ()) or ())
-    if getattr(model, 'dynamic_img_size', False) and isinstance(x, Tensor) and x.dim() == 4:
-        grid = tuple(int(s) for s in patch_embed.dynamic_feat_size(tuple(x.shape[-2:])))
-    return grid
+class _RowMaps:
+    """What one layer's post-softmax maps are reduced to, tile of query rows by tile: the full maps (when
+    kept), the prefix rows, the running sum for the mean row, and per head fusion the fused maps (rollout)."""
+
+    def __init__(self, B: int, H: int, T: int, num_prefix: int, keep_full: bool, mean_row: bool,
+                 fusions: Sequence[str], device: torch.device) -> None:
+        self.B, self.H, self.T, self.P = B, H, T, num_prefix
+        self.full = torch.empty(B, H, T, T, device=device) if keep_full else None
+        self.fused = {f: torch.empty(B, T, T, device=device) for f in fusions}
+        self.row_sum = torch.zeros(B, H, T, device=device) if mean_row else None
+        self.prefix: List[Tensor] = []
+
+    def add(self, start: int, block: Tensor) -> None:
+        """``block`` ``(B, H, rows, T)``: the maps of query rows ``start .. start + rows``."""
+        stop = start + block.shape[2]
+        if self.full is not None:
+            self.full[:, :, start:stop] = block
+        if start < self.P:
+            self.prefix.append(block[:, :, :self.P - start].clone())
+        if self.row_sum is not None:
+            self.row_sum += block.sum(2)
+        for fusion, out in self.fused.items():
+            out[:, start:stop] = block.mean(1) if fusion == 'mean' else getattr(block, 'a' + fusion)(1)
+
+    def prefix_rows(self) -> Tensor:
+        """``(B, H, R, T)``: the prefix tokens' rows, then the mean over all queries when there is a mean row."""
+        rows = self.prefix + ([(self.row_sum / self.T)[:, :, None]] if self.row_sum is not None else [])
+        return torch.cat(rows, dim=2) if rows else torch.empty(self.B, self.H, 0, self.T)

@@ -1,0 +1,136 @@
+"""The one place that knows how a timm Vision Transformer is laid out: its blocks and their attention layers,
+its tokens (patches, class token, registers), where the blocks' input starts and what reaches the output, and
+the constructor geometry that rebuilds it. ``convert``, ``grouping``, ``record``, ``ablation`` and the lens ask
+here instead of reaching into timm's modules themselves.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+from timm.models.vision_transformer import VisionTransformer
+
+from .attention import GroupedQueryAttention
+
+__all__ = ['check_vit', 'gqa_layers', 'num_tokens', 'token_grid', 'prefix_labels', 'has_class_token',
+           'summary_row', 'block_inputs', 'output_rows', 'run_blocks', 'model_output', 'vit_geometry', 'MEAN_ROW']
+
+MEAN_ROW = 'mean over queries'
+
+
+def check_vit(model: nn.Module) -> VisionTransformer:
+    if not isinstance(model, VisionTransformer):
+        raise ValueError(f'expected a timm VisionTransformer (vit_*, deit_*, ...), got {type(model).__name__}')
+    return model
+
+
+def gqa_layers(model: nn.Module) -> List[GroupedQueryAttention]:
+    return [m for m in model.modules() if isinstance(m, GroupedQueryAttention)]
+
+
+def num_tokens(model: nn.Module) -> int:
+    """Tokens per image at the model's configured size: its patches plus prefix tokens (class, registers)."""
+    return int(model.patch_embed.num_patches) + int(getattr(model, 'num_prefix_tokens', 0))
+
+
+def token_grid(model: nn.Module, x: Optional[Tensor]) -> tuple:
+    """The patch grid (rows, cols) a forward on ``x`` produces: the static grid, or for a
+    ``dynamic_img_size`` model the grid of ``x``'s own size."""
+    patch_embed = getattr(model, 'patch_embed', None)
+    grid = tuple(getattr(patch_embed, 'grid_size', ()) or ())
+    if getattr(model, 'dynamic_img_size', False) and isinstance(x, Tensor) and x.dim() == 4:
+        grid = tuple(int(s) for s in patch_embed.dynamic_feat_size(tuple(x.shape[-2:])))
+    return grid
+
+
+def has_class_token(model: nn.Module) -> bool:
+    return getattr(model, 'cls_token', None) is not None
+
+
+def prefix_labels(model: nn.Module) -> List[str]:
+    """What each recorded prefix row is: the class token, registers, other prefix tokens (e.g. distillation),
+    and a mean row when there is no class token to stand for the image."""
+    registers = int(getattr(model, 'num_reg_tokens', 0))
+    labels = (['class token'] if has_class_token(model) else []) + [f'register {i}' for i in range(registers)]
+    extra = int(getattr(model, 'num_prefix_tokens', 0)) - len(labels)
+    labels += [f'prefix token {i}' for i in range(extra)]
+    return labels if has_class_token(model) else labels + [MEAN_ROW]
+
+
+def summary_row(model: nn.Module) -> int:
+    """Index, among :func:`prefix_labels`, of the row that stands for the image."""
+    return 0 if has_class_token(model) else len(prefix_labels(model)) - 1
+
+
+def block_inputs(vit: VisionTransformer, images: Tensor) -> Tensor:
+    """The tokens entering block 0 (the first steps of timm's ``forward_features``, which has no public entry
+    for them)."""
+    x = vit.patch_embed(images)
+    x = vit._pos_embed(x)
+    x = vit.patch_drop(x)
+    return vit.norm_pre(x)
+
+
+def output_rows(vit: VisionTransformer, index: int) -> Optional[slice]:
+    """The query rows of block ``index`` whose attention output reaches the model's output: only the class
+    token's in the last block of a token-pooled model, all otherwise (None)."""
+    last = index == len(vit.blocks) - 1
+    if last and getattr(vit, 'global_pool', None) == 'token' and has_class_token(vit):
+        return slice(0, 1)
+    return None
+
+
+def run_blocks(blocks: Sequence[nn.Module], tokens: Tensor, batch: int) -> Tensor:
+    """``tokens`` through ``blocks`` in chunks of ``batch`` images (bounded memory)."""
+    outs = []
+    for start in range(0, tokens.shape[0], batch):
+        x = tokens[start:start + batch]
+        for block in blocks:
+            x = block(x)
+        outs.append(x)
+    return torch.cat(outs)
+
+
+def model_output(vit: VisionTransformer, tokens: Tensor, first: int, batch: int) -> Tensor:
+    """Logits (pooled features when headless) of the model from the tokens entering block ``first``."""
+    return vit.forward_head(vit.norm(run_blocks(vit.blocks[first:], tokens, batch)))
+
+
+def _is(module: Optional[nn.Module]) -> bool:
+    return module is not None and not isinstance(module, nn.Identity)
+
+
+def vit_geometry(model: nn.Module) -> Dict[str, Any]:
+    """The constructor arguments of timm's ``VisionTransformer`` that give ``model`` its state-dict shapes and
+    its forward, read from its modules (regularisation rates are left out: they do nothing at inference)."""
+    vit = check_vit(model)
+    attn, block = vit.blocks[0].attn, vit.blocks[0]
+    height, width = (int(s) for s in vit.patch_embed.img_size)
+    patch = vit.patch_embed.patch_size
+    fc1 = getattr(block.mlp, 'fc1', None)
+    geometry: Dict[str, Any] = dict(
+        img_size=height if height == width else [height, width],
+        patch_size=int(patch[0]) if patch[0] == patch[1] else [int(p) for p in patch],
+        num_classes=int(vit.num_classes),
+        global_pool=vit.global_pool,
+        embed_dim=int(vit.embed_dim),
+        depth=len(vit.blocks),
+        num_heads=int(attn.num_heads),
+        qkv_bias=attn.qkv.bias is not None,
+        qk_norm=_is(attn.q_norm),
+        proj_bias=attn.proj.bias is not None,
+        init_values=1.0 if _is(getattr(block, 'ls1', None)) else None,  # the value itself is a loaded weight
+        class_token=has_class_token(vit),
+        reg_tokens=int(getattr(vit, 'num_reg_tokens', 0)),
+        no_embed_class=bool(vit.no_embed_class),
+        pos_embed='learn' if vit.pos_embed is not None else 'none',
+        pre_norm=_is(vit.norm_pre),
+        final_norm=_is(vit.norm) or _is(vit.fc_norm),
+        fc_norm=_is(vit.fc_norm),
+        dynamic_img_size=bool(vit.dynamic_img_size),
+        dynamic_img_pad=bool(getattr(vit.patch_embed, 'dynamic_img_pad', False)),
+    )
+    if fc1 is not None:
+        geometry['mlp_ratio'] = fc1.out_features / vit.embed_dim
+    return geometry
