@@ -55,7 +55,7 @@ def main() -> None:
     image = Image.open(args.image)
     added = {}
     for spec in DEFAULT_MODELS:
-        loaded = app.registry.get(spec)
+        loaded = app.lens.registry.get(spec)
         runs = {True: [], False: []}
         for _ in range(5):
             for deep in (False, True):

@@ -78,7 +78,7 @@ def scale(args: argparse.Namespace) -> dict:
     from gqa_core import convert
     from gqa_core.lens.analysis import analyse
     from gqa_core.lens.export import export_zip
-    from gqa_core.training.hub import save_pretrained
+    from gqa_core.io.hub import save_pretrained
     from gqa_core.lens.views import FIGURES, column_view
     from gqa_core.lens.models import ModelRegistry
     from gqa_core.lens.tempfiles import ExpiringFiles
@@ -88,7 +88,6 @@ def scale(args: argparse.Namespace) -> dict:
     torch.manual_seed(0)
     model = timm.create_model(args.model, img_size=args.img_size, num_classes=0)
     convert(model, 'kdgqa', 3)
-    model.gqa_lens_backbone = dict(backbone=args.model, backbone_args=dict(img_size=args.img_size, num_classes=0))
     save_pretrained(model, work / 'models' / 'dinov2-kdgqa')
     del model
     registry = ModelRegistry(ROOT / 'assets' / 'models', model_dirs=[str(work / 'models')])

@@ -15,7 +15,9 @@ from pathlib import Path
 import torch
 
 from gqa_core.training.evaluate import evaluate
-from gqa_core.training.hub import from_pretrained
+from gqa_core import kv_cache_bytes
+from gqa_core.io.hub import from_pretrained
+from gqa_core.io.preprocessing import model_preprocessing
 
 ROOT = Path(__file__).resolve().parents[1]
 FAMILY = ['mha', 'gqa', 'kdgqa', 'dgqa-diff', 'dgqa-ema', 'pgqa']
@@ -35,7 +37,7 @@ def main() -> None:
     models = {name: from_pretrained(str(Path(args.models) / name)).eval() for name in FAMILY}
     for name in FAMILY:
         rows[name] = evaluate(str(Path(args.models) / name), args.data, 'test')
-    x = torch.randn(args.batch, *models['mha'].gqa_lens_config['preprocessing']['input_size'])
+    x = torch.randn(args.batch, *model_preprocessing(models['mha'])['input_size'])
     with torch.inference_mode():
         for model in models.values():
             model(x)
@@ -48,9 +50,10 @@ def main() -> None:
     print('| model | test top-1 | test top-5 | params | K/V cache / image (fp16) | CPU images/s |')
     print('|---|---:|---:|---:|---:|---:|')
     for name in FAMILY:
-        config = models[name].gqa_lens_config
+        model = models[name]
+        params = sum(p.numel() for p in model.parameters())
         print(f"| `{name}` | {rows[name]['top1'] * 100:.2f} % | {rows[name]['top5'] * 100:.2f} % | "
-              f"{config['params']:,} | {config['kv_cache_bytes_fp16']:,} B | {statistics.median(speed[name]):.0f} |")
+              f"{params:,} | {kv_cache_bytes(model):,} B | {statistics.median(speed[name]):.0f} |")
 
 
 if __name__ == '__main__':

@@ -11,7 +11,7 @@ import torch
 from gqa_core import convert, from_pretrained, save_pretrained
 from gqa_core.core.convert import source_heads
 from gqa_core.core.grouping import advise_grouping, permute_heads
-from gqa_core.training.hub import ModelLoadError, create_model
+from gqa_core.io.hub import ModelLoadError, create_model
 from gqa_core.lens.specs import parse_spec
 
 from conftest import tiny_vit
@@ -153,7 +153,6 @@ def test_advised_model_round_trips_with_its_source_heads(tmp_path):
     model = create_model('vit_tiny_patch16_224', dict(img_size=32, patch_size=8, depth=2, num_classes=5), 'mha')
     images = torch.randn(4, 3, 32, 32)
     advised = convert(copy.deepcopy(model), 'kdgqa', 1, grouping=[[2, 0, 1], [1, 2, 0]])
-    advised.gqa_lens_backbone = model.gqa_lens_backbone
     save_pretrained(advised, tmp_path / 'adv')
     config = json.loads((tmp_path / 'adv' / 'config.json').read_text())
     assert config['source_heads'] == [[2, 0, 1], [1, 2, 0]]

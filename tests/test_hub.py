@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import save_file
 
 from gqa_core import convert, grouping_config
-from gqa_core.training.hub import ModelLoadError, create_model, from_pretrained, save_pretrained
+from gqa_core.io.hub import ModelLoadError, create_model, from_pretrained, save_pretrained
 
 from hub_server import HubServer
 
@@ -96,7 +96,7 @@ def test_local_errors_name_the_problem(tmp_path):
 
 HUB_SCRIPT = textwrap.dedent('''
     import json, sys, torch
-    from gqa_core.training.hub import from_pretrained, from_timm, ModelLoadError
+    from gqa_core.io.hub import from_pretrained, from_timm, ModelLoadError
     out = {}
     model = from_pretrained("lens/kdgqa-tiny").eval()
     x = torch.load(sys.argv[1], weights_only=True)
@@ -154,3 +154,42 @@ def test_hub_download_through_local_http_server(tmp_path):
     assert 'lens/only-bin: the repo has no model.safetensors' in result['lens/only-bin']
     assert 'never unpickles' in result['lens/only-bin']
     assert 'lens/truncated' in result['lens/truncated'] and 'corrupt or truncated' in result['lens/truncated']
+
+
+SMALL_VITS = [  # (timm name, constructor args): the layouts users bring, small enough to build here
+    ('vit_tiny_patch16_224', dict(img_size=32, patch_size=8, depth=2, num_classes=7)),
+    ('vit_small_patch14_reg4_dinov2', dict(img_size=56, depth=2, num_classes=0)),  # registers, layer scale
+    ('deit_tiny_distilled_patch16_224', dict(img_size=32, patch_size=8, depth=2, num_classes=5)),  # dist token
+    ('vit_base_patch16_siglip_224', dict(img_size=32, patch_size=8, depth=2, embed_dim=96, num_heads=6,
+                                         num_classes=3)),  # attention-pooling head, no class token
+    ('vit_medium_patch16_gap_256', dict(img_size=32, patch_size=8, depth=2, num_classes=4, qk_norm=True)),
+]
+
+
+@pytest.mark.parametrize('name,args', SMALL_VITS, ids=[n for n, _ in SMALL_VITS])
+def test_any_converted_timm_vit_saves_and_loads_bit_identical(tmp_path, name, args):
+    """timm.create_model -> convert -> save_pretrained -> from_pretrained, with no GQA Lens constructor: the
+    config is read from the model itself."""
+    import timm
+    torch.manual_seed(0)
+    model = timm.create_model(name, **args)
+    model = convert(model, 'kdgqa', model.blocks[0].attn.num_heads // 2).eval()
+    save_pretrained(model, tmp_path)
+    config = json.loads((tmp_path / 'config.json').read_text())
+    assert config['backbone'] == name
+    loaded = from_pretrained(str(tmp_path)).eval()
+    x = torch.randn(2, 3, *model.patch_embed.img_size)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+    assert {k: v.shape for k, v in loaded.state_dict().items()} == {k: v.shape for k, v in model.state_dict().items()}
+
+
+def test_a_model_its_timm_constructor_cannot_express_is_refused_by_name(tmp_path):
+    import timm
+    model = convert(timm.create_model('vit_tiny_patch16_224', **TINY), 'gqa', 3)
+    model.blocks[1].norm2 = torch.nn.BatchNorm1d(48)  # edited by hand: no constructor argument makes this
+    with pytest.raises(ValueError, match='blocks.1.norm2'):
+        save_pretrained(model, tmp_path)
+    del model.pretrained_cfg['architecture']
+    with pytest.raises(ValueError, match='no timm pretrained_cfg naming its architecture'):
+        save_pretrained(model, tmp_path)

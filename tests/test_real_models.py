@@ -10,7 +10,7 @@ from PIL import Image
 
 from gqa_core import convert, record
 from gqa_core.lens.analysis import HEADLESS_NOTE, analyse, model_input
-from gqa_core.training.hub import create_model, save_pretrained
+from gqa_core.io.hub import create_model, save_pretrained
 from gqa_core.lens.views import column_view
 from gqa_core.lens.models import ModelRegistry
 from gqa_core.core.record import MEAN_ROW

@@ -7,7 +7,7 @@ from safetensors.torch import load_file
 
 from gqa_core import grouping_config
 from gqa_core.training.evaluate import evaluate
-from gqa_core.training.hub import from_pretrained
+from gqa_core.io.hub import from_pretrained
 from gqa_core.training.train import parse_args, run
 
 TINY_ARGS = ('--timm-model vit_tiny_patch16_224 --model-args '
@@ -36,7 +36,12 @@ def test_train_resume_and_loss_goes_down(cifar_subset, tmp_path):
     b = load_file(tmp_path / 'resumed' / 'gqa' / 'checkpoint' / 'model.safetensors')
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a), 'resuming continues the same run'
     summary = json.loads((tmp_path / 'resumed' / 'comparison.json').read_text())[0]
-    assert summary['variant'] == 'gqa' and summary['params'] > 0 and 0 <= summary['test_top1'] <= 1
+    saved = tmp_path / 'resumed' / 'gqa' / 'model'
+    model = from_pretrained(str(saved))
+    assert summary['variant'] == 'gqa' and summary['params'] == sum(p.numel() for p in model.parameters())
+    assert summary['steps'] == history[-1]['step']
+    again = evaluate(str(saved), str(cifar_subset), 'test')
+    assert abs(summary['test_top1'] - again['top1']) * again['n'] <= 1, 'the summary is the saved model\'s test top-1'
 
 
 def test_variants_comparison_and_dgqa_history_saved(cifar_subset, tmp_path):
@@ -85,3 +90,19 @@ def test_two_process_data_parallel_training(cifar_subset, tmp_path):
     assert history[0]['step'] == 540 // 20 // 2, 'each process sees half of the 540 training images'
     model = from_pretrained(str(tmp_path / 'dgqa-ema' / 'model'))
     assert len(model.blocks[0].attn.policy.history) > 2
+
+
+def test_authors_preset_normalises_with_half_whatever_the_start(tmp_path):
+    """--preset authors means mean = std = 0.5 (method.md), for a start from a saved MHA model as well as from
+    a timm name; flags still override it."""
+    from gqa_core.lens.models import EMBEDDED_DIR
+    from gqa_core.training.train import build_start_model
+    from_timm = TINY_ARGS.split(' ', 3)[:2] + ['--model-args', TINY_ARGS.split(' ', 3)[3]]
+    for start in (['--init-from', str(EMBEDDED_DIR / 'mha')], from_timm):
+        cfg = parse_args(['--preset', 'authors', '--data', str(tmp_path), *start])
+        _, preprocessing, _ = build_start_model(cfg)
+        assert preprocessing['mean'] == [0.5] * 3 and preprocessing['std'] == [0.5] * 3, start
+    cfg = parse_args(['--preset', 'authors', '--data', str(tmp_path), '--init-from', str(EMBEDDED_DIR / 'mha'),
+                      '--preprocessing', PRE.replace('0.5,0.5,0.5],"std"', '0.4,0.4,0.4],"std"'), '--mean-std', '0.25'])
+    _, preprocessing, _ = build_start_model(cfg)
+    assert preprocessing['mean'] == [0.25] * 3

@@ -14,7 +14,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..training.data import build_datasets, eval_geometry, normalisation
+from ..io.preprocessing import eval_geometry, normalisation
+from ..training.data import build_datasets
 
 __all__ = ['CALIBRATION_FILE', 'calibration_images', 'write_calibration_set']
 

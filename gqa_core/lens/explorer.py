@@ -10,7 +10,7 @@ from typing import Any, Callable, Dict, Optional
 import numpy as np
 import torch
 
-from ..training.kv_budget import kv_budget_rows
+from .kv_budget import kv_budget_rows
 from .calibration import CALIBRATION_FILE, calibration_images
 from .models import REFINE_FLOPS, ModelRegistry, live_calibration_size
 

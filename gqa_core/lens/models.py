@@ -1,8 +1,8 @@
 """Finding, loading and caching models by a short spec string, for the app and for scripts.
 
-Specs (see :mod:`gqa_core.specs`): ``embedded/NAME``, ``local:NAME`` (operator-allowed folders only),
+Specs (see :mod:`gqa_core.lens.specs`): ``embedded/NAME``, ``local:NAME`` (operator-allowed folders only),
 ``hub:ORG/NAME[@REVISION]``, ``convert:SOURCE:VARIANT:G``. Specs come from strangers: they are parsed strictly,
-configs are validated and held to a size :class:`~gqa_core.safe_config.Budget` before anything is built, and
+configs are validated and held to a size :class:`~gqa_core.io.safe_config.Budget` before anything is built, and
 no message names a server path.
 """
 from __future__ import annotations
@@ -16,10 +16,12 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import torch
 from torch import nn
 
-from ..core.convert import convert, grouping_config, kv_cache_bytes, num_tokens, source_heads
-from ..training.hub import ModelLoadError, from_pretrained, from_timm, model_preprocessing
+from ..core.convert import convert, grouping_config, kv_cache_bytes, source_heads
 from ..core.policies import POLICIES
-from ..training.safe_config import Budget
+from ..core.vit import num_tokens
+from ..io.hub import ModelLoadError, from_pretrained, from_timm
+from ..io.preprocessing import model_preprocessing
+from ..io.safe_config import Budget
 from .calibration import calibration_images
 from .specs import Spec, SpecError, allowed_model_dirs, parse_spec, resolve_in, shown
 
@@ -125,29 +127,18 @@ class ModelRegistry:
                 name = f'hf-hub:{source.name}' + (f'@{source.revision}' if source.revision else '') \
                     if source.kind == 'hf-hub' else source.name
                 model = from_timm(name, 'mha', budget=self.budget)
-            base_config = getattr(model, 'gqa_lens_config', None)
             calibration = None
             if spec.grouping != 'consecutive':
-                calibration = calibration_images(self._preprocessing(model), live_calibration_size(model))
+                calibration = calibration_images(model_preprocessing(model), live_calibration_size(model))
             convert(model, spec.variant, spec.num_kv_heads, grouping=spec.grouping, calibration=calibration,
                     max_refine_flops=REFINE_FLOPS)
-            if base_config is not None:
-                model.gqa_lens_config = base_config
         model.eval()
-        config = getattr(model, 'gqa_lens_config', None)
-        labels = (config or {}).get('labels') or _imagenet_labels(model.num_classes)
-        preprocessing = self._preprocessing(model)
+        labels = model.pretrained_cfg.get('label_names')
+        if labels is None or len(labels) != model.num_classes:
+            labels = _imagenet_labels(model.num_classes)
+        preprocessing = model_preprocessing(model)
         return LoadedModel(str(spec), model, list(labels), preprocessing, grouping_config(model),
                            sum(p.numel() for p in model.parameters()), kv_cache_bytes(model), source_heads(model))
-
-    @staticmethod
-    def _preprocessing(model: nn.Module) -> Dict[str, Any]:
-        """The saved preprocessing (if any) at the input size the model really has."""
-        preprocessing = model_preprocessing(model)
-        config = getattr(model, 'gqa_lens_config', None)
-        if config is not None and config.get('preprocessing'):
-            preprocessing = dict(config['preprocessing'], input_size=preprocessing['input_size'])
-        return preprocessing
 
     def get(self, spec: str, progress: Optional[Callable[[str], None]] = None) -> LoadedModel:
         spec = str(parse_spec(spec, tuple(POLICIES)))  # canonical key; refuses bad specs before any work

@@ -20,7 +20,9 @@ from torch.utils.data import Dataset, Subset
 from torchvision import transforms as T
 from torchvision.datasets import ImageFolder
 
-__all__ = ['DataSplits', 'build_datasets', 'build_transform', 'eval_geometry', 'normalisation', 'extract_archive', 'AUGMENTATIONS', 'HUB_DATASETS']
+from ..io.preprocessing import eval_geometry, normalisation
+
+__all__ = ['DataSplits', 'build_datasets', 'build_transform', 'extract_archive', 'AUGMENTATIONS', 'HUB_DATASETS']
 
 AUGMENTATIONS = ('none', 'crop-flip', 'randaugment')
 HUB_DATASETS: Dict[str, Dict[str, str]] = {
@@ -68,19 +70,6 @@ def extract_archive(archive: str | os.PathLike, cache_dir: Optional[Path] = None
         if (candidate / 'train').is_dir():
             return candidate
     raise ValueError(f'{archive}: no train/ folder inside the archive')
-
-
-def eval_geometry(preprocessing: Dict[str, Any]) -> Callable:
-    """Resize (by ``crop_pct``) and centre-crop to the input size: what the model sees, before normalising."""
-    size = tuple(preprocessing['input_size'][-2:])
-    interpolation = T.InterpolationMode(preprocessing.get('interpolation', 'bicubic'))
-    crop_pct = float(preprocessing.get('crop_pct', 1.0))
-    resize = tuple(int(s / crop_pct) for s in size)
-    return T.Compose([T.Resize(resize, interpolation=interpolation), T.CenterCrop(size)])
-
-
-def normalisation(preprocessing: Dict[str, Any]) -> Callable:
-    return T.Compose([T.ToTensor(), T.Normalize(preprocessing['mean'], preprocessing['std'])])
 
 
 def build_transform(preprocessing: Dict[str, Any], training: bool, augment: str = 'crop-flip') -> Callable:

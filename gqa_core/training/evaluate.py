@@ -13,9 +13,12 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from .data import build_datasets
-from .hub import ModelLoadError, from_pretrained
+from ..core.convert import grouping_config
 from ..core.record import record
+from ..core.vit import gqa_layers
+from ..io.hub import ModelLoadError, from_pretrained
+from ..io.preprocessing import model_preprocessing
+from .data import build_datasets
 
 __all__ = ['evaluate', 'main']
 
@@ -25,14 +28,13 @@ def evaluate(model_source: str, data: str, split: str = 'test', batch_size: int 
              device: str = 'cpu', val_fraction: float = 0.1, seed: int = 0,
              limit: Optional[int] = None) -> Dict[str, Any]:
     model = from_pretrained(model_source).to(device).eval()
-    config = model.gqa_lens_config
-    splits = build_datasets(data, config['preprocessing'], val_fraction=val_fraction, seed=seed, limit=limit)
+    splits = build_datasets(data, model_preprocessing(model), val_fraction=val_fraction, seed=seed, limit=limit)
     dataset = {'test': splits.test, 'val': splits.val}[split]
     if dataset is None:
         raise ValueError(f'{data} has no {split} split')
-    labels = config.get('labels') or splits.classes
+    labels = model.pretrained_cfg.get('label_names') or splits.classes
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers)
-    keyed = config['grouping']['variant'] in ('kdgqa', 'dgqa')
+    keyed = gqa_layers(model)[0].policy.uses_key_norms
     hits1 = hits5 = total = 0
     per_class_hit = torch.zeros(len(labels))
     per_class_n = torch.zeros(len(labels))
@@ -52,7 +54,7 @@ def evaluate(model_source: str, data: str, split: str = 'test', batch_size: int 
     result: Dict[str, Any] = dict(
         model=model_source, data=data, split=split, n=total, top1=hits1 / max(total, 1), top5=hits5 / max(total, 1),
         per_class={label: float(per_class_hit[i] / per_class_n[i].clamp_min(1)) for i, label in enumerate(labels)},
-        grouping=config['grouping'],
+        grouping=grouping_config(model),
     )
     if alloc_sum is not None:
         result['mean_allocation'] = (alloc_sum / max(total, 1)).tolist()

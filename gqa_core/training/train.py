@@ -29,11 +29,12 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from ..core.convert import convert, kv_cache_bytes
+from ..core.convert import convert, grouping_config, kv_cache_bytes
 from ..core.grouping import advise_grouping
+from ..core.policies import POLICIES, start_epoch
+from ..io.hub import ModelLoadError, create_model, from_pretrained, save_pretrained
+from ..io.preprocessing import model_preprocessing
 from .data import build_datasets
-from .hub import ModelLoadError, create_model, from_pretrained, save_pretrained
-from ..core.policies import start_epoch
 
 __all__ = ['TrainConfig', 'PRESETS', 'VARIANT_SPECS', 'train_variant', 'run', 'main', 'evaluate_loader']
 
@@ -63,6 +64,7 @@ class TrainConfig:
     init_safetensors: Optional[str] = None
     model_args: Dict[str, Any] = field(default_factory=dict)
     preprocessing: Optional[Dict[str, Any]] = None
+    mean_std: Optional[float] = None  # normalise with this mean and std on every channel (the authors' 0.5)
     # optimisation
     epochs: int = 5
     batch_size: int = 32
@@ -87,7 +89,7 @@ class TrainConfig:
 PRESETS: Dict[str, Dict[str, Any]] = {
     # The authors' uptraining recipe (method.md).
     'authors': dict(lr=1e-5, weight_decay=0.01, batch_size=32, epochs=5, augment='randaugment', seed=42,
-                    preprocessing_mean_std=0.5),
+                    mean_std=0.5),
     # Training a small ViT from scratch on 32 px CIFAR.
     'scratch-cifar': dict(lr=2e-3, weight_decay=0.05, batch_size=256, epochs=30, augment='crop-flip',
                           label_smoothing=0.1, warmup_epochs=1.0, grad_clip=1.0, seed=0),
@@ -100,23 +102,26 @@ def seed_everything(seed: int) -> None:
 
 
 def build_start_model(cfg: TrainConfig) -> Tuple[nn.Module, Dict[str, Any], Optional[List[str]]]:
-    """The multi-head starting point and its preprocessing (and labels, if it has them)."""
+    """The multi-head starting point, its preprocessing (``cfg.preprocessing``, else the model's own, with
+    ``cfg.mean_std`` applied to either) and its labels, if it has them."""
     if cfg.init_from:
         model = from_pretrained(cfg.init_from)
-        config = model.gqa_lens_config
-        if config['grouping']['variant'] != 'mha':
-            raise ValueError(f'{cfg.init_from} is {config["grouping"]["variant"]}; uptraining starts from MHA')
-        return model, cfg.preprocessing or config['preprocessing'], config.get('labels')
-    if not cfg.timm_model:
+        variant = grouping_config(model)['variant']
+        if variant != 'mha':
+            raise ValueError(f'{cfg.init_from} is {variant}; uptraining starts from MHA')
+        labels = model.pretrained_cfg.get('label_names')
+    elif cfg.timm_model:
+        model = create_model(cfg.timm_model, cfg.model_args, 'mha', pretrained=cfg.pretrained)
+        if cfg.init_safetensors:
+            from safetensors.torch import load_file
+            model.load_state_dict(load_file(cfg.init_safetensors), strict=True)
+        labels = None
+    else:
         raise ValueError('give --init-from (a GQA Lens MHA model) or --timm-model')
-    model = create_model(cfg.timm_model, cfg.model_args, 'mha', pretrained=cfg.pretrained)
-    if cfg.init_safetensors:
-        from safetensors.torch import load_file
-        model.load_state_dict(load_file(cfg.init_safetensors), strict=True)
-    import timm
-    pre = dict(cfg.preprocessing or {k: (list(v) if isinstance(v, tuple) else v)
-                                      for k, v in timm.data.resolve_data_config({}, model=model).items()})
-    return model, pre, None
+    preprocessing = dict(cfg.preprocessing or model_preprocessing(model))
+    if cfg.mean_std is not None:
+        preprocessing.update(mean=[cfg.mean_std] * 3, std=[cfg.mean_std] * 3)
+    return model, preprocessing, list(labels) if labels is not None else None
 
 
 def start_grouping(start: nn.Module, splits: Any, cfg: TrainConfig) -> Any:
@@ -129,20 +134,21 @@ def start_grouping(start: nn.Module, splits: Any, cfg: TrainConfig) -> Any:
 
 
 def make_variant(start: nn.Module, name: str, cfg: TrainConfig, grouping: Any = 'consecutive') -> nn.Module:
+    """A copy of ``start`` converted to the variant ``name``; the run's policy settings (``window``, ``beta``,
+    ``noise_scale``, ...) go to the policies that declare them."""
     if name not in VARIANT_SPECS:
         raise ValueError(f'unknown variant {name!r}; choose from {sorted(VARIANT_SPECS)}')
     import copy
     policy, options = VARIANT_SPECS[name]
-    options = dict(options, compat=cfg.compat, seed=cfg.seed)
-    if policy == 'dgqa':
-        options.update(window=cfg.window, beta=cfg.beta)
-    if policy == 'pgqa':
-        options.update(noise_scale=cfg.noise_scale)
+    declared = POLICIES[policy].OPTIONS
+    run_settings = dict(compat=cfg.compat, seed=cfg.seed, window=cfg.window, beta=cfg.beta,
+                        noise_scale=cfg.noise_scale)
+    options = {**{k: v for k, v in run_settings.items() if k in declared}, **options}
     heads = start.blocks[0].attn.num_heads
-    G = None if policy == 'mha' else (cfg.num_kv_heads or heads // 2)
+    multi_head = policy == 'mha'
+    G = None if multi_head else (cfg.num_kv_heads or heads // 2)
     model = copy.deepcopy(start)
-    convert(model, policy, G, grouping=grouping if policy != 'mha' else 'consecutive', **options)
-    model.gqa_lens_backbone = start.gqa_lens_backbone
+    convert(model, policy, G, grouping='consecutive' if multi_head else grouping, **options)
     return model
 
 
@@ -199,28 +205,39 @@ def _append_metrics(out: Path, row: Dict[str, Any]) -> None:
         writer.writerows(history)
 
 
-def train_variant(name: str, start: nn.Module, splits: Any, preprocessing: Dict[str, Any], labels: List[str],
-                  cfg: TrainConfig, grouping: Any = None) -> Dict[str, Any]:
-    """Convert, train, keep the best-on-validation model, evaluate it on test. Returns its summary row.
-    ``grouping``: from :func:`start_grouping` (computed here when None)."""
+@dataclass
+class _Run:
+    """One variant's training: what is prepared once and what a checkpoint restores."""
+    accelerator: Any
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    train_loader: DataLoader
+    val_loader: DataLoader
+    loader_rng: torch.Generator
+    total_steps: int
+    out: Path
+    state: Dict[str, Any] = field(default_factory=lambda: dict(epoch=0, step=0, best_val=-1.0))
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.out / 'checkpoint'
+
+
+def _prepare(name: str, model: nn.Module, splits: Any, cfg: TrainConfig) -> _Run:
+    """Loaders, AdamW (no weight decay on biases, norms, embeddings and tokens), warmup + cosine schedule,
+    all through accelerate (CPU, one GPU or data parallel)."""
     from accelerate import Accelerator
     mixed = cfg.mixed_precision
     if mixed == 'auto':
         mixed = 'bf16' if torch.cuda.is_available() else 'no'
     accelerator = Accelerator(mixed_precision=mixed)
-    out = Path(cfg.out) / name
-    ckpt = out / 'checkpoint'
-    out.mkdir(parents=True, exist_ok=True)
-    seed_everything(cfg.seed)
-    if grouping is None:
-        grouping = start_grouping(start, splits, cfg)
-    model = make_variant(start, name, cfg, grouping)
     g = torch.Generator().manual_seed(cfg.seed)
     train_loader = DataLoader(splits.train, batch_size=cfg.batch_size, shuffle=True, drop_last=True,
                               num_workers=cfg.workers, generator=g, persistent_workers=cfg.workers > 0)
     val_loader = DataLoader(splits.val, batch_size=cfg.batch_size * 2, num_workers=cfg.workers)
     decay, no_decay = [], []
-    for n, p in model.named_parameters():  # no weight decay on biases, norms, embeddings and tokens
+    for n, p in model.named_parameters():
         (decay if p.ndim > 1 and 'pos_embed' not in n and 'token' not in n else no_decay).append(p)
     optimizer = torch.optim.AdamW([{'params': decay, 'weight_decay': cfg.weight_decay},
                                    {'params': no_decay, 'weight_decay': 0.0}], lr=cfg.lr)
@@ -236,70 +253,77 @@ def train_variant(name: str, start: nn.Module, splits: Any, preprocessing: Dict[
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     model, optimizer, train_loader, val_loader, scheduler = accelerator.prepare(
         model, optimizer, train_loader, val_loader, scheduler)
-    state = dict(epoch=0, step=0, best_val=-1.0)
-    if cfg.resume and (ckpt / 'model.safetensors').exists():
-        from safetensors.torch import load_file
-        accelerator.unwrap_model(model).load_state_dict(load_file(ckpt / 'model.safetensors'), strict=True)
-        saved = torch.load(ckpt / 'training_state.pt', weights_only=True)  # our own local file
-        optimizer.load_state_dict(saved['optimizer'])
-        scheduler.load_state_dict(saved['scheduler'])
-        torch.set_rng_state(saved['rng'])
-        g.set_state(saved['loader_rng'])
-        state = json.loads((ckpt / 'state.json').read_text())
-        accelerator.print(f'[{name}] resumed at epoch {state["epoch"]}, step {state["step"]}')
+    out = Path(cfg.out) / name
+    out.mkdir(parents=True, exist_ok=True)
+    return _Run(accelerator, model, optimizer, scheduler, train_loader, val_loader, g, total, out)
 
-    start_time = time.perf_counter()
-    last_epoch = cfg.epochs if cfg.stop_after is None else min(cfg.epochs, state['epoch'] + cfg.stop_after)
-    for epoch in range(state['epoch'], last_epoch):
-        if state['step'] >= total:
+
+def _resume(run: _Run, name: str) -> None:
+    from safetensors.torch import load_file
+    ckpt = run.checkpoint
+    run.accelerator.unwrap_model(run.model).load_state_dict(load_file(ckpt / 'model.safetensors'), strict=True)
+    saved = torch.load(ckpt / 'training_state.pt', weights_only=True)  # our own local file
+    run.optimizer.load_state_dict(saved['optimizer'])
+    run.scheduler.load_state_dict(saved['scheduler'])
+    torch.set_rng_state(saved['rng'])
+    run.loader_rng.set_state(saved['loader_rng'])
+    run.state = json.loads((ckpt / 'state.json').read_text())
+    run.accelerator.print(f'[{name}] resumed at epoch {run.state["epoch"]}, step {run.state["step"]}')
+
+
+def _train_epoch(run: _Run, name: str, epoch: int, cfg: TrainConfig) -> Dict[str, float]:
+    """One pass over the training loader (or up to the step budget); the epoch's loss and accuracy."""
+    model, accelerator = run.model, run.accelerator
+    model.train()
+    start_epoch(model)
+    seen = hits = 0
+    loss_sum = 0.0
+    bar = tqdm(run.train_loader, desc=f'{name} epoch {epoch + 1}/{cfg.epochs}',
+               disable=not accelerator.is_main_process)
+    for images, targets in bar:
+        with accelerator.autocast():
+            logits = model(images)
+            loss = F.cross_entropy(logits.float(), targets, label_smoothing=cfg.label_smoothing)
+        accelerator.backward(loss)
+        if cfg.grad_clip:
+            accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        run.optimizer.step()
+        run.scheduler.step()
+        run.optimizer.zero_grad(set_to_none=True)
+        run.state['step'] += 1
+        seen += len(targets)
+        hits += int((logits.argmax(-1) == targets).sum())
+        loss_sum += float(loss.detach()) * len(targets)
+        bar.set_postfix(loss=f'{loss_sum / seen:.3f}', acc=f'{hits / seen:.3f}')
+        if run.state['step'] >= run.total_steps:
             break
-        model.train()
-        start_epoch(model)
-        seen = hits = 0
-        loss_sum = 0.0
-        bar = tqdm(train_loader, desc=f'{name} epoch {epoch + 1}/{cfg.epochs}', disable=not accelerator.is_main_process)
-        for images, targets in bar:
-            with accelerator.autocast():
-                logits = model(images)
-                loss = F.cross_entropy(logits.float(), targets, label_smoothing=cfg.label_smoothing)
-            accelerator.backward(loss)
-            if cfg.grad_clip:
-                accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            state['step'] += 1
-            seen += len(targets)
-            hits += int((logits.argmax(-1) == targets).sum())
-            loss_sum += float(loss.detach()) * len(targets)
-            bar.set_postfix(loss=f'{loss_sum / seen:.3f}', acc=f'{hits / seen:.3f}')
-            if state['step'] >= total:
-                break
-        val = evaluate_loader(model, val_loader, len(labels), accelerator, desc='val')
-        state['epoch'] = epoch + 1
-        row = dict(epoch=epoch + 1, step=state['step'], train_loss=loss_sum / max(seen, 1),
-                   train_top1=hits / max(seen, 1), val_top1=val['top1'], val_top5=val['top5'],
-                   lr=scheduler.get_last_lr()[0], seconds=time.perf_counter() - start_time)
-        if accelerator.is_main_process:
-            _append_metrics(out, row)
-            unwrapped = accelerator.unwrap_model(model)
-            ckpt.mkdir(exist_ok=True)
-            from safetensors.torch import save_file
-            save_file({k: v.detach().cpu().contiguous() for k, v in unwrapped.state_dict().items()},
-                      ckpt / 'model.safetensors')
-            torch.save(dict(optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-                            rng=torch.get_rng_state(), loader_rng=g.get_state()), ckpt / 'training_state.pt')
-            if val['top1'] > state['best_val']:
-                state['best_val'] = val['top1']
-                save_pretrained(unwrapped, out / 'best', labels=labels, preprocessing=preprocessing,
-                                metrics=dict(val_top1=round(val['top1'], 4), epoch=epoch + 1))
-            (ckpt / 'state.json').write_text(json.dumps(state))
-        accelerator.print(f'[{name}] epoch {epoch + 1}: ' + ', '.join(
-            f'{k}={v:.4f}' if isinstance(v, float) else f'{k}={v}' for k, v in row.items()))
-    accelerator.wait_for_everyone()
+    return dict(train_loss=loss_sum / max(seen, 1), train_top1=hits / max(seen, 1))
 
-    best = from_pretrained(str(out / 'best')).to(accelerator.device).eval()
-    summary = dict(variant=name, val_top1=state['best_val'])
+
+def _save_checkpoint(run: _Run, val_top1: float, epoch: int, preprocessing: Dict[str, Any],
+                     labels: List[str]) -> None:
+    """The per-epoch checkpoint (weights, optimiser, schedule, RNGs) and the best-on-validation model."""
+    from safetensors.torch import save_file
+    unwrapped = run.accelerator.unwrap_model(run.model)
+    ckpt = run.checkpoint
+    ckpt.mkdir(exist_ok=True)
+    save_file({k: v.detach().cpu().contiguous() for k, v in unwrapped.state_dict().items()},
+              ckpt / 'model.safetensors')
+    torch.save(dict(optimizer=run.optimizer.state_dict(), scheduler=run.scheduler.state_dict(),
+                    rng=torch.get_rng_state(), loader_rng=run.loader_rng.get_state()), ckpt / 'training_state.pt')
+    if val_top1 > run.state['best_val']:
+        run.state['best_val'] = val_top1
+        save_pretrained(unwrapped, run.out / 'best', labels=labels, preprocessing=preprocessing,
+                        metrics=dict(val_top1=round(val_top1, 4), epoch=epoch + 1))
+    (ckpt / 'state.json').write_text(json.dumps(run.state))
+
+
+def _finish(run: _Run, name: str, splits: Any, preprocessing: Dict[str, Any], labels: List[str],
+            cfg: TrainConfig) -> Dict[str, Any]:
+    """Test the best-on-validation model once, measure it, and save it as the variant's model."""
+    accelerator = run.accelerator
+    best = from_pretrained(str(run.out / 'best')).to(accelerator.device).eval()
+    summary = dict(variant=name, val_top1=run.state['best_val'])
     if splits.test is not None:
         test_loader = accelerator.prepare(DataLoader(splits.test, batch_size=cfg.batch_size * 2,
                                                      num_workers=cfg.workers))
@@ -309,17 +333,44 @@ def train_variant(name: str, start: nn.Module, splits: Any, preprocessing: Dict[
         params=sum(p.numel() for p in best.parameters()),
         kv_cache_bytes=kv_cache_bytes(best),
         images_per_s=images_per_second(best, preprocessing['input_size'], cfg.bench_batch, accelerator.device),
-        steps=state['step'],
+        steps=run.state['step'],
     )
     if accelerator.is_main_process:
         metrics = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in summary.items() if k != 'variant'}
         save_dtype = getattr(torch, cfg.save_dtype) if cfg.save_dtype else None
-        best_cpu = best.cpu()
-        best_cpu.gqa_lens_backbone = best.gqa_lens_backbone
-        save_pretrained(best_cpu, out / 'model', labels=labels, preprocessing=preprocessing, metrics=metrics,
+        save_pretrained(best.cpu(), run.out / 'model', labels=labels, preprocessing=preprocessing, metrics=metrics,
                         dtype=save_dtype)
-        (out / 'summary.json').write_text(json.dumps(summary, indent=2))
+        (run.out / 'summary.json').write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def train_variant(name: str, start: nn.Module, splits: Any, preprocessing: Dict[str, Any], labels: List[str],
+                  cfg: TrainConfig, grouping: Any = None) -> Dict[str, Any]:
+    """Convert, train, keep the best-on-validation model, evaluate it on test. Returns its summary row.
+    ``grouping``: from :func:`start_grouping` (computed here when None)."""
+    seed_everything(cfg.seed)
+    if grouping is None:
+        grouping = start_grouping(start, splits, cfg)
+    run = _prepare(name, make_variant(start, name, cfg, grouping), splits, cfg)
+    if cfg.resume and (run.checkpoint / 'model.safetensors').exists():
+        _resume(run, name)
+    start_time = time.perf_counter()
+    last_epoch = cfg.epochs if cfg.stop_after is None else min(cfg.epochs, run.state['epoch'] + cfg.stop_after)
+    for epoch in range(run.state['epoch'], last_epoch):
+        if run.state['step'] >= run.total_steps:
+            break
+        train = _train_epoch(run, name, epoch, cfg)
+        val = evaluate_loader(run.model, run.val_loader, len(labels), run.accelerator, desc='val')
+        run.state['epoch'] = epoch + 1
+        row = dict(epoch=epoch + 1, step=run.state['step'], **train, val_top1=val['top1'], val_top5=val['top5'],
+                   lr=run.scheduler.get_last_lr()[0], seconds=time.perf_counter() - start_time)
+        if run.accelerator.is_main_process:
+            _append_metrics(run.out, row)
+            _save_checkpoint(run, val['top1'], epoch, preprocessing, labels)
+        run.accelerator.print(f'[{name}] epoch {epoch + 1}: ' + ', '.join(
+            f'{k}={v:.4f}' if isinstance(v, float) else f'{k}={v}' for k, v in row.items()))
+    run.accelerator.wait_for_everyone()
+    return _finish(run, name, splits, preprocessing, labels, cfg)
 
 
 def comparison_table(rows: List[Dict[str, Any]]) -> str:
@@ -368,32 +419,23 @@ def parse_args(argv: Optional[List[str]] = None) -> TrainConfig:
         elif f.name in ('model_args', 'preprocessing'):
             parser.add_argument(flag, type=json.loads, default=None, help='JSON object')
         else:
-            kind = {'num_kv_heads': int, 'grad_clip': float, 'limit': int, 'max_steps': int, 'stop_after': int}.get(
+            kind = {'num_kv_heads': int, 'grad_clip': float, 'limit': int, 'max_steps': int, 'stop_after': int,
+                    'mean_std': float}.get(
                 f.name, type(value) if value is not None else str)
             parser.add_argument(flag, type=kind, default=None)
     args = parser.parse_args(argv)
     merged: Dict[str, Any] = {}
     if args.preset:
-        preset = dict(PRESETS[args.preset])
-        if preset.pop('preprocessing_mean_std', None) is not None:
-            merged['_mean_std'] = 0.5
-        merged.update(preset)
+        merged.update(PRESETS[args.preset])
     if args.config:
         merged.update(yaml.safe_load(Path(args.config).read_text()) or {})
     merged.update({k: v for k, v in vars(args).items() if v is not None and k not in ('config', 'preset')})
-    mean_std = merged.pop('_mean_std', None)
     unknown = set(merged) - {f.name for f in fields(TrainConfig)}
     if unknown:
         raise SystemExit(f'unknown config keys: {sorted(unknown)}')
     cfg = TrainConfig(**merged)
     if not cfg.data:
         raise SystemExit('--data is required (a folder, a .tar.gz archive or a Hub dataset name)')
-    if mean_std is not None and cfg.preprocessing is None and cfg.timm_model:
-        import timm
-        model = timm.create_model(cfg.timm_model, pretrained=False, **cfg.model_args)
-        pre = timm.data.resolve_data_config({}, model=model)
-        cfg.preprocessing = {k: (list(v) if isinstance(v, tuple) else v) for k, v in pre.items()}
-        cfg.preprocessing.update(mean=[mean_std] * 3, std=[mean_std] * 3)
     return cfg
 
 

@@ -19,10 +19,11 @@ from typing import Any, Callable, Dict, Optional
 import timm
 import torch
 
-from ..core.convert import num_tokens
+from ..core.policies import POLICIES
+from ..core.vit import num_tokens
 
 __all__ = ['ConfigError', 'Budget', 'check_backbone', 'check_backbone_args', 'check_grouping', 'check_preprocessing',
-           'check_labels', 'check_budget', 'check_config', 'BACKBONE_ARGS', 'POLICY_OPTIONS']
+           'check_labels', 'check_budget', 'check_source_heads', 'check_num_classes', 'BACKBONE_ARGS']
 
 VIT_MODULES = ('timm.models.vision_transformer', 'timm.models.deit')
 BACKBONE_NAME = re.compile(r'^[a-z0-9_]{1,80}(\.[a-z0-9_]{1,80})?$')
@@ -83,15 +84,6 @@ BACKBONE_ARGS: Dict[str, tuple] = {
     'attn_drop_rate': (_float(0, 1), 'a number 0..1'),
     'drop_path_rate': (_float(0, 1), 'a number 0..1'),
 }
-POLICY_OPTIONS: Dict[str, tuple] = {
-    'compat': (_one_of('paper', 'official'), 'paper or official'),
-    'seed': (_int(0, 2**31 - 1), 'an int 0..2^31-1'),
-    'stat': (_one_of('diff', 'ema'), 'diff or ema'),
-    'window': (_int(1, 10**9), 'an int >= 1'),
-    'beta': (_float(0, 0.999999), 'a number in [0, 1)'),
-    'noise_scale': (_float(0, 100), 'a number 0..100'),
-    'noise_in_eval': (_bool, 'true or false'),
-}
 INTERPOLATIONS = ('nearest', 'bilinear', 'bicubic', 'box', 'hamming', 'lanczos')
 
 
@@ -146,7 +138,8 @@ def check_backbone_args(args: Any) -> Dict[str, Any]:
 
 
 def check_grouping(grouping: Any) -> Dict[str, Any]:
-    from ..core.policies import POLICIES
+    """``{variant, num_kv_heads, **options}``, each option checked by the policy's own schema
+    (:attr:`~gqa_core.core.policies.GroupingPolicy.OPTIONS`)."""
     if not isinstance(grouping, dict):
         raise ConfigError('grouping must be an object')
     grouping = dict(grouping)
@@ -155,7 +148,8 @@ def check_grouping(grouping: Any) -> Dict[str, Any]:
         raise ConfigError(f'grouping.variant must be one of {sorted(POLICIES)}')
     if not (g is None or _int(1, 64)(g)):
         raise ConfigError('grouping.num_kv_heads must be null or an int 1..64')
-    return dict(variant=variant, num_kv_heads=g, **_check_fields('grouping', grouping, POLICY_OPTIONS))
+    rules = {key: (option.accepts, option.rule()) for key, option in POLICIES[variant].OPTIONS.items()}
+    return dict(variant=variant, num_kv_heads=g, **_check_fields('grouping', grouping, rules))
 
 
 def check_preprocessing(pre: Any) -> Dict[str, Any]:
@@ -207,27 +201,14 @@ def check_budget(backbone: str, args: Dict[str, Any], budget: Budget) -> Dict[st
     return dict(params=params, tokens=tokens)
 
 
-def check_config(config: Any, budget: Optional[Budget] = None) -> Dict[str, Any]:
-    """A GQA Lens ``config.json`` as plain validated data; with ``budget``, also small enough to build."""
-    if not isinstance(config, dict):
-        raise ConfigError('config.json must hold an object')
-    out = dict(config)
-    out['backbone'] = check_backbone(config.get('backbone'))
-    out['backbone_args'] = check_backbone_args(config.get('backbone_args', {}))
-    out['grouping'] = check_grouping(config.get('grouping'))
-    num_classes = config.get('num_classes', out['backbone_args'].get('num_classes', 1000))
-    if not _int(0, 100_000)(num_classes):
-        raise ConfigError('num_classes must be an int 0..100000')
-    out['num_classes'] = num_classes
-    out['labels'] = check_labels(config.get('labels'), num_classes)
-    heads = config.get('source_heads')
+def check_source_heads(heads: Any) -> Optional[list]:
     if heads is not None and not (isinstance(heads, list) and len(heads) <= 64 and all(
             isinstance(p, list) and len(p) <= 64 and all(_int(0, 63)(h) for h in p) for p in heads)):
         raise ConfigError('source_heads must be null or one list of head indices per layer')
-    if config.get('preprocessing') is not None:
-        out['preprocessing'] = check_preprocessing(config['preprocessing'])
-    if budget is not None:
-        args = dict(out['backbone_args'])
-        args.setdefault('num_classes', num_classes)
-        check_budget(out['backbone'], args, budget)
-    return out
+    return heads
+
+
+def check_num_classes(num_classes: Any) -> int:
+    if not _int(0, 100_000)(num_classes):
+        raise ConfigError('num_classes must be an int 0..100000')
+    return num_classes

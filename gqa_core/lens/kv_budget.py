@@ -22,10 +22,12 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from ..core.convert import convert, kv_cache_bytes
+from ..core.convert import convert, grouping_config, kv_cache_bytes
 from ..core.grouping import GROUPINGS, advise_grouping
-from .data import build_datasets
-from .hub import from_pretrained
+from ..io.hub import from_pretrained
+from ..io.preprocessing import model_preprocessing
+from ..training.data import build_datasets
+from .figures import kv_budget_figure
 
 __all__ = ['kv_budget', 'kv_budget_rows', 'main', 'VARIANTS', 'GROUPINGS']
 
@@ -74,10 +76,10 @@ def kv_budget_rows(mha: nn.Module, images: Tensor, labels: Optional[Tensor], cal
 def kv_budget(model_source: str, data: str, split: str = 'test', limit: Optional[int] = None,
               calibration_images: int = 512, seed: int = 0, batch_size: int = 256) -> Dict[str, Any]:
     model = from_pretrained(model_source).float().eval()
-    config = model.gqa_lens_config
-    if config['grouping']['variant'] != 'mha':
-        raise ValueError(f'{model_source} is {config["grouping"]["variant"]}; the explorer starts from MHA')
-    splits = build_datasets(data, config['preprocessing'], seed=seed, limit=limit)
+    variant = grouping_config(model)['variant']
+    if variant != 'mha':
+        raise ValueError(f'{model_source} is {variant}; the explorer starts from MHA')
+    splits = build_datasets(data, model_preprocessing(model), seed=seed, limit=limit)
     dataset = {'test': splits.test, 'val': splits.val}[split]
     xs, ys = [], []
     for x, y in tqdm(DataLoader(dataset, batch_size=batch_size), desc=f'loading {split}', leave=False):
@@ -98,7 +100,6 @@ def kv_budget(model_source: str, data: str, split: str = 'test', limit: Optional
 
 
 def write_outputs(result: Dict[str, Any], out: Path) -> None:
-    from ..lens.figures import kv_budget_figure
     out.mkdir(parents=True, exist_ok=True)
     (out / 'kv_budget.json').write_text(json.dumps(result, indent=1) + '\n')
     with open(out / 'kv_budget.csv', 'w', newline='') as f:

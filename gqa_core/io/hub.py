@@ -2,7 +2,9 @@
 model card. Loading never unpickles; every failure names the repo and the problem.
 
 The backbone is always rebuilt by timm (``timm.create_model(backbone, **backbone_args)``) and then converted,
-so a saved model is exactly "timm ViT + grouping + weights".
+so a saved model is exactly "timm ViT + grouping + weights". What is written is a
+:class:`~gqa_core.io.config.GQALensConfig` read from the model itself: any converted timm ViT saves, however
+it was built.
 """
 from __future__ import annotations
 
@@ -18,19 +20,16 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..core.convert import convert, gqa_layers, grouping_config, kv_cache_bytes, source_heads
-from ..core.grouping import check_permutations
-from .safe_config import (Budget, ConfigError, check_backbone, check_backbone_args, check_budget, check_config,
-                          check_preprocessing)
+from ..core.convert import convert
+from .config import FORMAT, GQALensConfig
+from .safe_config import Budget, ConfigError, check_backbone, check_backbone_args, check_budget, check_preprocessing
 
 __all__ = ['create_model', 'save_pretrained', 'from_pretrained', 'push_to_hub', 'from_timm', 'load_config',
-           'model_preprocessing',
            'ModelLoadError', 'CONFIG_NAME', 'WEIGHTS_NAME']
 
 CONFIG_NAME = 'config.json'
 WEIGHTS_NAME = 'model.safetensors'
 CARD_NAME = 'README.md'
-FORMAT = 'gqa-lens/1'
 
 
 class ModelLoadError(ValueError):
@@ -39,12 +38,10 @@ class ModelLoadError(ValueError):
 
 def create_model(backbone: str, backbone_args: Optional[Dict[str, Any]] = None, variant: str = 'mha',
                  num_kv_heads: Optional[int] = None, pretrained: bool = False, **policy_options: Any) -> nn.Module:
-    """A timm ViT built from ``backbone`` + ``backbone_args``, converted to ``variant``; it remembers how it was
-    built, so :func:`save_pretrained` can write a complete config."""
-    backbone_args = dict(backbone_args or {})
-    model = timm.create_model(backbone, pretrained=pretrained, **backbone_args)
+    """``timm.create_model(backbone, **backbone_args)`` converted to ``variant`` (a shorthand: any converted timm
+    ViT saves with :func:`save_pretrained`)."""
+    model = timm.create_model(backbone, pretrained=pretrained, **dict(backbone_args or {}))
     convert(model, variant, num_kv_heads, **policy_options)
-    model.gqa_lens_backbone = dict(backbone=backbone, backbone_args=backbone_args)
     return model
 
 
@@ -63,7 +60,6 @@ def from_timm(name: str, variant: str, num_kv_heads: Optional[int] = None, pretr
             model = timm.create_model(check_backbone(name))
         except ConfigError as e:
             raise ModelLoadError(str(e)) from None
-        backbone, args, extra = name, {}, {}
     else:
         repo, revision = _timm_repo(name)
         cfg = _read_json(repo, _fetch(repo, CONFIG_NAME, revision, local=False))
@@ -86,9 +82,7 @@ def from_timm(name: str, variant: str, num_kv_heads: Optional[int] = None, pretr
         except Exception as e:  # timm's loader raises many types; the user needs the repo and the cause
             raise ModelLoadError(f'{repo}: the weights could not be loaded into {backbone} '
                                  f'({type(e).__name__}: {_short(e)})') from None
-        extra = dict(timm_pretrained=f'hf-hub:{repo}' + (f'@{revision}' if revision else ''))
     convert(model, variant, num_kv_heads, **policy_options)
-    model.gqa_lens_backbone = dict(backbone=backbone, backbone_args=args, **extra)
     return model
 
 
@@ -124,24 +118,13 @@ def _timm_preprocessing(pretrained_cfg: Any) -> Dict[str, Any]:
     return pre
 
 
-def model_preprocessing(model: nn.Module) -> Dict[str, Any]:
-    """timm's data config for ``model``, with the input size the model was really built for (its patch
-    embedding's ``img_size``, which may be non-square or differ from the pretrained default)."""
-    cfg = timm.data.resolve_data_config({}, model=model)
-    img_size = getattr(getattr(model, 'patch_embed', None), 'img_size', None)
-    if img_size is not None:
-        cfg['input_size'] = (int(cfg['input_size'][0]), int(img_size[0]), int(img_size[1]))
-    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items()}
-
-
 def save_pretrained(model: nn.Module, directory: str | os.PathLike, *, labels: Optional[Sequence[str]] = None,
                     preprocessing: Optional[Dict[str, Any]] = None, metrics: Optional[Dict[str, Any]] = None,
                     dtype: Optional[torch.dtype] = None, card_extra: str = '') -> Path:
-    """Write ``config.json``, ``model.safetensors`` (floating tensors cast to ``dtype`` if given) and a card."""
-    spec = getattr(model, 'gqa_lens_backbone', None)
-    if spec is None:
-        raise ValueError('model does not know its timm backbone; build it with gqa_core.hub.create_model() '
-                         'or from_timm(), or set model.gqa_lens_backbone = {"backbone": ..., "backbone_args": {...}}')
+    """Write ``config.json`` (read from the model: :meth:`GQALensConfig.of`), ``model.safetensors`` (floating
+    tensors cast to ``dtype`` if given) and a model card."""
+    config = GQALensConfig.of(model, labels=list(labels) if labels is not None else None,
+                              preprocessing=preprocessing, metrics=metrics)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state = {}
@@ -151,22 +134,9 @@ def save_pretrained(model: nn.Module, directory: str | os.PathLike, *, labels: O
             tensor = tensor.to(dtype)
         state[name] = tensor.contiguous()
     save_file(state, directory / WEIGHTS_NAME, metadata={'format': 'pt', 'gqa_lens': FORMAT})
-    config = dict(
-        format=FORMAT,
-        backbone=spec['backbone'],
-        backbone_args=spec['backbone_args'],
-        grouping=grouping_config(model),
-        source_heads=source_heads(model),
-        num_classes=int(model.num_classes),
-        labels=list(labels) if labels is not None else None,
-        preprocessing=preprocessing or model_preprocessing(model),
-        params=sum(p.numel() for p in model.parameters()),
-        kv_cache_bytes_fp16=kv_cache_bytes(model),
-        metrics=metrics or {},
-        weights_dtype=str(dtype or next(model.parameters()).dtype).removeprefix('torch.'),
-    )
-    (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2) + '\n')
-    (directory / CARD_NAME).write_text(model_card(config, card_extra))
+    data = config.to_json(model, str(dtype or next(model.parameters()).dtype).removeprefix('torch.'))
+    (directory / CONFIG_NAME).write_text(json.dumps(data, indent=2) + '\n')
+    (directory / CARD_NAME).write_text(model_card(data, card_extra))
     return directory
 
 
@@ -251,14 +221,11 @@ def _read_json(source: str, path: Path, limit: int = 4 * 2**20) -> Dict[str, Any
 
 
 def load_config(source: str, revision: Optional[str] = None, *, local: bool = True,
-                budget: Optional[Budget] = None) -> Dict[str, Any]:
-    """The validated ``config.json`` of a folder or Hub repo (see :mod:`gqa_core.safe_config`)."""
-    config = _read_json(source, _fetch(source, CONFIG_NAME, revision, local))
-    missing = [k for k in ('backbone', 'backbone_args', 'grouping') if k not in config]
-    if missing:
-        raise ModelLoadError(f'{source}: {CONFIG_NAME} is not a GQA Lens config (missing {missing})')
+                budget: Optional[Budget] = None) -> GQALensConfig:
+    """The validated ``config.json`` of a folder or Hub repo (see :mod:`gqa_core.io.safe_config`)."""
+    data = _read_json(source, _fetch(source, CONFIG_NAME, revision, local))
     try:
-        return check_config(config, budget)
+        return GQALensConfig.from_json(data, budget)
     except ConfigError as e:
         raise ModelLoadError(f'{source}: {CONFIG_NAME}: {e}') from None
 
@@ -268,15 +235,12 @@ def from_pretrained(source: str, revision: Optional[str] = None, map_location: s
     """Rebuild a saved model from a folder or a Hub repo id; strict: every tensor must be present and fit.
 
     ``local=False`` never reads a local folder (for repo ids typed by untrusted users); ``budget`` refuses
-    configs describing a model over it before anything is built.
+    configs describing a model over it before anything is built. The saved preprocessing and labels land in
+    the model's timm ``pretrained_cfg`` (where timm's ``resolve_data_config`` finds them).
     """
     config = load_config(source, revision, local=local, budget=budget)
-    grouping = dict(config['grouping'])
-    variant, num_kv_heads = grouping.pop('variant', None), grouping.pop('num_kv_heads', None)
     try:
-        args = dict(config['backbone_args'])
-        args.setdefault('num_classes', config.get('num_classes', 1000))
-        model = create_model(config['backbone'], args, variant, num_kv_heads, **grouping)
+        model = config.build()
     except (ValueError, RuntimeError, TypeError, KeyError) as e:
         raise ModelLoadError(f'{source}: bad config: {_short(e)}') from None
     weights = _fetch(source, WEIGHTS_NAME, revision, local)
@@ -288,22 +252,7 @@ def from_pretrained(source: str, revision: Optional[str] = None, map_location: s
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
         raise ModelLoadError(f'{source}: weights do not fit the config: {_short(e, 600)}') from None
-    _set_source_heads(model, config.get('source_heads'), source)
-    model.gqa_lens_config = config
     return model
-
-
-def _set_source_heads(model: nn.Module, perms: Any, source: str) -> None:
-    """Which MHA head each head position came from (an advised grouping), checked against the model."""
-    if perms is None:
-        return
-    layers = gqa_layers(model)
-    try:
-        perms = check_permutations(perms, len(layers), layers[0].num_heads)
-    except ValueError as e:
-        raise ModelLoadError(f'{source}: {CONFIG_NAME}: source_heads: {e}') from None
-    for layer, perm in zip(layers, perms):
-        layer.source_heads = perm
 
 
 def push_to_hub(model: nn.Module, repo_id: str, *, private: bool = False, token: Optional[str] = None,

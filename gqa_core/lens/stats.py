@@ -21,8 +21,11 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ..core.record import record
-from .data import build_datasets
-from .hub import from_pretrained
+from ..core.convert import grouping_config
+from ..io.hub import from_pretrained
+from ..io.preprocessing import model_preprocessing
+from ..training.data import build_datasets
+from .figures import stats_figures
 
 __all__ = ['dataset_stats', 'model_stats', 'main']
 
@@ -68,13 +71,12 @@ def dataset_stats(models: Sequence[str], data: str, split: str = 'test', limit: 
     predictions = {}
     for source in tqdm(models, desc='models'):
         model = from_pretrained(source).float()
-        config = model.gqa_lens_config
-        splits = build_datasets(data, config['preprocessing'], seed=seed, limit=limit)
+        splits = build_datasets(data, model_preprocessing(model), seed=seed, limit=limit)
         dataset = {'test': splits.test, 'val': splits.val}[split]
         name = Path(source).name if Path(source).is_dir() else source
         stats = model_stats(model, DataLoader(dataset, batch_size=batch_size), len(splits.classes), desc=name)
         predictions[name] = torch.tensor(stats.pop('predictions'))
-        stats.update(grouping=config['grouping'], classes=splits.classes)
+        stats.update(grouping=grouping_config(model), classes=splits.classes)
         result['models'][name] = stats
         result['n'] = stats['n']
     names = list(predictions)
@@ -95,7 +97,6 @@ def write_outputs(result: Dict[str, Any], out: Path, html: bool = True) -> None:
                     mean = sum(c[layer][g] for c in s['per_class_allocation']) / len(s['per_class_allocation'])
                     writer.writerow([name, s['top1'], layer, g, rate, mean, s['allocation_entropy'][layer]])
     if html:
-        from ..lens.figures import stats_figures
         parts = [fig.to_html(include_plotlyjs=(i == 0), full_html=False) for i, fig in enumerate(stats_figures(result))]
         (out / 'stats.html').write_text('<html><head><meta charset="utf-8"><title>GQA Lens dataset view</title>'
                                         '</head><body>' + '\n'.join(parts) + '</body></html>')

@@ -1,0 +1,179 @@
+"""The typed config of a GQA Lens model: what ``config.json`` holds, how it is validated and how it is read
+back from a model.
+
+A model carries no config of its own: everything is read from it when needed (:meth:`GQALensConfig.of`) --
+the timm architecture from timm's ``pretrained_cfg``, the geometry from its modules (checked by rebuilding it
+on the ``meta`` device), the grouping from its attention layers, preprocessing and labels from timm's
+``pretrained_cfg``, where :func:`~gqa_core.io.hub.from_pretrained` puts them through timm's own
+``pretrained_cfg_overlay``. So a deep copy, a conversion or a model built by hand with ``timm.create_model``
+is always described truthfully.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+import timm
+import torch
+from torch import nn
+
+from ..core.convert import convert, grouping_config, kv_cache_bytes, source_heads
+from ..core.grouping import check_permutations
+from ..core.vit import gqa_layers, vit_geometry
+from .preprocessing import model_preprocessing
+from .safe_config import (Budget, ConfigError, check_backbone, check_backbone_args, check_budget, check_grouping,
+                          check_labels, check_num_classes, check_preprocessing, check_source_heads)
+
+__all__ = ['GroupingSpec', 'GQALensConfig', 'FORMAT', 'backbone_of']
+
+FORMAT = 'gqa-lens/1'
+
+
+@dataclass(frozen=True)
+class GroupingSpec:
+    """Which policy every layer uses: its name, G, and its options (each checked by the policy's schema)."""
+    variant: str
+    num_kv_heads: Optional[int]
+    options: Dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, data: Any) -> 'GroupingSpec':
+        checked = check_grouping(data)
+        return cls(checked.pop('variant'), checked.pop('num_kv_heads'), checked)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dict(variant=self.variant, num_kv_heads=self.num_kv_heads, **self.options)
+
+
+@dataclass
+class GQALensConfig:
+    """``config.json`` of a saved model. ``backbone_args`` rebuild it with ``timm.create_model``; the rest is
+    applied on top (conversion, head order, preprocessing, labels). ``metrics`` are the trainer's record."""
+    backbone: str
+    backbone_args: Dict[str, Any]
+    grouping: GroupingSpec
+    num_classes: int
+    preprocessing: Optional[Dict[str, Any]] = None
+    labels: Optional[List[str]] = None
+    source_heads: Optional[List[List[int]]] = None
+    metrics: Dict[str, Any] = field(default_factory=dict)
+
+    # -- reading and writing -------------------------------------------------------------------------------
+    @classmethod
+    def from_json(cls, data: Any, budget: Optional[Budget] = None) -> 'GQALensConfig':
+        """Validate a parsed ``config.json`` (untrusted data); with ``budget``, also small enough to build."""
+        if not isinstance(data, dict):
+            raise ConfigError('config.json must hold an object')
+        missing = [k for k in ('backbone', 'backbone_args', 'grouping') if k not in data]
+        if missing:
+            raise ConfigError(f'not a GQA Lens config (missing {missing})')
+        args = check_backbone_args(data['backbone_args'])
+        num_classes = check_num_classes(data.get('num_classes', args.get('num_classes', 1000)))
+        metrics = data.get('metrics') or {}
+        if not isinstance(metrics, dict) or len(metrics) > 100:
+            raise ConfigError('metrics must be an object of at most 100 entries')
+        config = cls(
+            backbone=check_backbone(data['backbone']),
+            backbone_args=args,
+            grouping=GroupingSpec.from_dict(data['grouping']),
+            num_classes=num_classes,
+            preprocessing=check_preprocessing(data['preprocessing']) if data.get('preprocessing') else None,
+            labels=check_labels(data.get('labels'), num_classes),
+            source_heads=check_source_heads(data.get('source_heads')),
+            metrics=dict(metrics),
+        )
+        if budget is not None:
+            check_budget(config.backbone, config.model_args(), budget)
+        return config
+
+    def to_json(self, model: Optional[nn.Module] = None, weights_dtype: Optional[str] = None) -> Dict[str, Any]:
+        """The ``config.json`` object; with ``model``, also its size figures (read by people, not by loading)."""
+        out: Dict[str, Any] = dict(
+            format=FORMAT, backbone=self.backbone, backbone_args=self.backbone_args,
+            grouping=self.grouping.to_dict(), source_heads=self.source_heads, num_classes=self.num_classes,
+            labels=self.labels, preprocessing=self.preprocessing,
+        )
+        if model is not None:
+            out.update(params=sum(p.numel() for p in model.parameters()), kv_cache_bytes_fp16=kv_cache_bytes(model))
+        out['metrics'] = self.metrics
+        if weights_dtype is not None:
+            out['weights_dtype'] = weights_dtype
+        return out
+
+    def model_args(self) -> Dict[str, Any]:
+        return dict(self.backbone_args, num_classes=self.num_classes)
+
+    # -- the model it describes ----------------------------------------------------------------------------
+    def build(self) -> nn.Module:
+        """The timm model with this config's geometry, grouping, head order, preprocessing and labels (random
+        weights: load a state dict next)."""
+        overlay = dict(self.preprocessing or {}, num_classes=self.num_classes)
+        if self.labels is not None:
+            overlay['label_names'] = list(self.labels)
+        overlay = {k: tuple(v) if isinstance(v, list) and k != 'label_names' else v for k, v in overlay.items()}
+        model = timm.create_model(self.backbone, pretrained=False, pretrained_cfg_overlay=overlay,
+                                  **self.model_args())
+        g = self.grouping
+        convert(model, g.variant, g.num_kv_heads, **g.options)
+        if self.source_heads is not None:
+            layers = gqa_layers(model)
+            try:
+                perms = check_permutations(self.source_heads, len(layers), layers[0].num_heads)
+            except ValueError as e:
+                raise ValueError(f'source_heads: {e}') from None
+            for layer, perm in zip(layers, perms):
+                layer.source_heads = perm
+        return model
+
+    @classmethod
+    def of(cls, model: nn.Module, *, labels: Optional[List[str]] = None,
+           preprocessing: Optional[Dict[str, Any]] = None, metrics: Optional[Dict[str, Any]] = None) -> 'GQALensConfig':
+        """Read a converted timm ViT's config from the model itself (see the module doc); ``labels`` and
+        ``preprocessing`` given here win over what its ``pretrained_cfg`` says."""
+        backbone, args = backbone_of(model)
+        grouping = dict(grouping_config(model))
+        spec = GroupingSpec(grouping.pop('variant'), grouping.pop('num_kv_heads'), grouping)
+        saved_labels = model.pretrained_cfg.get('label_names') if hasattr(model, 'pretrained_cfg') else None
+        labels = labels if labels is not None else saved_labels
+        return cls(backbone, args, spec, int(model.num_classes), preprocessing or model_preprocessing(model),
+                   list(labels) if labels is not None and len(labels) == model.num_classes else None,
+                   source_heads(model), dict(metrics or {}))
+
+
+def backbone_of(model: nn.Module) -> tuple:
+    """``(timm name, constructor args)`` that rebuild ``model``: the name from its ``pretrained_cfg``, the args
+    read from its modules, checked by building that model on the ``meta`` device and comparing every
+    parameter's shape and every module's class. ``ValueError`` when they differ (a model timm's constructor
+    cannot express)."""
+    arch = getattr(model, 'pretrained_cfg', {}).get('architecture')
+    if not arch:
+        raise ValueError(f'{type(model).__name__} has no timm pretrained_cfg naming its architecture; build it '
+                         'with timm.create_model(...)')
+    args = vit_geometry(model)
+    try:
+        check_backbone(arch)
+        args = check_backbone_args(args)
+        with torch.device('meta'):
+            rebuilt = timm.create_model(arch, pretrained=False, **args)
+        if gqa_layers(model):
+            g = dict(grouping_config(model))
+            convert(rebuilt, g.pop('variant'), g.pop('num_kv_heads'), **g)
+    except (ConfigError, ValueError, TypeError, RuntimeError) as e:
+        raise ValueError(f'{arch}: cannot describe this model by its timm constructor ({e})') from None
+    mine = _layout(model)
+    theirs = _layout(rebuilt)
+    for name in sorted(set(mine) | set(theirs)):
+        if mine.get(name) != theirs.get(name):
+            raise ValueError(f'{arch} rebuilt from {args} differs from this model at {name}: '
+                             f'{theirs.get(name)} instead of {mine.get(name)}')
+    return arch, args
+
+
+def _layout(model: nn.Module) -> Dict[str, Any]:
+    """Every module's class and every parameter's shape, by name."""
+    layout: Dict[str, Any] = {}
+    for name, module in model.named_modules():
+        layout[name] = type(module).__name__
+        for pname, p in module.named_parameters(recurse=False):
+            layout[f'{name}.{pname}'] = tuple(p.shape)
+    return layout
