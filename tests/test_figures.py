@@ -160,3 +160,31 @@ def test_column_view_and_zip_export(analyses, registry, tmp_path):
         png = zf.read('0_embedded_mha/rollout_mean.png')
         from PIL import Image
         assert Image.open(io.BytesIO(png)).size == view.rollout.shape[1::-1]
+
+
+def test_exported_attention_png_is_named_for_the_head_it_shows(analyses, tmp_path):
+    """Head 20 of an 8-head model is not a head: the view shows the head mean, and the file says so."""
+    analysis = analyses['embedded/gqa']
+    assert analysis.num_heads < 20
+    view = column_view(analysis, 2, '20', 'mean', None)
+    mean_view = column_view(analysis, 2, 'mean', 'mean', None)
+    assert np.array_equal(view.overlay, mean_view.overlay)
+    with zipfile.ZipFile(export_zip([analysis], 2, '20', 'mean', tmp_path / 'h.zip')) as zf:
+        pngs = [n for n in zf.namelist() if 'attention_layer' in n]
+        assert pngs == ['0_embedded_gqa/attention_layer2_head-mean.png'], pngs
+        shown = np.asarray(__import__('PIL.Image', fromlist=['Image']).open(io.BytesIO(zf.read(pngs[0]))))
+        assert np.array_equal(shown, mean_view.overlay)
+
+
+def test_diversity_view_measures_the_patch_columns_the_other_views_show(analyses):
+    """JSD over the summary rows restricted to patch tokens (renormalised), the rows of the overlay and the
+    heads x layers views -- not over rows whose class-token / register columns would dominate it."""
+    from gqa_core.lens.heads import group_diversity
+    analysis = analyses['embedded/gqa']
+    rec = analysis.recording
+    q2kv = rec.stacked('query_to_kv')[:, 0]
+    G = int(analysis.grouping['num_kv_heads'])
+    z = np.array(column_view(analysis, 0, 'mean', 'mean', None).diversity.data[0].z, dtype=float)
+    assert np.allclose(z, group_diversity(analysis.summary_rows, q2kv, G), equal_nan=True)
+    with_prefix = group_diversity(rec.stacked('attention')[:, 0, :, rec.summary_row], q2kv, G)
+    assert not np.allclose(z, with_prefix, equal_nan=True), 'the prefix column changes the measure'

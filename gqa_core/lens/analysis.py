@@ -15,10 +15,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..training.data import eval_geometry, normalisation
+from ..io.preprocessing import eval_geometry, normalisation
 from .heads import AblationResult, ablation_study, faithfulness
 from .models import LoadedModel
 from ..core.record import FUSIONS, Recording, record
+from ..core.vit import gqa_layers
 
 __all__ = ['Analysis', 'analyse', 'layer_maps', 'model_input', 'prefix_attention', 'attention_rollout', 'FUSIONS']
 
@@ -117,10 +118,10 @@ def _summarise(loaded: LoadedModel, view: np.ndarray, result: Recording) -> Anal
         probs, idx = result.topk(5)
         top5 = [(loaded.labels[int(i)] if int(i) < len(loaded.labels) else f'class {int(i)}', float(p))
                 for p, i in zip(probs[0], idx[0])]
+    changes = [layer.policy.allocation_history() for layer in gqa_layers(loaded.model)]
     history = None
-    if loaded.grouping['variant'] == 'dgqa':
-        history = [dict(steps=b.attn.policy.history_steps.tolist(), allocation=b.attn.policy.history.tolist())
-                   for b in loaded.model.blocks]
+    if all(c is not None for c in changes):
+        history = [dict(steps=steps.tolist(), allocation=allocation.tolist()) for steps, allocation in changes]
     return Analysis(loaded.spec, view, result, top5, dict(loaded.grouping), history, loaded.summary(), notes,
                     loaded.source_heads)
 

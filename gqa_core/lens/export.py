@@ -20,12 +20,10 @@ import numpy as np
 from PIL import Image
 
 from .analysis import Analysis, layer_maps
-from .views import FIGURES, column_view, reference_for
+from .views import FIGURES, column_view, head_label, reference_for
 from .models import ModelRegistry
 
 __all__ = ['export_zip', 'analysis_arrays']
-
-
 
 def analysis_arrays(analysis: Analysis) -> Iterator[Tuple[str, np.ndarray]]:
     """``(name, array)`` for everything an analysis holds, layer-first (batch of one dropped)."""
@@ -102,14 +100,11 @@ def export_zip(analyses: Sequence[Optional[Analysis]], layer: int, head: str, fu
                     writer.writerow([li, g, int(alloc[li, g]), float(shares[li, g]), float(norms[li, g])])
             zf.writestr(f'{folder}/allocations.csv', rows.getvalue())
             view = column_view(analysis, layer_i, head, fusion, reference)
-            zf.writestr(f'{folder}/attention_layer{layer_i}_head-{view_head(head)}.png', _png(view.overlay))
+            shown_head = head_label(analysis, head)
+            zf.writestr(f'{folder}/attention_layer{layer_i}_head-{shown_head}.png', _png(view.overlay))
             zf.writestr(f'{folder}/rollout_{fusion}.png', _png(view.rollout))
             for name in FIGURES:
                 fig = getattr(view, name)
                 zf.writestr(f'{folder}/{name}.json', fig.to_json())
                 zf.writestr(f'{folder}/{name}.html', fig.to_html(include_plotlyjs='cdn', full_html=True))
     return path
-
-
-def view_head(head: Optional[str]) -> str:
-    return str(int(head)) if head is not None and str(head).isdigit() else 'mean'

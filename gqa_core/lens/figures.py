@@ -12,9 +12,10 @@ from plotly.colors import qualitative, sample_colorscale
 from plotly.subplots import make_subplots
 
 from ..core.apportion import largest_remainder, min_max_shares
+from ..core.grouping import head_groups
 
 __all__ = ['patch_grid', 'overlay', 'colorize', 'heads_layers_figure', 'key_norm_figure', 'assignment_figure',
-           'allocation_history_figure', 'difference_figure', 'topk_figure', 'kv_colors', 'message_figure',
+           'allocation_history_figure', 'difference_figure', 'kv_colors', 'message_figure',
            'ablation_figure', 'diversity_figure', 'faithfulness_figure']
 
 # A small white template built once: plotly deep-copies and validates the template of every new figure, and
@@ -126,9 +127,7 @@ def _assignment_hover(allocation: np.ndarray, source_heads: Optional[Sequence[Se
     text = f'allocation {list(int(a) for a in allocation[layer])}'
     if source_heads is not None:
         src = list(source_heads[layer])
-        G = allocation.shape[1]
-        s = len(src) // G
-        pooled = ' '.join(f'kv{g}←{src[g * s:(g + 1) * s]}' for g in range(G))
+        pooled = ' '.join(f'kv{g}←{group}' for g, group in enumerate(head_groups(src, allocation.shape[1])))
         text += f'<br>query head = MHA head {src[h]}<br>pooled: {pooled}'
     return text
 
@@ -171,15 +170,6 @@ def difference_figure(variant_prefix: np.ndarray, reference_prefix: np.ndarray, 
     fig.update_xaxes(tickvals=[layer * (cols + 1) + cols / 2 - 0.5 for layer in range(L)],
                      ticktext=[f'L{layer}<br>TV {tv[layer]:.2f}' for layer in range(L)])
     fig.update_yaxes(autorange='reversed', showticklabels=False)
-    return fig
-
-
-def topk_figure(top: Sequence[tuple], title: str = '') -> go.Figure:
-    """Top-k (label, probability) as a horizontal bar chart, best on top."""
-    labels = [label for label, _ in top][::-1]
-    probs = [p for _, p in top][::-1]
-    fig = _figure(go.Bar(x=probs, y=labels, orientation='h', text=[f'{p:.1%}' for p in probs]))
-    fig.update_layout(title=title or 'top-5', xaxis=dict(range=[0, 1]))
     return fig
 
 

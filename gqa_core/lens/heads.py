@@ -6,7 +6,9 @@
   of the features (1 - cosine similarity).
 - :func:`group_diversity`: per layer and KV head, the mean pairwise Jensen-Shannon divergence (bits) between
   the summary-row attention maps of the query heads sharing it -- the within-group similarity PGQA claims to
-  reduce. NaN where a KV head serves fewer than two query heads.
+  reduce. NaN where a KV head serves fewer than two query heads. The maps are over the patch tokens only,
+  renormalised: the same rows every other view shows (attention to the class token or registers, often a
+  large sink, would otherwise dominate the divergence and hide how the heads differ over the image).
 - :func:`faithfulness`: deletion and insertion curves and their AUCs for a patch ranking (the class-token map,
   the rollout): patches removed from / revealed onto a mean-colour image in the order the map ranks them, one
   batched forward per curve, the area taken over the fraction of patches including the unperturbed point.
@@ -22,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from ..core.ablation import ABLATION_MODES, ablate
-from ..core.convert import gqa_layers, num_tokens
+from ..core.vit import gqa_layers, num_tokens
 
 __all__ = ['AblationResult', 'ablation_study', 'group_diversity', 'jensen_shannon', 'faithfulness',
            'deletion_insertion', 'CURVE_STEPS']

@@ -16,8 +16,8 @@ from .images import load_image
 from .models import ModelRegistry
 from .specs import public_message, shown
 
-__all__ = ['MAX_MODELS', 'NO_MODEL', 'ColumnView', 'run_models', 'column_view', 'reference_for', 'PANELS',
-           'FIGURES']
+__all__ = ['MAX_MODELS', 'NO_MODEL', 'ColumnView', 'run_models', 'column_view', 'reference_for', 'head_label',
+           'PANELS', 'FIGURES']
 
 MAX_MODELS = 4
 NO_MODEL = '(none)'  # the choice that leaves a column empty
@@ -97,7 +97,9 @@ def _head_rows(analysis: Analysis, layer: int, head: str) -> np.ndarray:
     return rows[h]
 
 
-def _head_label(analysis: Analysis, head: Optional[str]) -> str:
+def head_label(analysis: Analysis, head: Optional[str]) -> str:
+    """The head a view of ``analysis`` shows for the choice ``head``: its index, or ``mean`` (the mean over
+    heads) when the choice is the mean or a head this model does not have."""
     if head in ('mean', '', None) or not str(head).isdigit() or int(head) >= analysis.num_heads:
         return 'mean'
     return str(int(head))
@@ -110,35 +112,15 @@ def column_view(analysis: Analysis, layer: int, head: str, fusion: str, referenc
     L = len(rec.layers)
     layer = min(max(int(layer), 0), L - 1)
     grid = rec.grid_size
-    head_label = _head_label(analysis, head)
-    overlay = figures.overlay(analysis.view, figures.patch_grid(_head_rows(analysis, layer, head_label), grid))
+    overlay = figures.overlay(analysis.view, figures.patch_grid(
+        _head_rows(analysis, layer, head_label(analysis, head)), grid))
     rollout = figures.overlay(analysis.view, figures.patch_grid(analysis.rollout(fusion), grid))
     all_rows = analysis.summary_rows  # (L, H, patches)
     g = analysis.grouping
     title = f"{g['variant'].upper()} G={g['num_kv_heads']}"
     who = analysis.summary_label
-    if analysis.history is not None:
-        hist = analysis.history[layer]
-        history = figures.allocation_history_figure(hist['steps'], np.array(hist['allocation']), layer,
-                                                    title=f'{title}: allocation over training, layer {layer}')
-    else:
-        history = figures.message_figure('no allocation history (DGQA only)')
-    if reference is None:
-        difference = figures.message_figure('add an MHA model to compare')
-    elif reference is analysis:
-        difference = figures.message_figure('this is the MHA reference')
-    else:
-        try:
-            difference = figures.difference_figure(all_rows.mean(1), reference.summary_rows.mean(1), grid,
-                                                   title=f'{title} − {reference.spec}: {who} attention')
-        except ValueError as e:
-            difference = figures.message_figure(str(e))
-    summary = analysis.summary or analysis.spec
-    others = [label for i, label in enumerate(rec.row_labels) if i != rec.summary_row]
-    notes = [f'attention of the **{who}**' + (f' (also recorded: {", ".join(others)})' if others else '')]
-    notes += analysis.notes
     return ColumnView(
-        summary=summary + '\n\n' + ' · '.join(notes),
+        summary=_summary_text(analysis),
         top5={label: p for label, p in analysis.top5},
         overlay=overlay,
         rollout=rollout,
@@ -147,16 +129,45 @@ def column_view(analysis: Analysis, layer: int, head: str, fusion: str, referenc
                                           title=f'{title}: key norms → allocation'),
         assignment=figures.assignment_figure(rec.stacked('query_to_kv')[:, 0], rec.stacked('allocation')[:, 0],
                                              title=f'{title}: query → KV head', source_heads=analysis.source_heads),
-        history=history,
-        difference=difference,
+        history=_history_view(analysis, layer, title),
+        difference=_difference_view(analysis, reference, title),
         ablation=_ablation_view(analysis, title, ablation_mode),
         diversity=figures.diversity_figure(
-            group_diversity(rec.stacked('attention')[:, 0, :, rec.summary_row], rec.stacked('query_to_kv')[:, 0],
-                            int(g['num_kv_heads'])), title=f'{title}: within-group diversity ({who})'),
+            group_diversity(all_rows, rec.stacked('query_to_kv')[:, 0], int(g['num_kv_heads'])),
+            title=f'{title}: within-group diversity ({who})'),
         faithfulness=(figures.faithfulness_figure(analysis.faithfulness, analysis.ablation.target,
                                                   title=f'{title}: deletion / insertion')
                       if analysis.faithfulness else figures.message_figure(analysis.deep_note)),
     )
+
+
+def _summary_text(analysis: Analysis) -> str:
+    rec = analysis.recording
+    others = [label for i, label in enumerate(rec.row_labels) if i != rec.summary_row]
+    notes = [f'attention of the **{analysis.summary_label}**' + (f' (also recorded: {", ".join(others)})'
+                                                                 if others else '')]
+    return (analysis.summary or analysis.spec) + '\n\n' + ' · '.join(notes + analysis.notes)
+
+
+def _history_view(analysis: Analysis, layer: int, title: str) -> Any:
+    if analysis.history is None:
+        return figures.message_figure('no allocation history (DGQA only)')
+    hist = analysis.history[layer]
+    return figures.allocation_history_figure(hist['steps'], np.array(hist['allocation']), layer,
+                                             title=f'{title}: allocation over training, layer {layer}')
+
+
+def _difference_view(analysis: Analysis, reference: Optional[Analysis], title: str) -> Any:
+    if reference is None:
+        return figures.message_figure('add an MHA model to compare')
+    if reference is analysis:
+        return figures.message_figure('this is the MHA reference')
+    try:
+        return figures.difference_figure(analysis.summary_rows.mean(1), reference.summary_rows.mean(1),
+                                         analysis.recording.grid_size,
+                                         title=f'{title} − {reference.spec}: {analysis.summary_label} attention')
+    except ValueError as e:
+        return figures.message_figure(str(e))
 
 
 def _ablation_view(analysis: Analysis, title: str, mode: str) -> Any:
