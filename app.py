@@ -3,8 +3,10 @@
     python app.py                      # http://127.0.0.1:7860 with the embedded models, no network needed
     python app.py --model-dir DIR      # also serve DIR's model folders as local:NAME
 
-Layout and wiring only; the work happens in ``gqa_core.lens`` (running models), ``gqa_core.figures`` and
-``gqa_core.export``. Operator settings (environment): GQA_LENS_MODEL_DIRS (folders for local:NAME),
+Layout and wiring only; the work happens in ``gqa_core.lens`` (running models: ``views``, ``analysis``;
+figures: ``figures``; the zip: ``export``). ``create_app(settings)`` builds the app; ``demo`` is the one a
+Space (or ``python app.py``) serves. Operator settings (environment, read by :meth:`Settings.from_env`):
+GQA_LENS_MODELS (the embedded models' folder), GQA_LENS_MODEL_DIRS (folders for local:NAME),
 GQA_LENS_MAX_PARAMS / GQA_LENS_MAX_TOKENS (largest model a spec may load), GQA_LENS_SESSION_TTL (seconds an
 idle session keeps its results), GQA_LENS_CONCURRENCY.
 """
@@ -12,8 +14,9 @@ from __future__ import annotations
 
 import argparse
 import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import Any, List, Optional, Sequence
 
 import gradio as gr
 import numpy as np
@@ -35,19 +38,23 @@ from gqa_core.lens.tempfiles import ExpiringFiles
 
 ROOT = Path(__file__).resolve().parent
 EXAMPLES = sorted(str(p) for p in (ROOT / 'assets' / 'examples').glob('*.jpg'))
-SESSION_TTL = float(os.environ.get('GQA_LENS_SESSION_TTL', 1800))
 
 
-def _cli_model_dirs() -> List[str]:
-    parser = argparse.ArgumentParser(description='GQA Lens app')
-    parser.add_argument('--model-dir', action='append', default=[],
-                        help='a folder whose model sub-folders are served as local:NAME (repeatable)')
-    return parser.parse_args().model_dir
+@dataclass(frozen=True)
+class Settings:
+    """What the operator decides. ``model_dirs``: folders whose sub-folders are served as ``local:NAME`` (besides
+    ``GQA_LENS_MODEL_DIRS``, which the registry reads itself)."""
+    models_dir: Path = EMBEDDED_DIR
+    model_dirs: Sequence[str] = ()
+    session_ttl: float = 1800.0
+    concurrency: int = 4
+
+    @classmethod
+    def from_env(cls, model_dirs: Sequence[str] = ()) -> 'Settings':
+        return cls(Path(os.environ.get('GQA_LENS_MODELS', EMBEDDED_DIR)), tuple(model_dirs),
+                   float(os.environ.get('GQA_LENS_SESSION_TTL', 1800)), int(os.environ.get('GQA_LENS_CONCURRENCY', 4)))
 
 
-registry = ModelRegistry(Path(os.environ.get('GQA_LENS_MODELS', EMBEDDED_DIR)),
-                         model_dirs=_cli_model_dirs() if __name__ == '__main__' else ())
-files = ExpiringFiles(ttl=max(SESSION_TTL, 60))  # overlays and exports: a fresh path each, swept when old
 HELP = """Pick up to four models. Besides the embedded ones you can type
 `hub:ORG/NAME[@REVISION]` (a saved GQA Lens model on the Hugging Face Hub), `local:NAME` (folders the operator
 allowed) or `convert:SOURCE:VARIANT:G`, e.g.
@@ -65,76 +72,83 @@ def _empty_column(message: str = '') -> List[Any]:
     return [message] + [None] * (len(PANELS) - 1)
 
 
-def _columns(analyses: List[Any], errors: List[Optional[str]], layer: int, head: str, fusion: str,
-             mode: str = 'zero') -> List[Any]:
-    reference = reference_for(analyses)
-    out: List[Any] = []
-    for analysis, error in zip(analyses, errors):
-        if analysis is None:
-            out += _empty_column(f'⚠️ {error}' if error else '')
-            continue
-        view = column_view(analysis, layer, head, fusion, reference, mode)
-        images = dict(overlay=files.write_png(view.overlay), rollout=files.write_png(view.rollout))
-        out += [images.get(name, getattr(view, name)) for name in PANELS]
-    return out
-
-
-def run(image: Optional[str], m0: str, m1: str, m2: str, m3: str, layer: float, head: str, fusion: str,
-        mode: str = 'zero', deep: bool = False, progress: gr.Progress = gr.Progress()) -> List[Any]:
-    specs = [m0, m1, m2, m3]
-    try:
-        analyses, errors, notes = run_models(registry, image, specs, progress, deep=bool(deep))
-    except (ImageInputError, ValueError) as e:
-        return [None, f'⚠️ {public_message(e)}', gr.update()] + _empty_column() * MAX_MODELS
-    depth = max(len(a.recording.layers) for a in analyses if a is not None) if any(analyses) else 1
-    layer = min(int(layer), depth - 1)
-    status = '; '.join(notes) if notes else 'done'
-    if any(errors):
-        status = '⚠️ ' + ' · '.join(e for e in errors if e) + (f' ({status})' if notes else '')
-    return ([analyses, status, gr.update(maximum=depth - 1, value=layer)]
-            + _columns(analyses, errors, layer, head, fusion, mode))
-
-
-def rerender(state: Optional[List[Any]], layer: float, head: str, fusion: str, mode: str) -> List[Any]:
-    if not state:
-        return _empty_column() * MAX_MODELS
-    return _columns(state, [None] * len(state), int(layer), head, fusion, mode)
-
-
-def export(state: Optional[List[Any]], layer: float, head: str, fusion: str) -> Optional[str]:
-    if not state or not any(state):
-        raise gr.Error('run the models on an image first')
-    folder = files.new_path('')
-    folder.mkdir()
-    try:
-        return str(export_zip(state, int(layer), head, fusion, folder / 'gqa-lens-analysis.zip', registry))
-    except (ValueError, OSError, RuntimeError) as e:
-        raise gr.Error(f'export failed: {public_message(e)}') from None
-
-
-def predict(image: Optional[str], model: str) -> dict:
-    """API: top-5 {label: probability} of one model on one image."""
-    try:
-        loaded = registry.get(model)
-        analysis = analyse(loaded, load_image(image).image)
-    except (ImageInputError, ModelLoadError, ValueError) as e:
-        raise gr.Error(public_message(e)) from None
-    if not analysis.top5:
-        raise gr.Error(f'{analysis.spec} has no classifier head (features only): nothing to predict')
-    return {label: p for label, p in analysis.top5}
-
-
 def build_spec(source: str, variant: str, g: float, grouping: str = 'consecutive') -> str:
     return f'convert:{source}:{variant}:{int(g)}' + ('' if grouping == 'consecutive' else f':{grouping}')
 
 
-def kv_budget_live(spec: str, n: float, progress: gr.Progress = gr.Progress()) -> List[Any]:
-    """API: the KV-budget explorer for any multi-head model, on the shipped images."""
-    try:
-        result = live_kv_budget(registry, spec, int(n), lambda f, what: progress(f, desc=what))
-    except (ModelLoadError, ValueError, OSError, RuntimeError) as e:
-        raise gr.Error(public_message(e)) from None
-    return [figures.kv_budget_figure(result), kv_budget_table(result)]
+class LensApp:
+    """One served app: its model registry, its per-request files, its session reaper and its event handlers."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.registry = ModelRegistry(settings.models_dir, model_dirs=settings.model_dirs)
+        self.files = ExpiringFiles(ttl=max(settings.session_ttl, 60))  # a fresh path per file, swept when old
+        self.reaper: Optional[SessionReaper] = None
+        self.demo: Optional[gr.Blocks] = None
+
+    def _columns(self, analyses: List[Any], errors: List[Optional[str]], layer: int, head: str, fusion: str,
+                 mode: str = 'zero') -> List[Any]:
+        reference = reference_for(analyses)
+        out: List[Any] = []
+        for analysis, error in zip(analyses, errors):
+            if analysis is None:
+                out += _empty_column(f'⚠️ {error}' if error else '')
+                continue
+            view = column_view(analysis, layer, head, fusion, reference, mode)
+            images = dict(overlay=self.files.write_png(view.overlay), rollout=self.files.write_png(view.rollout))
+            out += [images.get(name, getattr(view, name)) for name in PANELS]
+        return out
+
+    def run(self, image: Optional[str], m0: str, m1: str, m2: str, m3: str, layer: float, head: str, fusion: str,
+            mode: str = 'zero', deep: bool = False, progress: gr.Progress = gr.Progress()) -> List[Any]:
+        try:
+            analyses, errors, notes = run_models(self.registry, image, [m0, m1, m2, m3], progress, deep=bool(deep))
+        except (ImageInputError, ValueError) as e:
+            return [None, f'⚠️ {public_message(e)}', gr.update()] + _empty_column() * MAX_MODELS
+        depth = max(len(a.recording.layers) for a in analyses if a is not None) if any(analyses) else 1
+        layer = min(int(layer), depth - 1)
+        status = '; '.join(notes) if notes else 'done'
+        if any(errors):
+            status = '⚠️ ' + ' · '.join(e for e in errors if e) + (f' ({status})' if notes else '')
+        return ([analyses, status, gr.update(maximum=depth - 1, value=layer)]
+                + self._columns(analyses, errors, layer, head, fusion, mode))
+
+    def rerender(self, state: Optional[List[Any]], layer: float, head: str, fusion: str, mode: str) -> List[Any]:
+        if not state:
+            return _empty_column() * MAX_MODELS
+        return self._columns(state, [None] * len(state), int(layer), head, fusion, mode)
+
+    def export(self, state: Optional[List[Any]], layer: float, head: str, fusion: str) -> Optional[str]:
+        if not state or not any(state):
+            raise gr.Error('run the models on an image first')
+        folder = self.files.new_path('')
+        folder.mkdir()
+        try:
+            return str(export_zip(state, int(layer), head, fusion, folder / 'gqa-lens-analysis.zip', self.registry))
+        except (ValueError, OSError, RuntimeError) as e:
+            raise gr.Error(f'export failed: {public_message(e)}') from None
+
+    def predict(self, image: Optional[str], model: str) -> dict:
+        """API: top-5 {label: probability} of one model on one image."""
+        try:
+            analysis = analyse(self.registry.get(model), load_image(image).image)
+        except (ImageInputError, ModelLoadError, ValueError) as e:
+            raise gr.Error(public_message(e)) from None
+        if not analysis.top5:
+            raise gr.Error(f'{analysis.spec} has no classifier head (features only): nothing to predict')
+        return {label: p for label, p in analysis.top5}
+
+    def kv_budget_live(self, spec: str, n: float, progress: gr.Progress = gr.Progress()) -> List[Any]:
+        """API: the KV-budget explorer for any multi-head model, on the shipped images."""
+        try:
+            result = live_kv_budget(self.registry, spec, int(n), lambda f, what: progress(f, desc=what))
+        except (ModelLoadError, ValueError, OSError, RuntimeError) as e:
+            raise gr.Error(public_message(e)) from None
+        return [figures.kv_budget_figure(result), kv_budget_table(result)]
+
+    def unload(self, request: gr.Request) -> None:
+        if self.reaper is not None:
+            self.reaper.on_unload(request)
 
 
 def _dataset_tab() -> None:
@@ -154,7 +168,7 @@ def _dataset_tab() -> None:
         gr.Plot(fig, elem_id=f'dataset-plot-{i}')
 
 
-def _kv_budget_tab(choices: List[str]) -> None:
+def _kv_budget_tab(lens: LensApp, choices: List[str]) -> None:
     headers = ['G', 'variant', 'grouping', 'K/V bytes', 'top-1 %', 'agreement %']
     try:
         shipped = shipped_kv_budget()
@@ -174,59 +188,46 @@ def _kv_budget_tab(choices: List[str]) -> None:
         button = gr.Button('Compute', elem_id='kvb-run')
     plot = gr.Plot(elem_id='kvb-live-plot')
     table = gr.Dataframe(headers=headers, elem_id='kvb-live-table', interactive=False)
-    button.click(kv_budget_live, [spec, n], [plot, table], api_name='kv_budget')
+    button.click(lens.kv_budget_live, [spec, n], [plot, table], api_name='kv_budget')
 
 
-def build_demo() -> gr.Blocks:
-    embedded = registry.embedded()
-    choices = embedded + registry.local() + [NO_MODEL]
-    defaults = [m if m in embedded else NO_MODEL for m in DEFAULT_MODELS]
-    with gr.Blocks(title='GQA Lens', delete_cache=(300, int(max(SESSION_TTL, 60)))) as demo:
-        gr.Markdown('# GQA Lens\nHow grouped-query attention variants of one ViT see an image: predictions, '
-                    'attention, key-norm ratios and which query heads each shared KV head serves '
-                    '([arXiv 2408.08454](https://arxiv.org/abs/2408.08454)).')
-        with gr.Tab('One image', elem_id='tab-image'):
-            _image_tab(choices, defaults)
-        with gr.Tab('KV budget', elem_id='tab-kv-budget'):
-            _kv_budget_tab(embedded + registry.local())
-        with gr.Tab('Dataset view', elem_id='tab-dataset'):
-            _dataset_tab()
-        demo.unload(_unload)
-    return demo
-
-
-def _image_tab(choices: List[str], defaults: List[str]) -> None:
-    """Up to four models on one image, side by side."""
-    # Compact results (no T x T maps); dropped after SESSION_TTL idle seconds or when the page closes.
-    state = gr.State(time_to_live=SESSION_TTL)
+def _inputs(choices: List[str], defaults: List[str]) -> dict:
+    """The image, the four model choices, the convert-on-the-fly builder and the view controls."""
+    c: dict = {}
     with gr.Row():
         with gr.Column(scale=1):
-            image = gr.Image(type='filepath', sources=['upload', 'clipboard', 'webcam'], label='image',
-                             elem_id='image', height=260)
-            image.preprocess = _raw_path
+            c['image'] = gr.Image(type='filepath', sources=['upload', 'clipboard', 'webcam'], label='image',
+                                  elem_id='image', height=260)
+            c['image'].preprocess = _raw_path
             if EXAMPLES:
-                gr.Examples(EXAMPLES, inputs=[image], label='examples (CIFAR-10 test images, a photo)')
+                gr.Examples(EXAMPLES, inputs=[c['image']], label='examples (CIFAR-10 test images, a photo)')
         with gr.Column(scale=2):
-            models = [gr.Dropdown(choices, value=defaults[i], label=f'model {i + 1}', allow_custom_value=True,
-                                  elem_id=f'model-{i}') for i in range(MAX_MODELS)]
+            c['models'] = [gr.Dropdown(choices, value=defaults[i], label=f'model {i + 1}', allow_custom_value=True,
+                                       elem_id=f'model-{i}') for i in range(MAX_MODELS)]
             gr.Markdown(HELP)
             with gr.Accordion('convert on the fly', open=False):
                 with gr.Row():
-                    source = gr.Dropdown(['embedded/mha'], value='embedded/mha', allow_custom_value=True,
-                                         label='source (embedded/mha, hf-hub:…, timm name)')
-                    variant = gr.Dropdown(list(VARIANTS), value='kdgqa', label='variant')
-                    groups = gr.Number(value=2, precision=0, label='G (KV heads)')
-                    grouping = gr.Radio(list(GROUPINGS), value='consecutive', label='grouping')
-                    use = gr.Button('use as model 4')
+                    c['convert'] = [
+                        gr.Dropdown(['embedded/mha'], value='embedded/mha', allow_custom_value=True,
+                                    label='source (embedded/mha, hf-hub:…, timm name)'),
+                        gr.Dropdown(list(VARIANTS), value='kdgqa', label='variant'),
+                        gr.Number(value=2, precision=0, label='G (KV heads)'),
+                        gr.Radio(list(GROUPINGS), value='consecutive', label='grouping')]
+                    c['use'] = gr.Button('use as model 4')
             with gr.Row():
-                layer = gr.Slider(0, 11, value=0, step=1, label='layer', elem_id='layer')
-                head = gr.Dropdown(['mean'] + [str(h) for h in range(16)], value='mean', label='head')
-                fusion = gr.Radio(list(FUSIONS), value='mean', label='rollout head fusion')
-                mode = gr.Radio(list(ABLATION_MODES), value='zero', label='ablation', elem_id='ablation-mode')
-                deep = gr.Checkbox(False, label='which heads matter: ablation + faithfulness (~0.4-0.6 s a model)',
-                                   elem_id='deep')
-            run_button = gr.Button('Run', variant='primary', elem_id='run')
-            status = gr.Markdown(elem_id='status')
+                c['layer'] = gr.Slider(0, 11, value=0, step=1, label='layer', elem_id='layer')
+                c['head'] = gr.Dropdown(['mean'] + [str(h) for h in range(16)], value='mean', label='head')
+                c['fusion'] = gr.Radio(list(FUSIONS), value='mean', label='rollout head fusion')
+                c['mode'] = gr.Radio(list(ABLATION_MODES), value='zero', label='ablation', elem_id='ablation-mode')
+                c['deep'] = gr.Checkbox(False, label='which heads matter: ablation + faithfulness (~0.4-0.6 s a model)',
+                                        elem_id='deep')
+            c['run'] = gr.Button('Run', variant='primary', elem_id='run')
+            c['status'] = gr.Markdown(elem_id='status')
+    return c
+
+
+def _result_columns() -> List[Any]:
+    """One column per model, one component per entry of ``PANELS``, in that order."""
     outputs: List[Any] = []
     with gr.Row():
         for i in range(MAX_MODELS):
@@ -246,33 +247,78 @@ def _image_tab(choices: List[str], defaults: List[str]) -> None:
                     gr.Plot(label='within-group diversity', elem_id=f'diversity-{i}'),
                     gr.Plot(label='faithfulness (deletion / insertion)', elem_id=f'faith-{i}'),
                 ]
-    with gr.Row():
-        export_button = gr.Button('Download everything (zip: JSON, CSV, PNG, figures)', elem_id='export')
-        export_file = gr.File(label='analysis', elem_id='export-file')
+    return outputs
 
-    run_button.click(run, [image, *models, layer, head, fusion, mode, deep], [state, status, layer, *outputs],
-                     api_name='run')
-    for control in (layer, head, fusion, mode):
-        control.change(rerender, [state, layer, head, fusion, mode], outputs, api_name=False,
-                       show_progress='hidden')
-    export_button.click(export, [state, layer, head, fusion], export_file, api_name='export')
-    use.click(build_spec, [source, variant, groups, grouping], models[-1], api_name=False)
-    with gr.Row(visible=False):  # API-only endpoint: /predict (image, model spec) -> top-5
+
+def _predict_api(lens: LensApp) -> None:
+    """API-only endpoint: /predict (image, model spec) -> top-5."""
+    with gr.Row(visible=False):
         api_image = gr.Image(type='filepath')
         api_image.preprocess = _raw_path
         api_model = gr.Textbox(value=DEFAULT_MODELS[0])
         api_out = gr.JSON()
         api_button = gr.Button()
-    api_button.click(predict, [api_image, api_model], api_out, api_name='predict')
+    api_button.click(lens.predict, [api_image, api_model], api_out, api_name='predict')
 
 
-def _unload(request: gr.Request) -> None:
-    reaper.on_unload(request)
+def _image_tab(lens: LensApp, choices: List[str], defaults: List[str]) -> None:
+    """Up to four models on one image, side by side."""
+    # Compact results (no T x T maps); dropped after session_ttl idle seconds or when the page closes.
+    state = gr.State(time_to_live=lens.settings.session_ttl)
+    c = _inputs(choices, defaults)
+    outputs = _result_columns()
+    with gr.Row():
+        export_button = gr.Button('Download everything (zip: JSON, CSV, PNG, figures)', elem_id='export')
+        export_file = gr.File(label='analysis', elem_id='export-file')
+    views = [c['layer'], c['head'], c['fusion'], c['mode']]
+    c['run'].click(lens.run, [c['image'], *c['models'], *views, c['deep']], [state, c['status'], c['layer'], *outputs],
+                   api_name='run')
+    for control in views:
+        control.change(lens.rerender, [state, *views], outputs, api_name=False, show_progress='hidden')
+    export_button.click(lens.export, [state, *views[:3]], export_file, api_name='export')
+    c['use'].click(build_spec, c['convert'], c['models'][-1], api_name=False)
+    _predict_api(lens)
 
 
-demo = build_demo()
-demo.queue(default_concurrency_limit=int(os.environ.get('GQA_LENS_CONCURRENCY', '4')))
-reaper = SessionReaper(demo, ttl=SESSION_TTL, interval=min(10.0, max(SESSION_TTL / 4, 0.5))).start()
+def build_app(settings: Optional[Settings] = None) -> LensApp:
+    """The app with its Blocks (``lens.demo``), queue and session reaper, for ``settings`` (default: from the
+    environment)."""
+    lens = LensApp(settings or Settings.from_env())
+    embedded = lens.registry.embedded()
+    choices = embedded + lens.registry.local() + [NO_MODEL]
+    defaults = [m if m in embedded else NO_MODEL for m in DEFAULT_MODELS]
+    ttl = lens.settings.session_ttl
+    with gr.Blocks(title='GQA Lens', delete_cache=(300, int(max(ttl, 60)))) as demo:
+        gr.Markdown('# GQA Lens\nHow grouped-query attention variants of one ViT see an image: predictions, '
+                    'attention, key-norm ratios and which query heads each shared KV head serves '
+                    '([arXiv 2408.08454](https://arxiv.org/abs/2408.08454)).')
+        with gr.Tab('One image', elem_id='tab-image'):
+            _image_tab(lens, choices, defaults)
+        with gr.Tab('KV budget', elem_id='tab-kv-budget'):
+            _kv_budget_tab(lens, embedded + lens.registry.local())
+        with gr.Tab('Dataset view', elem_id='tab-dataset'):
+            _dataset_tab()
+        demo.unload(lens.unload)
+    demo.queue(default_concurrency_limit=lens.settings.concurrency)
+    lens.demo = demo
+    lens.reaper = SessionReaper(demo, ttl=ttl, interval=min(10.0, max(ttl / 4, 0.5))).start()
+    return lens
+
+
+def create_app(settings: Optional[Settings] = None) -> gr.Blocks:
+    """The Gradio Blocks of a GQA Lens app for ``settings``."""
+    return build_app(settings).demo
+
+
+def _cli_model_dirs() -> List[str]:
+    parser = argparse.ArgumentParser(description='GQA Lens app')
+    parser.add_argument('--model-dir', action='append', default=[],
+                        help='a folder whose model sub-folders are served as local:NAME (repeatable)')
+    return parser.parse_args().model_dir
+
+
+lens = build_app(Settings.from_env(_cli_model_dirs() if __name__ == '__main__' else ()))
+demo = lens.demo  # what Hugging Face Spaces (and `python app.py`) serve
 
 if __name__ == '__main__':
     demo.launch(server_name=os.environ.get('GRADIO_SERVER_NAME', '127.0.0.1'))

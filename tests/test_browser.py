@@ -27,6 +27,13 @@ def open_with_image(p, app_url, image):
     return browser, page
 
 
+def distinct_colours(png: bytes) -> int:
+    """How many colours a screenshot holds: a blank or text-only frame has a handful, a drawn heatmap many."""
+    import io
+    from PIL import Image
+    return len(Image.open(io.BytesIO(png)).convert('RGB').getcolors(maxcolors=1 << 20) or ())
+
+
 def choose(page, slot: int, value: str) -> None:
     box = page.locator(f'#model-{slot} input')
     box.click()
@@ -56,7 +63,12 @@ def test_upload_run_two_models_and_read_the_page(app_url, tmp_path):
         assert top_label == next(iter(expected)), (top_label, expected)
         shot = Path(os.environ.get('GQA_LENS_SCREENSHOTS', tmp_path)) / 'gqa-lens.png'
         page.screenshot(path=str(shot), full_page=True)
-        assert shot.stat().st_size > 10_000
+        width, height, complete = page.locator('#overlay-0 img').evaluate(
+            'img => [img.naturalWidth, img.naturalHeight, img.complete]')
+        assert complete and width > 0 and height > 0, 'the attention overlay image loaded in the page'
+        for elem in ('assign-0', 'keynorm-0', 'grid-0'):
+            colours = distinct_colours(page.locator(f'#{elem} .js-plotly-plot').screenshot())
+            assert colours > 30, f'{elem} is drawn as the browser shows it ({colours} colours: an empty frame?)'
         # a bad upload: a message, and the page keeps working
         bad = tmp_path / 'notes.png'
         bad.write_text('not an image')
