@@ -105,12 +105,15 @@ class LensApp:
             analyses, errors, notes = run_models(self.registry, image, [m0, m1, m2, m3], progress, deep=bool(deep))
         except (ImageInputError, ValueError) as e:
             return [None, f'⚠️ {public_message(e)}', gr.update()] + _empty_column() * MAX_MODELS
-        depth = max(len(a.recording.layers) for a in analyses if a is not None) if any(analyses) else 1
-        layer = min(int(layer), depth - 1)
         status = '; '.join(notes) if notes else 'done'
         if any(errors):
             status = '⚠️ ' + ' · '.join(e for e in errors if e) + (f' ({status})' if notes else '')
-        return ([analyses, status, gr.update(maximum=depth - 1, value=layer)]
+        if not any(analyses):  # every chosen model failed: nothing to fit the controls to
+            return [analyses, status, gr.update()] + self._columns(analyses, errors, 0, head, fusion, mode)
+        depth = max(len(a.recording.layers) for a in analyses if a is not None)
+        layer = min(int(layer), depth - 1)
+        # a slider needs minimum < maximum: a one-layer model keeps the range 0..1
+        return ([analyses, status, gr.update(maximum=max(depth - 1, 1), value=layer)]
                 + self._columns(analyses, errors, layer, head, fusion, mode))
 
     def rerender(self, state: Optional[List[Any]], layer: float, head: str, fusion: str, mode: str) -> List[Any]:

@@ -1,7 +1,10 @@
 """A real HTTP server on 127.0.0.1 answering the Hub's file routes from a local folder.
 
-``GET|HEAD /{org}/{name}/resolve/{revision}/{path}`` serves ``root/org/name/path`` with the headers
-huggingface_hub reads (X-Repo-Commit, ETag, Content-Length) and the Hub's X-Error-Code on 404s.
+``GET|HEAD /{org}/{name}/resolve/{revision}/{path}`` (models) and ``/datasets/{org}/{name}/resolve/...``
+(datasets) serve ``root/org/name/path`` with the headers huggingface_hub reads (X-Repo-Commit, ETag,
+Content-Length) and the Hub's X-Error-Code on 404s. Repos under an org listed in ``private`` are served only
+to requests that carry ``token`` (as the Hub does: 401 RepoNotFound otherwise); ``requests`` records every
+request's path and Authorization header, so a test can see which requests carried a token.
 """
 import hashlib
 import threading
@@ -13,8 +16,8 @@ COMMIT = 'a' * 40
 
 
 class HubHandler(BaseHTTPRequestHandler):
-    def __init__(self, *args, root: Path, **kwargs):
-        self.root = root
+    def __init__(self, *args, root: Path, private: tuple, token: str, requests: list, **kwargs):
+        self.root, self.private, self.token, self.requests = root, private, token, requests
         super().__init__(*args, **kwargs)
 
     def log_message(self, *args):
@@ -22,15 +25,20 @@ class HubHandler(BaseHTTPRequestHandler):
 
     def _resolve(self):
         parts = self.path.split('?')[0].strip('/').split('/')
+        if parts and parts[0] == 'datasets':
+            parts = parts[1:]
         if len(parts) < 5 or parts[2] != 'resolve':
             return None, 'EntryNotFound'
         repo = self.root / parts[0] / parts[1]
         if not repo.is_dir():
             return None, 'RepoNotFound'
+        if parts[0] in self.private and self.headers.get('Authorization') != f'Bearer {self.token}':
+            return None, 'RepoNotFound'  # the Hub does not say whether a private repo exists
         path = repo.joinpath(*parts[4:])
         return (path, None) if path.is_file() else (None, 'EntryNotFound')
 
     def _respond(self, body: bool):
+        self.requests.append((self.path, self.headers.get('Authorization')))
         path, error = self._resolve()
         if error:
             self.send_response(404 if error == 'EntryNotFound' else 401)
@@ -57,8 +65,10 @@ class HubHandler(BaseHTTPRequestHandler):
 
 
 class HubServer:
-    def __init__(self, root: Path):
-        self.httpd = ThreadingHTTPServer(('127.0.0.1', 0), partial(HubHandler, root=Path(root)))
+    def __init__(self, root: Path, private: tuple = (), token: str = ''):
+        self.requests: list = []
+        self.httpd = ThreadingHTTPServer(('127.0.0.1', 0), partial(HubHandler, root=Path(root), private=tuple(private),
+                                                                   token=token, requests=self.requests))
         self.url = f'http://127.0.0.1:{self.httpd.server_address[1]}'
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
 

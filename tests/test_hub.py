@@ -150,7 +150,7 @@ def test_hub_download_through_local_http_server(tmp_path):
         assert torch.equal(torch.tensor(result['logits']), model(x))
     assert result['timm_heads'] == 3
     assert torch.equal(torch.tensor(result['timm_norm']), plain.norm.weight.detach())
-    assert 'lens/missing: no such model repo' in result['lens/missing']
+    assert 'lens/missing: not found or private' in result['lens/missing']
     assert 'lens/only-bin: the repo has no model.safetensors' in result['lens/only-bin']
     assert 'never unpickles' in result['lens/only-bin']
     assert 'lens/truncated' in result['lens/truncated'] and 'corrupt or truncated' in result['lens/truncated']

@@ -12,7 +12,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 import timm
 import torch
@@ -22,6 +22,7 @@ from torch import nn
 
 from ..core.convert import convert
 from .config import FORMAT, GQALensConfig
+from .credentials import Token
 from .safe_config import Budget, ConfigError, check_backbone, check_backbone_args, check_budget, check_preprocessing
 
 __all__ = ['create_model', 'save_pretrained', 'from_pretrained', 'push_to_hub', 'from_timm', 'load_config',
@@ -46,14 +47,16 @@ def create_model(backbone: str, backbone_args: Optional[Dict[str, Any]] = None, 
 
 
 def from_timm(name: str, variant: str, num_kv_heads: Optional[int] = None, pretrained: bool = True,
-              budget: Optional[Budget] = None, **policy_options: Any) -> nn.Module:
+              budget: Optional[Budget] = None, token: Union[Token, Callable[[str], Token]] = None,
+              **policy_options: Any) -> nn.Module:
     """Training-free variant of a timm ViT, then converted: ``hf-hub:ORG/NAME[@REVISION]`` (a timm-format
     repo) or a timm name whose pretrained weights live on the Hub (``vit_small_patch16_224.augreg_in21k_ft_in1k``).
 
     The repo's ``config.json`` is data: its architecture must be a timm ViT and its ``model_args`` pass the
     allow-list (and ``budget``) before anything is built; weights load from ``model.safetensors`` only, through
     timm's own loader (its checkpoint filters resize position embeddings as usual). ``pretrained=False``
-    builds a timm name with random weights.
+    builds a timm name with random weights. ``token``: as huggingface_hub's (``False`` sends none; see
+    :mod:`gqa_core.io.credentials`), or a function of the repo id that gives it.
     """
     if not pretrained:
         try:
@@ -62,7 +65,9 @@ def from_timm(name: str, variant: str, num_kv_heads: Optional[int] = None, pretr
             raise ModelLoadError(str(e)) from None
     else:
         repo, revision = _timm_repo(name)
-        cfg = _read_json(repo, _fetch(repo, CONFIG_NAME, revision, local=False))
+        if callable(token):
+            token = token(repo)
+        cfg = _read_json(repo, _fetch(repo, CONFIG_NAME, revision, local=False, token=token))
         try:
             backbone = check_backbone(cfg.get('architecture'))
             args = check_backbone_args(cfg.get('model_args', {}))
@@ -75,7 +80,7 @@ def from_timm(name: str, variant: str, num_kv_heads: Optional[int] = None, pretr
                 check_budget(backbone, args, budget)
         except ConfigError as e:
             raise ModelLoadError(f'{repo}: {CONFIG_NAME}: {e}') from None
-        weights = _fetch(repo, WEIGHTS_NAME, revision, local=False)
+        weights = _fetch(repo, WEIGHTS_NAME, revision, local=False, token=token)
         try:
             model = timm.create_model(backbone, pretrained=True, pretrained_cfg_overlay=dict(
                 overlay, file=str(weights), source='file', custom_load=False, hf_hub_id=None, url=None), **args)
@@ -179,8 +184,9 @@ model = from_pretrained("<this repo id or folder>").eval()
 """
 
 
-def _fetch(source: str, filename: str, revision: Optional[str], local: bool = True) -> Path:
-    """``filename`` of a local folder (only when ``local``) or of a Hub repo, downloaded through the Hub cache."""
+def _fetch(source: str, filename: str, revision: Optional[str], local: bool = True, token: Token = None) -> Path:
+    """``filename`` of a local folder (only when ``local``) or of a Hub repo, downloaded through the Hub cache
+    with ``token`` (``False``: none, whatever the environment holds)."""
     if local and Path(source).is_dir():
         path = Path(source) / filename
         if not path.is_file():
@@ -190,9 +196,10 @@ def _fetch(source: str, filename: str, revision: Optional[str], local: bool = Tr
     from huggingface_hub.errors import (EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError,
                                         RepositoryNotFoundError, RevisionNotFoundError)
     try:
-        return Path(hf_hub_download(source, filename, revision=revision))
+        return Path(hf_hub_download(source, filename, revision=revision, token=token))
     except RepositoryNotFoundError:
-        raise ModelLoadError(f'{source}: no such model repo on the Hub (or it is private)') from None
+        raise ModelLoadError(f'{source}: not found or private (no model repo of that name this server may '
+                             'read)') from None
     except RevisionNotFoundError:
         raise ModelLoadError(f'{source}: revision {revision!r} not found') from None
     except LocalEntryNotFoundError:  # a subclass of EntryNotFoundError: test it first
@@ -221,9 +228,9 @@ def _read_json(source: str, path: Path, limit: int = 4 * 2**20) -> Dict[str, Any
 
 
 def load_config(source: str, revision: Optional[str] = None, *, local: bool = True,
-                budget: Optional[Budget] = None) -> GQALensConfig:
+                budget: Optional[Budget] = None, token: Token = None) -> GQALensConfig:
     """The validated ``config.json`` of a folder or Hub repo (see :mod:`gqa_core.io.safe_config`)."""
-    data = _read_json(source, _fetch(source, CONFIG_NAME, revision, local))
+    data = _read_json(source, _fetch(source, CONFIG_NAME, revision, local, token))
     try:
         return GQALensConfig.from_json(data, budget)
     except ConfigError as e:
@@ -231,19 +238,20 @@ def load_config(source: str, revision: Optional[str] = None, *, local: bool = Tr
 
 
 def from_pretrained(source: str, revision: Optional[str] = None, map_location: str = 'cpu', *, local: bool = True,
-                    budget: Optional[Budget] = None) -> nn.Module:
+                    budget: Optional[Budget] = None, token: Token = None) -> nn.Module:
     """Rebuild a saved model from a folder or a Hub repo id; strict: every tensor must be present and fit.
 
     ``local=False`` never reads a local folder (for repo ids typed by untrusted users); ``budget`` refuses
-    configs describing a model over it before anything is built. The saved preprocessing and labels land in
+    configs describing a model over it before anything is built; ``token`` as huggingface_hub's (``False``: send
+    none, for downloads strangers cause: :mod:`gqa_core.io.credentials`). The saved preprocessing and labels land in
     the model's timm ``pretrained_cfg`` (where timm's ``resolve_data_config`` finds them).
     """
-    config = load_config(source, revision, local=local, budget=budget)
+    config = load_config(source, revision, local=local, budget=budget, token=token)
     try:
         model = config.build()
     except (ValueError, RuntimeError, TypeError, KeyError) as e:
         raise ModelLoadError(f'{source}: bad config: {_short(e)}') from None
-    weights = _fetch(source, WEIGHTS_NAME, revision, local)
+    weights = _fetch(source, WEIGHTS_NAME, revision, local, token)
     try:
         state = load_file(weights, device=map_location)
     except (SafetensorError, OSError) as e:

@@ -19,6 +19,7 @@ from torch import nn
 from ..core.convert import convert, grouping_config, kv_cache_bytes, source_heads
 from ..core.policies import POLICIES
 from ..core.vit import num_tokens
+from ..io.credentials import token_repos as env_token_repos, visitor_token
 from ..io.hub import ModelLoadError, from_pretrained, from_timm
 from ..io.preprocessing import model_preprocessing
 from ..io.safe_config import Budget
@@ -76,14 +77,18 @@ class ModelRegistry:
     """Loads models by spec and keeps the most recently used ones, bounded by count and parameter bytes.
 
     ``model_dirs``: folders whose model sub-folders ``local:NAME`` may name (besides ``GQA_LENS_MODEL_DIRS``);
-    ``budget``: the largest model a config may describe (default: :meth:`Budget.from_env`).
+    ``budget``: the largest model a config may describe (default: :meth:`Budget.from_env`); ``token_repos``:
+    the Hub repos whose downloads may carry the server's token (default ``GQA_LENS_TOKEN_REPOS``; every other
+    download a spec causes carries none).
     """
 
     def __init__(self, embedded_dir: Path = EMBEDDED_DIR, max_models: int = 8, max_bytes: int = 2 * 2**30,
-                 model_dirs: Sequence[str] = (), budget: Optional[Budget] = None) -> None:
+                 model_dirs: Sequence[str] = (), budget: Optional[Budget] = None,
+                 token_repos: Optional[Sequence[str]] = None) -> None:
         self.embedded_dir = Path(embedded_dir)
         self.model_dirs = allowed_model_dirs(model_dirs)
         self.budget = budget or Budget.from_env()
+        self.token_repos = tuple(token_repos) if token_repos is not None else env_token_repos()
         self.max_models, self.max_bytes = max_models, max_bytes
         self._cache: 'OrderedDict[str, LoadedModel]' = OrderedDict()
         self._lock = threading.Lock()
@@ -108,7 +113,8 @@ class ModelRegistry:
 
     def _load_saved(self, spec: Spec) -> nn.Module:
         if spec.kind == 'hub':
-            return from_pretrained(spec.name, spec.revision, local=False, budget=self.budget)
+            return from_pretrained(spec.name, spec.revision, local=False, budget=self.budget,
+                                   token=visitor_token(spec.name, self.token_repos))
         path = self._folder(spec)
         try:
             return from_pretrained(str(path), budget=self.budget)
@@ -126,7 +132,8 @@ class ModelRegistry:
             else:
                 name = f'hf-hub:{source.name}' + (f'@{source.revision}' if source.revision else '') \
                     if source.kind == 'hf-hub' else source.name
-                model = from_timm(name, 'mha', budget=self.budget)
+                model = from_timm(name, 'mha', budget=self.budget,
+                                  token=lambda repo: visitor_token(repo, self.token_repos))
             calibration = None
             if spec.grouping != 'consecutive':
                 calibration = calibration_images(model_preprocessing(model), live_calibration_size(model))
