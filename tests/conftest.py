@@ -30,16 +30,24 @@ def vit_small():
     return timm.create_model('vit_small_patch16_224').eval()
 
 
-SHARED_CIFAR = __import__('pathlib').Path(__file__).resolve().parents[1] / '..' / 'shared' / 'data' / 'cifar10-jpeg.tar.gz'
+@pytest.fixture(scope='session')
+def cifar10():
+    """The verified CIFAR-10 archive: GQA_LENS_CIFAR10, the project's cache, ../shared/data, or fetched from
+    the Hub (gqa_core.training.cifar10). With none to be had the run stops with one line saying how to provide it."""
+    from gqa_core.training.cifar10 import DatasetMissing, find_cifar10
+    try:
+        return find_cifar10()
+    except DatasetMissing as e:
+        pytest.exit(str(e), returncode=1)
 
 
 @pytest.fixture(scope='session')
-def cifar_subset(tmp_path_factory):
-    """A real CIFAR-10 ImageFolder subset (60 train + 20 test images per class) cut from the offline archive."""
+def cifar_subset(tmp_path_factory, cifar10):
+    """A real CIFAR-10 ImageFolder subset (60 train + 20 test images per class) cut from the archive."""
     import tarfile
     root = tmp_path_factory.mktemp('cifar-subset')
     counts = {}
-    with tarfile.open(SHARED_CIFAR) as tar:
+    with tarfile.open(cifar10) as tar:
         for member in tar:
             parts = member.name.split('/')
             if not member.isfile() or len(parts) < 3:

@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import ROOT, SHARED_CIFAR
+from conftest import ROOT
 
 SHIPPED = ROOT / 'assets' / 'analysis'
 
@@ -18,9 +18,9 @@ def run_cli(*args):
     return proc.stdout
 
 
-def test_shipped_kv_budget_is_reproduced_by_its_cli(tmp_path):
+def test_shipped_kv_budget_is_reproduced_by_its_cli(tmp_path, cifar10):
     shipped = json.loads((SHIPPED / 'kv-budget' / 'kv_budget.json').read_text())
-    run_cli('gqa_core.kv_budget', 'assets/models/mha', '--data', str(SHARED_CIFAR), '--split', 'test',
+    run_cli('gqa_core.kv_budget', 'assets/models/mha', '--data', str(cifar10), '--split', 'test',
             '--out', str(tmp_path))
     fresh = json.loads((tmp_path / 'kv_budget.json').read_text())
     assert fresh['n'] == shipped['n'] == 10_000
@@ -34,10 +34,10 @@ def test_shipped_kv_budget_is_reproduced_by_its_cli(tmp_path):
     assert (tmp_path / 'kv_budget.csv').is_file() and (tmp_path / 'kv_budget.html').stat().st_size > 100_000
 
 
-def test_shipped_dataset_view_is_reproduced_by_its_cli(tmp_path):
+def test_shipped_dataset_view_is_reproduced_by_its_cli(tmp_path, cifar10):
     shipped = json.loads((SHIPPED / 'dataset' / 'stats.json').read_text())
     models = [f'assets/models/{name}' for name in shipped['models']]
-    run_cli('gqa_core.stats', *models, '--data', str(SHARED_CIFAR), '--split', 'test', '--out', str(tmp_path))
+    run_cli('gqa_core.stats', *models, '--data', str(cifar10), '--split', 'test', '--out', str(tmp_path))
     fresh = json.loads((tmp_path / 'stats.json').read_text())
     assert fresh['n'] == 10_000 and list(fresh['models']) == list(shipped['models'])
     for name, s in shipped['models'].items():

@@ -5,9 +5,9 @@ import re
 import pytest
 
 from gqa_core.training.evaluate import evaluate
-from gqa_core.training.hub import from_pretrained
+from gqa_core.io.hub import from_pretrained
 
-from conftest import ROOT, SHARED_CIFAR
+from conftest import ROOT
 
 FAMILY = ['mha', 'gqa', 'kdgqa', 'dgqa-diff', 'dgqa-ema', 'pgqa']
 MODELS = ROOT / 'assets' / 'models'
@@ -36,9 +36,9 @@ def test_six_models_ship_as_fp16_safetensors_within_budget():
 
 
 @pytest.mark.parametrize('name', FAMILY)
-def test_readme_accuracy_is_reproduced_by_the_eval_cli(name):
+def test_readme_accuracy_is_reproduced_by_the_eval_cli(name, cifar10):
     table = readme_table()
     assert set(table) == set(FAMILY)
-    result = evaluate(str(MODELS / name), str(SHARED_CIFAR), 'test')
+    result = evaluate(str(MODELS / name), str(cifar10), 'test')
     assert result['n'] == 10_000
     assert abs(result['top1'] * 100 - table[name]) <= 0.1, (name, result['top1'], table[name])
