@@ -8,7 +8,8 @@ figures: ``figures``; the zip: ``export``). ``create_app(settings)`` builds the 
 Space (or ``python app.py``) serves. Operator settings (environment, read by :meth:`Settings.from_env`):
 GQA_LENS_MODELS (the embedded models' folder), GQA_LENS_MODEL_DIRS (folders for local:NAME),
 GQA_LENS_MAX_PARAMS / GQA_LENS_MAX_TOKENS (largest model a spec may load), GQA_LENS_SESSION_TTL (seconds an
-idle session keeps its results), GQA_LENS_CONCURRENCY.
+idle session keeps its results), GQA_LENS_TOKEN_REPOS (Hub repos whose downloads may carry the server's token),
+GQA_LENS_CONCURRENCY and GQA_LENS_QUEUE_SIZE (default: fitted to the CPU cores, ``CPU_CORES`` on a Space).
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ from gqa_core.lens.images import ImageInputError, load_image
 from gqa_core.core.ablation import ABLATION_MODES
 from gqa_core.core.grouping import GROUPINGS
 from gqa_core.lens import figures
+from gqa_core.lens.hosting import cpu_cores, fit_torch_threads
 from gqa_core.lens.explorer import (LIVE_MAX_IMAGES, kv_budget_table, live_kv_budget, shipped_dataset_stats,
                                     shipped_kv_budget)
 from gqa_core.lens.views import MAX_MODELS, NO_MODEL, PANELS, column_view, reference_for, run_models
@@ -43,16 +45,23 @@ EXAMPLES = sorted(str(p) for p in (ROOT / 'assets' / 'examples').glob('*.jpg'))
 @dataclass(frozen=True)
 class Settings:
     """What the operator decides. ``model_dirs``: folders whose sub-folders are served as ``local:NAME`` (besides
-    ``GQA_LENS_MODEL_DIRS``, which the registry reads itself)."""
+    ``GQA_LENS_MODEL_DIRS``, which the registry reads itself). ``threads``: torch's intra-op threads (one per
+    core); ``concurrency`` requests run at once, so that ``concurrency`` x ``threads`` stays near 2 x cores;
+    ``queue_size`` more may wait (gradio refuses beyond it rather than queueing without bound)."""
     models_dir: Path = EMBEDDED_DIR
     model_dirs: Sequence[str] = ()
     session_ttl: float = 1800.0
-    concurrency: int = 4
+    threads: int = 2
+    concurrency: int = 2
+    queue_size: int = 64
 
     @classmethod
     def from_env(cls, model_dirs: Sequence[str] = ()) -> 'Settings':
+        cores = cpu_cores()
+        concurrency = int(os.environ.get('GQA_LENS_CONCURRENCY', 2))  # with one thread per core: 2 x cores busy
         return cls(Path(os.environ.get('GQA_LENS_MODELS', EMBEDDED_DIR)), tuple(model_dirs),
-                   float(os.environ.get('GQA_LENS_SESSION_TTL', 1800)), int(os.environ.get('GQA_LENS_CONCURRENCY', 4)))
+                   float(os.environ.get('GQA_LENS_SESSION_TTL', 1800)), cores, concurrency,
+                   int(os.environ.get('GQA_LENS_QUEUE_SIZE', 32 * concurrency)))
 
 
 HELP = """Pick up to four models. Besides the embedded ones you can type
@@ -302,7 +311,8 @@ def build_app(settings: Optional[Settings] = None) -> LensApp:
         with gr.Tab('Dataset view', elem_id='tab-dataset'):
             _dataset_tab()
         demo.unload(lens.unload)
-    demo.queue(default_concurrency_limit=lens.settings.concurrency)
+    fit_torch_threads(lens.settings.threads)
+    demo.queue(default_concurrency_limit=lens.settings.concurrency, max_size=lens.settings.queue_size)
     lens.demo = demo
     lens.reaper = SessionReaper(demo, ttl=ttl, interval=min(10.0, max(ttl / 4, 0.5))).start()
     return lens

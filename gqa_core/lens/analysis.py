@@ -16,10 +16,11 @@ import torch
 from PIL import Image
 
 from ..io.preprocessing import eval_geometry, normalisation
-from .heads import AblationResult, ablation_study, faithfulness
+from .gpu import ForwardJob, forwards_in_a_gpu_call, on_zerogpu, run_forwards
+from .heads import AblationResult
 from .models import LoadedModel
 from ..core.record import FUSIONS, Recording, record
-from ..core.vit import gqa_layers
+from ..core.vit import gqa_layers, num_tokens
 
 __all__ = ['Analysis', 'analyse', 'layer_maps', 'model_input', 'prefix_attention', 'attention_rollout', 'FUSIONS']
 
@@ -84,28 +85,24 @@ def analyse(loaded: LoadedModel, image: Image.Image, deep: bool = False) -> Anal
     """Run ``loaded`` on one RGB image (always a batch of one: the result never depends on other requests).
 
     ``deep``: also ablate every head and measure the maps' faithfulness (batched forwards), for models of at
-    most ``GQA_LENS_DEEP_MAX_TOKENS`` tokens (default 600) so a live request stays bounded.
+    most ``GQA_LENS_DEEP_MAX_TOKENS`` tokens (default 600) so a live request stays bounded. The forwards run in
+    this process, or on a ZeroGPU Space in one GPU call (:mod:`gqa_core.lens.gpu`).
     """
     view, x = model_input(loaded, image)
+    tokens = num_tokens(loaded.model)
+    run_deep = deep and tokens <= DEEP_MAX_TOKENS
     with loaded.lock:
-        with torch.inference_mode(), record(loaded.model, attention='prefix', rollout=FUSIONS) as rec:
-            loaded.model(x)
-        result = rec.result
-        analysis = _summarise(loaded, view, result)
-        tokens = int(result.layers[0].attention.shape[-1])
-        if not deep:
-            analysis.deep_note = 'tick "which heads matter" and run again for head ablation and faithfulness'
-        elif tokens > DEEP_MAX_TOKENS:
-            analysis.deep_note = (f'head ablation and faithfulness need {tokens:,} tokens x many forwards; this server '
-                                  f'computes them live up to {DEEP_MAX_TOKENS:,} tokens (GQA_LENS_DEEP_MAX_TOKENS)')
+        if on_zerogpu():
+            out = forwards_in_a_gpu_call(ForwardJob.of(loaded.model, x, run_deep, loaded.labels))
         else:
-            target = None if result.headless else int(result.logits[0].argmax())
-            label = analysis.top5[0][0] if analysis.top5 else ''
-            analysis.ablation = ablation_study(loaded.model, x, target, label)
-            last = analysis.summary_rows[-1].mean(0)
-            analysis.faithfulness = faithfulness(loaded.model, x, {f'{analysis.summary_label} map': last,
-                                                                   'rollout': analysis.rollout('mean')},
-                                                 result.grid_size, target)
+            out = run_forwards(loaded.model, x, run_deep, loaded.labels)
+        analysis = _summarise(loaded, view, out.recording)
+    analysis.ablation, analysis.faithfulness = out.ablation, out.faithfulness
+    if not deep:
+        analysis.deep_note = 'tick "which heads matter" and run again for head ablation and faithfulness'
+    elif not run_deep:
+        analysis.deep_note = (f'head ablation and faithfulness need {tokens:,} tokens x many forwards; this server '
+                              f'computes them live up to {DEEP_MAX_TOKENS:,} tokens (GQA_LENS_DEEP_MAX_TOKENS)')
     return analysis
 
 

@@ -12,6 +12,7 @@ import torch
 
 from .kv_budget import kv_budget_rows
 from .calibration import CALIBRATION_FILE, calibration_images
+from .gpu import KVBudgetJob, kv_budget_in_a_gpu_call, on_zerogpu
 from .models import REFINE_FLOPS, ModelRegistry, live_calibration_size
 
 __all__ = ['ANALYSIS_DIR', 'shipped_kv_budget', 'shipped_dataset_stats', 'live_kv_budget', 'LIVE_MAX_IMAGES',
@@ -56,7 +57,12 @@ def live_kv_budget(registry: ModelRegistry, spec: str, n: int,
     same_classes = list(loaded.labels) == classes
     with loaded.lock:
         calibration = images[:live_calibration_size(loaded.model, most=LIVE_CALIBRATION)]  # bounded work
-        rows = kv_budget_rows(loaded.model, images[LIVE_CALIBRATION:], labels if same_classes else None,
-                              calibration, progress=progress, batch_size=64, max_refine_flops=REFINE_FLOPS)
+        labels = labels if same_classes else None
+        if on_zerogpu():  # one GPU call; progress cannot cross the process boundary
+            rows = kv_budget_in_a_gpu_call(KVBudgetJob.of(loaded.model, images[LIVE_CALIBRATION:], labels, calibration,
+                                                          REFINE_FLOPS))
+        else:
+            rows = kv_budget_rows(loaded.model, images[LIVE_CALIBRATION:], labels, calibration, progress=progress,
+                                  batch_size=64, max_refine_flops=REFINE_FLOPS)
     return dict(model=loaded.spec, data='shipped CIFAR-10 training images', split='live', n=n,
                 num_heads=loaded.model.blocks[0].attn.num_heads, rows=rows)

@@ -1,0 +1,131 @@
+"""Where the forwards of an analysis (and of a live KV budget) run.
+
+In this process by default. On a ZeroGPU Space -- the hardware free Gradio Spaces get -- CUDA exists only
+inside a ``@spaces.GPU`` function that Hugging Face runs in another process, so arguments and results cross a
+process boundary: the jobs here are plain picklable data (the model's config as JSON, its weights as CPU
+tensors, the input tensors) and their results come back as CPU tensors. Model loading, conversion, session
+state and files stay in the main process. Without ZeroGPU (``spaces`` not installed, or ``SPACES_ZERO_GPU``
+unset) the decorator returns the function unchanged.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from ..core.record import FUSIONS, Recording, record
+from ..io.config import GQALensConfig
+from .heads import AblationResult, ablation_study, faithfulness
+
+__all__ = ['ForwardJob', 'Forwards', 'run_forwards', 'forwards_in_a_gpu_call', 'on_zerogpu', 'GPU_DURATION_S',
+           'KVBudgetJob', 'kv_budget_in_a_gpu_call', 'model_as_data']
+
+GPU_DURATION_S = 60  # what one call may take on a ZeroGPU slice; an analysis of 4 models needs a few seconds
+
+
+def _gpu(duration: int) -> Callable[[Callable], Callable]:
+    try:
+        import spaces
+    except ImportError:
+        return lambda fn: fn
+    return spaces.GPU(duration=duration)
+
+
+def on_zerogpu() -> bool:
+    try:
+        from spaces.config import Config
+    except ImportError:
+        return False
+    return bool(Config.zero_gpu)
+
+
+@dataclass
+class Forwards:
+    """What the forwards of one analysis produced (CPU tensors / numpy)."""
+    recording: Recording
+    ablation: Optional[AblationResult] = None
+    faithfulness: Optional[Dict[str, Dict[str, Any]]] = None
+
+
+def run_forwards(model: nn.Module, x: Tensor, deep: bool, labels: List[str]) -> Forwards:
+    """The recorded forward of ``x`` (one image) and, when ``deep``, every head ablation and the faithfulness
+    curves of the summary map and the rollout -- all the forwards an analysis needs, on ``x``'s device."""
+    with torch.inference_mode(), record(model, attention='prefix', rollout=FUSIONS) as rec:
+        model(x)
+    result = rec.result
+    if not deep:
+        return Forwards(result)
+    target = None if result.headless else int(result.logits[0].argmax())
+    label = labels[target] if target is not None and target < len(labels) else ''
+    ablation = ablation_study(model, x, target, label)
+    P = result.num_prefix_tokens
+    summary = np.stack([layer.attention[0, :, result.summary_row, P:].numpy() for layer in result.layers])
+    maps = {f'{result.row_labels[result.summary_row]} map': summary[-1].mean(0),
+            'rollout': result.rollout['mean'][0, P:].numpy()}
+    return Forwards(result, ablation, faithfulness(model, x, maps, result.grid_size, target))
+
+
+@dataclass
+class ForwardJob:
+    """An analysis's forwards as data: ``config`` (``GQALensConfig.to_json()``), CPU ``state``, input ``x``."""
+    config: Dict[str, Any]
+    state: Dict[str, Tensor]
+    x: Tensor
+    deep: bool
+    labels: List[str]
+
+    @classmethod
+    def of(cls, model: nn.Module, x: Tensor, deep: bool, labels: List[str]) -> 'ForwardJob':
+        return cls(*model_as_data(model), x.cpu(), deep, list(labels))
+
+
+def model_as_data(model: nn.Module) -> tuple:
+    """``(config JSON, CPU state dict)``: a model as what crosses a process boundary."""
+    return GQALensConfig.of(model).to_json(), {k: v.detach().cpu() for k, v in model.state_dict().items()}
+
+
+def _device() -> torch.device:
+    return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+
+
+def _rebuild(config: Dict[str, Any], state: Dict[str, Tensor]) -> nn.Module:
+    model = GQALensConfig.from_json(config).build()
+    model.load_state_dict(state, strict=True)
+    return model.to(_device()).eval()
+
+
+@_gpu(GPU_DURATION_S)
+def forwards_in_a_gpu_call(job: ForwardJob) -> Forwards:
+    """:func:`run_forwards` for a job, with the model rebuilt from its data on CUDA when there is one; what
+    a ZeroGPU Space runs inside its GPU slice."""
+    model = _rebuild(job.config, job.state)
+    return run_forwards(model, job.x.to(_device()), job.deep, job.labels)
+
+
+@dataclass
+class KVBudgetJob:
+    """A live KV budget as data: the MHA model's config and weights, evaluation images, labels, calibration."""
+    config: Dict[str, Any]
+    state: Dict[str, Tensor]
+    images: Tensor
+    labels: Optional[Tensor]
+    calibration: Tensor
+    max_refine_flops: Optional[float]
+
+    @classmethod
+    def of(cls, model: nn.Module, images: Tensor, labels: Optional[Tensor], calibration: Tensor,
+           max_refine_flops: Optional[float]) -> 'KVBudgetJob':
+        return cls(*model_as_data(model), images.cpu(), None if labels is None else labels.cpu(), calibration.cpu(),
+                   max_refine_flops)
+
+
+@_gpu(GPU_DURATION_S)
+def kv_budget_in_a_gpu_call(job: KVBudgetJob) -> list:
+    from .kv_budget import kv_budget_rows
+    device = _device()
+    return kv_budget_rows(_rebuild(job.config, job.state), job.images.to(device),
+                          None if job.labels is None else job.labels.to(device), job.calibration.to(device),
+                          batch_size=64, max_refine_flops=job.max_refine_flops)
