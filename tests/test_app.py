@@ -171,9 +171,12 @@ def test_closed_and_idle_sessions_free_their_state_and_files(server):
     assert os.path.isfile(path)
     assert app.lens.reaper.sessions() >= 1 and app.lens.files.count() >= 1
     later = datetime.datetime.now() + datetime.timedelta(seconds=app.lens.settings.session_ttl + 1)
-    assert app.lens.reaper.reap(now=later) >= 1
-    assert app.lens.reaper.sessions() == 0, 'every idle session is gone, with gradio’s per-session copies'
+    holder = app.lens.demo.state_holder
+    before = (len(holder.session_data), len(holder.time_last_used))
+    assert app.lens.reaper.reap(now=later) >= 1, before
+    assert app.lens.reaper.sessions() == 0, ('every idle session is gone, with gradio’s per-session copies', before,
+                                             sorted(holder.session_data), sorted(holder.time_last_used))
     with pytest.raises(AppError, match='run the models on an image first'):
         client.predict(0, 'mean', 'mean', api_name='/export')  # its results went with the session
     app.lens.files.sweep(now=time.time() + app.lens.files.ttl + 1)
-    assert app.lens.files.count() == 0, 'overlays and exports are deleted once old'
+    assert app.lens.files.count() == 0, ('overlays and exports are deleted once old', app.lens.files.count())
