@@ -136,3 +136,41 @@ def test_heads_panels_and_dataset_tabs_show_the_apis_numbers(app_url, tmp_path):
         page.screenshot(path=str(Path(os.environ.get('GQA_LENS_SCREENSHOTS', tmp_path)) / 'dataset-view.png'),
                         full_page=True)
         browser.close()
+
+
+def test_exported_html_figures_render_with_the_network_off(app_url, tmp_path):
+    """The zip's HTML figures load plotly.js from the zip itself: opened from disk with every request outside
+    the unpacked folder blocked, they still draw, and none was even attempted."""
+    import zipfile
+    from playwright.sync_api import sync_playwright
+    client = Client(app_url, verbose=False)
+    client.predict(*[handle_file(str(EXAMPLES_DIR / 'cifar10_ship.jpg')), 'embedded/kdgqa', 'embedded/mha', '(none)',
+                     '(none)', 0, 'mean', 'mean', 'zero', False], api_name='/run')
+    archive = client.predict(0, 'mean', 'mean', api_name='/export')
+    folder = tmp_path / 'unzipped'
+    with zipfile.ZipFile(archive) as zf:
+        zf.extractall(folder)
+    pages = sorted(folder.glob('*/assignment.html')) + sorted(folder.glob('*/key_norms.html'))
+    assert len(pages) == 4
+    outside = []
+
+    def only_the_zip(route):
+        url = route.request.url
+        if url.startswith(folder.as_uri()):
+            route.continue_()
+        else:
+            outside.append(url)
+            route.abort()
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        page = browser.new_page(viewport={'width': 900, 'height': 700})
+        page.route('**/*', only_the_zip)
+        for html in pages:
+            page.goto(html.as_uri())
+            page.wait_for_selector('.js-plotly-plot .main-svg', timeout=15_000)
+            drawn = coloured_fraction(page.locator('.js-plotly-plot').first.screenshot())
+            assert drawn > 0.05, (html.relative_to(folder), drawn)
+        browser.close()
+    assert outside == [], f'the exported figures asked the network for {outside}'
+    assert (folder / 'plotly.min.js').is_file()

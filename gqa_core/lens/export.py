@@ -2,7 +2,8 @@
 
 Per model: ``arrays.npz`` (every recorded array, plus the full ``(H, T, T)`` maps of the chosen layer,
 recomputed on demand), ``meta.json`` (spec, top-5, grouping, row labels, grid, history), ``allocations.csv``,
-the overlay and rollout PNGs, and every plotly figure as JSON and standalone HTML. Arrays are written one at
+the overlay and rollout PNGs, and every plotly figure as JSON and HTML. The HTML figures load the one copy of
+plotly.js at the zip's root (``plotly.min.js``), never a CDN, so they open offline. Arrays are written one at
 a time straight into the archive (``.npy`` inside ``.npz`` inside the zip), never as JSON lists of floats,
 so peak memory is one array, not the whole recording.
 """
@@ -23,7 +24,9 @@ from .analysis import Analysis, layer_maps
 from .views import FIGURES, column_view, head_label, reference_for
 from .models import ModelRegistry
 
-__all__ = ['export_zip', 'analysis_arrays']
+__all__ = ['export_zip', 'analysis_arrays', 'PLOTLY_JS']
+
+PLOTLY_JS = 'plotly.min.js'  # one copy at the zip's root, shared by every HTML figure
 
 def analysis_arrays(analysis: Analysis) -> Iterator[Tuple[str, np.ndarray]]:
     """``(name, array)`` for everything an analysis holds, layer-first (batch of one dropped)."""
@@ -75,6 +78,8 @@ def export_zip(analyses: Sequence[Optional[Analysis]], layer: int, head: str, fu
     included as ``full_layer{layer}``."""
     reference = reference_for(analyses)
     with zipfile.ZipFile(path, 'w', compression=zipfile.ZIP_DEFLATED, compresslevel=1) as zf:
+        from plotly.offline import get_plotlyjs
+        zf.writestr(PLOTLY_JS, get_plotlyjs())
         for i, analysis in enumerate(analyses):
             if analysis is None:
                 continue
@@ -106,5 +111,5 @@ def export_zip(analyses: Sequence[Optional[Analysis]], layer: int, head: str, fu
             for name in FIGURES:
                 fig = getattr(view, name)
                 zf.writestr(f'{folder}/{name}.json', fig.to_json())
-                zf.writestr(f'{folder}/{name}.html', fig.to_html(include_plotlyjs='cdn', full_html=True))
+                zf.writestr(f'{folder}/{name}.html', fig.to_html(include_plotlyjs=f'../{PLOTLY_JS}', full_html=True))
     return path
