@@ -32,7 +32,7 @@ from gqa_core.lens import figures
 from gqa_core.lens.hosting import cpu_cores, fit_torch_threads
 from gqa_core.lens.explorer import (LIVE_MAX_IMAGES, kv_budget_table, live_kv_budget, shipped_dataset_stats,
                                     shipped_kv_budget)
-from gqa_core.lens.views import MAX_MODELS, NO_MODEL, PANELS, column_view, reference_for, run_models
+from gqa_core.lens.views import IMAGES, MAX_MODELS, NO_MODEL, PANELS, column_view, reference_for, run_models
 from gqa_core.lens.models import DEFAULT_MODELS, EMBEDDED_DIR, ModelLoadError, ModelRegistry
 from gqa_core.lens.sessions import SessionReaper
 from gqa_core.lens.specs import public_message
@@ -104,7 +104,7 @@ class LensApp:
                 out += _empty_column(f'⚠️ {error}' if error else '')
                 continue
             view = column_view(analysis, layer, head, fusion, reference, mode)
-            images = dict(overlay=self.files.write_png(view.overlay), rollout=self.files.write_png(view.rollout))
+            images = {name: self.files.write_png(getattr(view, name)) for name in IMAGES}
             out += [images.get(name, getattr(view, name)) for name in PANELS]
         return out
 
@@ -239,14 +239,19 @@ def _inputs(choices: List[str], defaults: List[str]) -> dict:
 
 
 def _result_columns() -> List[Any]:
-    """One column per model, one component per entry of ``PANELS``, in that order."""
+    """One column per model, one component per entry of ``PANELS``, in that order (the picture the model saw
+    sits beside its top-5)."""
     outputs: List[Any] = []
     with gr.Row():
         for i in range(MAX_MODELS):
             with gr.Column(min_width=260):
+                summary = gr.Markdown(elem_id=f'summary-{i}')
+                with gr.Row():
+                    top5 = gr.Label(num_top_classes=5, label='top-5', elem_id=f'top5-{i}', scale=2)
+                    seen = gr.Image(label='what the model saw', elem_id=f'view-{i}', interactive=False, height=120,
+                                    scale=1, min_width=80)
                 outputs += [
-                    gr.Markdown(elem_id=f'summary-{i}'),
-                    gr.Label(num_top_classes=5, label='top-5', elem_id=f'top5-{i}'),
+                    summary, top5,
                     gr.Image(label='class-token attention (layer, head)', elem_id=f'overlay-{i}',
                              interactive=False, height=224),
                     gr.Image(label='attention rollout', elem_id=f'rollout-{i}', interactive=False, height=224),
@@ -258,6 +263,7 @@ def _result_columns() -> List[Any]:
                     gr.Plot(label='which heads matter: ablation', elem_id=f'ablation-{i}'),
                     gr.Plot(label='within-group diversity', elem_id=f'diversity-{i}'),
                     gr.Plot(label='faithfulness (deletion / insertion)', elem_id=f'faith-{i}'),
+                    seen,
                 ]
     return outputs
 

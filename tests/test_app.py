@@ -52,11 +52,16 @@ def test_run_endpoint_returns_every_panel_for_four_models(client, server):
     assert status == ('; '.join(load_image(str(EXAMPLES_DIR / 'grace_hopper.jpg')).notes) or 'done'), status
     assert layer_update['value'] == 3
     for i, spec in enumerate(specs):
-        summary, top5, overlay, rollout, *plots = columns[i * N:(i + 1) * N]
+        summary, top5, overlay, rollout, *plots, seen = columns[i * N:(i + 1) * N]
         assert spec in summary and 'params' in summary
         assert len(top5['confidences']) == 5
         assert os.path.isfile(overlay) and os.path.isfile(rollout)
         assert all(p['type'] == 'plotly' for p in plots)
+        # honest about the models: what they know, what they saw, and that the photo was shrunk for them
+        assert 'trained on **CIFAR-10** · 10 classes · sees 32 × 32 px' in summary, summary
+        assert 'the 512 × 600 image was shrunk to 32 × 32 px for this model' in summary, summary
+        from PIL import Image
+        assert Image.open(seen).size == (32, 32)
 
 
 @pytest.fixture(scope='module')

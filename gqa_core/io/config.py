@@ -48,7 +48,8 @@ class GroupingSpec:
 @dataclass
 class GQALensConfig:
     """``config.json`` of a saved model. ``backbone_args`` rebuild it with ``timm.create_model``; the rest is
-    applied on top (conversion, head order, preprocessing, labels). ``metrics`` are the trainer's record."""
+    applied on top (conversion, head order, preprocessing, labels). ``dataset`` names what it was trained on
+    (shown to people; None when unknown); ``metrics`` are the trainer's record."""
     backbone: str
     backbone_args: Dict[str, Any]
     grouping: GroupingSpec
@@ -57,6 +58,7 @@ class GQALensConfig:
     labels: Optional[List[str]] = None
     source_heads: Optional[List[List[int]]] = None
     metrics: Dict[str, Any] = field(default_factory=dict)
+    dataset: Optional[str] = None
 
     # -- reading and writing -------------------------------------------------------------------------------
     @classmethod
@@ -72,6 +74,9 @@ class GQALensConfig:
         metrics = data.get('metrics') or {}
         if not isinstance(metrics, dict) or len(metrics) > 100:
             raise ConfigError('metrics must be an object of at most 100 entries')
+        dataset = data.get('dataset')
+        if dataset is not None and not (isinstance(dataset, str) and 0 < len(dataset) <= 100 and dataset.isprintable()):
+            raise ConfigError('dataset must be null or a name of at most 100 printable characters')
         config = cls(
             backbone=check_backbone(data['backbone']),
             backbone_args=args,
@@ -81,6 +86,7 @@ class GQALensConfig:
             labels=check_labels(data.get('labels'), num_classes),
             source_heads=check_source_heads(data.get('source_heads')),
             metrics=dict(metrics),
+            dataset=dataset,
         )
         if budget is not None:
             check_budget(config.backbone, config.model_args(), budget)
@@ -91,7 +97,7 @@ class GQALensConfig:
         out: Dict[str, Any] = dict(
             format=FORMAT, backbone=self.backbone, backbone_args=self.backbone_args,
             grouping=self.grouping.to_dict(), source_heads=self.source_heads, num_classes=self.num_classes,
-            labels=self.labels, preprocessing=self.preprocessing,
+            labels=self.labels, preprocessing=self.preprocessing, dataset=self.dataset,
         )
         if model is not None:
             out.update(params=sum(p.numel() for p in model.parameters()), kv_cache_bytes_fp16=kv_cache_bytes(model))
@@ -127,7 +133,8 @@ class GQALensConfig:
 
     @classmethod
     def of(cls, model: nn.Module, *, labels: Optional[List[str]] = None,
-           preprocessing: Optional[Dict[str, Any]] = None, metrics: Optional[Dict[str, Any]] = None) -> 'GQALensConfig':
+           preprocessing: Optional[Dict[str, Any]] = None, metrics: Optional[Dict[str, Any]] = None,
+           dataset: Optional[str] = None) -> 'GQALensConfig':
         """Read a converted timm ViT's config from the model itself (see the module doc); ``labels`` and
         ``preprocessing`` given here win over what its ``pretrained_cfg`` says."""
         backbone, args = backbone_of(model)
@@ -137,7 +144,7 @@ class GQALensConfig:
         labels = labels if labels is not None else saved_labels
         return cls(backbone, args, spec, int(model.num_classes), preprocessing or model_preprocessing(model),
                    list(labels) if labels is not None and len(labels) == model.num_classes else None,
-                   source_heads(model), dict(metrics or {}))
+                   source_heads(model), dict(metrics or {}), dataset)
 
 
 def backbone_of(model: nn.Module) -> tuple:

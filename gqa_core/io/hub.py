@@ -125,11 +125,11 @@ def _timm_preprocessing(pretrained_cfg: Any) -> Dict[str, Any]:
 
 def save_pretrained(model: nn.Module, directory: str | os.PathLike, *, labels: Optional[Sequence[str]] = None,
                     preprocessing: Optional[Dict[str, Any]] = None, metrics: Optional[Dict[str, Any]] = None,
-                    dtype: Optional[torch.dtype] = None, card_extra: str = '') -> Path:
+                    dtype: Optional[torch.dtype] = None, card_extra: str = '', dataset: Optional[str] = None) -> Path:
     """Write ``config.json`` (read from the model: :meth:`GQALensConfig.of`), ``model.safetensors`` (floating
-    tensors cast to ``dtype`` if given) and a model card."""
+    tensors cast to ``dtype`` if given) and a model card. ``dataset``: what the model was trained on."""
     config = GQALensConfig.of(model, labels=list(labels) if labels is not None else None,
-                              preprocessing=preprocessing, metrics=metrics)
+                              preprocessing=preprocessing, metrics=metrics, dataset=dataset)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state = {}
@@ -168,6 +168,7 @@ A timm `{config['backbone']}` whose attention is **{g['variant']}** with {g['num
 
 - parameters: {config['params']:,}
 - K/V cache per image (fp16): {config['kv_cache_bytes_fp16']:,} bytes
+- trained on: {config.get('dataset') or 'not stated'}
 - classes: {config['num_classes']}; input {config['preprocessing'].get('input_size')}
 
 | metric | value |

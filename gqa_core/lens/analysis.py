@@ -98,12 +98,27 @@ def analyse(loaded: LoadedModel, image: Image.Image, deep: bool = False) -> Anal
             out = run_forwards(loaded.model, x, run_deep, loaded.labels)
         analysis = _summarise(loaded, view, out.recording)
     analysis.ablation, analysis.faithfulness = out.ablation, out.faithfulness
+    shrunk = shrink_note(image.size, loaded.preprocessing['input_size'][1:])
+    if shrunk:
+        analysis.notes.insert(0, shrunk)
     if not deep:
         analysis.deep_note = 'tick "which heads matter" and run again for head ablation and faithfulness'
     elif not run_deep:
         analysis.deep_note = (f'head ablation and faithfulness need {tokens:,} tokens x many forwards; this server '
                               f'computes them live up to {DEEP_MAX_TOKENS:,} tokens (GQA_LENS_DEEP_MAX_TOKENS)')
     return analysis
+
+
+SHRINK_NOTE_FACTOR = 4  # a side this many times the model's input: say how little of the image it sees
+
+
+def shrink_note(image_size: tuple, input_size: tuple) -> str:
+    """A note when the image is much larger than what the model sees (a 1,200 px photo for a 32 px model)."""
+    width, height = image_size
+    in_h, in_w = (int(s) for s in input_size)
+    if max(width / in_w, height / in_h) < SHRINK_NOTE_FACTOR:
+        return ''
+    return f'⚠️ the {width:,} × {height:,} image was shrunk to {in_w} × {in_h} px for this model: it sees only that'
 
 
 def _summarise(loaded: LoadedModel, view: np.ndarray, result: Recording) -> Analysis:

@@ -20,7 +20,7 @@ from ..core.convert import convert, grouping_config, kv_cache_bytes, source_head
 from ..core.policies import POLICIES
 from ..core.vit import num_tokens
 from ..io.credentials import token_repos as env_token_repos, visitor_token
-from ..io.hub import ModelLoadError, from_pretrained, from_timm
+from ..io.hub import ModelLoadError, from_pretrained, from_timm, load_config
 from ..io.preprocessing import model_preprocessing
 from ..io.safe_config import Budget
 from .calibration import calibration_images
@@ -50,6 +50,7 @@ class LoadedModel:
     params: int
     kv_cache_bytes: int
     source_heads: Optional[List[List[int]]] = None  # advised grouping: MHA head at each head position, per layer
+    trained_on: Optional[str] = None  # what its config says it was trained on (None: not stated)
     lock: threading.Lock = field(default_factory=threading.Lock)  # recording attaches to the model: one at a time
 
     @property
@@ -62,7 +63,14 @@ class LoadedModel:
         head += ' · advised head grouping (hover the assignment for source heads)' if self.source_heads else ''
         return (f"**{self.spec}** — {g['variant'].upper()}, G = {g['num_kv_heads']} of "
                 f"{self.model.blocks[0].attn.num_heads} heads · {self.params:,} params · "
-                f"K/V cache {self.kv_cache_bytes / 1024:.0f} KiB / image (fp16){head}")
+                f"K/V cache {self.kv_cache_bytes / 1024:.0f} KiB / image (fp16){head}\n\n{self.knows()}")
+
+    def knows(self) -> str:
+        """What the model knows, from its config: its training data, its classes, the input it sees."""
+        _, height, width = self.preprocessing['input_size']
+        data = f'trained on **{self.trained_on}**' if self.trained_on else 'training data not stated by its config'
+        classes = 'features only' if self.model.num_classes == 0 else f'{self.model.num_classes:,} classes'
+        return f'{data} · {classes} · sees {height} × {width} px'
 
 
 def _imagenet_labels(num_classes: int) -> List[str]:
@@ -111,24 +119,27 @@ class ModelRegistry:
         available = self.embedded() if spec.kind == 'embedded' else self.local()
         raise SpecError(f'no model {shown(str(spec))}; available: {", ".join(available) or "none"}')
 
-    def _load_saved(self, spec: Spec) -> nn.Module:
+    def _load_saved(self, spec: Spec) -> tuple:
+        """``(model, what its config says it was trained on)``."""
         if spec.kind == 'hub':
-            return from_pretrained(spec.name, spec.revision, local=False, budget=self.budget,
-                                   token=visitor_token(spec.name, self.token_repos))
+            token = visitor_token(spec.name, self.token_repos)
+            model = from_pretrained(spec.name, spec.revision, local=False, budget=self.budget, token=token)
+            return model, load_config(spec.name, spec.revision, local=False, token=token).dataset
         path = self._folder(spec)
         try:
-            return from_pretrained(str(path), budget=self.budget)
+            return from_pretrained(str(path), budget=self.budget), load_config(str(path)).dataset
         except ModelLoadError as e:  # name the spec, never the server path
             raise ModelLoadError(str(e).replace(str(path), str(spec))) from None
 
     def _load(self, text: str) -> LoadedModel:
         spec = parse_spec(text, tuple(POLICIES))
+        trained_on = None
         if spec.kind != 'convert':
-            model = self._load_saved(spec)
+            model, trained_on = self._load_saved(spec)
         else:
             source = spec.source
             if source.kind in ('embedded', 'local', 'hub'):
-                model = self._load_saved(source)
+                model, trained_on = self._load_saved(source)
             else:
                 name = f'hf-hub:{source.name}' + (f'@{source.revision}' if source.revision else '') \
                     if source.kind == 'hf-hub' else source.name
@@ -145,7 +156,8 @@ class ModelRegistry:
             labels = _imagenet_labels(model.num_classes)
         preprocessing = model_preprocessing(model)
         return LoadedModel(str(spec), model, list(labels), preprocessing, grouping_config(model),
-                           sum(p.numel() for p in model.parameters()), kv_cache_bytes(model), source_heads(model))
+                           sum(p.numel() for p in model.parameters()), kv_cache_bytes(model), source_heads(model),
+                           trained_on)
 
     def get(self, spec: str, progress: Optional[Callable[[str], None]] = None) -> LoadedModel:
         spec = str(parse_spec(spec, tuple(POLICIES)))  # canonical key; refuses bad specs before any work

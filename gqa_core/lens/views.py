@@ -17,7 +17,7 @@ from .models import ModelRegistry
 from .specs import public_message, shown
 
 __all__ = ['MAX_MODELS', 'NO_MODEL', 'ColumnView', 'run_models', 'column_view', 'reference_for', 'head_label',
-           'PANELS', 'FIGURES']
+           'PANELS', 'FIGURES', 'IMAGES']
 
 MAX_MODELS = 4
 NO_MODEL = '(none)'  # the choice that leaves a column empty
@@ -42,10 +42,12 @@ class ColumnView:
     ablation: Any = None
     diversity: Any = None
     faithfulness: Any = None
+    view: Optional[np.ndarray] = None  # the image as the model saw it (resized, cropped)
 
 
 PANELS = ('summary', 'top5', 'overlay', 'rollout', 'grid', 'key_norms', 'assignment', 'history', 'difference',
-          'ablation', 'diversity', 'faithfulness')
+          'ablation', 'diversity', 'faithfulness', 'view')
+IMAGES = ('overlay', 'rollout', 'view')  # the panels that are pictures (written as PNG files by the app)
 FIGURES = ('grid', 'key_norms', 'assignment', 'history', 'difference', 'ablation', 'diversity', 'faithfulness')
 
 
@@ -138,6 +140,7 @@ def column_view(analysis: Analysis, layer: int, head: str, fusion: str, referenc
         faithfulness=(figures.faithfulness_figure(analysis.faithfulness, analysis.ablation.target,
                                                   title=f'{title}: deletion / insertion')
                       if analysis.faithfulness else figures.message_figure(analysis.deep_note)),
+        view=analysis.view,
     )
 
 

@@ -48,6 +48,7 @@ VARIANT_SPECS: Dict[str, Tuple[str, Dict[str, Any]]] = {
 @dataclass
 class TrainConfig:
     data: str = ''
+    dataset: Optional[str] = None  # what saved models say they were trained on (default: the data source's name)
     out: str = 'runs/train'
     variants: List[str] = field(default_factory=lambda: ['gqa'])
     num_kv_heads: Optional[int] = None  # default H / 2
@@ -300,8 +301,16 @@ def _train_epoch(run: _Run, name: str, epoch: int, cfg: TrainConfig) -> Dict[str
     return dict(train_loss=loss_sum / max(seen, 1), train_top1=hits / max(seen, 1))
 
 
+def dataset_name(cfg: TrainConfig) -> str:
+    """``cfg.dataset``, else the data source's name without its archive suffix (``cifar10``, ``food101``)."""
+    name = Path(cfg.data).name
+    for suffix in ('.tar.gz', '.tgz', '.tar'):
+        name = name.removesuffix(suffix)
+    return cfg.dataset or name
+
+
 def _save_checkpoint(run: _Run, val_top1: float, epoch: int, preprocessing: Dict[str, Any],
-                     labels: List[str]) -> None:
+                     labels: List[str], dataset: str) -> None:
     """The per-epoch checkpoint (weights, optimiser, schedule, RNGs) and the best-on-validation model."""
     from safetensors.torch import save_file
     unwrapped = run.accelerator.unwrap_model(run.model)
@@ -314,7 +323,7 @@ def _save_checkpoint(run: _Run, val_top1: float, epoch: int, preprocessing: Dict
     if val_top1 > run.state['best_val']:
         run.state['best_val'] = val_top1
         save_pretrained(unwrapped, run.out / 'best', labels=labels, preprocessing=preprocessing,
-                        metrics=dict(val_top1=round(val_top1, 4), epoch=epoch + 1))
+                        metrics=dict(val_top1=round(val_top1, 4), epoch=epoch + 1), dataset=dataset)
     (ckpt / 'state.json').write_text(json.dumps(run.state))
 
 
@@ -339,7 +348,7 @@ def _finish(run: _Run, name: str, splits: Any, preprocessing: Dict[str, Any], la
         metrics = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in summary.items() if k != 'variant'}
         save_dtype = getattr(torch, cfg.save_dtype) if cfg.save_dtype else None
         save_pretrained(best.cpu(), run.out / 'model', labels=labels, preprocessing=preprocessing, metrics=metrics,
-                        dtype=save_dtype)
+                        dtype=save_dtype, dataset=dataset_name(cfg))
         (run.out / 'summary.json').write_text(json.dumps(summary, indent=2))
     return summary
 
@@ -366,7 +375,7 @@ def train_variant(name: str, start: nn.Module, splits: Any, preprocessing: Dict[
                    lr=run.scheduler.get_last_lr()[0], seconds=time.perf_counter() - start_time)
         if run.accelerator.is_main_process:
             _append_metrics(run.out, row)
-            _save_checkpoint(run, val['top1'], epoch, preprocessing, labels)
+            _save_checkpoint(run, val['top1'], epoch, preprocessing, labels, dataset_name(cfg))
         run.accelerator.print(f'[{name}] epoch {epoch + 1}: ' + ', '.join(
             f'{k}={v:.4f}' if isinstance(v, float) else f'{k}={v}' for k, v in row.items()))
     run.accelerator.wait_for_everyone()
