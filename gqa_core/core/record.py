@@ -79,6 +79,14 @@ class Recording:
         """``(probabilities, class indices)``, each ``(B, k)``."""
         return self.probabilities().topk(min(k, self.logits.shape[-1]), dim=-1)
 
+    def summary_rows(self, sample: int = 0) -> np.ndarray:
+        """``(L, H, patches)``: one sample's summary-row attention to every patch token ("prefix" recordings)."""
+        return self.stacked('attention')[:, sample, :, self.summary_row, self.num_prefix_tokens:]
+
+    def rollout_patches(self, fusion: str = 'mean', sample: int = 0) -> np.ndarray:
+        """``(patches,)``: one sample's attention rollout of the summary row over the patch tokens."""
+        return self.rollout[fusion][sample, self.num_prefix_tokens:].numpy()
+
     def stacked(self, name: str) -> np.ndarray:
         """One recorded quantity for all layers, layer-first: e.g. ``allocation`` -> ``(L, B, G)``."""
         return np.stack([getattr(layer, name).numpy() for layer in self.layers])

@@ -52,8 +52,7 @@ class Analysis:
     @property
     def summary_rows(self) -> np.ndarray:
         """``(L, H, patches)``: attention of the summary row to every patch token, every layer and head."""
-        rec = self.recording
-        return rec.stacked('attention')[:, 0, :, rec.summary_row, rec.num_prefix_tokens:]
+        return self.recording.summary_rows()
 
     @property
     def num_heads(self) -> int:
@@ -63,7 +62,7 @@ class Analysis:
         """``(patches,)`` attention rollout of the summary row with the given head fusion."""
         if fusion not in self.recording.rollout:
             raise ValueError(f'fusion must be one of {tuple(self.recording.rollout)}, got {fusion!r}')
-        return self.recording.rollout[fusion][0, self.recording.num_prefix_tokens:].numpy()
+        return self.recording.rollout_patches(fusion)
 
     def nbytes(self) -> int:
         """Bytes of the arrays this analysis keeps (what a session holds for it)."""

@@ -12,7 +12,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -61,10 +60,8 @@ def run_forwards(model: nn.Module, x: Tensor, deep: bool, labels: List[str]) -> 
     target = None if result.headless else int(result.logits[0].argmax())
     label = labels[target] if target is not None and target < len(labels) else ''
     ablation = ablation_study(model, x, target, label)
-    P = result.num_prefix_tokens
-    summary = np.stack([layer.attention[0, :, result.summary_row, P:].numpy() for layer in result.layers])
-    maps = {f'{result.row_labels[result.summary_row]} map': summary[-1].mean(0),
-            'rollout': result.rollout['mean'][0, P:].numpy()}
+    maps = {f'{result.row_labels[result.summary_row]} map': result.summary_rows()[-1].mean(0),
+            'rollout': result.rollout_patches('mean')}
     return Forwards(result, ablation, faithfulness(model, x, maps, result.grid_size, target))
 
 
