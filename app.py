@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import argparse
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, List, Optional, Sequence
+from typing import Any, List, Optional, Sequence, Tuple
 
 import gradio as gr
 import numpy as np
@@ -32,7 +32,8 @@ from gqa_core.lens import figures
 from gqa_core.lens.hosting import cpu_cores, fit_torch_threads
 from gqa_core.lens.explorer import (LIVE_MAX_IMAGES, kv_budget_table, live_kv_budget, shipped_dataset_stats,
                                     shipped_kv_budget)
-from gqa_core.lens.views import IMAGES, MAX_MODELS, NO_MODEL, PANELS, column_view, reference_for, run_models
+from gqa_core.lens.views import (MAX_MODELS, NO_MODEL, VIEW_LABELS, VIEWS, Choice, column_width, header,
+                                 reference_for, render, run_models)
 from gqa_core.lens.models import DEFAULT_MODELS, EMBEDDED_DIR, ModelLoadError, ModelRegistry
 from gqa_core.lens.sessions import SessionReaper
 from gqa_core.lens.specs import public_message
@@ -64,6 +65,11 @@ class Settings:
                    int(os.environ.get('GQA_LENS_QUEUE_SIZE', 32 * concurrency)))
 
 
+ABOUT_MODELS = """The **embedded models** are a small ViT trained here on **CIFAR-10**: they know ten classes
+(airplane, automobile, bird, cat, deer, dog, frog, horse, ship, truck) and see **32 × 32 px**, so any photo is
+shrunk to that and a person or a street will be called one of those ten. Each column says what its model
+was trained on and shows what it saw."""
+
 HELP = """Pick up to four models. Besides the embedded ones you can type
 `hub:ORG/NAME[@REVISION]` (a saved GQA Lens model on the Hugging Face Hub), `local:NAME` (folders the operator
 allowed) or `convert:SOURCE:VARIANT:G`, e.g.
@@ -77,8 +83,41 @@ def _raw_path(payload: Any) -> Optional[str]:
     return None if payload is None else payload.path
 
 
-def _empty_column(message: str = '') -> List[Any]:
-    return [message] + [None] * (len(PANELS) - 1)
+COLUMN = ('summary', 'top5', 'seen', 'picture', 'figure', 'caption')  # what a result column returns, in order
+VIEW_PART = ('picture', 'figure', 'caption')  # what a new view changes
+CONTROLS = ('layer', 'head', 'fusion', 'mode')  # the view controls, in the order the handlers take them
+
+
+def _hidden_column(message: str = '') -> List[Any]:
+    """A column with no model: hidden, unless it holds the message saying why its model did not run."""
+    hidden = gr.update(visible=False, value=None)
+    return [gr.Column(visible=bool(message)), message, hidden, hidden, hidden, hidden, '']
+
+
+def _view_name(label: str) -> str:
+    if label in VIEWS:
+        return label
+    if label not in VIEW_LABELS:
+        raise gr.Error(f'unknown view {str(label)[:40]!r}; choose one of {", ".join(VIEW_LABELS)}')
+    return VIEW_LABELS[label]
+
+
+def _controls_shown(label: str) -> List[Any]:
+    """Only the controls the chosen view reads are shown."""
+    used = VIEWS[_view_name(label)].controls
+    return [gr.update(visible=name in used) for name in CONTROLS]
+
+
+def _head_choices(num_heads: int) -> List[str]:
+    return ['mean'] + [str(h) for h in range(num_heads)]
+
+
+def _fitted_controls(depth: int, heads: int, layer: float, head: str) -> List[Any]:
+    """Layer slider and head list for models of ``depth`` layers and ``heads`` heads at most."""
+    layer = min(int(layer), depth - 1)
+    head = head if head in _head_choices(heads) else 'mean'
+    # a slider needs minimum < maximum: a one-layer model keeps the range 0..1
+    return [gr.update(maximum=max(depth - 1, 1), value=layer), gr.update(choices=_head_choices(heads), value=head)]
 
 
 def build_spec(source: str, variant: str, g: float, grouping: str = 'consecutive') -> str:
@@ -95,48 +134,71 @@ class LensApp:
         self.reaper: Optional[SessionReaper] = None
         self.demo: Optional[gr.Blocks] = None
 
-    def _columns(self, analyses: List[Any], errors: List[Optional[str]], layer: int, head: str, fusion: str,
-                 mode: str = 'zero') -> List[Any]:
+    def _columns(self, analyses: List[Any], errors: List[Optional[str]], choice: Choice,
+                 view_only: bool = False) -> List[Any]:
+        """Every column's outputs (``COLUMN``, after its visibility), or with ``view_only`` only the last
+        ``VIEW_PART`` of them: a new view leaves the summary, the top-5 and the picture seen as they are."""
         reference = reference_for(analyses)
+        choice = replace(choice, width=column_width(sum(a is not None or bool(e) for a, e in zip(analyses, errors))))
         out: List[Any] = []
         for analysis, error in zip(analyses, errors):
             if analysis is None:
-                out += _empty_column(f'⚠️ {error}' if error else '')
-                continue
-            view = column_view(analysis, layer, head, fusion, reference, mode)
-            images = {name: self.files.write_png(getattr(view, name)) for name in IMAGES}
-            out += [images.get(name, getattr(view, name)) for name in PANELS]
+                column = _hidden_column(f'⚠️ {error}' if error else '')
+            else:
+                top, shown = header(analysis), render(analysis, choice, reference)
+                picture = None if shown.picture is None else self.files.write_png(shown.picture)
+                column = [gr.Column(visible=True), top.summary,
+                          gr.update(visible=bool(top.top5), value=top.top5 or None),
+                          None if view_only else gr.update(visible=True, value=self.files.write_png(top.view)),
+                          gr.update(visible=picture is not None, value=picture),
+                          gr.update(visible=shown.figure is not None, value=shown.figure),
+                          shown.caption if shown.applies else f'*{shown.caption}*']
+            out += column[-len(VIEW_PART):] if view_only else column
         return out
 
-    def run(self, image: Optional[str], m0: str, m1: str, m2: str, m3: str, layer: float, head: str, fusion: str,
-            mode: str = 'zero', deep: bool = False, progress: gr.Progress = gr.Progress()) -> List[Any]:
+    def run(self, image: Optional[str], m0: str, m1: str, m2: str, m3: str, view: str, layer: float, head: str,
+            fusion: str, mode: str = 'zero', deep: bool = False, progress: gr.Progress = gr.Progress()) -> List[Any]:
+        choice = Choice(_view_name(view), int(layer), head, fusion, mode)
         try:
             analyses, errors, notes = run_models(self.registry, image, [m0, m1, m2, m3], progress, deep=bool(deep))
         except (ImageInputError, ValueError) as e:
-            return [None, f'⚠️ {public_message(e)}', gr.update()] + _empty_column() * MAX_MODELS
+            return [None, f'⚠️ {public_message(e)}', gr.update(), gr.update()] + _hidden_column() * MAX_MODELS
         status = '; '.join(notes) if notes else 'done'
         if any(errors):
             status = '⚠️ ' + ' · '.join(e for e in errors if e) + (f' ({status})' if notes else '')
-        if not any(analyses):  # every chosen model failed: nothing to fit the controls to
-            return [analyses, status, gr.update()] + self._columns(analyses, errors, 0, head, fusion, mode)
-        depth = max(len(a.recording.layers) for a in analyses if a is not None)
-        layer = min(int(layer), depth - 1)
-        # a slider needs minimum < maximum: a one-layer model keeps the range 0..1
-        return ([analyses, status, gr.update(maximum=max(depth - 1, 1), value=layer)]
-                + self._columns(analyses, errors, layer, head, fusion, mode))
+        ran = [a for a in analyses if a is not None]
+        if not ran:  # every chosen model failed: nothing to fit the controls to
+            return [analyses, status, gr.update(), gr.update()] + self._columns(analyses, errors, choice)
+        controls = _fitted_controls(max(len(a.recording.layers) for a in ran), max(a.num_heads for a in ran),
+                                    layer, head)
+        choice = replace(choice, layer=controls[0]['value'], head=controls[1]['value'])
+        return [analyses, status, *controls] + self._columns(analyses, errors, choice)
 
-    def rerender(self, state: Optional[List[Any]], layer: float, head: str, fusion: str, mode: str) -> List[Any]:
+    def rerender(self, state: Optional[List[Any]], view: str, layer: float, head: str, fusion: str,
+                 mode: str) -> List[Any]:
+        """A new view or control of the results kept in the session: no model runs again."""
         if not state:
-            return _empty_column() * MAX_MODELS
-        return self._columns(state, [None] * len(state), int(layer), head, fusion, mode)
+            return _hidden_column()[-len(VIEW_PART):] * MAX_MODELS
+        return self._columns(state, [None] * len(state), Choice(_view_name(view), int(layer), head, fusion, mode),
+                             view_only=True)
 
-    def export(self, state: Optional[List[Any]], layer: float, head: str, fusion: str) -> Optional[str]:
+    def controls_for(self, layer: float, head: str, *specs: str) -> List[Any]:
+        """Layer and head choices that follow the chosen models before a run, from the geometry the registry
+        knows without downloading anything (embedded and local models, models already loaded)."""
+        shapes = [self.registry.known_geometry(s) for s in specs]
+        shapes = [s for s in shapes if s is not None]
+        if not shapes:
+            return [gr.update(), gr.update()]
+        return _fitted_controls(max(d for d, _ in shapes), max(h for _, h in shapes), layer, head)
+
+    def export(self, state: Optional[List[Any]], layer: float, head: str, fusion: str) -> Any:
         if not state or not any(state):
             raise gr.Error('run the models on an image first')
         folder = self.files.new_path('')
         folder.mkdir()
         try:
-            return str(export_zip(state, int(layer), head, fusion, folder / 'gqa-lens-analysis.zip', self.registry))
+            path = export_zip(state, int(layer), head, fusion, folder / 'gqa-lens-analysis.zip', self.registry)
+            return gr.update(visible=True, value=str(path))
         except (ValueError, OSError, RuntimeError) as e:
             raise gr.Error(f'export failed: {public_message(e)}') from None
 
@@ -204,20 +266,22 @@ def _kv_budget_tab(lens: LensApp, choices: List[str]) -> None:
 
 
 def _inputs(choices: List[str], defaults: List[str]) -> dict:
-    """The image, the four model choices, the convert-on-the-fly builder and the view controls."""
+    """The image, the four model choices, the convert-on-the-fly builder and Run."""
     c: dict = {}
     with gr.Row():
-        with gr.Column(scale=1):
+        with gr.Column(scale=1, min_width=300):
             c['image'] = gr.Image(type='filepath', sources=['upload', 'clipboard', 'webcam'], label='image',
-                                  elem_id='image', height=260)
+                                  elem_id='image', height=240)
             c['image'].preprocess = _raw_path
             if EXAMPLES:
                 gr.Examples(EXAMPLES, inputs=[c['image']], label='examples (CIFAR-10 test images, a photo)')
         with gr.Column(scale=2):
-            c['models'] = [gr.Dropdown(choices, value=defaults[i], label=f'model {i + 1}', allow_custom_value=True,
-                                       elem_id=f'model-{i}') for i in range(MAX_MODELS)]
-            gr.Markdown(HELP)
-            with gr.Accordion('convert on the fly', open=False):
+            gr.Markdown(ABOUT_MODELS)
+            with gr.Row():
+                c['models'] = [gr.Dropdown(choices, value=defaults[i], label=f'model {i + 1}', allow_custom_value=True,
+                                           elem_id=f'model-{i}', min_width=160) for i in range(MAX_MODELS)]
+            with gr.Accordion('other models: the Hub, local folders, convert on the fly', open=False):
+                gr.Markdown(HELP)
                 with gr.Row():
                     c['convert'] = [
                         gr.Dropdown(['embedded/mha'], value='embedded/mha', allow_custom_value=True,
@@ -227,44 +291,51 @@ def _inputs(choices: List[str], defaults: List[str]) -> dict:
                         gr.Radio(list(GROUPINGS), value='consecutive', label='grouping')]
                     c['use'] = gr.Button('use as model 4')
             with gr.Row():
-                c['layer'] = gr.Slider(0, 11, value=0, step=1, label='layer', elem_id='layer')
-                c['head'] = gr.Dropdown(['mean'] + [str(h) for h in range(16)], value='mean', label='head')
-                c['fusion'] = gr.Radio(list(FUSIONS), value='mean', label='rollout head fusion')
-                c['mode'] = gr.Radio(list(ABLATION_MODES), value='zero', label='ablation', elem_id='ablation-mode')
                 c['deep'] = gr.Checkbox(False, label='which heads matter: ablation + faithfulness (~0.4-0.6 s a model)',
                                         elem_id='deep')
-            c['run'] = gr.Button('Run', variant='primary', elem_id='run')
+                c['run'] = gr.Button('Run', variant='primary', elem_id='run')
             c['status'] = gr.Markdown(elem_id='status')
     return c
 
 
-def _result_columns() -> List[Any]:
-    """One column per model, one component per entry of ``PANELS``, in that order (the picture the model saw
-    sits beside its top-5)."""
-    outputs: List[Any] = []
+def _view_controls(geometry: Tuple[int, int]) -> dict:
+    """The view selector and the controls of the chosen view (only those it reads are shown), the layer and
+    head choices fitted to ``geometry``: (layers, heads) of the largest default model."""
+    c: dict = {}
+    first = next(iter(VIEWS.values()))
+    depth, heads = geometry
+    c['view'] = gr.Radio([v.label for v in VIEWS.values()], value=first.label, label='view', elem_id='view')
     with gr.Row():
+        c['layer'] = gr.Slider(0, max(depth - 1, 1), value=0, step=1, label='layer', elem_id='layer', visible='layer' in first.controls)
+        c['head'] = gr.Dropdown(_head_choices(heads), value='mean', label='head', elem_id='head', visible='head' in first.controls)
+        c['fusion'] = gr.Radio(list(FUSIONS), value='mean', label='rollout head fusion', elem_id='fusion',
+                               visible='fusion' in first.controls)
+        c['mode'] = gr.Radio(list(ABLATION_MODES), value='zero', label='ablation', elem_id='ablation-mode',
+                             visible='mode' in first.controls)
+    return c
+
+
+def _result_columns() -> List[Any]:
+    """One column per model (hidden while it has no model), each returning ``COLUMN`` in order: the summary,
+    the top-5 beside the picture the model saw, and the chosen view with its caption."""
+    outputs: List[Any] = []
+    with gr.Row(equal_height=False):
         for i in range(MAX_MODELS):
-            with gr.Column(min_width=260):
-                summary = gr.Markdown(elem_id=f'summary-{i}')
+            with gr.Column(min_width=240, visible=False) as column:
+                summary = gr.Markdown(elem_id=f'summary-{i}', elem_classes=['summary'])
                 with gr.Row():
-                    top5 = gr.Label(num_top_classes=5, label='top-5', elem_id=f'top5-{i}', scale=2)
-                    seen = gr.Image(label='what the model saw', elem_id=f'view-{i}', interactive=False, height=120,
-                                    scale=1, min_width=80)
-                outputs += [
-                    summary, top5,
-                    gr.Image(label='class-token attention (layer, head)', elem_id=f'overlay-{i}',
-                             interactive=False, height=224),
-                    gr.Image(label='attention rollout', elem_id=f'rollout-{i}', interactive=False, height=224),
-                    gr.Plot(label='heads × layers', elem_id=f'grid-{i}'),
-                    gr.Plot(label='key norms → allocation', elem_id=f'keynorm-{i}'),
-                    gr.Plot(label='query-group assignment', elem_id=f'assign-{i}'),
-                    gr.Plot(label='allocation history', elem_id=f'history-{i}'),
-                    gr.Plot(label='difference vs MHA', elem_id=f'diff-{i}'),
-                    gr.Plot(label='which heads matter: ablation', elem_id=f'ablation-{i}'),
-                    gr.Plot(label='within-group diversity', elem_id=f'diversity-{i}'),
-                    gr.Plot(label='faithfulness (deletion / insertion)', elem_id=f'faith-{i}'),
-                    seen,
-                ]
+                    top5 = gr.Label(num_top_classes=5, label='top-5', elem_id=f'top5-{i}', scale=2, visible=False,
+                                    min_width=120)
+                    with gr.Column(scale=1, min_width=80):
+                        # labelled underneath: a floating label would cover a picture this small
+                        seen = gr.Image(show_label=False, elem_id=f'seen-{i}', interactive=False, height=112,
+                                        visible=False, buttons=[], container=False, alt_text='what the model saw')
+                        gr.Markdown('<small>what the model saw</small>', elem_classes=['seen-label'])
+                picture = gr.Image(label='view', show_label=False, elem_id=f'picture-{i}', interactive=False,
+                                   height=300, visible=False)
+                figure = gr.Plot(show_label=False, elem_id=f'figure-{i}', visible=False)
+                caption = gr.Markdown(elem_id=f'caption-{i}', elem_classes=['caption'])
+            outputs += [column, summary, top5, seen, picture, figure, caption]
     return outputs
 
 
@@ -280,20 +351,29 @@ def _predict_api(lens: LensApp) -> None:
 
 
 def _image_tab(lens: LensApp, choices: List[str], defaults: List[str]) -> None:
-    """Up to four models on one image, side by side."""
+    """Up to four models on one image, side by side, one view at a time."""
     # Compact results (no T x T maps); dropped after session_ttl idle seconds or when the page closes.
     state = gr.State(time_to_live=lens.settings.session_ttl)
     c = _inputs(choices, defaults)
+    known = [g for g in map(lens.registry.known_geometry, defaults) if g is not None] or [(1, 1)]
+    v = _view_controls((max(d for d, _ in known), max(h for _, h in known)))
     outputs = _result_columns()
     with gr.Row():
         export_button = gr.Button('Download everything (zip: JSON, CSV, PNG, figures)', elem_id='export')
-        export_file = gr.File(label='analysis', elem_id='export-file')
-    views = [c['layer'], c['head'], c['fusion'], c['mode']]
-    c['run'].click(lens.run, [c['image'], *c['models'], *views, c['deep']], [state, c['status'], c['layer'], *outputs],
-                   api_name='run')
-    for control in views:
-        control.change(lens.rerender, [state, *views], outputs, api_name=False, show_progress='hidden')
-    export_button.click(lens.export, [state, *views[:3]], export_file, api_name='export')
+        export_file = gr.File(label='analysis', elem_id='export-file', visible=False)
+    controls = [v[name] for name in CONTROLS]
+    c['run'].click(lens.run, [c['image'], *c['models'], v['view'], *controls, c['deep']],
+                   [state, c['status'], v['layer'], v['head'], *outputs], api_name='run')
+    per_column = len(outputs) // MAX_MODELS
+    view_outputs = [out for i, out in enumerate(outputs) if i % per_column >= per_column - len(VIEW_PART)]
+    for control in (v['view'], *controls):
+        control.change(lens.rerender, [state, v['view'], *controls], view_outputs, api_name=False,
+                       show_progress='hidden')
+    v['view'].change(_controls_shown, v['view'], controls, api_name=False, show_progress='hidden')
+    for model in c['models']:
+        model.change(lens.controls_for, [v['layer'], v['head'], *c['models']], [v['layer'], v['head']],
+                     api_name=False, show_progress='hidden')
+    export_button.click(lens.export, [state, *controls[:3]], export_file, api_name='export')
     c['use'].click(build_spec, c['convert'], c['models'][-1], api_name=False)
     _predict_api(lens)
 

@@ -37,7 +37,7 @@ def main() -> None:
     app.demo.launch(server_name='127.0.0.1', server_port=port, prevent_thread_lock=True, quiet=True)
     try:
         client = Client(f'http://127.0.0.1:{port}', verbose=False)
-        call = lambda: client.predict(handle_file(args.image), *DEFAULT_MODELS, 3, 'mean', 'mean', 'zero',  # noqa: E731
+        call = lambda: client.predict(handle_file(args.image), *DEFAULT_MODELS, 'attention', 3, 'mean', 'mean', 'zero',  # noqa: E731
                                       args.deep, api_name='/run')
         call()
         latencies = []

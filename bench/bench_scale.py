@@ -79,7 +79,7 @@ def scale(args: argparse.Namespace) -> dict:
     from gqa_core.lens.analysis import analyse
     from gqa_core.lens.export import export_zip
     from gqa_core.io.hub import save_pretrained
-    from gqa_core.lens.views import FIGURES, column_view
+    from gqa_core.lens.views import VIEWS, Choice, render
     from gqa_core.lens.models import ModelRegistry
     from gqa_core.lens.tempfiles import ExpiringFiles
 
@@ -102,10 +102,12 @@ def scale(args: argparse.Namespace) -> dict:
     files = ExpiringFiles(ttl=60)
     layer = len(analysis.recording.layers) - 1
     start = time.perf_counter()
-    view = column_view(analysis, layer, 'mean', 'mean', None)
-    files.write_png(view.overlay), files.write_png(view.rollout)
-    for name in FIGURES:
-        getattr(view, name).to_json()
+    for name in VIEWS:  # every view a visitor can switch to, as the app serves it
+        shown = render(analysis, Choice(name, layer))
+        if shown.picture is not None:
+            files.write_png(shown.picture)
+        elif shown.figure is not None:
+            shown.figure.to_json()
     render_s = time.perf_counter() - start
     path = work / 'export.zip'
     with PeakRSS() as export_mem:

@@ -90,13 +90,13 @@ def main() -> None:
         client = Client(url, verbose=False)
         start = time.perf_counter()
         out = client.predict(handle_file(str(space / 'assets' / 'examples' / 'grace_hopper.jpg')), 'embedded/mha',
-                             'embedded/gqa', 'embedded/kdgqa', 'embedded/dgqa-diff', 0, 'mean', 'mean', 'zero', False,
+                             'embedded/gqa', 'embedded/kdgqa', 'embedded/dgqa-diff', 'attention', 0, 'mean', 'mean', 'zero', False,
                              api_name='/run')
         first_s = time.perf_counter() - start
         python_seen = subprocess.run([python, '-c', 'import sys; print(sys.version.split()[0])'],
                                      capture_output=True, text=True).stdout.strip()
-        from gqa_core.lens.views import PANELS
-        summaries = [re.sub(r'\s+', ' ', str(s))[:60] for s in out[2::len(PANELS)][:4]]
+        from app import COLUMN
+        summaries = [re.sub(r'\s+', ' ', str(s))[:60] for s in out[3::len(COLUMN)][:4]]
         print(json.dumps(dict(python=python_seen, files=len(files), build_s=round(build_s, 1),
                               venv_mb=round(folder_size_mb(venv)), start_s=round(start_s, 1),
                               first_run_s=round(first_s, 2), status=out[0], columns=summaries)))

@@ -103,3 +103,8 @@ def app_server():
         yield f'http://127.0.0.1:{port}', app
     finally:
         app.demo.close()
+
+
+def pytest_addoption(parser):
+    parser.addoption('--update-screenshot', action='store_true',
+                     help="rewrite the README's screenshot (docs/gqa-lens.png) from the browser test")

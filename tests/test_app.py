@@ -9,9 +9,7 @@ from gradio_client import Client, handle_file
 
 from bad_images import ACCEPTED, REJECTED, write_all
 from conftest import EXAMPLES_DIR
-from gqa_core.lens.views import PANELS
-
-N = len(PANELS)  # outputs per result column
+from answers import columns, unwrap
 
 
 @pytest.fixture(scope='module')
@@ -24,9 +22,9 @@ def client(server):
     return Client(server[0], verbose=False)
 
 
-def run_args(image, *models, layer=0, head='mean', fusion='mean', mode='zero', deep=True):
+def run_args(image, *models, view='attention', layer=0, head='mean', fusion='mean', mode='zero', deep=True):
     models = list(models) + [''] * (4 - len(models))
-    return [handle_file(str(image)), *models, layer, head, fusion, mode, deep]
+    return [handle_file(str(image)), *models, view, layer, head, fusion, mode, deep]
 
 
 def test_named_endpoints_exist(client):
@@ -47,21 +45,24 @@ def test_predict_endpoint_matches_in_process_analysis(client, server):
 def test_run_endpoint_returns_every_panel_for_four_models(client, server):
     specs = server[1].lens.registry.embedded()[:4]
     out = client.predict(*run_args(EXAMPLES_DIR / 'grace_hopper.jpg', *specs, layer=3), api_name='/run')
-    status, layer_update, columns = out[0], out[1], out[2:]
+    status, layer_update, head_update = out[0], out[1], out[2]
     from gqa_core.lens.images import load_image
     assert status == ('; '.join(load_image(str(EXAMPLES_DIR / 'grace_hopper.jpg')).notes) or 'done'), status
-    assert layer_update['value'] == 3
-    for i, spec in enumerate(specs):
-        summary, top5, overlay, rollout, *plots, seen = columns[i * N:(i + 1) * N]
-        assert spec in summary and 'params' in summary
-        assert len(top5['confidences']) == 5
-        assert os.path.isfile(overlay) and os.path.isfile(rollout)
-        assert all(p['type'] == 'plotly' for p in plots)
+    assert layer_update['value'] == 3 and layer_update['maximum'] == 5, 'the slider follows the six-layer models'
+    assert head_update['choices'] == [['mean', 'mean']] + [[str(h), str(h)] for h in range(8)], head_update
+    import numpy as np
+    from PIL import Image
+    for spec, col in zip(specs, columns(out)):
+        assert spec in col['summary'] and 'params' in col['summary']
+        assert len(col['top5']['confidences']) == 5
+        assert os.path.isfile(col['picture']) and col['figure'] is None, 'the attention view is a picture'
+        assert 'class token attention, layer 3' in col['caption'], col['caption']
         # honest about the models: what they know, what they saw, and that the photo was shrunk for them
-        assert 'trained on **CIFAR-10** · 10 classes · sees 32 × 32 px' in summary, summary
-        assert 'the 512 × 600 image was shrunk to 32 × 32 px for this model' in summary, summary
-        from PIL import Image
-        assert Image.open(seen).size == (32, 32)
+        assert 'trained on **CIFAR-10** · 10 classes · sees 32 × 32 px' in col['summary'], col['summary']
+        assert 'the 512 × 600 image was shrunk to 32 × 32 px for this model' in col['summary'], col['summary']
+        seen = np.asarray(Image.open(col['seen']))
+        assert seen.shape == (128, 128, 3), 'the 32 px input, each pixel shown as a 4 x 4 block'
+        assert np.array_equal(seen, np.repeat(np.repeat(seen[::4, ::4], 4, 0), 4, 1))
 
 
 @pytest.fixture(scope='module')
@@ -74,7 +75,7 @@ def test_bad_images_get_a_message_and_the_app_keeps_serving(client, bad_files, k
     out = client.predict(*run_args(bad_files[kind], 'embedded/mha'), api_name='/run')
     expected = REJECTED.get(kind) or ACCEPTED[kind]
     assert expected in out[0], out[0]
-    assert (not out[3]) == (kind in REJECTED), 'no prediction for rejected files, one for accepted ones'
+    assert (not columns(out)[0]['top5']) == (kind in REJECTED), 'no prediction for rejected files, one for accepted ones'
     # still serving
     ok = client.predict(handle_file(str(EXAMPLES_DIR / 'cifar10_dog.jpg')), 'embedded/mha', api_name='/predict')
     assert len(ok) == 5
@@ -85,8 +86,9 @@ def test_unknown_repo_and_invalid_g_name_the_problem(client):
                                    'convert:embedded/mha:gqa:3', 'convert:embedded/mha:kdgqa:2'), api_name='/run')
     status = out[0]
     assert 'nobody/no-such-model' in status and 'num_kv_heads=3 must be a positive divisor of the 8 heads' in status
-    cols = out[2:]
-    assert 'MHA' in cols[0] and 'KDGQA, G = 2' in cols[3 * N], 'the good models still ran'
+    cols = columns(out)
+    assert 'MHA' in cols[0]['summary'] and 'KDGQA, G = 2' in cols[3]['summary'], 'the good models still ran'
+    assert 'nobody/no-such-model' in cols[1]['summary'], 'the failed column says why'
     from gradio_client.exceptions import AppError
     with pytest.raises(AppError, match='unknown model spec'):
         client.predict(handle_file(str(EXAMPLES_DIR / 'cifar10_cat.jpg')), 'resnet50', api_name='/predict')
@@ -123,20 +125,19 @@ def test_concurrent_clients_get_the_single_client_answer(server):
 def test_export_endpoint_writes_a_zip(client):
     client.predict(*run_args(EXAMPLES_DIR / 'cifar10_frog.jpg', 'embedded/mha', 'embedded/kdgqa'), api_name='/run')
     # /export reads the session state of the same client
-    path = client.predict(0, 'mean', 'mean', api_name='/export')
+    path = unwrap(client.predict(0, 'mean', 'mean', api_name='/export'))
     import zipfile
     with zipfile.ZipFile(path) as zf:
         assert any(n.endswith('arrays.npz') for n in zf.namelist())
 
 
 def _column_outputs(out):
-    """(summary, top-5 labels and confidences, overlay bytes, rollout bytes) of each of the four columns."""
-    cols = out[2:]
+    """(summary, top-5 labels and confidences, picture bytes, seen bytes) of each of the four columns."""
     result = []
-    for i in range(4):
-        summary, top5, overlay, rollout = cols[i * N:i * N + 4]
+    for col in columns(out):
+        summary, top5 = col['summary'], col['top5']
         images = []
-        for path in (overlay, rollout):
+        for path in (col['picture'], col['seen']):
             data = open(path, 'rb').read()
             assert len(data) > 0, 'a returned image is empty'
             from PIL import Image
@@ -172,7 +173,7 @@ def test_closed_and_idle_sessions_free_their_state_and_files(server):
     app = server[1]
     client = Client(server[0], verbose=False)
     client.predict(*run_args(EXAMPLES_DIR / 'cifar10_frog.jpg', 'embedded/mha'), api_name='/run')
-    path = client.predict(0, 'mean', 'mean', api_name='/export')
+    path = unwrap(client.predict(0, 'mean', 'mean', api_name='/export'))
     assert os.path.isfile(path)
     assert app.lens.reaper.sessions() >= 1 and app.lens.files.count() >= 1
     later = datetime.datetime.now() + datetime.timedelta(seconds=app.lens.settings.session_ttl + 1)

@@ -12,6 +12,7 @@ from gradio_client import Client, handle_file
 
 from conftest import EXAMPLES_DIR, ROOT, free_port
 from gqa_core.io.credentials import token_repos, visitor_token
+from answers import columns
 from hub_server import HubServer
 
 OWNER_TOKEN = 'hf_owner_secret_token'
@@ -63,7 +64,7 @@ def private_hub(tmp_path_factory):
 
 def run_spec(url, spec):
     return Client(url, verbose=False).predict(handle_file(str(EXAMPLES_DIR / 'cifar10_cat.jpg')), spec, '', '', '',
-                                              0, 'mean', 'mean', 'zero', False, api_name='/run')
+                                              'attention', 0, 'mean', 'mean', 'zero', False, api_name='/run')
 
 
 def test_a_visitor_spec_for_the_owners_private_repo_carries_no_token(private_hub):
@@ -81,6 +82,6 @@ def test_a_repo_the_operator_allowed_loads_with_the_token(private_hub):
     url, hub = private_hub
     hub.requests.clear()
     out = run_spec(url, 'hub:trusted/private-model')
-    assert out[0] == 'done' and 'hub:trusted/private-model' in out[2], out[0]
+    assert out[0] == 'done' and 'hub:trusted/private-model' in columns(out)[0]['summary'], out[0]
     seen = {auth for path, auth in hub.requests if 'trusted/private-model' in path}
     assert seen == {f'Bearer {OWNER_TOKEN}'}, seen

@@ -10,7 +10,7 @@ import torch
 from gqa_core.lens import figures
 from gqa_core.lens.analysis import FUSIONS, attention_rollout, layer_maps, model_input, prefix_attention
 from gqa_core.lens.export import export_zip
-from gqa_core.lens.views import column_view, reference_for
+from gqa_core.lens.views import Choice, header, reference_for, render
 from gqa_core.core.record import record
 
 
@@ -22,19 +22,18 @@ def test_assignment_heatmap_cells_equal_recorded_query_to_kv(analyses):
         heat = fig.data[0]
         assert np.array_equal(np.array(heat.z), q2kv), spec
         assert [row[0] for row in heat.text] == [f'kv{g}' for g in q2kv[:, 0]]
-        for layer, label in enumerate(heat.y):
-            idle = [g for g in range(alloc.shape[1]) if alloc[layer, g] == 0]
-            assert ('idle' in label) == bool(idle), (spec, label)
-            for g in idle:
-                assert f'kv{g}' in label.split('idle ')[1]
+        idle = [f'L{layer} kv{g}' for layer in range(alloc.shape[0]) for g in range(alloc.shape[1])
+                if not (q2kv[layer] == g).any()]  # from the query map itself, not from the allocation
+        assert figures.idle_heads(alloc) == idle, spec
+        caption = render(a, Choice('assignment')).caption
+        assert all(name in caption for name in idle) and ('idle' in caption) == bool(idle), (spec, caption)
 
 
 def test_key_driven_models_show_zero_query_groups(analyses):
     kd = analyses['embedded/kdgqa']
     alloc = kd.recording.stacked('allocation')[:, 0]
     assert (alloc == 0).any(), 'min-max scaling leaves the weakest KV head idle'
-    labels = figures.assignment_figure(kd.recording.stacked('query_to_kv')[:, 0], alloc).data[0].y
-    assert any('idle' in label for label in labels)
+    assert 'idle (serving no query): L' in render(kd, Choice('assignment')).caption
 
 
 def test_key_norm_figure_shows_kdgqa_shares_beside_the_allocation_used(analyses):
@@ -43,9 +42,9 @@ def test_key_norm_figure_shows_kdgqa_shares_beside_the_allocation_used(analyses)
     norms, alloc = a.recording.stacked('key_norms')[:, 0], a.recording.stacked('allocation')[:, 0]
     left, right = figures.key_norm_figure(norms, alloc).data
     shares = min_max_shares(torch.as_tensor(norms)).numpy()
-    assert np.allclose(np.array(left.z, dtype=float), shares.T) and np.allclose(np.array(left.customdata), norms.T)
-    assert np.array_equal(np.array(left.text), largest_remainder(torch.as_tensor(shares), 8).numpy().T)
-    assert np.array_equal(np.array(right.z), alloc.T)
+    assert np.allclose(np.array(left.z, dtype=float), shares) and np.allclose(np.array(left.customdata), norms)
+    assert np.array_equal(np.array(left.text), largest_remainder(torch.as_tensor(shares), 8).numpy())
+    assert np.array_equal(np.array(right.z), alloc)
     assert np.array_equal(np.array(left.text), np.array(right.z)), 'KDGQA itself allocates what it would'
     assert np.allclose(a.recording.stacked('shares')[:, 0], shares, atol=1e-6)
 
@@ -117,13 +116,18 @@ def test_difference_view_zero_for_itself_and_rejects_other_geometry(analyses):
     rows = a.summary_rows.mean(1)
     fig = figures.difference_figure(rows, rows, a.recording.grid_size)
     assert np.nanmax(np.abs(np.array(fig.data[0].z, dtype=float))) == 0
-    assert all('TV 0.00' in t for t in fig.layout.xaxis.ticktext)
+    assert all(h.endswith('TV 0.00') for line in fig.data[0].customdata for h in line if h)
     with pytest.raises(ValueError, match='share backbone geometry'):
         figures.difference_figure(rows, rows[:, :-4], a.recording.grid_size)
     other = analyses['embedded/mha'].summary_rows.mean(1)
     tv = 0.5 * np.abs(rows - other).sum(-1)
-    fig = figures.difference_figure(rows, other, a.recording.grid_size)
-    assert [float(t.split('TV ')[1]) for t in fig.layout.xaxis.ticktext] == pytest.approx(tv, abs=0.006)
+    fig = figures.difference_figure(rows, other, a.recording.grid_size, figures.Fit(275))
+    hovers = {h.split(' · ')[0]: float(h.split('TV ')[1]) for line in fig.data[0].customdata for h in line if h}
+    assert [hovers[f'L{i}'] for i in range(len(tv))] == pytest.approx(tv, abs=0.006), 'every layer, in a narrow column'
+    z = np.array(fig.data[0].z, dtype=float)
+    assert np.isfinite(z).sum() == rows.size, 'every patch of every layer is a cell of the mosaic'
+    caption = render(a, Choice('difference'), analyses['embedded/mha']).caption
+    assert "embedded/mha" in caption and ' '.join(f'{t:.2f}' for t in tv) in caption
 
 
 def test_allocation_history_traces_are_the_saved_history(analyses):
@@ -137,12 +141,13 @@ def test_allocation_history_traces_are_the_saved_history(analyses):
         assert list(trace.y) == list(alloc[:, g]) and list(trace.x) == hist['steps']
 
 
-def test_column_view_and_zip_export(analyses, registry, tmp_path):
+def test_views_and_zip_export(analyses, registry, tmp_path):
     chosen = [analyses['embedded/mha'], analyses['embedded/kdgqa'], None, analyses['embedded/gqa']]
     assert reference_for(chosen) is chosen[0]
-    view = column_view(chosen[1], 2, '1', 'min', reference_for(chosen))
-    assert view.overlay.shape == view.rollout.shape and view.overlay.ndim == 3
-    assert abs(sum(view.top5.values()) - sum(p for _, p in chosen[1].top5)) < 1e-9
+    overlay = render(chosen[1], Choice('overlay', 2, '1'), reference_for(chosen)).picture
+    rollout = render(chosen[1], Choice('rollout', fusion='min'), reference_for(chosen)).picture
+    assert overlay.shape == rollout.shape and overlay.ndim == 3
+    assert abs(sum(header(chosen[1]).top5.values()) - sum(p for _, p in chosen[1].top5)) < 1e-9
     path = export_zip(chosen, 2, 'mean', 'mean', tmp_path / 'a.zip', registry)
     with zipfile.ZipFile(path) as zf:
         names = zf.namelist()
@@ -159,21 +164,23 @@ def test_column_view_and_zip_export(analyses, registry, tmp_path):
         assert len(csv_rows) == 1 + L * G
         png = zf.read('0_embedded_mha/rollout_mean.png')
         from PIL import Image
-        assert Image.open(io.BytesIO(png)).size == view.rollout.shape[1::-1]
+        assert Image.open(io.BytesIO(png)).size == rollout.shape[1::-1]
+        assert '0_embedded_mha/history.json' not in names, 'a view that does not apply to a model is not exported'
+        assert '3_embedded_gqa/history.json' not in names and '1_embedded_kdgqa/difference.html' in names
 
 
 def test_exported_attention_png_is_named_for_the_head_it_shows(analyses, tmp_path):
     """Head 20 of an 8-head model is not a head: the view shows the head mean, and the file says so."""
     analysis = analyses['embedded/gqa']
     assert analysis.num_heads < 20
-    view = column_view(analysis, 2, '20', 'mean', None)
-    mean_view = column_view(analysis, 2, 'mean', 'mean', None)
-    assert np.array_equal(view.overlay, mean_view.overlay)
+    view = render(analysis, Choice('overlay', 2, '20'))
+    mean_view = render(analysis, Choice('overlay', 2, 'mean'))
+    assert np.array_equal(view.picture, mean_view.picture) and view.caption == mean_view.caption
     with zipfile.ZipFile(export_zip([analysis], 2, '20', 'mean', tmp_path / 'h.zip')) as zf:
         pngs = [n for n in zf.namelist() if 'attention_layer' in n]
         assert pngs == ['0_embedded_gqa/attention_layer2_head-mean.png'], pngs
         shown = np.asarray(__import__('PIL.Image', fromlist=['Image']).open(io.BytesIO(zf.read(pngs[0]))))
-        assert np.array_equal(shown, mean_view.overlay)
+        assert np.array_equal(shown, mean_view.picture)
 
 
 def test_diversity_view_measures_the_patch_columns_the_other_views_show(analyses):
@@ -184,7 +191,7 @@ def test_diversity_view_measures_the_patch_columns_the_other_views_show(analyses
     rec = analysis.recording
     q2kv = rec.stacked('query_to_kv')[:, 0]
     G = int(analysis.grouping['num_kv_heads'])
-    z = np.array(column_view(analysis, 0, 'mean', 'mean', None).diversity.data[0].z, dtype=float)
+    z = np.array(render(analysis, Choice('diversity')).figure.data[0].z, dtype=float)
     assert np.allclose(z, group_diversity(analysis.summary_rows, q2kv, G), equal_nan=True)
     with_prefix = group_diversity(rec.stacked('attention')[:, 0, :, rec.summary_row], q2kv, G)
     assert not np.allclose(z, with_prefix, equal_nan=True), 'the prefix column changes the measure'

@@ -139,17 +139,17 @@ def test_deletion_and_insertion_auc_equal_a_hand_computation():
 
 
 def test_every_embedded_column_shows_the_new_panels(analyses):
-    from gqa_core.lens.views import column_view
+    from gqa_core.lens.views import Choice, render
     for spec, a in analyses.items():
         assert a.ablation is not None and a.faithfulness is not None, spec
-        view = column_view(a, 1, 'mean', 'mean', None, 'mean')
-        kv_heat, q_heat = view.ablation.data
+        kv_heat, q_heat = render(a, Choice('ablation', 1, mode='mean')).figure.data
         assert np.allclose(np.array(kv_heat.z, dtype=float), a.ablation.kv['mean'])
         assert np.allclose(np.array(q_heat.z, dtype=float), a.ablation.query['mean'])
-        names = [t.name for t in view.faithfulness.data]
+        faith = render(a, Choice('faithfulness'))
+        assert [t.name for t in faith.figure.data] == ['class token map −', 'class token map +', 'rollout −', 'rollout +']
         auc = a.faithfulness['class token map']['deletion_auc']
-        assert f'class token map: deletion AUC {auc:.3f}' in names
-        left, right = view.key_norms.data
-        assert np.array_equal(np.array(right.z), a.recording.stacked('allocation')[:, 0].T)
+        assert f'class token map: deletion AUC {auc:.3f}' in faith.caption
+        left, right = render(a, Choice('key_norms')).figure.data
+        assert np.array_equal(np.array(right.z), a.recording.stacked('allocation')[:, 0])
         if a.grouping['variant'] == 'gqa':  # static groups: the left panel still shows the keys' own ratios
             assert not np.allclose(np.array(left.z, dtype=float), 0.25)

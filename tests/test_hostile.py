@@ -11,7 +11,7 @@ import pytest
 from gradio_client import Client, handle_file
 
 from conftest import ALLOWED_MODELS, EXAMPLES_DIR, ROOT
-from gqa_core.lens.views import PANELS
+from answers import columns
 
 SENTINEL = ALLOWED_MODELS.parent / f'{ALLOWED_MODELS.name}-sentinel.pth'  # outside the allowed folder
 OPENED = []
@@ -68,8 +68,8 @@ def server_paths(outside: Path) -> list:
 
 def run_spec(url: str, spec: str) -> list:
     client = Client(url, verbose=False)
-    return client.predict(handle_file(str(EXAMPLES_DIR / 'cifar10_cat.jpg')), 'embedded/mha', spec, '', '', 0,
-                          'mean', 'mean', 'zero', False, api_name='/run')
+    return client.predict(handle_file(str(EXAMPLES_DIR / 'cifar10_cat.jpg')), 'embedded/mha', spec, '', '',
+                          'attention', 0, 'mean', 'mean', 'zero', False, api_name='/run')
 
 
 HOSTILE = {
@@ -109,19 +109,21 @@ HOSTILE = {
 def test_hostile_specs_get_a_named_refusal_and_no_server_path(hostile, spec):
     url, outside = hostile
     out = run_spec(url, spec)
-    status, columns = out[0], out[2:]
+    status, summaries = out[0], [c['summary'] for c in columns(out)]
     assert HOSTILE[spec] in status, status
     assert len(status) < 600, 'a huge input is never echoed back'
     for path in server_paths(outside):
         assert path not in status, (path, status)
     assert 'Traceback' not in status
-    assert 'MHA' in columns[0], 'the other column still ran'
+    assert 'MHA' in summaries[0], 'the other column still ran'
+    for path in server_paths(outside):
+        assert path not in summaries[1], (path, summaries[1])
     assert not OPENED, f'opened outside the allowed folders: {OPENED}'
 
 
 def test_a_legitimate_model_in_an_allowed_folder_loads(hostile):
     out = run_spec(hostile[0], 'local:fine')
-    assert out[0].startswith('done') and 'local:fine' in out[2 + len(PANELS)]
+    assert out[0].startswith('done') and 'local:fine' in columns(out)[1]['summary']
 
 
 def test_an_uploaded_config_named_by_its_upload_path_is_refused(hostile, tmp_path):

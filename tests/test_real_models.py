@@ -11,7 +11,7 @@ from PIL import Image
 from gqa_core import convert, record
 from gqa_core.lens.analysis import HEADLESS_NOTE, analyse, model_input
 from gqa_core.io.hub import create_model, save_pretrained
-from gqa_core.lens.views import column_view
+from gqa_core.lens.views import Choice, header, render
 from gqa_core.lens.models import ModelRegistry
 from gqa_core.core.record import MEAN_ROW
 
@@ -40,9 +40,10 @@ def test_dinov2_register_model_at_518_headless(tmp_path):
     for fusion in ('mean', 'max', 'min'):
         assert a.rollout(fusion).shape == (37 * 37,)
     assert a.nbytes() < 20 * 2**20, 'a session keeps summary rows and rollouts, not 12 layers of T x T maps'
-    view = column_view(a, 11, '2', 'max', None)
-    assert view.top5 == {} and 'no classifier head' in view.summary and 'register 3' in view.summary
-    assert view.overlay.shape == (224, 224, 3)
+    top = header(a)
+    assert top.top5 == {} and 'no classifier head' in top.summary and 'register 3' in top.summary
+    assert render(a, Choice('overlay', 11, '2')).picture.shape == (224, 224, 3)
+    assert 'layer 11, head 2' in render(a, Choice('overlay', 11, '2')).caption
 
 
 def test_non_square_img_size_saves_its_real_input_size(tmp_path):
@@ -53,7 +54,7 @@ def test_non_square_img_size_saves_its_real_input_size(tmp_path):
     a = analyse(loaded, Image.open(PHOTO))
     assert a.view.shape == (64, 96, 3) and a.recording.grid_size == (4, 6)
     assert len(a.top5) == 5
-    overlay = column_view(a, 0, 'mean', 'mean', None).overlay
+    overlay = render(a, Choice('overlay')).picture
     assert overlay.shape[1] == 224 and abs(overlay.shape[0] / overlay.shape[1] - 2 / 3) < 0.01, 'keeps 2:3'
 
 

@@ -14,6 +14,7 @@ import io
 import json
 import re
 import zipfile
+from dataclasses import replace
 from pathlib import Path
 from typing import Dict, Iterator, Optional, Sequence, Tuple
 
@@ -21,7 +22,7 @@ import numpy as np
 from PIL import Image
 
 from .analysis import Analysis, layer_maps
-from .views import FIGURES, column_view, head_label, reference_for
+from .views import VIEWS, Choice, head_label, reference_for, render
 from .models import ModelRegistry
 
 __all__ = ['export_zip', 'analysis_arrays', 'PLOTLY_JS']
@@ -104,12 +105,22 @@ def export_zip(analyses: Sequence[Optional[Analysis]], layer: int, head: str, fu
                 for g in range(alloc.shape[1]):
                     writer.writerow([li, g, int(alloc[li, g]), float(shares[li, g]), float(norms[li, g])])
             zf.writestr(f'{folder}/allocations.csv', rows.getvalue())
-            view = column_view(analysis, layer_i, head, fusion, reference)
-            shown_head = head_label(analysis, head)
-            zf.writestr(f'{folder}/attention_layer{layer_i}_head-{shown_head}.png', _png(view.overlay))
-            zf.writestr(f'{folder}/rollout_{fusion}.png', _png(view.rollout))
-            for name in FIGURES:
-                fig = getattr(view, name)
-                zf.writestr(f'{folder}/{name}.json', fig.to_json())
-                zf.writestr(f'{folder}/{name}.html', fig.to_html(include_plotlyjs=f'../{PLOTLY_JS}', full_html=True))
+            _write_views(zf, folder, analysis, Choice(layer=layer_i, head=head, fusion=fusion), reference)
     return path
+
+
+def _write_views(zf: zipfile.ZipFile, folder: str, analysis: Analysis, choice: Choice,
+                 reference: Optional[Analysis]) -> None:
+    """Every view that applies to ``analysis``: pictures as PNG, figures as JSON and HTML titled with the
+    model and the view's caption (a wide page, unlike the app's columns)."""
+    names = dict(overlay=f'attention_layer{choice.layer}_head-{head_label(analysis, choice.head)}',
+                 rollout=f'rollout_{choice.fusion}')
+    for name in VIEWS:
+        shown = render(analysis, replace(choice, view=name), reference)
+        if shown.picture is not None:
+            zf.writestr(f'{folder}/{names[name]}.png', _png(shown.picture))
+        elif shown.figure is not None:
+            fig = shown.figure
+            fig.update_layout(title=dict(text=f'{analysis.spec}: {VIEWS[name].label}'), margin_t=60)
+            zf.writestr(f'{folder}/{name}.json', fig.to_json())
+            zf.writestr(f'{folder}/{name}.html', fig.to_html(include_plotlyjs=f'../{PLOTLY_JS}', full_html=True))

@@ -1,6 +1,7 @@
 """Figures from recorded data. Pure functions: numbers in, plotly figures or RGB arrays out."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import List, Optional, Sequence
 
@@ -14,20 +15,76 @@ from plotly.subplots import make_subplots
 from ..core.apportion import largest_remainder, min_max_shares
 from ..core.grouping import head_groups
 
-__all__ = ['patch_grid', 'overlay', 'colorize', 'heads_layers_figure', 'key_norm_figure', 'assignment_figure',
+__all__ = ['Fit', 'pixelated', 'idle_heads', 'total_variation', 'patch_grid', 'overlay', 'colorize', 'heads_layers_figure', 'key_norm_figure', 'assignment_figure',
            'allocation_history_figure', 'difference_figure', 'kv_colors', 'message_figure',
            'ablation_figure', 'diversity_figure', 'faithfulness_figure']
 
 # A small white template built once: plotly deep-copies and validates the template of every new figure, and
 # its built-in ones cost ~15 ms a figure -- most of a column's render time.
-_GRID = dict(gridcolor='#EBF0F8', linecolor='#EBF0F8', zerolinecolor='#EBF0F8')
+_GRID = dict(gridcolor='#EBF0F8', linecolor='#EBF0F8', zerolinecolor='#EBF0F8', automargin=True)
 TEMPLATE = go.layout.Template(layout=dict(paper_bgcolor='white', plot_bgcolor='white', font=dict(color='#2a3f5f'),
                                           xaxis=_GRID, yaxis=_GRID, colorway=qualitative.Plotly))
 LAYOUT = dict(margin=dict(l=40, r=10, t=40, b=40), height=300, template=TEMPLATE)
 
 
+@dataclass(frozen=True)
+class Fit:
+    """The width in CSS pixels a figure will be drawn at, and the text that stays legible in it.
+
+    SVG text never wraps, so every figure of a result column is laid out for its column: tick labels are thinned
+    until they fit side by side, numbers are printed in heat-map cells only when the cell holds them, and no
+    figure carries a title (the page says what a view shows in wrapping HTML beside it).
+    """
+    width: int = 640
+
+    @property
+    def font(self) -> int:
+        return 11 if self.width < 480 else 12
+
+    def text_px(self, text: str) -> float:
+        """Generous width of ``text`` at this font (plotly's default sans: about 0.62 em a character)."""
+        return 0.62 * self.font * max(len(text), 1) + 6
+
+    def thin(self, positions: Sequence[float], labels: Sequence[str], span_px: float) -> dict:
+        """tickvals / ticktext keeping every k-th label so that the kept ones do not touch over ``span_px``."""
+        n = len(labels)
+        widest = max((self.text_px(t) for t in labels), default=0)
+        stride = max(1, int(np.ceil(n * widest / max(span_px, 1))))
+        keep = list(range(0, n, stride))
+        return dict(tickvals=[positions[i] for i in keep], ticktext=[labels[i] for i in keep], tickangle=0)
+
+    def cell_text(self, cells_x: int, cells_y: int, span_x: float, span_y: float, longest: str) -> bool:
+        """Whether ``longest`` fits inside one cell of a ``cells_x`` × ``cells_y`` heat map."""
+        return span_x / max(cells_x, 1) >= self.text_px(longest) and span_y / max(cells_y, 1) >= self.font + 4
+
+    def layout(self, height: int, **extra) -> dict:
+        return dict(template=TEMPLATE, height=int(height), font=dict(size=self.font),
+                    margin=dict(l=6, r=6, t=extra.pop('top', 10), b=6), **extra)
+
+    def plot_px(self, colorbar: bool = False) -> float:
+        """Width of the plotting area: the figure less its axis labels and, when present, a colour bar."""
+        return self.width - 44 - (46 if colorbar else 0)
+
+
 def _figure(data=None) -> go.Figure:
     return go.Figure(data, layout=LAYOUT)
+
+
+def _fitted(fit: Fit, height: int, data=None, **extra) -> go.Figure:
+    return go.Figure(data, layout=fit.layout(height, **extra))
+
+
+def _colorbar(fit: Fit, **extra) -> dict:
+    return dict(thickness=10, tickfont=dict(size=fit.font), **extra)
+
+
+def _height(fit: Fit, rows: float, cols: float, extra: int = 40, low: int = 160, high: int = 520) -> int:
+    """A height that keeps heat-map cells about square for ``rows`` × ``cols`` cells."""
+    return int(np.clip(fit.plot_px() * rows / max(cols, 1) + extra, low, high))
+
+
+def _axis_labels(prefix: str, n: int) -> List[str]:
+    return [f'{prefix}{i}' for i in range(n)]
 
 
 def patch_grid(values: np.ndarray, grid_size: Sequence[int]) -> np.ndarray:
@@ -64,7 +121,26 @@ def overlay(view: np.ndarray, grid_values: np.ndarray, alpha: float = 0.55, size
     return np.asarray(Image.blend(base, heat, alpha))
 
 
-def heads_layers_figure(prefix_maps: np.ndarray, grid_size: Sequence[int], title: str = '') -> go.Figure:
+def pixelated(view: np.ndarray, least: int = 128) -> np.ndarray:
+    """``view`` enlarged by the whole factor that brings its longer side to at least ``least`` pixels, each pixel
+    repeated (no smoothing): a 32 px input shown as what it is, 32 × 32 visible pixels."""
+    k = max(1, -(-least // max(view.shape[:2])))
+    return np.repeat(np.repeat(view, k, axis=0), k, axis=1) if k > 1 else view
+
+
+def _mosaic(tiles: np.ndarray, per_row: int) -> np.ndarray:
+    """``(N, rows, cols)`` tiles laid out ``per_row`` to a row, one NaN line between neighbours."""
+    n, rows, cols = tiles.shape
+    lines = -(-n // per_row)
+    mosaic = np.full((lines * (rows + 1) - 1, min(n, per_row) * (cols + 1) - 1), np.nan)
+    for i in range(n):
+        r, c = divmod(i, per_row)
+        mosaic[r * (rows + 1):r * (rows + 1) + rows, c * (cols + 1):c * (cols + 1) + cols] = tiles[i]
+    return mosaic
+
+
+def heads_layers_figure(prefix_maps: np.ndarray, grid_size: Sequence[int], fit: Fit = Fit(), title: str = '') \
+        -> go.Figure:
     """Class-token attention of every head (columns) in every layer (rows) as one mosaic heat map.
 
     prefix_maps: ``(L, H, patches)``. Each tile is min-max scaled on its own so every head's pattern shows.
@@ -75,16 +151,13 @@ def heads_layers_figure(prefix_maps: np.ndarray, grid_size: Sequence[int], title
     lo = tiles.min(axis=(-2, -1), keepdims=True)
     span = tiles.max(axis=(-2, -1), keepdims=True) - lo
     tiles = (tiles - lo) / np.where(span > 0, span, 1)
-    mosaic = np.full((L * (rows + 1) - 1, H * (cols + 1) - 1), np.nan)
-    for layer in range(L):
-        for head in range(H):
-            mosaic[layer * (rows + 1):layer * (rows + 1) + rows, head * (cols + 1):head * (cols + 1) + cols] = \
-                tiles[layer, head]
-    fig = _figure(go.Heatmap(z=mosaic, colorscale='Inferno', showscale=False, hoverinfo='skip'))
-    fig.update_layout(title=title or 'class-token attention: heads × layers')
-    fig.update_xaxes(tickvals=[h * (cols + 1) + cols / 2 - 0.5 for h in range(H)], ticktext=[f'h{h}' for h in range(H)])
+    mosaic = _mosaic(tiles.reshape(L * H, rows, cols), H)
+    fig = _fitted(fit, _height(fit, mosaic.shape[0], mosaic.shape[1]),
+                  go.Heatmap(z=mosaic, colorscale='Inferno', showscale=False, hoverinfo='skip'), title=title)
+    fig.update_xaxes(**fit.thin([h * (cols + 1) + cols / 2 - 0.5 for h in range(H)], _axis_labels('h', H),
+                                fit.plot_px()))
     fig.update_yaxes(tickvals=[layer * (rows + 1) + rows / 2 - 0.5 for layer in range(L)],
-                     ticktext=[f'L{layer}' for layer in range(L)], autorange='reversed')
+                     ticktext=_axis_labels('L', L), autorange='reversed')
     return fig
 
 
@@ -93,13 +166,19 @@ def kv_colors(num_kv_heads: int) -> List[str]:
     return [palette[g % len(palette)] for g in range(num_kv_heads)]
 
 
-def assignment_figure(query_to_kv: np.ndarray, allocation: np.ndarray, title: str = '',
+def idle_heads(allocation: np.ndarray) -> List[str]:
+    """``L3 kv0`` for every KV head that serves no query head, layer by layer (allocation ``(L, G)``)."""
+    return [f'L{layer} kv{g}' for layer in range(allocation.shape[0]) for g in range(allocation.shape[1])
+            if allocation[layer, g] == 0]
+
+
+def assignment_figure(query_to_kv: np.ndarray, allocation: np.ndarray, fit: Fit = Fit(), title: str = '',
                       source_heads: Optional[Sequence[Sequence[int]]] = None) -> go.Figure:
     """Which KV head serves each query head, layers (rows) × query heads (columns), coloured by KV head.
 
-    query_to_kv: ``(L, H)``; allocation: ``(L, G)``. KV heads serving no query are listed per layer in the
-    row label (e.g. ``L3 · idle kv0``), so zero-query groups stay visible. source_heads: ``(L, H)`` original
-    MHA head at each position (an advised grouping); the hover then names the MHA heads each KV head pooled.
+    query_to_kv: ``(L, H)``; allocation: ``(L, G)``. KV heads serving no query have no cell; the view names
+    them (:func:`idle_heads`). source_heads: ``(L, H)`` original MHA head at each position (an advised grouping);
+    the hover then names the MHA heads each KV head pooled.
     """
     L, H = query_to_kv.shape
     G = allocation.shape[1]
@@ -107,17 +186,17 @@ def assignment_figure(query_to_kv: np.ndarray, allocation: np.ndarray, title: st
     scale = []
     for g in range(G):  # a discrete colour scale: band g -> colour g
         scale += [[g / G, colors[g]], [(g + 1) / G, colors[g]]]
-    labels = []
-    for layer in range(L):
-        idle = [f'kv{g}' for g in range(G) if allocation[layer, g] == 0]
-        labels.append(f'L{layer}' + (f' · idle {",".join(idle)}' if idle else ''))
-    fig = _figure(go.Heatmap(
-        z=query_to_kv, x=[f'q{h}' for h in range(H)], y=labels, zmin=-0.5, zmax=G - 0.5, colorscale=scale,
-        text=[[f'kv{g}' for g in row] for row in query_to_kv], texttemplate='%{text}', xgap=1, ygap=1,
+    span = fit.plot_px(colorbar=True)
+    height = _height(fit, L, H)
+    text = [[f'kv{g}' for g in row] for row in query_to_kv]
+    fig = _fitted(fit, height, go.Heatmap(
+        z=query_to_kv, x=_axis_labels('q', H), y=_axis_labels('L', L), zmin=-0.5, zmax=G - 0.5, colorscale=scale,
+        text=text, texttemplate='%{text}' if fit.cell_text(H, L, span, height - 40, f'kv{G - 1}') else None,
+        xgap=1, ygap=1,
         customdata=[[_assignment_hover(allocation, source_heads, layer, h) for h in range(H)] for layer in range(L)],
         hovertemplate='%{y} %{x} → %{text}<br>%{customdata}<extra></extra>',
-        colorbar=dict(title='KV head', tickvals=list(range(G)), ticktext=[f'kv{g}' for g in range(G)])))
-    fig.update_layout(title=title or 'query-group assignment (layers × query heads)')
+        colorbar=_colorbar(fit, **fit.thin(list(range(G)), _axis_labels('kv', G), height - 40))), title=title)
+    fig.update_xaxes(**fit.thin(list(range(H)), _axis_labels('q', H), span))
     fig.update_yaxes(autorange='reversed')
     return fig
 
@@ -132,44 +211,53 @@ def _assignment_hover(allocation: np.ndarray, source_heads: Optional[Sequence[Se
     return text
 
 
-def allocation_history_figure(steps: Sequence[int], allocation: np.ndarray, layer: int, title: str = '') -> go.Figure:
+def allocation_history_figure(steps: Sequence[int], allocation: np.ndarray, layer: int, fit: Fit = Fit(),
+                              title: str = '') -> go.Figure:
     """DGQA: query heads per KV head at every recomputation during training, for one layer.
 
     steps: ``(N,)`` training step of each change; allocation: ``(N, G)``.
     """
     allocation = np.asarray(allocation)
     colors = kv_colors(allocation.shape[1])
-    fig = _figure()
+    fig = _fitted(fit, 300, title=title, legend=dict(orientation='h', x=0, y=1.02, yanchor='bottom'), top=30)
     for g in range(allocation.shape[1]):
         fig.add_trace(go.Scatter(x=list(steps), y=allocation[:, g], mode='lines+markers', name=f'kv{g}',
                                  line=dict(shape='hv', color=colors[g]), stackgroup='a'))
-    fig.update_layout(title=title or f'DGQA allocation over training, layer {layer}', xaxis_title='training step',
-                      yaxis_title='query heads')
+    fig.update_xaxes(title='training step', nticks=max(2, int(fit.plot_px() // 70)))
+    fig.update_yaxes(title='query heads')
     return fig
 
 
-def difference_figure(variant_prefix: np.ndarray, reference_prefix: np.ndarray, grid_size: Sequence[int],
-                      title: str = '') -> go.Figure:
-    """Head-mean class-token attention of a variant minus the reference (MHA), one tile per layer.
+def total_variation(variant_prefix: np.ndarray, reference_prefix: np.ndarray) -> np.ndarray:
+    """Per-layer total-variation distance of two ``(L, patches)`` attention distributions."""
+    return 0.5 * np.abs(variant_prefix - reference_prefix).sum(-1)
 
-    Inputs: ``(L, patches)`` each. Tile titles carry the total-variation distance of the two distributions.
-    """
+
+def difference_figure(variant_prefix: np.ndarray, reference_prefix: np.ndarray, grid_size: Sequence[int],
+                      fit: Fit = Fit(), title: str = '') -> go.Figure:
+    """Head-mean class-token attention of a variant minus the reference (MHA), one tile per layer, as many to a
+    row as stay at least 40 px wide. Inputs: ``(L, patches)`` each; hover gives each tile's layer and TV."""
     if variant_prefix.shape != reference_prefix.shape:
         raise ValueError(f'cannot compare attention of shapes {variant_prefix.shape} and {reference_prefix.shape}: '
                          'the models must share backbone geometry')
     diff = patch_grid(variant_prefix - reference_prefix, grid_size)
     L, rows, cols = diff.shape
-    mosaic = np.full((rows, L * (cols + 1) - 1), np.nan)
-    for layer in range(L):
-        mosaic[:, layer * (cols + 1):layer * (cols + 1) + cols] = diff[layer]
-    tv = 0.5 * np.abs(variant_prefix - reference_prefix).sum(-1)
+    per_row = int(np.clip(fit.plot_px(colorbar=True) // 40, 1, L))
+    per_row = -(-L // -(-L // per_row))  # the same number of tiles on every line
+    mosaic = _mosaic(diff, per_row)
+    tv = total_variation(variant_prefix, reference_prefix)
+    where = _mosaic(np.broadcast_to(np.arange(L, dtype=float)[:, None, None], diff.shape), per_row)
+    hover = [[f'L{int(v)} · TV {tv[int(v)]:.2f}' if v == v else '' for v in line] for line in where]
     bound = float(np.nanmax(np.abs(mosaic))) or 1.0
-    fig = _figure(go.Heatmap(z=mosaic, colorscale='RdBu', zmid=0, zmin=-bound, zmax=bound, reversescale=True,
-                               hovertemplate='Δ %{z:.4f}<extra></extra>'))
-    fig.update_layout(title=title or 'attention difference vs MHA (class token, head mean)')
-    fig.update_xaxes(tickvals=[layer * (cols + 1) + cols / 2 - 0.5 for layer in range(L)],
-                     ticktext=[f'L{layer}<br>TV {tv[layer]:.2f}' for layer in range(L)])
-    fig.update_yaxes(autorange='reversed', showticklabels=False)
+    fig = _fitted(fit, _height(fit, mosaic.shape[0], mosaic.shape[1], low=120), go.Heatmap(
+        z=mosaic, colorscale='RdBu', zmid=0, zmin=-bound, zmax=bound, reversescale=True, customdata=hover,
+        hovertemplate='%{customdata}: Δ %{z:.4f}<extra></extra>', colorbar=_colorbar(fit, nticks=4)), title=title)
+    lines = -(-L // per_row)
+    fig.update_xaxes(**fit.thin([c * (cols + 1) + cols / 2 - 0.5 for c in range(per_row)],
+                                [f'+{c}' if lines > 1 else f'L{c}' for c in range(per_row)],
+                                fit.plot_px(colorbar=True)))
+    fig.update_yaxes(autorange='reversed', tickvals=[r * (rows + 1) + rows / 2 - 0.5 for r in range(lines)],
+                     ticktext=[f'L{r * per_row}' for r in range(lines)], showticklabels=lines > 1)
     return fig
 
 
@@ -180,11 +268,10 @@ def message_figure(reason: str) -> go.Figure:
     return fig
 
 
-
-def key_norm_figure(key_norms: np.ndarray, allocation: np.ndarray, title: str = '') -> go.Figure:
-    """Left: each layer's normalised key norms -- the shares KDGQA would apportion from these keys (min-max
-    scaled), with the query heads KDGQA would give each KV head as text. Right: the allocation the model's own
-    policy used. Both KV heads (rows) × layers (columns); hover shows the raw norms.
+def key_norm_figure(key_norms: np.ndarray, allocation: np.ndarray, fit: Fit = Fit(), title: str = '') -> go.Figure:
+    """Top: each layer's normalised key norms -- the shares KDGQA would apportion from these keys (min-max
+    scaled), with the query heads KDGQA would give each KV head as text. Bottom: the allocation the model's own
+    policy used. Both layers (rows) × KV heads (columns); hover shows the raw norms.
 
     key_norms, allocation: ``(L, G)`` for one image.
     """
@@ -192,67 +279,77 @@ def key_norm_figure(key_norms: np.ndarray, allocation: np.ndarray, title: str = 
     H = int(allocation[0].sum())
     shares = min_max_shares(torch.as_tensor(key_norms)).numpy()
     would = largest_remainder(torch.as_tensor(shares), H).numpy()
-    x, y = [f'L{i}' for i in range(L)], [f'kv{g}' for g in range(G)]
-    fig = make_subplots(rows=1, cols=2, horizontal_spacing=0.08,
-                        subplot_titles=('normalised key norms (KDGQA shares)', 'allocation used'))
-    fig.update_layout(**LAYOUT)
-    fig.add_trace(go.Heatmap(z=shares.T, x=x, y=y, zmin=0, colorscale='Viridis', text=would.T,
-                             texttemplate='%{text}', customdata=key_norms.T, showscale=False,
-                             hovertemplate='%{x} %{y}<br>share %{z:.3f} → KDGQA would give %{text} queries'
+    x, y = _axis_labels('kv', G), _axis_labels('L', L)
+    span = fit.plot_px(colorbar=True)
+    panel = _height(fit, L, G, extra=0, low=90, high=260)
+    text = '%{text}' if fit.cell_text(G, L, span, panel, str(H)) else None
+    fig = make_subplots(rows=2, cols=1, vertical_spacing=0.1, shared_xaxes=True,
+                        subplot_titles=('key-norm shares → KDGQA', 'allocation used'))
+    fig.update_layout(**fit.layout(2 * panel + 80, title=title, top=24))
+    fig.update_annotations(font_size=fit.font)
+    fig.add_trace(go.Heatmap(z=shares, x=x, y=y, zmin=0, colorscale='Viridis', text=would, texttemplate=text,
+                             customdata=key_norms, showscale=False,
+                             hovertemplate='%{y} %{x}<br>share %{z:.3f} → KDGQA would give %{text} queries'
                                            '<br>key norm %{customdata:.2f}<extra></extra>'), row=1, col=1)
-    fig.add_trace(go.Heatmap(z=allocation.T, x=x, y=y, zmin=0, zmax=H, colorscale='Viridis', text=allocation.T,
-                             texttemplate='%{text}', colorbar=dict(title='queries'),
-                             hovertemplate='%{x} %{y}: %{z} query heads<extra></extra>'), row=1, col=2)
-    fig.update_yaxes(autorange='reversed')
-    fig.update_layout(title=title or 'key norms and allocation')
+    fig.add_trace(go.Heatmap(z=allocation, x=x, y=y, zmin=0, zmax=H, colorscale='Viridis', text=allocation,
+                             texttemplate=text, colorbar=_colorbar(fit, nticks=4),
+                             hovertemplate='%{y} %{x}: %{z} query heads<extra></extra>'), row=2, col=1)
+    fig.update_yaxes(autorange='reversed', **fit.thin(list(range(L)), y, panel))
+    fig.update_xaxes(**fit.thin(list(range(G)), x, span))
     return fig
 
 
-def ablation_figure(kv_drop: np.ndarray, query_drop: np.ndarray, score: str, title: str = '') -> go.Figure:
-    """Drop of the score when one KV head (left, layers × KV heads) or one query head (right, layers × query
+def ablation_figure(kv_drop: np.ndarray, query_drop: np.ndarray, score: str, fit: Fit = Fit(),
+                    title: str = '') -> go.Figure:
+    """Drop of the score when one KV head (top, layers × KV heads) or one query head (bottom, layers × query
     heads) is removed. kv_drop: ``(L, G)``; query_drop: ``(L, H)``."""
     L, G = kv_drop.shape
     H = query_drop.shape[1]
     bound = float(max(np.abs(kv_drop).max(), np.abs(query_drop).max())) or 1.0
-    fig = make_subplots(rows=1, cols=2, column_widths=[max(G, 1), max(H, 1)], horizontal_spacing=0.08,
-                        subplot_titles=('remove a KV head', 'remove a query head'))
-    fig.update_layout(**LAYOUT)
-    common = dict(colorscale='RdBu', reversescale=True, zmid=0, zmin=-bound, zmax=bound)
-    fig.add_trace(go.Heatmap(z=kv_drop, x=[f'kv{g}' for g in range(G)], y=[f'L{i}' for i in range(L)],
-                             showscale=False, hovertemplate='%{y} %{x}: Δ %{z:.4f}<extra></extra>', **common),
-                  row=1, col=1)
-    fig.add_trace(go.Heatmap(z=query_drop, x=[f'q{h}' for h in range(H)], y=[f'L{i}' for i in range(L)],
-                             colorbar=dict(title='drop'), hovertemplate='%{y} %{x}: Δ %{z:.4f}<extra></extra>',
-                             **common), row=1, col=2)
-    fig.update_yaxes(autorange='reversed')
-    fig.update_layout(title=title or f'drop of {score} when a head is removed')
+    span = fit.plot_px(colorbar=True)
+    panel = _height(fit, L, H, extra=0, low=90, high=260)
+    fig = make_subplots(rows=2, cols=1, vertical_spacing=0.16,
+                        subplot_titles=('remove one KV head', 'remove one query head'))
+    fig.update_layout(**fit.layout(2 * panel + 90, title=title, top=24))
+    fig.update_annotations(font_size=fit.font)
+    common = dict(colorscale='RdBu', reversescale=True, zmid=0, zmin=-bound, zmax=bound, y=_axis_labels('L', L))
+    fig.add_trace(go.Heatmap(z=kv_drop, x=_axis_labels('kv', G), showscale=False,
+                             hovertemplate='%{y} %{x}: Δ %{z:.4f}<extra></extra>', **common), row=1, col=1)
+    fig.add_trace(go.Heatmap(z=query_drop, x=_axis_labels('q', H), colorbar=_colorbar(fit, nticks=4),
+                             hovertemplate='%{y} %{x}: Δ %{z:.4f}<extra></extra>', **common), row=2, col=1)
+    fig.update_yaxes(autorange='reversed', **fit.thin(list(range(L)), _axis_labels('L', L), panel))
+    fig.update_xaxes(**fit.thin(list(range(G)), _axis_labels('kv', G), span), row=1, col=1)
+    fig.update_xaxes(**fit.thin(list(range(H)), _axis_labels('q', H), span), row=2, col=1)
     return fig
 
 
-def diversity_figure(diversity: np.ndarray, title: str = '') -> go.Figure:
+def diversity_figure(diversity: np.ndarray, fit: Fit = Fit(), title: str = '') -> go.Figure:
     """Mean pairwise Jensen-Shannon divergence (bits) among the query heads sharing each KV head,
     layers (rows) × KV heads (columns); blank where a KV head serves fewer than two query heads."""
     L, G = diversity.shape
-    fig = _figure(go.Heatmap(z=diversity, x=[f'kv{g}' for g in range(G)], y=[f'L{i}' for i in range(L)], zmin=0,
-                             colorscale='Magma', colorbar=dict(title='JSD (bits)'),
-                             hovertemplate='%{y} %{x}: JSD %{z:.3f}<extra></extra>'))
+    span = fit.plot_px(colorbar=True)
+    fig = _fitted(fit, _height(fit, L, G, high=360), go.Heatmap(
+        z=diversity, x=_axis_labels('kv', G), y=_axis_labels('L', L), zmin=0, colorscale='Magma',
+        colorbar=_colorbar(fit, nticks=4), hovertemplate='%{y} %{x}: JSD %{z:.3f}<extra></extra>'), title=title)
+    fig.update_xaxes(**fit.thin(list(range(G)), _axis_labels('kv', G), span))
     fig.update_yaxes(autorange='reversed')
-    fig.update_layout(title=title or 'within-group diversity of the query heads')
     return fig
 
 
-def faithfulness_figure(curves: dict, score: str, title: str = '') -> go.Figure:
-    """Deletion (solid) and insertion (dashed) curves per map, AUCs in the legend."""
-    fig = _figure()
+def faithfulness_figure(curves: dict, score: str, fit: Fit = Fit(), title: str = '') -> go.Figure:
+    """Deletion (solid) and insertion (dashed) curves per map; the legend names the maps (AUCs in the hover
+    and in the view's caption)."""
+    fig = _fitted(fit, 300, title=title, legend=dict(orientation='h', x=0, y=1.02, yanchor='bottom'), top=30)
     colors = qualitative.Plotly
     for i, (name, c) in enumerate(curves.items()):
         fig.add_trace(go.Scatter(x=c['fractions'], y=c['deletion'], mode='lines', line=dict(color=colors[i]),
-                                 name=f'{name}: deletion AUC {c["deletion_auc"]:.3f}'))
-        fig.add_trace(go.Scatter(x=c['fractions'], y=c['insertion'], mode='lines',
-                                 line=dict(color=colors[i], dash='dash'),
-                                 name=f'{name}: insertion AUC {c["insertion_auc"]:.3f}'))
-    fig.update_layout(title=title or 'faithfulness: deletion / insertion', xaxis_title='fraction of patches',
-                      yaxis_title=score, legend=dict(orientation='h', y=-0.3))
+                                 name=f'{name} −', legendgroup=name,
+                                 hovertemplate=f'deletion, AUC {c["deletion_auc"]:.3f}<extra>{name}</extra>'))
+        fig.add_trace(go.Scatter(x=c['fractions'], y=c['insertion'], mode='lines', legendgroup=name,
+                                 line=dict(color=colors[i], dash='dash'), name=f'{name} +',
+                                 hovertemplate=f'insertion, AUC {c["insertion_auc"]:.3f}<extra>{name}</extra>'))
+    fig.update_xaxes(title='fraction of patches', nticks=max(2, int(fit.plot_px() // 70)))
+    fig.update_yaxes(title=score if fit.text_px(score) < 200 else 'score')
     return fig
 
 

@@ -7,18 +7,19 @@ no message names a server path.
 """
 from __future__ import annotations
 
+import html
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
 from ..core.convert import convert, grouping_config, kv_cache_bytes, source_heads
 from ..core.policies import POLICIES
-from ..core.vit import num_tokens
+from ..core.vit import gqa_layers, num_tokens
 from ..io.credentials import token_repos as env_token_repos, visitor_token
 from ..io.hub import ModelLoadError, from_pretrained, from_timm, load_config
 from ..io.preprocessing import model_preprocessing
@@ -26,7 +27,7 @@ from ..io.safe_config import Budget
 from .calibration import calibration_images
 from .specs import Spec, SpecError, allowed_model_dirs, parse_spec, resolve_in, shown
 
-__all__ = ['LoadedModel', 'ModelRegistry', 'ModelLoadError', 'EMBEDDED_DIR', 'DEFAULT_MODELS', 'parse_spec',
+__all__ = ['short_name', 'LoadedModel', 'ModelRegistry', 'ModelLoadError', 'EMBEDDED_DIR', 'DEFAULT_MODELS', 'parse_spec',
            'SpecError']
 
 EMBEDDED_DIR = Path(__file__).resolve().parents[2] / 'assets' / 'models'
@@ -61,7 +62,7 @@ class LoadedModel:
         g = self.grouping
         head = ' · features only (no classifier head)' if self.model.num_classes == 0 else ''
         head += ' · advised head grouping (hover the assignment for source heads)' if self.source_heads else ''
-        return (f"**{self.spec}** — {g['variant'].upper()}, G = {g['num_kv_heads']} of "
+        return (f"**{short_name(self.spec)}** — {g['variant'].upper()}, G = {g['num_kv_heads']} of "
                 f"{self.model.blocks[0].attn.num_heads} heads · {self.params:,} params · "
                 f"K/V cache {self.kv_cache_bytes / 1024:.0f} KiB / image (fp16){head}\n\n{self.knows()}")
 
@@ -71,6 +72,13 @@ class LoadedModel:
         data = f'trained on **{self.trained_on}**' if self.trained_on else 'training data not stated by its config'
         classes = 'features only' if self.model.num_classes == 0 else f'{self.model.num_classes:,} classes'
         return f'{data} · {classes} · sees {height} × {width} px'
+
+
+def short_name(spec: str, limit: int = 36) -> str:
+    """``spec`` for a narrow column: whole when short, else cut with the full name on hover (HTML-escaped)."""
+    if len(spec) <= limit:
+        return html.escape(spec)
+    return f'<abbr title="{html.escape(spec, quote=True)}">{html.escape(spec[:limit - 1])}…</abbr>'
 
 
 def _imagenet_labels(num_classes: int) -> List[str]:
@@ -176,3 +184,24 @@ class ModelRegistry:
                     len(self._cache) > 1 and sum(m.num_bytes for m in self._cache.values()) > self.max_bytes):
                 self._cache.popitem(last=False)
         return loaded
+
+    def known_geometry(self, text: str) -> Optional[Tuple[int, int]]:
+        """``(layers, heads)`` of the model ``text`` names when that is known without downloading or converting
+        anything: a model already loaded, or an embedded / local model (a conversion has its source's geometry).
+        None otherwise, and for text that is not a spec."""
+        try:
+            spec = parse_spec(text, tuple(POLICIES))
+        except ValueError:
+            return None
+        with self._lock:
+            loaded = self._cache.get(str(spec))
+        if loaded is None:
+            source = spec.source if spec.kind == 'convert' else spec
+            if source.kind not in ('embedded', 'local'):
+                return None
+            try:
+                loaded = self.get(str(source))
+            except (ValueError, OSError, RuntimeError):
+                return None
+        layers = gqa_layers(loaded.model)
+        return (len(layers), layers[0].num_heads) if layers else None

@@ -5,7 +5,7 @@ Kept apart from ``app.py`` (layout and wiring only) so it can be called and test
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -13,11 +13,11 @@ from . import figures
 from .analysis import Analysis, analyse
 from .heads import group_diversity
 from .images import load_image
-from .models import ModelRegistry
+from .models import ModelRegistry, short_name
 from .specs import public_message, shown
 
-__all__ = ['MAX_MODELS', 'NO_MODEL', 'ColumnView', 'run_models', 'column_view', 'reference_for', 'head_label',
-           'PANELS', 'FIGURES', 'IMAGES']
+__all__ = ['MAX_MODELS', 'NO_MODEL', 'View', 'VIEWS', 'VIEW_LABELS', 'Choice', 'Rendered', 'Header', 'run_models',
+           'header', 'render', 'reference_for', 'head_label', 'column_width', 'COLUMN_WIDTH']
 
 MAX_MODELS = 4
 NO_MODEL = '(none)'  # the choice that leaves a column empty
@@ -27,28 +27,73 @@ def _is_empty(spec: Optional[str]) -> bool:
     return not spec or not spec.strip() or spec.strip() == NO_MODEL
 
 
+@dataclass(frozen=True)
+class View:
+    """One analysis a visitor can look at. ``name`` also names its file in the export; ``picture``: drawn as
+    an image (PNG) rather than a plotly figure; ``controls``: the choices it reads (layer, head, fusion, mode)."""
+    name: str
+    label: str
+    picture: bool = False
+    controls: Tuple[str, ...] = ()
+
+
+VIEWS: Dict[str, View] = {v.name: v for v in (
+    View('overlay', 'attention', True, ('layer', 'head')),
+    View('rollout', 'rollout', True, ('fusion',)),
+    View('grid', 'heads × layers'),
+    View('key_norms', 'key norms → allocation'),
+    View('assignment', 'query → KV assignment'),
+    View('history', 'allocation history', controls=('layer',)),
+    View('difference', 'difference vs reference'),
+    View('ablation', 'which heads matter', controls=('mode',)),
+    View('diversity', 'within-group diversity'),
+    View('faithfulness', 'faithfulness'),
+)}
+VIEW_LABELS = {v.label: v.name for v in VIEWS.values()}
+
+
+@dataclass(frozen=True)
+class Choice:
+    """What the visitor chose to look at, and ``width``: the CSS pixels each result column gets."""
+    view: str = 'overlay'
+    layer: int = 0
+    head: str = 'mean'
+    fusion: str = 'mean'
+    mode: str = 'zero'
+    width: int = 640
+
+    def __post_init__(self) -> None:
+        if self.view not in VIEWS:
+            raise ValueError(f'view must be one of {tuple(VIEWS)}, got {self.view!r}')
+
+
 @dataclass
-class ColumnView:
-    """Everything one result column shows."""
+class Rendered:
+    """One model's view: a picture or a figure, and a caption saying what it shows (or, with neither, the one
+    line saying why the view does not apply to this model)."""
+    caption: str
+    picture: Optional[np.ndarray] = None
+    figure: Any = None
+
+    @property
+    def applies(self) -> bool:
+        return self.picture is not None or self.figure is not None
+
+
+@dataclass
+class Header:
+    """What a column shows whatever the view: the summary, the top-5 and the image as the model saw it."""
     summary: str
     top5: Dict[str, float]
-    overlay: Optional[np.ndarray]
-    rollout: Optional[np.ndarray]
-    grid: Any
-    key_norms: Any
-    assignment: Any
-    history: Any
-    difference: Any
-    ablation: Any = None
-    diversity: Any = None
-    faithfulness: Any = None
-    view: Optional[np.ndarray] = None  # the image as the model saw it (resized, cropped)
+    view: np.ndarray  # enlarged by a whole factor (nearest neighbour) so that its pixels show
 
 
-PANELS = ('summary', 'top5', 'overlay', 'rollout', 'grid', 'key_norms', 'assignment', 'history', 'difference',
-          'ablation', 'diversity', 'faithfulness', 'view')
-IMAGES = ('overlay', 'rollout', 'view')  # the panels that are pictures (written as PNG files by the app)
-FIGURES = ('grid', 'key_norms', 'assignment', 'history', 'difference', 'ablation', 'diversity', 'faithfulness')
+# What each column of each model count is laid out for: the narrowest column it gets at 1280 px and up.
+COLUMN_WIDTH = {1: 1160, 2: 570, 3: 375, 4: 275}
+
+
+def column_width(num_models: int) -> int:
+    return COLUMN_WIDTH[min(max(int(num_models), 1), MAX_MODELS)]
 
 
 def run_models(registry: ModelRegistry, image_path: Optional[str], specs: Sequence[Optional[str]],
@@ -107,41 +152,125 @@ def head_label(analysis: Analysis, head: Optional[str]) -> str:
     return str(int(head))
 
 
-def column_view(analysis: Analysis, layer: int, head: str, fusion: str, reference: Optional[Analysis],
-                ablation_mode: str = 'zero') -> ColumnView:
-    """Every view of one column from the compact analysis: no model runs, nothing T x T is touched."""
+def header(analysis: Analysis) -> Header:
+    return Header(_summary_text(analysis), {label: p for label, p in analysis.top5}, figures.pixelated(analysis.view))
+
+
+def render(analysis: Analysis, choice: Choice, reference: Optional[Analysis] = None) -> Rendered:
+    """``choice.view`` of one model from its compact analysis: no model runs, nothing T x T is touched."""
+    return _RENDERERS[choice.view](analysis, choice, reference, figures.Fit(choice.width))
+
+
+def _layer(analysis: Analysis, layer: int) -> int:
+    return min(max(int(layer), 0), len(analysis.recording.layers) - 1)
+
+
+def _overlay_view(analysis: Analysis, choice: Choice, reference: Optional[Analysis], fit: figures.Fit) -> Rendered:
+    layer, head = _layer(analysis, choice.layer), head_label(analysis, choice.head)
+    picture = figures.overlay(analysis.view, figures.patch_grid(_head_rows(analysis, layer, head),
+                                                                analysis.recording.grid_size))
+    which = 'mean of the heads' if head == 'mean' else f'head {head}'
+    return Rendered(f'{analysis.summary_label} attention, layer {layer}, {which}', picture=picture)
+
+
+def _rollout_view(analysis: Analysis, choice: Choice, reference: Optional[Analysis], fit: figures.Fit) -> Rendered:
+    picture = figures.overlay(analysis.view, figures.patch_grid(analysis.rollout(choice.fusion),
+                                                                analysis.recording.grid_size))
+    return Rendered(f'attention rollout through all layers, heads fused by {choice.fusion}', picture=picture)
+
+
+def _grid_view(analysis: Analysis, choice: Choice, reference: Optional[Analysis], fit: figures.Fit) -> Rendered:
+    return Rendered(f'{analysis.summary_label} attention of every head (columns) in every layer (rows), each tile '
+                    'scaled on its own',
+                    figure=figures.heads_layers_figure(analysis.summary_rows, analysis.recording.grid_size, fit))
+
+
+def _key_norms_view(analysis: Analysis, choice: Choice, reference: Optional[Analysis],
+                    fit: figures.Fit) -> Rendered:
     rec = analysis.recording
-    L = len(rec.layers)
-    layer = min(max(int(layer), 0), L - 1)
-    grid = rec.grid_size
-    overlay = figures.overlay(analysis.view, figures.patch_grid(
-        _head_rows(analysis, layer, head_label(analysis, head)), grid))
-    rollout = figures.overlay(analysis.view, figures.patch_grid(analysis.rollout(fusion), grid))
-    all_rows = analysis.summary_rows  # (L, H, patches)
-    g = analysis.grouping
-    title = f"{g['variant'].upper()} G={g['num_kv_heads']}"
-    who = analysis.summary_label
-    return ColumnView(
-        summary=_summary_text(analysis),
-        top5={label: p for label, p in analysis.top5},
-        overlay=overlay,
-        rollout=rollout,
-        grid=figures.heads_layers_figure(all_rows, grid, title=f'{title}: {who}, heads × layers'),
-        key_norms=figures.key_norm_figure(rec.stacked('key_norms')[:, 0], rec.stacked('allocation')[:, 0],
-                                          title=f'{title}: key norms → allocation'),
-        assignment=figures.assignment_figure(rec.stacked('query_to_kv')[:, 0], rec.stacked('allocation')[:, 0],
-                                             title=f'{title}: query → KV head', source_heads=analysis.source_heads),
-        history=_history_view(analysis, layer, title),
-        difference=_difference_view(analysis, reference, title),
-        ablation=_ablation_view(analysis, title, ablation_mode),
-        diversity=figures.diversity_figure(
-            group_diversity(all_rows, rec.stacked('query_to_kv')[:, 0], int(g['num_kv_heads'])),
-            title=f'{title}: within-group diversity ({who})'),
-        faithfulness=(figures.faithfulness_figure(analysis.faithfulness, analysis.ablation.target,
-                                                  title=f'{title}: deletion / insertion')
-                      if analysis.faithfulness else figures.message_figure(analysis.deep_note)),
-        view=analysis.view,
-    )
+    return Rendered('top: each KV head\'s min-max scaled key norm and the query heads KDGQA would give it; bottom: '
+                    'the query heads this model\'s policy gave it',
+                    figure=figures.key_norm_figure(rec.stacked('key_norms')[:, 0], rec.stacked('allocation')[:, 0],
+                                                   fit))
+
+
+def _assignment_view(analysis: Analysis, choice: Choice, reference: Optional[Analysis],
+                     fit: figures.Fit) -> Rendered:
+    rec = analysis.recording
+    allocation = rec.stacked('allocation')[:, 0]
+    idle = figures.idle_heads(allocation)
+    caption = 'the KV head serving each query head, layer by layer; ' + (
+        f'idle (serving no query): {", ".join(idle)}' if idle else 'every KV head serves at least one query')
+    return Rendered(caption, figure=figures.assignment_figure(rec.stacked('query_to_kv')[:, 0], allocation, fit,
+                                                              source_heads=analysis.source_heads))
+
+
+def _history_view(analysis: Analysis, choice: Choice, reference: Optional[Analysis], fit: figures.Fit) -> Rendered:
+    if analysis.history is None:
+        return Rendered('no allocation history: only DGQA recomputes its allocation during training')
+    layer = _layer(analysis, choice.layer)
+    hist = analysis.history[layer]
+    return Rendered(f'query heads per KV head at every recomputation during training, layer {layer}',
+                    figure=figures.allocation_history_figure(hist['steps'], np.array(hist['allocation']), layer,
+                                                             fit))
+
+
+def _difference_view(analysis: Analysis, choice: Choice, reference: Optional[Analysis],
+                     fit: figures.Fit) -> Rendered:
+    if reference is None:
+        return Rendered('no reference: add an MHA model to compare against')
+    if reference is analysis:
+        return Rendered(f'**{short_name(analysis.spec)}** is the reference the other models are compared with')
+    mine, theirs = analysis.summary_rows.mean(1), reference.summary_rows.mean(1)
+    try:
+        figure = figures.difference_figure(mine, theirs, analysis.recording.grid_size, fit)
+    except ValueError as e:
+        return Rendered(str(e))
+    tv = ' '.join(f'{t:.2f}' for t in figures.total_variation(mine, theirs))
+    return Rendered(f'head-mean {analysis.summary_label} attention minus that of the reference '
+                    f'**{short_name(reference.spec)}**, one tile per layer (red: more); total variation per layer: '
+                    f'{tv}', figure=figure)
+
+
+def _ablation_view(analysis: Analysis, choice: Choice, reference: Optional[Analysis],
+                   fit: figures.Fit) -> Rendered:
+    result = analysis.ablation
+    if result is None:
+        return Rendered(analysis.deep_note)
+    if choice.mode not in result.kv:
+        raise ValueError(f'ablation mode must be one of {tuple(result.kv)}, got {choice.mode!r}')
+    return Rendered(f'drop of the {result.target} score when one head is removed ({choice.mode} ablation)',
+                    figure=figures.ablation_figure(result.kv[choice.mode], result.query[choice.mode], result.target,
+                                                   fit))
+
+
+def _diversity_view(analysis: Analysis, choice: Choice, reference: Optional[Analysis],
+                    fit: figures.Fit) -> Rendered:
+    rec = analysis.recording
+    diversity = group_diversity(analysis.summary_rows, rec.stacked('query_to_kv')[:, 0],
+                                int(analysis.grouping['num_kv_heads']))
+    if np.isnan(diversity).all():
+        return Rendered('no within-group diversity: every KV head serves one query head')
+    return Rendered(f'mean Jensen-Shannon divergence (bits) between the {analysis.summary_label} attention of the '
+                    'query heads sharing each KV head; blank: fewer than two share it',
+                    figure=figures.diversity_figure(diversity, fit))
+
+
+def _faithfulness_view(analysis: Analysis, choice: Choice, reference: Optional[Analysis],
+                       fit: figures.Fit) -> Rendered:
+    if not analysis.faithfulness:
+        return Rendered(analysis.deep_note)
+    aucs = '; '.join(f'{name}: deletion AUC {c["deletion_auc"]:.3f}, insertion AUC {c["insertion_auc"]:.3f}'
+                     for name, c in analysis.faithfulness.items())
+    return Rendered(f'the {analysis.ablation.target} score as the most attended patches are deleted (solid, −) or '
+                    f'inserted (dashed, +); {aucs}',
+                    figure=figures.faithfulness_figure(analysis.faithfulness, analysis.ablation.target, fit))
+
+
+_RENDERERS = dict(overlay=_overlay_view, rollout=_rollout_view, grid=_grid_view, key_norms=_key_norms_view,
+                  assignment=_assignment_view, history=_history_view, difference=_difference_view,
+                  ablation=_ablation_view, diversity=_diversity_view, faithfulness=_faithfulness_view)
+assert set(_RENDERERS) == set(VIEWS)
 
 
 def _summary_text(analysis: Analysis) -> str:
@@ -150,34 +279,3 @@ def _summary_text(analysis: Analysis) -> str:
     notes = [f'attention of the **{analysis.summary_label}**' + (f' (also recorded: {", ".join(others)})'
                                                                  if others else '')]
     return (analysis.summary or analysis.spec) + '\n\n' + ' · '.join(notes + analysis.notes)
-
-
-def _history_view(analysis: Analysis, layer: int, title: str) -> Any:
-    if analysis.history is None:
-        return figures.message_figure('no allocation history (DGQA only)')
-    hist = analysis.history[layer]
-    return figures.allocation_history_figure(hist['steps'], np.array(hist['allocation']), layer,
-                                             title=f'{title}: allocation over training, layer {layer}')
-
-
-def _difference_view(analysis: Analysis, reference: Optional[Analysis], title: str) -> Any:
-    if reference is None:
-        return figures.message_figure('add an MHA model to compare')
-    if reference is analysis:
-        return figures.message_figure('this is the MHA reference')
-    try:
-        return figures.difference_figure(analysis.summary_rows.mean(1), reference.summary_rows.mean(1),
-                                         analysis.recording.grid_size,
-                                         title=f'{title} − {reference.spec}: {analysis.summary_label} attention')
-    except ValueError as e:
-        return figures.message_figure(str(e))
-
-
-def _ablation_view(analysis: Analysis, title: str, mode: str) -> Any:
-    result = analysis.ablation
-    if result is None:
-        return figures.message_figure(analysis.deep_note)
-    if mode not in result.kv:
-        raise ValueError(f'ablation mode must be one of {tuple(result.kv)}, got {mode!r}')
-    return figures.ablation_figure(result.kv[mode], result.query[mode], result.target,
-                                   title=f'{title}: drop of {result.target} ({mode} ablation)')
