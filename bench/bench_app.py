@@ -1,4 +1,5 @@
-"""Latency of one app request: four embedded models, every panel, over real HTTP with gradio_client.
+"""Latency of one app request (four embedded models, the default view) over real HTTP with gradio_client, and of
+switching views (re-rendered from the session, in process).
 
     python bench/bench_app.py --requests 10
 
@@ -64,11 +65,24 @@ def main() -> None:
                 runs[deep].append(time.perf_counter() - start)
         added[spec] = statistics.median(runs[True]) - statistics.median(runs[False])
     print(f'threads={torch.get_num_threads()} models={",".join(DEFAULT_MODELS)} image={Path(args.image).name}')
-    print(f'one /run request, 4 models, all panels{" + ablation + faithfulness" if args.deep else ""}: median {statistics.median(latencies) * 1000:.0f} ms, '
+    print(f'one /run request, 4 models, default view{" + ablation + faithfulness" if args.deep else ""}: median {statistics.median(latencies) * 1000:.0f} ms, '
           f'p95 {latencies[max(0, int(0.95 * len(latencies)) - 1)] * 1000:.0f} ms, max {latencies[-1] * 1000:.0f} ms '
           f'over {len(latencies)} requests')
     print('ablation + faithfulness add per column (median of 5): '
           + ', '.join(f'{spec} {ms * 1000:.0f} ms' for spec, ms in added.items()))
+    # Switching views re-renders from the session's analyses (what the view selector's handler does): no model runs.
+    from gqa_core.lens.views import VIEWS, run_models
+    analyses, _, _ = run_models(app.lens.registry, args.image, list(DEFAULT_MODELS), deep=True)
+    switch = {}
+    for view in VIEWS.values():
+        times = []
+        for _ in range(5):
+            start = time.perf_counter()
+            app.lens.rerender(analyses, view.label, 3, 'mean', 'mean', 'zero')
+            times.append(time.perf_counter() - start)
+        switch[view.label] = statistics.median(times)
+    print('switching to a view, 4 columns re-rendered from the session (median of 5): '
+          + ', '.join(f'{label} {t * 1000:.0f} ms' for label, t in switch.items()))
 
 
 if __name__ == '__main__':

@@ -272,3 +272,38 @@ def test_four_models_fit_about_two_screens(app_url, request):
         if request.config.getoption('--update-screenshot'):
             page.screenshot(path=str(SCREENSHOT), full_page=True)
         browser.close()
+
+
+def test_layer_and_head_choices_follow_the_chosen_models_before_a_run(app_url):
+    """A three-layer, four-head model in an allowed folder: choosing it alone narrows the layer slider to 0-2 and
+    the head list to its four heads before anything runs; adding back an eight-head model widens the list."""
+    import timm
+    from playwright.sync_api import expect, sync_playwright
+    from conftest import ALLOWED_MODELS
+    from gqa_core import convert
+    from gqa_core.io.hub import save_pretrained
+    model = timm.create_model('vit_tiny_patch16_224', img_size=32, patch_size=8, embed_dim=32, depth=3, num_heads=4,
+                              num_classes=10)
+    convert(model, 'gqa', 2)
+    save_pretrained(model, ALLOWED_MODELS / 'three-layers')
+
+    def heads(page):
+        page.locator('#head input').click()
+        options = [o.replace('✓', '').strip() for o in page.locator('[role=option]').all_inner_texts()]
+        page.keyboard.press('Escape')
+        return options
+
+    with sync_playwright() as p:
+        browser, page = open_with_image(p, app_url, EXAMPLES_DIR / 'cifar10_cat.jpg')
+        for slot in (1, 2, 3):
+            choose(page, slot, '(none)')
+        assert heads(page) == ['mean'] + [str(h) for h in range(8)]
+        choose(page, 0, 'local:three-layers')
+        expect(page.locator('#layer input[type=number]')).to_have_attribute('max', '2', timeout=15_000)
+        page.wait_for_timeout(500)
+        assert heads(page) == ['mean', '0', '1', '2', '3']
+        choose(page, 1, 'embedded/kdgqa')
+        expect(page.locator('#layer input[type=number]')).to_have_attribute('max', '5', timeout=15_000)
+        page.wait_for_timeout(500)
+        assert heads(page) == ['mean'] + [str(h) for h in range(8)]
+        browser.close()

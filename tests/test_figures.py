@@ -195,3 +195,13 @@ def test_diversity_view_measures_the_patch_columns_the_other_views_show(analyses
     assert np.allclose(z, group_diversity(analysis.summary_rows, q2kv, G), equal_nan=True)
     with_prefix = group_diversity(rec.stacked('attention')[:, 0, :, rec.summary_row], q2kv, G)
     assert not np.allclose(z, with_prefix, equal_nan=True), 'the prefix column changes the measure'
+
+
+def test_long_model_names_are_cut_with_the_full_name_on_hover():
+    from gqa_core.lens.models import short_name
+    assert short_name('embedded/kdgqa') == 'embedded/kdgqa'
+    spec = 'convert:hf-hub:timm/vit_small_patch16_224.augreg_in21k_ft_in1k:gqa:3'
+    cut = short_name(spec)
+    assert cut.startswith(f'<abbr title="{spec}">') and cut.endswith('…</abbr>')
+    assert len(cut.split('>')[1].split('<')[0]) == 36, 'at most 36 characters shown'
+    assert '&lt;' in short_name('<b>' * 20), 'escaped'
