@@ -218,7 +218,7 @@ class LensApp:
             result = live_kv_budget(self.registry, spec, int(n), lambda f, what: progress(f, desc=what))
         except (ModelLoadError, ValueError, OSError, RuntimeError) as e:
             raise gr.Error(public_message(e)) from None
-        return [figures.kv_budget_figure(result), kv_budget_table(result)]
+        return [gr.update(visible=True, value=figures.kv_budget_figure(result)), kv_budget_table(result)]
 
     def unload(self, request: gr.Request) -> None:
         if self.reaper is not None:
@@ -260,7 +260,7 @@ def _kv_budget_tab(lens: LensApp, choices: List[str]) -> None:
                            elem_id='kvb-spec')
         n = gr.Slider(8, LIVE_MAX_IMAGES, value=64, step=8, label='images', elem_id='kvb-n')
         button = gr.Button('Compute', elem_id='kvb-run')
-    plot = gr.Plot(elem_id='kvb-live-plot')
+    plot = gr.Plot(elem_id='kvb-live-plot', visible=False)  # shown once computed: never an empty frame
     table = gr.Dataframe(headers=headers, elem_id='kvb-live-table', interactive=False)
     button.click(lens.kv_budget_live, [spec, n], [plot, table], api_name='kv_budget')
 

@@ -115,6 +115,9 @@ def test_heads_panels_and_dataset_tabs_show_the_apis_numbers(app_url, tmp_path):
 
         page.get_by_role('tab', name='KV budget').click()
         expect(page.locator('#kvb-shipped-plot .js-plotly-plot')).to_be_visible(timeout=30_000)
+        settle(page)
+        from legibility import problems
+        assert not problems(page), problems(page)  # the live plot stays hidden until computed
         rows = _table_rows(page, 'kvb-shipped-table', 6)
         wanted = next(r for r in shipped_kvb['rows'] if r['num_kv_heads'] == 4 and r['variant'] == 'gqa'
                       and r['grouping'] == 'output-error')
@@ -126,10 +129,14 @@ def test_heads_panels_and_dataset_tabs_show_the_apis_numbers(app_url, tmp_path):
         expect(page.locator('#kvb-live-plot .js-plotly-plot')).to_be_visible(timeout=120_000)
         expect(page.locator('#kvb-live-table')).to_contain_text('output-error', timeout=120_000)
         live_rows = _table_rows(page, 'kvb-live-table', 6)
+        settle(page)
+        assert not problems(page), problems(page)
         assert [float(r[5]) for r in live_rows] == [float(r[5]) for r in live_table['data']]
 
         page.get_by_role('tab', name='Dataset view').click()
         expect(page.locator('#dataset-plot-0 .js-plotly-plot')).to_be_visible(timeout=30_000)
+        settle(page)
+        assert not problems(page), problems(page)
         rows = _table_rows(page, 'dataset-table', 5)
         kd = next(r for r in rows if r[0] == 'kdgqa')
         assert float(kd[1]) == pytest.approx(100 * shipped_stats['models']['kdgqa']['top1'], abs=0.01)
@@ -273,37 +280,3 @@ def test_four_models_fit_about_two_screens(app_url, request):
             page.screenshot(path=str(SCREENSHOT), full_page=True)
         browser.close()
 
-
-def test_layer_and_head_choices_follow_the_chosen_models_before_a_run(app_url):
-    """A three-layer, four-head model in an allowed folder: choosing it alone narrows the layer slider to 0-2 and
-    the head list to its four heads before anything runs; adding back an eight-head model widens the list."""
-    import timm
-    from playwright.sync_api import expect, sync_playwright
-    from conftest import ALLOWED_MODELS
-    from gqa_core import convert
-    from gqa_core.io.hub import save_pretrained
-    model = timm.create_model('vit_tiny_patch16_224', img_size=32, patch_size=8, embed_dim=32, depth=3, num_heads=4,
-                              num_classes=10)
-    convert(model, 'gqa', 2)
-    save_pretrained(model, ALLOWED_MODELS / 'three-layers')
-
-    def heads(page):
-        page.locator('#head input').click()
-        options = [o.replace('✓', '').strip() for o in page.locator('[role=option]').all_inner_texts()]
-        page.keyboard.press('Escape')
-        return options
-
-    with sync_playwright() as p:
-        browser, page = open_with_image(p, app_url, EXAMPLES_DIR / 'cifar10_cat.jpg')
-        for slot in (1, 2, 3):
-            choose(page, slot, '(none)')
-        assert heads(page) == ['mean'] + [str(h) for h in range(8)]
-        choose(page, 0, 'local:three-layers')
-        expect(page.locator('#layer input[type=number]')).to_have_attribute('max', '2', timeout=15_000)
-        page.wait_for_timeout(500)
-        assert heads(page) == ['mean', '0', '1', '2', '3']
-        choose(page, 1, 'embedded/kdgqa')
-        expect(page.locator('#layer input[type=number]')).to_have_attribute('max', '5', timeout=15_000)
-        page.wait_for_timeout(500)
-        assert heads(page) == ['mean'] + [str(h) for h in range(8)]
-        browser.close()
