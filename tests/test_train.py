@@ -106,3 +106,39 @@ def test_authors_preset_normalises_with_half_whatever_the_start(tmp_path):
                       '--preprocessing', PRE.replace('0.5,0.5,0.5],"std"', '0.4,0.4,0.4],"std"'), '--mean-std', '0.25'])
     _, preprocessing, _ = build_start_model(cfg)
     assert preprocessing['mean'] == [0.25] * 3
+
+
+def test_batched_crop_flip_is_torchvisions_crop_and_flip():
+    """The predecoded path's batched augmentation gives, for every image, torchvision's reflect-padded crop at
+    the same corner, flipped when asked -- pixel for pixel."""
+    from torchvision.transforms import functional as TF
+    from gqa_core.training.data import crop_flip
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8, generator=g)
+    offsets = torch.tensor([[0, 0], [8, 8], [3, 5], [8, 0], [0, 8], [4, 4]])
+    flips = torch.tensor([False, True, True, False, True, False])
+    out = crop_flip(images, offsets, flips, padding=4)
+    for i in range(6):
+        padded = TF.pad(images[i], [4, 4, 4, 4], padding_mode='reflect')
+        expected = TF.crop(padded, int(offsets[i, 0]), int(offsets[i, 1]), 32, 32)
+        if flips[i]:
+            expected = TF.hflip(expected)
+        assert torch.equal(out[i], expected), f'image {i}'
+
+
+def test_predecoded_split_matches_the_per_image_pipeline(cifar_subset):
+    """Decoded once, without augmentation, the training split yields the tensors the per-image pipeline
+    yields; with crop-flip it draws new crops every epoch."""
+    from gqa_core.training.data import DecodedImages, build_datasets
+    pre = json.loads(PRE)
+    per_image = build_datasets(str(cifar_subset), pre, augment='none')
+    decoded = build_datasets(str(cifar_subset), pre, augment='none', predecode=True)
+    assert isinstance(decoded.train, DecodedImages) and len(decoded.train) == len(per_image.train)
+    images, labels = decoded.train.collate([decoded.train[i] for i in range(8)])
+    expected = torch.stack([per_image.train[i][0] for i in range(8)])
+    assert torch.equal(labels, torch.tensor([per_image.train[i][1] for i in range(8)]))
+    assert torch.allclose(images, expected, atol=1e-6)
+    augmented = build_datasets(str(cifar_subset), pre, augment='crop-flip', predecode=True).train
+    batch = [augmented[i] for i in range(8)]
+    first, second = augmented.collate(batch)[0], augmented.collate(batch)[0]
+    assert first.shape == expected.shape and not torch.equal(first, second)

@@ -7,6 +7,7 @@ is carved from train with a fixed seed, so model selection never touches test.
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import os
 import tarfile
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import Dataset, Subset
 from torchvision import transforms as T
@@ -22,7 +24,8 @@ from torchvision.datasets import ImageFolder
 
 from ..io.preprocessing import eval_geometry, normalisation
 
-__all__ = ['DataSplits', 'build_datasets', 'build_transform', 'extract_archive', 'AUGMENTATIONS', 'HUB_DATASETS']
+__all__ = ['DataSplits', 'build_datasets', 'build_transform', 'extract_archive', 'DecodedImages', 'crop_flip',
+           'AUGMENTATIONS', 'HUB_DATASETS']
 
 AUGMENTATIONS = ('none', 'crop-flip', 'randaugment')
 HUB_DATASETS: Dict[str, Dict[str, str]] = {
@@ -88,6 +91,64 @@ def build_transform(preprocessing: Dict[str, Any], training: bool, augment: str 
     return T.Compose([eval_geometry(preprocessing), normalisation(preprocessing)])
 
 
+def crop_flip(images: torch.Tensor, offsets: torch.Tensor, flips: torch.Tensor, padding: int) -> torch.Tensor:
+    """The batched form of ``RandomCrop(size, padding, padding_mode='reflect')`` + ``RandomHorizontalFlip``:
+    ``images`` ``(B, C, H, W)``, ``offsets`` ``(B, 2)`` the crop's top-left corner in the padded image
+    (0..2 * padding), ``flips`` ``(B,)`` bool. One gather for the whole batch, no loop over images."""
+    B, C, H, W = images.shape
+    padded = F.pad(images.float(), (padding,) * 4, mode='reflect').to(images.dtype)
+    rows = offsets[:, 0, None] + torch.arange(H)  # (B, H)
+    cols = offsets[:, 1, None] + torch.arange(W)  # (B, W)
+    cols = torch.where(flips[:, None], cols.flip(-1), cols)
+    batch = torch.arange(B)[:, None, None]
+    return padded.permute(0, 2, 3, 1)[batch, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
+
+
+class DecodedImages(Dataset):
+    """A split decoded once into one uint8 tensor ``(N, 3, H, W)`` at the input size, so an epoch decodes no
+    JPEG; :meth:`collate` runs the random crop + flip (``crop-flip``) or nothing (``none``) on the whole batch
+    and normalises it. The images it returns are what the per-image torchvision pipeline would return, pixel
+    for pixel, for the same crop and flip (tests/test_train.py)."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, preprocessing: Dict[str, Any],
+                 augment: str) -> None:
+        if augment not in ('none', 'crop-flip'):
+            raise ValueError(f'predecoded training data supports augment none or crop-flip, not {augment!r}')
+        self.images, self.labels, self.augment = images, labels, augment
+        self.mean = torch.tensor(preprocessing['mean'], dtype=torch.float32)[:, None, None]
+        self.std = torch.tensor(preprocessing['std'], dtype=torch.float32)[:, None, None]
+        self.padding = max(1, images.shape[-2] // 8)
+
+    @classmethod
+    def decode(cls, source: Dataset, preprocessing: Dict[str, Any], augment: str) -> 'DecodedImages':
+        """Decode every image of ``source`` (yielding PIL images and labels) resized to the input size, as the
+        training pipeline's first step does."""
+        size = tuple(preprocessing['input_size'][-2:])
+        resize = T.Resize(size, interpolation=T.InterpolationMode(preprocessing.get('interpolation', 'bicubic')))
+        images = torch.empty(len(source), 3, *size, dtype=torch.uint8)
+        labels = torch.empty(len(source), dtype=torch.long)
+        for i in range(len(source)):
+            image, label = source[i]
+            images[i] = T.functional.pil_to_tensor(resize(image))
+            labels[i] = label
+        return cls(images, labels, preprocessing, augment)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int):
+        return self.images[i], self.labels[i]
+
+    def collate(self, batch: List[tuple]) -> tuple:
+        images = torch.stack([b[0] for b in batch])
+        labels = torch.stack([b[1] for b in batch])
+        if self.augment == 'crop-flip':
+            offsets = torch.randint(0, 2 * self.padding + 1, (len(batch), 2))
+            flips = torch.rand(len(batch)) < 0.5
+            images = crop_flip(images, offsets, flips, self.padding)
+        return (images.float() / 255 - self.mean) / self.std, labels
+
+
 def _rgb_loader(path: str) -> Image.Image:
     with Image.open(path) as img:
         return img.convert('RGB')
@@ -102,7 +163,8 @@ class _HubImages(Dataset):
 
     def __getitem__(self, i: int):
         row = self.rows[int(i)]
-        return self.transform(row[self.image_key].convert('RGB')), int(row[self.label_key])
+        image = row[self.image_key].convert('RGB')
+        return self.transform(image) if self.transform is not None else image, int(row[self.label_key])
 
 
 def _split_indices(n: int, val_fraction: float, seed: int) -> tuple:
@@ -112,8 +174,10 @@ def _split_indices(n: int, val_fraction: float, seed: int) -> tuple:
 
 
 def build_datasets(source: str, preprocessing: Dict[str, Any], *, augment: str = 'crop-flip',
-                   val_fraction: float = 0.1, seed: int = 0, limit: Optional[int] = None) -> DataSplits:
-    """Train / val / test splits of ``source``; ``limit`` caps each split (for smoke tests)."""
+                   val_fraction: float = 0.1, seed: int = 0, limit: Optional[int] = None,
+                   predecode: bool = False) -> DataSplits:
+    """Train / val / test splits of ``source``; ``limit`` caps each split (for smoke tests). ``predecode``
+    decodes the training split once into memory (:class:`DecodedImages`; its loader needs its ``collate``)."""
     train_tf = build_transform(preprocessing, True, augment)
     eval_tf = build_transform(preprocessing, False)
     path = Path(source)
@@ -149,5 +213,9 @@ def build_datasets(source: str, preprocessing: Dict[str, Any], *, augment: str =
         val_idx = [val_idx[i] for i in torch.randperm(len(val_idx), generator=g)[:limit].tolist()]
         if test is not None:
             test = Subset(test, torch.randperm(len(test), generator=g)[:limit].tolist())
-    return DataSplits(Subset(train_full, train_idx), Subset(val_full, val_idx), test, classes,
-                      Subset(val_full, train_idx))
+    train: Dataset = Subset(train_full, train_idx)
+    if predecode:
+        raw = copy.copy(train_full)
+        raw.transform = None
+        train = DecodedImages.decode(Subset(raw, train_idx), preprocessing, augment)
+    return DataSplits(train, Subset(val_full, val_idx), test, classes, Subset(val_full, train_idx))

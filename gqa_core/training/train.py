@@ -81,6 +81,8 @@ class TrainConfig:
     max_steps: Optional[int] = None  # stop early (smoke tests)
     stop_after: Optional[int] = None  # run at most this many epochs now; --resume continues the same schedule
     workers: int = 2
+    predecode: bool = False  # decode the training split once into memory; crop + flip run batched (crop-flip, none)
+    compile: bool = False  # torch.compile the model for training
     mixed_precision: str = 'auto'  # auto: bf16 on GPU, none on CPU
     save_dtype: Optional[str] = None  # e.g. float16 for shipping
     resume: bool = False
@@ -235,7 +237,8 @@ def _prepare(name: str, model: nn.Module, splits: Any, cfg: TrainConfig) -> _Run
     accelerator = Accelerator(mixed_precision=mixed)
     g = torch.Generator().manual_seed(cfg.seed)
     train_loader = DataLoader(splits.train, batch_size=cfg.batch_size, shuffle=True, drop_last=True,
-                              num_workers=cfg.workers, generator=g, persistent_workers=cfg.workers > 0)
+                              num_workers=cfg.workers, generator=g, persistent_workers=cfg.workers > 0,
+                              collate_fn=getattr(splits.train, 'collate', None))
     val_loader = DataLoader(splits.val, batch_size=cfg.batch_size * 2, num_workers=cfg.workers)
     decay, no_decay = [], []
     for n, p in model.named_parameters():
@@ -252,6 +255,8 @@ def _prepare(name: str, model: nn.Module, splits: Any, cfg: TrainConfig) -> _Run
         return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    if cfg.compile:
+        model.compile()  # in place: parameter names and the saved state dict stay timm's
     model, optimizer, train_loader, val_loader, scheduler = accelerator.prepare(
         model, optimizer, train_loader, val_loader, scheduler)
     out = Path(cfg.out) / name
@@ -396,7 +401,7 @@ def run(cfg: TrainConfig) -> List[Dict[str, Any]]:
     seed_everything(cfg.seed)
     start, preprocessing, labels = build_start_model(cfg)
     splits = build_datasets(cfg.data, preprocessing, augment=cfg.augment, val_fraction=cfg.val_fraction,
-                            seed=cfg.seed, limit=cfg.limit)
+                            seed=cfg.seed, limit=cfg.limit, predecode=cfg.predecode)
     labels = labels or splits.classes
     if start.num_classes != len(labels):
         start.reset_classifier(len(labels))
