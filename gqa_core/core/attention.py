@@ -10,19 +10,22 @@ and ablation see or edit what a forward computed.
 from __future__ import annotations
 
 import copy
-from typing import Any, Callable, Optional, Type
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Type
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from timm.layers import Attention
+from timm.layers import Attention, AttentionRope, apply_rot_embed_cat
 from timm.layers.attention import maybe_add_mask, resolve_self_attn_mask
+from timm.models.beit import Attention as BeitAttention, gen_relative_position_index
+from timm.models.eva import EvaAttention
 
 from .kernels import routed_attention, triton_enabled
 from .policies import Grouping, GroupingPolicy, create_policy
 from .probe import AttentionProbe
 
-__all__ = ['GroupedQueryAttention', 'gqa_attention_layer', 'key_head_norms', 'route_kv', 'grouped_attention']
+__all__ = ['GroupedQueryAttention', 'gqa_attention_layer', 'key_head_norms', 'route_kv', 'grouped_attention',
+           'ATTENTION_KINDS', 'attention_kind']
 
 
 def kv_bytes(num_kv_heads: int, head_dim: int, num_tokens: int, bytes_per_value: int = 2) -> int:
@@ -83,23 +86,72 @@ def grouped_attention(
     return attn @ v
 
 
+# The timm attention classes a grouped layer replaces (and reverts to), by the name the layer keeps.
+ATTENTION_KINDS: Dict[str, Type[nn.Module]] = {
+    'vit': Attention,  # timm.layers.Attention: vision_transformer.py, deit.py
+    'eva': EvaAttention,  # eva.py: EVA-02, DINOv3 (RoPE on the patch tokens, q/v-only biases)
+    'rope': AttentionRope,  # eva.py attn_type='rope': Perception Encoder
+    'beit': BeitAttention,  # beit.py: relative position bias per head, q/v-only biases
+}
+
+
+def attention_kind(attn: nn.Module) -> Optional[str]:
+    """The name of ``attn``'s timm class in :data:`ATTENTION_KINDS` (exact class), or None."""
+    return next((name for name, cls in ATTENTION_KINDS.items() if type(attn) is cls), None)
+
+
+def _qkv_tensors(attn: nn.Module) -> Tuple[List[Tensor], List[Optional[Tensor]]]:
+    """``[W_q, W_k, W_v]`` and ``[b_q, b_k, b_v]`` (a missing bias is None) of any layout: one fused ``qkv``
+    (with its own bias or timm's ``q_bias`` / ``k_bias`` / ``v_bias``) or separate ``q_proj`` / ``k_proj`` /
+    ``v_proj``."""
+    if getattr(attn, 'qkv', None) is not None:
+        split = getattr(attn, 'qkv_split', None) or (attn.qkv.out_features // 3,) * 3
+        weights = list(attn.qkv.weight.detach().split(split, 0))
+        if attn.qkv.bias is not None:
+            biases = list(attn.qkv.bias.detach().split(split, 0))
+        elif getattr(attn, 'q_bias', None) is not None:
+            biases = [attn.q_bias.detach(), attn.k_bias.detach(), attn.v_bias.detach()]
+        else:
+            biases = [None, None, None]
+        return weights, biases
+    projections = [attn.q_proj, attn.k_proj, attn.v_proj]
+    return ([p.weight.detach() for p in projections],
+            [p.bias.detach() if p.bias is not None else None for p in projections])
+
+
 @torch.no_grad()
-def _copy_qkv(source: nn.Linear, target: nn.Linear, split: tuple, kv_map: Callable[[Tensor], Tensor]) -> None:
-    """Copy a fused q/k/v projection into one with another KV-head layout: q as it is, k and v (weights and
-    biases) through ``kv_map``."""
-    def remap(t: Tensor) -> Tensor:
-        q, k, v = t.split(split, 0)
-        return torch.cat([q, kv_map(k), kv_map(v)])
-    target.weight.copy_(remap(source.weight.detach()))
-    if source.bias is not None:
-        target.bias.copy_(remap(source.bias.detach()))
+def _load_qkv(attn: nn.Module, weights: Sequence[Tensor], biases: Sequence[Optional[Tensor]]) -> None:
+    """Write q/k/v weights and biases into ``attn``'s layout (see :func:`_qkv_tensors`). A k bias the layout
+    cannot hold (timm's fixed zero ``k_bias``) must be zero."""
+    if getattr(attn, 'qkv', None) is not None:
+        attn.qkv.weight.copy_(torch.cat(list(weights)))
+        if attn.qkv.bias is not None:
+            attn.qkv.bias.copy_(torch.cat(list(biases)))
+        elif getattr(attn, 'q_bias', None) is not None:
+            attn.q_bias.copy_(biases[0])
+            attn.v_bias.copy_(biases[2])
+            attn.k_bias.zero_()
+        return
+    for proj, w, b in zip((attn.q_proj, attn.k_proj, attn.v_proj), weights, biases):
+        proj.weight.copy_(w)
+        if proj.bias is not None:
+            proj.bias.copy_(b)
+
+
+def _rotate(t: Tensor, rope: Tensor, num_prefix_tokens: int, half: bool) -> Tensor:
+    """timm's RoPE on the non-prefix tokens of ``t`` ``(B, heads, T, d)``, as ``EvaAttention`` applies it."""
+    npt = num_prefix_tokens
+    return torch.cat([t[:, :, :npt], apply_rot_embed_cat(t[:, :, npt:], rope, half=half)], dim=2)
 
 
 class GroupedQueryAttention(nn.Module):
     """Self-attention with H query heads sharing G key/value heads under a grouping policy.
 
     Accepts timm ``Attention``'s constructor arguments, so it also plugs in at model construction
-    (``attn_layer=gqa_attention_layer(...)``); :meth:`from_attention` converts a trained timm layer.
+    (``attn_layer=gqa_attention_layer(...)``); :meth:`from_attention` converts a trained timm layer of any
+    kind in :data:`ATTENTION_KINDS` and keeps that kind's parts: EVA's q/v-only biases (``qv_bias``, the k
+    bias a fixed zero) and separate projections (``qkv_fused=False``), RoPE applied to the non-prefix queries
+    and keys exactly where timm applies it, BEiT's relative position bias kept per query head.
     """
 
     def __init__(
@@ -118,6 +170,12 @@ class GroupedQueryAttention(nn.Module):
             norm_layer: Optional[Type[nn.Module]] = None,
             num_kv_heads: Optional[int] = None,
             variant: str = 'gqa',
+            qkv_fused: bool = True,
+            qv_bias: bool = False,
+            num_prefix_tokens: int = 0,
+            rotate_half: bool = False,
+            window_size: Optional[Tuple[int, int]] = None,
+            kind: str = 'vit',
             device=None,
             dtype=None,
             **policy_options: Any,
@@ -129,14 +187,39 @@ class GroupedQueryAttention(nn.Module):
             raise ValueError(f'dim={dim} is not divisible by num_heads={num_heads}')
         if (qk_norm or scale_norm) and norm_layer is None:
             raise ValueError('norm_layer is required when qk_norm or scale_norm is set')
+        if kind not in ATTENTION_KINDS:
+            raise ValueError(f'kind must be one of {sorted(ATTENTION_KINDS)}, got {kind!r}')
         self.policy: GroupingPolicy = create_policy(variant, num_heads, num_kv_heads, **policy_options)
+        self.kind = kind
         self.num_heads = num_heads
         self.num_kv_heads = self.policy.num_kv_heads
         self.head_dim = head_dim
         self.attn_dim = num_heads * head_dim
         self.scale = head_dim ** -0.5
-        self.qkv_split = (self.attn_dim, self.num_kv_heads * head_dim, self.num_kv_heads * head_dim)
-        self.qkv = nn.Linear(dim, sum(self.qkv_split), bias=qkv_bias, **dd)
+        self.num_prefix_tokens = num_prefix_tokens
+        self.rotate_half = rotate_half
+        kv_dim = self.num_kv_heads * head_dim
+        self.qkv_split = (self.attn_dim, kv_dim, kv_dim)
+        self.qkv = self.q_proj = self.k_proj = self.v_proj = None
+        if qkv_fused and qkv_bias and qv_bias:  # EVA / BEiT: q and v biases, the k bias a fixed zero
+            self.q_bias = nn.Parameter(torch.zeros(self.attn_dim, **dd))
+            self.register_buffer('k_bias', torch.zeros(kv_dim, **dd), persistent=False)
+            self.v_bias = nn.Parameter(torch.zeros(kv_dim, **dd))
+        else:
+            self.q_bias = self.k_bias = self.v_bias = None
+        if qkv_fused:
+            self.qkv = nn.Linear(dim, sum(self.qkv_split), bias=qkv_bias and not qv_bias, **dd)
+        else:
+            self.q_proj = nn.Linear(dim, self.attn_dim, bias=qkv_bias, **dd)
+            self.k_proj = nn.Linear(dim, kv_dim, bias=qkv_bias and not qv_bias, **dd)
+            self.v_proj = nn.Linear(dim, kv_dim, bias=qkv_bias, **dd)
+        self.window_size = tuple(window_size) if window_size else None
+        self.relative_position_bias_table = None
+        if self.window_size:  # BEiT: one bias per query head, whatever the grouping
+            distances = (2 * self.window_size[0] - 1) * (2 * self.window_size[1] - 1) + 3
+            self.relative_position_bias_table = nn.Parameter(torch.zeros(distances, num_heads, **dd))
+            self.register_buffer('relative_position_index', gen_relative_position_index(
+                self.window_size, device=device), persistent=False)
         self.q_norm = norm_layer(head_dim, **dd) if qk_norm else nn.Identity()
         self.k_norm = norm_layer(head_dim, **dd) if qk_norm else nn.Identity()
         self.attn_drop = nn.Dropout(attn_drop)
@@ -150,36 +233,50 @@ class GroupedQueryAttention(nn.Module):
     @classmethod
     def from_attention(
             cls,
-            attn: Attention,
+            attn: nn.Module,
             variant: str,
             num_kv_heads: Optional[int] = None,
             **policy_options: Any,
     ) -> 'GroupedQueryAttention':
-        """Convert a timm ``Attention``: consecutive blocks of H/G key and value heads are mean-pooled
-        (weights and biases), everything else is copied."""
-        H, d = attn.num_heads, attn.head_dim
+        """Convert a timm attention layer (:data:`ATTENTION_KINDS`): consecutive blocks of H/G key and value
+        heads are mean-pooled (weights and biases), everything else is copied."""
+        kind = attention_kind(attn)
+        if kind is None:
+            raise ValueError(f'{type(attn).__name__} is not one of the timm attention layers GQA Lens converts '
+                             f'({", ".join(c.__name__ for c in ATTENTION_KINDS.values())})')
+        H = attn.num_heads
+        weights, biases = _qkv_tensors(attn)
+        d = weights[0].shape[0] // H
         G = H if num_kv_heads is None and variant == 'mha' else num_kv_heads
         if G is None or G < 1 or H % G:
             raise ValueError(f'{variant}: num_kv_heads={G} must be a positive divisor of the {H} heads')
-        weight = attn.qkv.weight.detach()
+        qv_bias = getattr(attn, 'q_bias', None) is not None or (
+            getattr(attn, 'k_proj', None) is not None and attn.k_proj.bias is None and attn.q_proj.bias is not None)
         new = cls(
-            attn.qkv.in_features, num_heads=H, attn_head_dim=d, dim_out=attn.proj.out_features,
-            qkv_bias=attn.qkv.bias is not None, proj_bias=attn.proj.bias is not None,
-            gated=getattr(attn, 'gate', None) is not None,
-            attn_drop=attn.attn_drop.p, proj_drop=attn.proj_drop.p, num_kv_heads=G, variant=variant,
-            device=weight.device, dtype=weight.dtype, **policy_options,
+            weights[0].shape[1], num_heads=H, attn_head_dim=d, dim_out=attn.proj.out_features,
+            qkv_bias=biases[0] is not None, proj_bias=attn.proj.bias is not None,
+            gated=getattr(attn, 'gate', None) is not None, attn_drop=attn.attn_drop.p, proj_drop=attn.proj_drop.p,
+            num_kv_heads=G, variant=variant, qkv_fused=getattr(attn, 'qkv', None) is not None, qv_bias=qv_bias,
+            num_prefix_tokens=int(getattr(attn, 'num_prefix_tokens', 0)),
+            rotate_half=bool(getattr(attn, 'rotate_half', False)), window_size=getattr(attn, 'window_size', None),
+            kind=kind, device=weights[0].device, dtype=weights[0].dtype, **policy_options,
         )
         for name in ('q_norm', 'k_norm', 'norm', 'proj', 'gate'):
-            setattr(new, name, copy.deepcopy(getattr(attn, name, None)))
+            if getattr(attn, name, None) is not None:
+                setattr(new, name, copy.deepcopy(getattr(attn, name)))
+        if new.relative_position_bias_table is not None:
+            with torch.no_grad():
+                new.relative_position_bias_table.copy_(attn.relative_position_bias_table)
 
-        def pool(t: Tensor) -> Tensor:  # (H d, ...) -> (G d, ...): consecutive blocks of H / G heads averaged
-            return t.reshape(G, H // G, d, *t.shape[1:]).mean(1).reshape(G * d, *t.shape[1:])
+        def pool(t: Optional[Tensor]) -> Optional[Tensor]:  # (H d, ...) -> (G d, ...): blocks of H / G averaged
+            return None if t is None else t.reshape(G, H // G, d, *t.shape[1:]).mean(1).reshape(G * d, *t.shape[1:])
 
-        _copy_qkv(attn.qkv, new.qkv, (H * d,) * 3, pool)
+        _load_qkv(new, [weights[0], pool(weights[1]), pool(weights[2])], [biases[0], pool(biases[1]), pool(biases[2])])
         return new.train(attn.training)
 
-    def to_attention(self) -> Attention:
-        """The equivalent timm ``Attention`` (MHA): each KV head repeated for the query heads it serves.
+    def to_attention(self) -> nn.Module:
+        """The equivalent timm attention layer of the kind it came from (MHA): each KV head repeated for the
+        query heads it serves.
 
         Exact only for a grouping fixed at inference time; per-sample or noisy-at-eval policies raise.
         """
@@ -189,28 +286,77 @@ class GroupedQueryAttention(nn.Module):
                              'it as plain multi-head attention')
         allocation = getattr(p, 'allocation', p.uniform)
         index = torch.repeat_interleave(torch.arange(self.num_kv_heads, device=allocation.device), allocation)
-        d, weight = self.head_dim, self.qkv.weight.detach()
-        attn = Attention(
-            weight.shape[1], num_heads=self.num_heads, attn_head_dim=d, dim_out=self.proj.out_features,
-            qkv_bias=self.qkv.bias is not None, proj_bias=self.proj.bias is not None, gated=self.gate is not None,
-            attn_drop=self.attn_drop.p, proj_drop=self.proj_drop.p, device=weight.device, dtype=weight.dtype,
-        )
+        weights, biases = _qkv_tensors(self)
+        d, dim = self.head_dim, weights[0].shape[1]
+        dd = dict(device=weights[0].device, dtype=weights[0].dtype)
+        common = dict(num_heads=self.num_heads, attn_head_dim=d, qkv_bias=biases[0] is not None,
+                      attn_drop=self.attn_drop.p, proj_drop=self.proj_drop.p, **dd)
+        norm_layer = _norm_class(self)
+        if self.kind == 'vit':
+            attn = Attention(dim, dim_out=self.proj.out_features, proj_bias=self.proj.bias is not None,
+                             gated=self.gate is not None, **common)
+        elif self.kind == 'eva':
+            attn = EvaAttention(dim, qkv_fused=self.qkv is not None, num_prefix_tokens=self.num_prefix_tokens,
+                                norm_layer=norm_layer, qk_norm=not isinstance(self.q_norm, nn.Identity),
+                                scale_norm=not isinstance(self.norm, nn.Identity), rotate_half=self.rotate_half,
+                                gated=self.gate is not None, **common)
+        elif self.kind == 'rope':
+            attn = AttentionRope(dim, dim_out=self.proj.out_features, qkv_fused=self.qkv is not None,
+                                 num_prefix_tokens=self.num_prefix_tokens, norm_layer=norm_layer,
+                                 qk_norm=not isinstance(self.q_norm, nn.Identity),
+                                 scale_norm=not isinstance(self.norm, nn.Identity), proj_bias=self.proj.bias is not None,
+                                 rotate_half=self.rotate_half, gated=self.gate is not None, **common)
+        else:
+            attn = BeitAttention(dim, window_size=self.window_size, **common)
+            if self.relative_position_bias_table is not None:
+                with torch.no_grad():
+                    attn.relative_position_bias_table.copy_(self.relative_position_bias_table)
         for name in ('q_norm', 'k_norm', 'norm', 'proj', 'gate'):
-            setattr(attn, name, copy.deepcopy(getattr(self, name)))
+            if getattr(attn, name, None) is not None:
+                setattr(attn, name, copy.deepcopy(getattr(self, name)))
 
-        def expand(t: Tensor) -> Tensor:  # (G d, ...) -> (H d, ...): each KV head for the queries it serves
-            return t.reshape(self.num_kv_heads, d, *t.shape[1:])[index].reshape(self.attn_dim, *t.shape[1:])
+        def expand(t: Optional[Tensor]) -> Optional[Tensor]:  # (G d, ...) -> (H d, ...): a KV head per query
+            return None if t is None else t.reshape(self.num_kv_heads, d, *t.shape[1:])[index].reshape(
+                self.attn_dim, *t.shape[1:])
 
-        _copy_qkv(self.qkv, attn.qkv, self.qkv_split, expand)
+        _load_qkv(attn, [weights[0], expand(weights[1]), expand(weights[2])],
+                  [biases[0], expand(biases[1]), expand(biases[2])])
         return attn.train(self.training)
 
-    def forward(self, x: Tensor, attn_mask: Optional[Tensor] = None, is_causal: bool = False) -> Tensor:
+    def _project(self, x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        """q ``(B, N, H d)``, k and v ``(B, N, G d)`` from whichever projection layout the layer has."""
+        if self.qkv is None:
+            return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if self.q_bias is None:
+            qkv = self.qkv(x)
+        else:
+            qkv = F.linear(x, self.qkv.weight, torch.cat((self.q_bias, self.k_bias, self.v_bias)))
+        return qkv.split(self.qkv_split, dim=-1)
+
+    def _position_bias(self, attn_mask: Optional[Tensor], shared_rel_pos_bias: Optional[Tensor]) -> Optional[Tensor]:
+        """BEiT's relative position bias (this layer's and the model's shared one) added to ``attn_mask``."""
+        bias = attn_mask
+        if self.relative_position_bias_table is not None:
+            area = self.window_size[0] * self.window_size[1] + 1
+            own = self.relative_position_bias_table[self.relative_position_index.view(-1)].view(area, area, -1)
+            own = own.permute(2, 0, 1).unsqueeze(0)
+            bias = own if bias is None else bias + own
+        if shared_rel_pos_bias is not None:
+            bias = shared_rel_pos_bias if bias is None else bias + shared_rel_pos_bias
+        return bias
+
+    def forward(self, x: Tensor, rope: Optional[Tensor] = None, attn_mask: Optional[Tensor] = None,
+                is_causal: bool = False, shared_rel_pos_bias: Optional[Tensor] = None) -> Tensor:
         B, N, _ = x.shape
         gate = self.gate(x).sigmoid() if self.gate is not None else None
-        q, k, v = self.qkv(x).split(self.qkv_split, dim=-1)
+        q, k, v = self._project(x)
         q = self.q_norm(q.view(B, N, self.num_heads, self.head_dim).transpose(1, 2))
         k = self.k_norm(k.view(B, N, self.num_kv_heads, self.head_dim).transpose(1, 2))
         v = v.view(B, N, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        if rope is not None:  # a rotation per token: key norms are the same before and after it
+            q = _rotate(q, rope, self.num_prefix_tokens, self.rotate_half).type_as(v)
+            k = _rotate(k, rope, self.num_prefix_tokens, self.rotate_half).type_as(v)
+        attn_mask = self._position_bias(attn_mask, shared_rel_pos_bias)
 
         probe = self.probe
         wants_norms = self.policy.uses_key_norms or (probe is not None and probe.needs_key_norms)
@@ -241,6 +387,15 @@ class GroupedQueryAttention(nn.Module):
 
     def extra_repr(self) -> str:
         return f'num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}'
+
+
+def _norm_class(attn: nn.Module) -> Optional[Type[nn.Module]]:
+    """The norm layer class of ``attn``'s q/k or output norm (to rebuild a layer with the same parts)."""
+    for name in ('q_norm', 'norm'):
+        module = getattr(attn, name, None)
+        if module is not None and not isinstance(module, nn.Identity):
+            return type(module)
+    return None
 
 
 def gqa_attention_layer(variant: str = 'gqa', num_kv_heads: Optional[int] = None,

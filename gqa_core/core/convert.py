@@ -8,7 +8,7 @@ from torch import Tensor, nn
 from timm.layers import Attention
 from timm.models.vision_transformer import VisionTransformer
 
-from .attention import GroupedQueryAttention, kv_bytes
+from .attention import ATTENTION_KINDS, GroupedQueryAttention, attention_kind, kv_bytes
 from .grouping import GROUPINGS, advise_grouping, check_permutations, permute_heads
 from .vit import check_vit, gqa_layers, num_tokens
 
@@ -38,6 +38,7 @@ def convert(
     advisor's model-output comparison (for live requests).
     """
     vit = check_vit(model)
+    _check_positions(vit)
     attns = [_convertible_attention(index, block, num_kv_heads) for index, block in enumerate(vit.blocks)]
     sources = [getattr(block.attn, 'source_heads', None) for block in vit.blocks]
     perms = _grouping_permutations(vit, attns, grouping, calibration, num_kv_heads, max_refine_flops)
@@ -81,8 +82,18 @@ def source_heads(model: nn.Module) -> Optional[List[List[int]]]:
     return [list(p) if p is not None else list(range(layer.num_heads)) for p, layer in zip(perms, layers)]
 
 
-def _convertible_attention(index: int, block: nn.Module, num_kv_heads: Optional[int]) -> Attention:
-    """The block's timm ``Attention`` (MHA), or a ``ValueError`` naming the block and what it holds instead."""
+def _check_positions(vit: nn.Module) -> None:
+    """Refuse position schemes pooling cannot keep exact at G = H: RoPE with learned per-head frequencies
+    (RoPE-ViT's ``mixed``) rotates each head's keys differently, so a pooled KV head has no one rotation."""
+    if getattr(vit, 'rope_mixed', False):
+        raise ValueError(f'{type(vit).__name__} uses RoPE with learned per-head frequencies (rope_type="mixed"): '
+                         'a pooled KV head serves query heads that rotate keys differently, so mean-pooling K is '
+                         'not defined; the model was not changed')
+
+
+def _convertible_attention(index: int, block: nn.Module, num_kv_heads: Optional[int]) -> nn.Module:
+    """The block's timm attention (MHA, a kind in :data:`ATTENTION_KINDS`), or a ``ValueError`` naming the block
+    and what it holds instead."""
     attn = getattr(block, 'attn', None)
     if attn is None:
         raise ValueError(f'block {index} ({type(block).__name__}) has no single `attn` module (parallel or fused '
@@ -92,9 +103,12 @@ def _convertible_attention(index: int, block: nn.Module, num_kv_heads: Optional[
             raise ValueError(f'block {index} already has G={attn.num_kv_heads}; convert to G={num_kv_heads} '
                              'from the multi-head model (G = H), not from another grouping')
         return attn.to_attention()
-    if type(attn) is not Attention:
-        raise ValueError(f'block {index} ({type(block).__name__}): attention {type(attn).__name__} is not timm '
-                         'Attention; the model was not changed')
+    if attention_kind(attn) is None:
+        known = ', '.join(cls.__name__ for cls in ATTENTION_KINDS.values())
+        raise ValueError(f'block {index} ({type(block).__name__}): attention {type(attn).__name__} is not one of '
+                         f'timm\'s {known}; the model was not changed')
+    if getattr(attn, 'num_kv_heads', attn.num_heads) != attn.num_heads:
+        raise ValueError(f'block {index}: {type(attn).__name__} already shares K/V heads; the model was not changed')
     return attn
 
 

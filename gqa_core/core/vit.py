@@ -1,7 +1,11 @@
 """The one place that knows how a timm Vision Transformer is laid out: its blocks and their attention layers,
-its tokens (patches, class token, registers), where the blocks' input starts and what reaches the output, and
-the constructor geometry that rebuilds it. ``convert``, ``grouping``, ``record``, ``ablation`` and the lens ask
+its tokens (patches, class token, registers), where the blocks' input starts, what every block is given
+besides its tokens (EVA's RoPE, BEiT's shared relative position bias) and what reaches the output, and the
+constructor geometry that rebuilds it. ``convert``, ``grouping``, ``record``, ``ablation`` and the lens ask
 here instead of reaching into timm's modules themselves.
+
+The families: timm's ``VisionTransformer`` (vision_transformer.py, deit.py), ``Eva`` (eva.py: EVA-02, DINOv3,
+Perception Encoder, RoPE-ViT) and ``Beit`` (beit.py).
 """
 from __future__ import annotations
 
@@ -9,19 +13,25 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
+from timm.models.beit import Beit
+from timm.models.eva import Eva
 from timm.models.vision_transformer import VisionTransformer
 
 from .attention import GroupedQueryAttention
 
 __all__ = ['check_vit', 'gqa_layers', 'num_tokens', 'token_grid', 'prefix_labels', 'has_class_token',
-           'summary_row', 'block_inputs', 'output_rows', 'run_blocks', 'model_output', 'vit_geometry', 'MEAN_ROW']
+           'summary_row', 'block_inputs', 'block_context', 'output_rows', 'run_blocks', 'model_output',
+           'vit_geometry', 'MEAN_ROW', 'FAMILIES']
 
 MEAN_ROW = 'mean over queries'
+FAMILIES = (VisionTransformer, Eva, Beit)
 
 
-def check_vit(model: nn.Module) -> VisionTransformer:
-    if not isinstance(model, VisionTransformer):
-        raise ValueError(f'expected a timm VisionTransformer (vit_*, deit_*, ...), got {type(model).__name__}')
+def check_vit(model: nn.Module) -> nn.Module:
+    """``model`` when it is one of the timm ViT families GQA Lens knows (:data:`FAMILIES`), else a ValueError."""
+    if not isinstance(model, FAMILIES):
+        raise ValueError(f'expected a timm Vision Transformer ({", ".join(f.__name__ for f in FAMILIES)}: vit_*, '
+                         f'deit_*, eva02_*, *_dinov3, vit_pe_*, beit_*), got {type(model).__name__}')
     return model
 
 
@@ -44,6 +54,14 @@ def token_grid(model: nn.Module, x: Optional[Tensor]) -> tuple:
     return grid
 
 
+def num_registers(model: nn.Module) -> int:
+    """Register tokens (timm's ViT counts them; EVA holds them as ``reg_token``)."""
+    if hasattr(model, 'num_reg_tokens'):
+        return int(model.num_reg_tokens)
+    reg = getattr(model, 'reg_token', None)
+    return int(reg.shape[1]) if reg is not None else 0
+
+
 def has_class_token(model: nn.Module) -> bool:
     return getattr(model, 'cls_token', None) is not None
 
@@ -51,7 +69,7 @@ def has_class_token(model: nn.Module) -> bool:
 def prefix_labels(model: nn.Module) -> List[str]:
     """What each recorded prefix row is: the class token, registers, other prefix tokens (e.g. distillation),
     and a mean row when there is no class token to stand for the image."""
-    registers = int(getattr(model, 'num_reg_tokens', 0))
+    registers = num_registers(model)
     labels = (['class token'] if has_class_token(model) else []) + [f'register {i}' for i in range(registers)]
     extra = int(getattr(model, 'num_prefix_tokens', 0)) - len(labels)
     labels += [f'prefix token {i}' for i in range(extra)]
@@ -63,13 +81,35 @@ def summary_row(model: nn.Module) -> int:
     return 0 if has_class_token(model) else len(prefix_labels(model)) - 1
 
 
-def block_inputs(vit: VisionTransformer, images: Tensor) -> Tensor:
+def block_inputs(vit: nn.Module, images: Tensor) -> Tensor:
     """The tokens entering block 0 (the first steps of timm's ``forward_features``, which has no public entry
     for them)."""
     x = vit.patch_embed(images)
+    if isinstance(vit, Eva):
+        x, _ = vit._pos_embed(x)
+        return vit.norm_pre(x)
+    if isinstance(vit, Beit):
+        x = torch.cat((vit.cls_token.expand(x.shape[0], -1, -1), x), dim=1)
+        x = x + vit.pos_embed if vit.pos_embed is not None else x
+        return vit.pos_drop(x)
     x = vit._pos_embed(x)
     x = vit.patch_drop(x)
     return vit.norm_pre(x)
+
+
+def block_context(vit: nn.Module, images: Tensor) -> Dict[str, Any]:
+    """What every block is given besides its tokens for ``images``' size: EVA's RoPE (``rope``), BEiT's shared
+    relative position bias (``shared_rel_pos_bias``); nothing for timm's ViT."""
+    if isinstance(vit, Eva):
+        if getattr(vit, 'rope_mixed', False):
+            raise ValueError('learned per-head RoPE (rope_type="mixed") is not supported')
+        if vit.rope is None:
+            return {}
+        x = vit.patch_embed(images[:1])
+        return {'rope': vit._pos_embed(x)[1]}
+    if isinstance(vit, Beit):
+        return {'shared_rel_pos_bias': vit.rel_pos_bias() if vit.rel_pos_bias is not None else None}
+    return {}
 
 
 def output_rows(vit: VisionTransformer, index: int) -> Optional[slice]:
@@ -81,20 +121,23 @@ def output_rows(vit: VisionTransformer, index: int) -> Optional[slice]:
     return None
 
 
-def run_blocks(blocks: Sequence[nn.Module], tokens: Tensor, batch: int) -> Tensor:
-    """``tokens`` through ``blocks`` in chunks of ``batch`` images (bounded memory)."""
+def run_blocks(blocks: Sequence[nn.Module], tokens: Tensor, batch: int,
+               context: Optional[Dict[str, Any]] = None) -> Tensor:
+    """``tokens`` through ``blocks`` in chunks of ``batch`` images (bounded memory), each block given
+    ``context`` (:func:`block_context`)."""
     outs = []
     for start in range(0, tokens.shape[0], batch):
         x = tokens[start:start + batch]
         for block in blocks:
-            x = block(x)
+            x = block(x, **(context or {}))
         outs.append(x)
     return torch.cat(outs)
 
 
-def model_output(vit: VisionTransformer, tokens: Tensor, first: int, batch: int) -> Tensor:
+def model_output(vit: nn.Module, tokens: Tensor, first: int, batch: int,
+                 context: Optional[Dict[str, Any]] = None) -> Tensor:
     """Logits (pooled features when headless) of the model from the tokens entering block ``first``."""
-    return vit.forward_head(vit.norm(run_blocks(vit.blocks[first:], tokens, batch)))
+    return vit.forward_head(vit.norm(run_blocks(vit.blocks[first:], tokens, batch, context)))
 
 
 def _is(module: Optional[nn.Module]) -> bool:

@@ -1,0 +1,113 @@
+"""The ViT families beyond timm's VisionTransformer, with random weights: EVA-style attention with RoPE (DINOv3,
+EVA-02, Perception Encoder), BEiT's relative position bias, and SigLIP's attention-pooling ViT."""
+import copy
+
+import pytest
+import timm
+import torch
+
+from gqa_core import GroupedQueryAttention, convert, record, revert
+from gqa_core.core.vit import block_context, block_inputs, model_output
+
+SMALL = dict(embed_dim=64, depth=2, num_heads=4)
+# (timm name, constructor arguments beyond SMALL): every attention layout GQA Lens converts
+FAMILIES = {
+    'dinov3': ('vit_small_patch16_dinov3', dict(img_size=64)),  # EvaAttention, 4 registers, rotate-half RoPE
+    'dinov3-qkvb': ('vit_small_patch16_dinov3_qkvb', dict(img_size=64)),  # + q/v biases, the k bias a fixed zero
+    'eva02': ('eva02_tiny_patch14_224', dict(img_size=56)),  # RoPE (cat), SwiGLU, q/v biases
+    'eva02-unfused': ('eva02_tiny_patch14_224', dict(img_size=56, qkv_fused=False)),  # separate q/k/v projections
+    'pe': ('vit_pe_core_tiny_patch16_384', dict(img_size=64, attn_pool_num_heads=4)),  # AttentionRope, map pool
+    'beit': ('beit_base_patch16_224', dict(img_size=64)),  # a relative position bias table per layer
+    'beit-shared': ('beit_base_patch16_224', dict(img_size=64, use_rel_pos_bias=False,
+                                                  use_shared_rel_pos_bias=True)),  # one table for all layers
+    'siglip': ('vit_base_patch16_siglip_224', dict(img_size=64)),  # timm ViT with an attention-pooling head
+}
+
+
+def family_model(key: str) -> torch.nn.Module:
+    """The family's model, small, with every parameter perturbed (biases and position tables are zero at
+    init; the test must see them)."""
+    name, extra = FAMILIES[key]
+    torch.manual_seed(0)
+    model = timm.create_model(name, **SMALL, **extra).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return model
+
+
+def images(model, n: int = 2) -> torch.Tensor:
+    return torch.randn(n, 3, *model.patch_embed.img_size, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize('key', sorted(FAMILIES))
+def test_mha_conversion_equals_timms_model(key):
+    model = family_model(key)
+    x = images(model)
+    converted = convert(copy.deepcopy(model), 'gqa', model.blocks[0].attn.num_heads)
+    assert all(isinstance(b.attn, GroupedQueryAttention) for b in converted.blocks)
+    with torch.no_grad():
+        assert (converted(x) - model(x)).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize('key', sorted(FAMILIES))
+def test_pooled_model_reverts_to_timms_own_layer_with_the_same_output(key):
+    model = family_model(key)
+    x = images(model)
+    kind = type(model.blocks[0].attn)
+    converted = convert(copy.deepcopy(model), 'gqa', model.blocks[0].attn.num_heads // 2)
+    with torch.no_grad():
+        pooled = converted(x)
+        reverted = revert(converted)
+        assert all(type(b.attn) is kind for b in reverted.blocks)
+        assert (reverted(x) - pooled).abs().max() <= 1e-5
+        assert (pooled - model(x)).abs().max() > 1e-3, 'pooling K/V changed the model (the test sees the weights)'
+
+
+@pytest.mark.parametrize('key', sorted(FAMILIES))
+def test_every_variant_runs_and_records(key):
+    model = family_model(key)
+    x = images(model)
+    H = model.blocks[0].attn.num_heads
+    tokens = model.patch_embed.num_patches + model.num_prefix_tokens
+    for variant, options in (('gqa', {}), ('kdgqa', {}), ('dgqa', {'stat': 'ema', 'window': 1}), ('pgqa', {})):
+        converted = convert(copy.deepcopy(model), variant, H // 2, **options)
+        converted.train()
+        converted(x).sum().backward()  # a training step's forward and backward
+        converted.eval()
+        with torch.no_grad(), record(converted, attention='full') as rec:
+            out = converted(x)
+        assert torch.isfinite(out).all()
+        maps = rec.result.layers[0].attention
+        assert maps.shape[-1] == tokens
+        assert torch.allclose(torch.as_tensor(maps).sum(-1), torch.ones(()), atol=1e-4), variant
+
+
+@pytest.mark.parametrize('key', sorted(FAMILIES))
+def test_block_inputs_and_context_rebuild_the_forward(key):
+    """What the advisor and ablation run block by block is the model's own forward."""
+    model = convert(family_model(key), 'kdgqa', 2)
+    x = images(model)
+    with torch.no_grad():
+        rebuilt = model_output(model, block_inputs(model, x), 0, batch=8, context=block_context(model, x))
+        assert (rebuilt - model(x)).abs().max() <= 1e-5
+
+
+def test_learned_per_head_rope_is_refused_and_the_model_left_as_it_was():
+    torch.manual_seed(0)
+    model = timm.create_model('vit_small_patch16_rope_mixed_224', img_size=64, **SMALL).eval()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match='per-head frequencies'):
+        convert(model, 'gqa', 2)
+    assert all(type(b.attn).__name__ == 'AttentionRope' for b in model.blocks)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_qv_bias_layout_keeps_the_key_bias_a_fixed_zero():
+    """EVA / BEiT hold no key bias (a zero buffer); the grouped layer keeps it so, and pools q/v biases."""
+    model = family_model('dinov3-qkvb')
+    attn = model.blocks[0].attn
+    new = GroupedQueryAttention.from_attention(attn, 'gqa', 2)
+    assert 'k_bias' not in dict(new.named_parameters()) and torch.count_nonzero(new.k_bias) == 0
+    assert torch.equal(new.q_bias, attn.q_bias)
+    assert torch.allclose(new.v_bias, attn.v_bias.view(2, 2, -1).mean(1).flatten())
