@@ -144,14 +144,11 @@ def _is(module: Optional[nn.Module]) -> bool:
     return module is not None and not isinstance(module, nn.Identity)
 
 
-def vit_geometry(model: nn.Module) -> Dict[str, Any]:
-    """The constructor arguments of timm's ``VisionTransformer`` that give ``model`` its state-dict shapes and
-    its forward, read from its modules (regularisation rates are left out: they do nothing at inference)."""
-    vit = check_vit(model)
+def _common_geometry(vit: nn.Module) -> Dict[str, Any]:
+    """The constructor arguments every family shares, read from the modules."""
     attn, block = vit.blocks[0].attn, vit.blocks[0]
     height, width = (int(s) for s in vit.patch_embed.img_size)
     patch = vit.patch_embed.patch_size
-    fc1 = getattr(block.mlp, 'fc1', None)
     geometry: Dict[str, Any] = dict(
         img_size=height if height == width else [height, width],
         patch_size=int(patch[0]) if patch[0] == patch[1] else [int(p) for p in patch],
@@ -160,7 +157,65 @@ def vit_geometry(model: nn.Module) -> Dict[str, Any]:
         embed_dim=int(vit.embed_dim),
         depth=len(vit.blocks),
         num_heads=int(attn.num_heads),
-        qkv_bias=attn.qkv.bias is not None,
+    )
+    fc2 = getattr(block.mlp, 'fc2', None)  # its input is int(dim * mlp_ratio) for Mlp, GluMlp and SwiGLU alike
+    if fc2 is not None:
+        geometry['mlp_ratio'] = fc2.in_features / vit.embed_dim
+    return geometry
+
+
+def _has_qkv_bias(attn: nn.Module) -> bool:
+    qkv = getattr(attn, 'qkv', None)
+    if qkv is not None:
+        return qkv.bias is not None or getattr(attn, 'q_bias', None) is not None
+    return attn.q_proj.bias is not None
+
+
+def _eva_geometry(vit: Eva) -> Dict[str, Any]:
+    """timm's ``Eva`` (EVA-02, DINOv3, PE): the rest (RoPE type and grid, norms) is the architecture's own."""
+    attn, block = vit.blocks[0].attn, vit.blocks[0]
+    geometry = _common_geometry(vit)
+    geometry.update(
+        qkv_bias=_has_qkv_bias(attn),
+        qkv_fused=getattr(attn, 'qkv', None) is not None,
+        init_values=1.0 if getattr(block, 'gamma_1', None) is not None else None,
+        class_token=has_class_token(vit),
+        num_reg_tokens=num_registers(vit),
+        use_abs_pos_emb=vit.pos_embed is not None,
+        use_rot_pos_emb=vit.rope is not None,
+        dynamic_img_size=bool(vit.dynamic_img_size),
+    )
+    if vit.attn_pool is not None:
+        geometry['attn_pool_num_heads'] = int(vit.attn_pool.num_heads)
+        geometry['attn_pool_mlp_ratio'] = vit.attn_pool.mlp.fc1.out_features / vit.embed_dim
+    return geometry
+
+
+def _beit_geometry(vit: Beit) -> Dict[str, Any]:
+    attn, block = vit.blocks[0].attn, vit.blocks[0]
+    geometry = _common_geometry(vit)
+    geometry.update(
+        qkv_bias=_has_qkv_bias(attn),
+        init_values=1.0 if getattr(block, 'gamma_1', None) is not None else None,
+        use_abs_pos_emb=vit.pos_embed is not None,
+        use_rel_pos_bias=getattr(attn, 'relative_position_bias_table', None) is not None,
+        use_shared_rel_pos_bias=vit.rel_pos_bias is not None,
+    )
+    return geometry
+
+
+def vit_geometry(model: nn.Module) -> Dict[str, Any]:
+    """The constructor arguments of the model's timm class that give ``model`` its state-dict shapes and its
+    forward, read from its modules (regularisation rates are left out: they do nothing at inference)."""
+    vit = check_vit(model)
+    if isinstance(vit, Eva):
+        return _eva_geometry(vit)
+    if isinstance(vit, Beit):
+        return _beit_geometry(vit)
+    attn, block = vit.blocks[0].attn, vit.blocks[0]
+    geometry = _common_geometry(vit)
+    geometry.update(
+        qkv_bias=_has_qkv_bias(attn),
         qk_norm=_is(attn.q_norm),
         proj_bias=attn.proj.bias is not None,
         init_values=1.0 if _is(getattr(block, 'ls1', None)) else None,  # the value itself is a loaded weight
@@ -174,6 +229,7 @@ def vit_geometry(model: nn.Module) -> Dict[str, Any]:
         dynamic_img_size=bool(vit.dynamic_img_size),
         dynamic_img_pad=bool(getattr(vit.patch_embed, 'dynamic_img_pad', False)),
     )
+    fc1 = getattr(block.mlp, 'fc1', None)
     if fc1 is not None:
         geometry['mlp_ratio'] = fc1.out_features / vit.embed_dim
     return geometry

@@ -69,7 +69,7 @@ class GQALensConfig:
         missing = [k for k in ('backbone', 'backbone_args', 'grouping') if k not in data]
         if missing:
             raise ConfigError(f'not a GQA Lens config (missing {missing})')
-        args = check_backbone_args(data['backbone_args'])
+        args = check_backbone_args(data['backbone_args'], check_backbone(data['backbone']))
         num_classes = check_num_classes(data.get('num_classes', args.get('num_classes', 1000)))
         metrics = data.get('metrics') or {}
         if not isinstance(metrics, dict) or len(metrics) > 100:
@@ -158,8 +158,7 @@ def backbone_of(model: nn.Module) -> tuple:
                          'with timm.create_model(...)')
     args = vit_geometry(model)
     try:
-        check_backbone(arch)
-        args = check_backbone_args(args)
+        args = check_backbone_args(args, arch)
         with torch.device('meta'):
             rebuilt = timm.create_model(arch, pretrained=False, **args)
         if gqa_layers(model):

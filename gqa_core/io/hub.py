@@ -70,11 +70,11 @@ def from_timm(name: str, variant: str, num_kv_heads: Optional[int] = None, pretr
         cfg = _read_json(repo, _fetch(repo, CONFIG_NAME, revision, local=False, token=token))
         try:
             backbone = check_backbone(cfg.get('architecture'))
-            args = check_backbone_args(cfg.get('model_args', {}))
+            args = check_backbone_args(cfg.get('model_args', {}), backbone)
             num_classes = cfg.get('num_classes', cfg.get('pretrained_cfg', {}).get('num_classes'))
             if num_classes is not None:
                 args.setdefault('num_classes', num_classes)
-            args = check_backbone_args(args)
+            args = check_backbone_args(args, backbone)
             overlay = _timm_preprocessing(cfg.get('pretrained_cfg', {}))
             if budget is not None:
                 check_budget(backbone, args, budget)

@@ -25,7 +25,7 @@ from ..core.vit import num_tokens
 __all__ = ['ConfigError', 'Budget', 'check_backbone', 'check_backbone_args', 'check_grouping', 'check_preprocessing',
            'check_labels', 'check_budget', 'check_source_heads', 'check_num_classes', 'BACKBONE_ARGS']
 
-VIT_MODULES = ('timm.models.vision_transformer', 'timm.models.deit')
+VIT_MODULES = ('timm.models.vision_transformer', 'timm.models.deit', 'timm.models.eva', 'timm.models.beit')
 BACKBONE_NAME = re.compile(r'^[a-z0-9_]{1,80}(\.[a-z0-9_]{1,80})?$')
 
 
@@ -84,6 +84,27 @@ BACKBONE_ARGS: Dict[str, tuple] = {
     'attn_drop_rate': (_float(0, 1), 'a number 0..1'),
     'drop_path_rate': (_float(0, 1), 'a number 0..1'),
 }
+# The keys timm's Eva (eva.py) and Beit (beit.py) constructors add; the keys they lack are refused for them.
+_SHARED = ('img_size', 'patch_size', 'in_chans', 'num_classes', 'global_pool', 'embed_dim', 'depth', 'num_heads',
+           'mlp_ratio', 'qkv_bias', 'init_values', 'drop_rate', 'pos_drop_rate', 'proj_drop_rate', 'attn_drop_rate',
+           'drop_path_rate', 'dynamic_img_size')
+EVA_ARGS: Dict[str, tuple] = {
+    **{k: BACKBONE_ARGS[k] for k in _SHARED}, 'class_token': BACKBONE_ARGS['class_token'],
+    'qkv_fused': (_bool, 'true or false'),
+    'num_reg_tokens': (_int(0, 64), 'an int 0..64'),
+    'use_abs_pos_emb': (_bool, 'true or false'),
+    'use_rot_pos_emb': (_bool, 'true or false'),
+    'attn_pool_num_heads': (lambda v: v is None or _int(1, 64)(v), 'null or an int 1..64'),
+    'attn_pool_mlp_ratio': (lambda v: v is None or _float(0.25, 16)(v), 'null or a number 0.25..16'),
+}
+BEIT_ARGS: Dict[str, tuple] = {
+    **{k: BACKBONE_ARGS[k] for k in _SHARED if k != 'dynamic_img_size'},
+    'use_abs_pos_emb': (_bool, 'true or false'),
+    'use_rel_pos_bias': (_bool, 'true or false'),
+    'use_shared_rel_pos_bias': (_bool, 'true or false'),
+}
+FAMILY_ARGS = {'timm.models.vision_transformer': BACKBONE_ARGS, 'timm.models.deit': BACKBONE_ARGS,
+               'timm.models.eva': EVA_ARGS, 'timm.models.beit': BEIT_ARGS}
 INTERPOLATIONS = ('nearest', 'bilinear', 'bicubic', 'box', 'hamming', 'lanczos')
 
 
@@ -121,7 +142,8 @@ def _check_fields(where: str, values: Any, rules: Dict[str, tuple]) -> Dict[str,
 
 
 def check_backbone(name: Any) -> str:
-    """A timm Vision Transformer name (``vit_*``, ``deit_*``, optionally ``.tag``), and nothing else."""
+    """A timm Vision Transformer name (``vit_*``, ``deit_*``, ``eva02_*``, ``beit_*``, ..., optionally ``.tag``)
+    of a family GQA Lens converts, and nothing else."""
     if not isinstance(name, str) or not BACKBONE_NAME.match(name):
         raise ConfigError('backbone must be a timm model name (lower-case letters, digits, _ and one optional .tag)')
     arch = name.split('.')[0]
@@ -133,8 +155,12 @@ def check_backbone(name: Any) -> str:
     return name
 
 
-def check_backbone_args(args: Any) -> Dict[str, Any]:
-    return _check_fields('backbone_args', args, BACKBONE_ARGS)
+def check_backbone_args(args: Any, backbone: Optional[str] = None) -> Dict[str, Any]:
+    """``args`` against the allow-list of ``backbone``'s family (timm's VisionTransformer when not given)."""
+    rules = BACKBONE_ARGS
+    if backbone is not None:
+        rules = FAMILY_ARGS[timm.models.model_entrypoint(check_backbone(backbone).split('.')[0]).__module__]
+    return _check_fields('backbone_args', args, rules)
 
 
 def check_grouping(grouping: Any) -> Dict[str, Any]:

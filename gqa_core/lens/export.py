@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image
 
 from .analysis import Analysis, layer_maps
-from .views import VIEWS, Choice, head_label, reference_for, render
+from .views import VIEWS, Choice, head_label, layer_index, reference_for, render
 from .models import ModelRegistry
 
 __all__ = ['export_zip', 'analysis_arrays', 'PLOTLY_JS']
@@ -85,7 +85,7 @@ def export_zip(analyses: Sequence[Optional[Analysis]], layer: int, head: str, fu
             if analysis is None:
                 continue
             folder = f'{i}_{re.sub(r"[^A-Za-z0-9_.-]+", "_", analysis.spec)[:80]}'
-            layer_i = min(max(int(layer), 0), len(analysis.recording.layers) - 1)
+            layer_i = layer_index(analysis, layer)
 
             def arrays() -> Iterator[Tuple[str, np.ndarray]]:
                 yield from analysis_arrays(analysis)

@@ -17,7 +17,7 @@ from .models import ModelRegistry, short_name
 from .specs import public_message, shown
 
 __all__ = ['MAX_MODELS', 'NO_MODEL', 'View', 'VIEWS', 'VIEW_LABELS', 'Choice', 'Rendered', 'Header', 'run_models',
-           'header', 'render', 'reference_for', 'head_label', 'column_width', 'COLUMN_WIDTH']
+           'header', 'render', 'reference_for', 'head_label', 'layer_index', 'column_width', 'COLUMN_WIDTH']
 
 MAX_MODELS = 4
 NO_MODEL = '(none)'  # the choice that leaves a column empty
@@ -161,12 +161,12 @@ def render(analysis: Analysis, choice: Choice, reference: Optional[Analysis] = N
     return _RENDERERS[choice.view](analysis, choice, reference, figures.Fit(choice.width))
 
 
-def _layer(analysis: Analysis, layer: int) -> int:
+def layer_index(analysis: Analysis, layer: int) -> int:
     return min(max(int(layer), 0), len(analysis.recording.layers) - 1)
 
 
 def _overlay_view(analysis: Analysis, choice: Choice, reference: Optional[Analysis], fit: figures.Fit) -> Rendered:
-    layer, head = _layer(analysis, choice.layer), head_label(analysis, choice.head)
+    layer, head = layer_index(analysis, choice.layer), head_label(analysis, choice.head)
     picture = figures.overlay(analysis.view, figures.patch_grid(_head_rows(analysis, layer, head),
                                                                 analysis.recording.grid_size))
     which = 'mean of the heads' if head == 'mean' else f'head {head}'
@@ -208,7 +208,7 @@ def _assignment_view(analysis: Analysis, choice: Choice, reference: Optional[Ana
 def _history_view(analysis: Analysis, choice: Choice, reference: Optional[Analysis], fit: figures.Fit) -> Rendered:
     if analysis.history is None:
         return Rendered('no allocation history: only DGQA recomputes its allocation during training')
-    layer = _layer(analysis, choice.layer)
+    layer = layer_index(analysis, choice.layer)
     hist = analysis.history[layer]
     return Rendered(f'query heads per KV head at every recomputation during training, layer {layer}',
                     figure=figures.allocation_history_figure(hist['steps'], np.array(hist['allocation']), layer,
