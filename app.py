@@ -17,7 +17,7 @@ import argparse
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import gradio as gr
 import numpy as np
@@ -88,10 +88,15 @@ VIEW_PART = ('picture', 'figure', 'caption')  # what a new view changes
 CONTROLS = ('layer', 'head', 'fusion', 'mode')  # the view controls, in the order the handlers take them
 
 
-def _hidden_column(message: str = '') -> List[Any]:
+def _hidden_column(message: str = '') -> Dict[str, Any]:
     """A column with no model: hidden, unless it holds the message saying why its model did not run."""
     hidden = gr.update(visible=False, value=None)
-    return [gr.Column(visible=bool(message)), message, hidden, hidden, hidden, hidden, '']
+    return dict(column=gr.Column(visible=bool(message)), summary=message, top5=hidden, seen=hidden, picture=hidden,
+                figure=hidden, caption='')
+
+
+def _column_outputs(column: Dict[str, Any], names: Sequence[str] = ('column', *COLUMN)) -> List[Any]:
+    return [column[name] for name in names]
 
 
 def _view_name(label: str) -> str:
@@ -136,24 +141,27 @@ class LensApp:
 
     def _columns(self, analyses: List[Any], errors: List[Optional[str]], choice: Choice,
                  view_only: bool = False) -> List[Any]:
-        """Every column's outputs (``COLUMN``, after its visibility), or with ``view_only`` only the last
-        ``VIEW_PART`` of them: a new view leaves the summary, the top-5 and the picture seen as they are."""
+        """Every column's outputs (``column`` then ``COLUMN``), or with ``view_only`` only its ``VIEW_PART``: a
+        new view leaves the summary, the top-5 and the picture seen as they are (and does not rebuild them)."""
         reference = reference_for(analyses)
         choice = replace(choice, width=column_width(sum(a is not None or bool(e) for a, e in zip(analyses, errors))))
+        names = VIEW_PART if view_only else ('column', *COLUMN)
         out: List[Any] = []
         for analysis, error in zip(analyses, errors):
             if analysis is None:
                 column = _hidden_column(f'⚠️ {error}' if error else '')
             else:
-                top, shown = header(analysis), render(analysis, choice, reference)
+                shown = render(analysis, choice, reference)
                 picture = None if shown.picture is None else self.files.write_png(shown.picture)
-                column = [gr.Column(visible=True), top.summary,
-                          gr.update(visible=bool(top.top5), value=top.top5 or None),
-                          None if view_only else gr.update(visible=True, value=self.files.write_png(top.view)),
-                          gr.update(visible=picture is not None, value=picture),
-                          gr.update(visible=shown.figure is not None, value=shown.figure),
-                          shown.caption if shown.applies else f'*{shown.caption}*']
-            out += column[-len(VIEW_PART):] if view_only else column
+                column = dict(picture=gr.update(visible=picture is not None, value=picture),
+                              figure=gr.update(visible=shown.figure is not None, value=shown.figure),
+                              caption=shown.caption if shown.applies else f'*{shown.caption}*')
+                if not view_only:
+                    top = header(analysis)
+                    column.update(column=gr.Column(visible=True), summary=top.summary,
+                                  top5=gr.update(visible=bool(top.top5), value=top.top5 or None),
+                                  seen=gr.update(visible=True, value=self.files.write_png(top.view)))
+            out += [column[name] for name in names]
         return out
 
     def run(self, image: Optional[str], m0: str, m1: str, m2: str, m3: str, view: str, layer: float, head: str,
@@ -162,7 +170,8 @@ class LensApp:
         try:
             analyses, errors, notes = run_models(self.registry, image, [m0, m1, m2, m3], progress, deep=bool(deep))
         except (ImageInputError, ValueError) as e:
-            return [None, f'⚠️ {public_message(e)}', gr.update(), gr.update()] + _hidden_column() * MAX_MODELS
+            hidden = _column_outputs(_hidden_column())
+            return [None, f'⚠️ {public_message(e)}', gr.update(), gr.update()] + hidden * MAX_MODELS
         status = '; '.join(notes) if notes else 'done'
         if any(errors):
             status = '⚠️ ' + ' · '.join(e for e in errors if e) + (f' ({status})' if notes else '')
@@ -178,7 +187,7 @@ class LensApp:
                  mode: str) -> List[Any]:
         """A new view or control of the results kept in the session: no model runs again."""
         if not state:
-            return _hidden_column()[-len(VIEW_PART):] * MAX_MODELS
+            return _column_outputs(_hidden_column(), VIEW_PART) * MAX_MODELS
         return self._columns(state, [None] * len(state), Choice(_view_name(view), int(layer), head, fusion, mode),
                              view_only=True)
 
@@ -315,10 +324,10 @@ def _view_controls(geometry: Tuple[int, int]) -> dict:
     return c
 
 
-def _result_columns() -> List[Any]:
-    """One column per model (hidden while it has no model), each returning ``COLUMN`` in order: the summary,
-    the top-5 beside the picture the model saw, and the chosen view with its caption."""
-    outputs: List[Any] = []
+def _result_columns() -> List[Dict[str, Any]]:
+    """One column per model (hidden while it has no model), each its components by name (``column``,
+    ``COLUMN``): the summary, the top-5 beside the picture the model saw, and the chosen view with its caption."""
+    columns: List[Dict[str, Any]] = []
     with gr.Row(equal_height=False):
         for i in range(MAX_MODELS):
             with gr.Column(min_width=240, visible=False) as column:
@@ -335,8 +344,9 @@ def _result_columns() -> List[Any]:
                                    height=300, visible=False)
                 figure = gr.Plot(show_label=False, elem_id=f'figure-{i}', visible=False)
                 caption = gr.Markdown(elem_id=f'caption-{i}', elem_classes=['caption'])
-            outputs += [column, summary, top5, seen, picture, figure, caption]
-    return outputs
+            columns.append(dict(column=column, summary=summary, top5=top5, seen=seen, picture=picture,
+                                figure=figure, caption=caption))
+    return columns
 
 
 def _predict_api(lens: LensApp) -> None:
@@ -357,15 +367,15 @@ def _image_tab(lens: LensApp, choices: List[str], defaults: List[str]) -> None:
     c = _inputs(choices, defaults)
     known = [g for g in map(lens.registry.known_geometry, defaults) if g is not None] or [(1, 1)]
     v = _view_controls((max(d for d, _ in known), max(h for _, h in known)))
-    outputs = _result_columns()
+    columns = _result_columns()
+    outputs = [out for column in columns for out in _column_outputs(column)]
     with gr.Row():
         export_button = gr.Button('Download everything (zip: JSON, CSV, PNG, figures)', elem_id='export')
         export_file = gr.File(label='analysis', elem_id='export-file', visible=False)
     controls = [v[name] for name in CONTROLS]
     c['run'].click(lens.run, [c['image'], *c['models'], v['view'], *controls, c['deep']],
                    [state, c['status'], v['layer'], v['head'], *outputs], api_name='run')
-    per_column = len(outputs) // MAX_MODELS
-    view_outputs = [out for i, out in enumerate(outputs) if i % per_column >= per_column - len(VIEW_PART)]
+    view_outputs = [out for column in columns for out in _column_outputs(column, VIEW_PART)]
     for control in (v['view'], *controls):
         control.change(lens.rerender, [state, v['view'], *controls], view_outputs, api_name=False,
                        show_progress='hidden')

@@ -84,6 +84,43 @@ def test_upload_run_two_models_and_read_the_page(app_url, tmp_path):
         browser.close()
 
 
+def _options(page) -> list:
+    """The head list's options, as the open dropdown shows them."""
+    page.locator('#head input').click()
+    options = [o.replace('✓', '').strip() for o in page.locator('[role=option]').all_inner_texts()]
+    page.keyboard.press('Escape')
+    return options
+
+
+def test_controls_follow_a_three_layer_four_head_model(app_url):
+    """A local model with 3 layers and 4 heads: the layer slider offers 0-2 and the head list 0-3, before and
+    after a run; adding a six-layer, eight-head model widens both to the larger one."""
+    from playwright.sync_api import expect, sync_playwright
+    import timm
+    from conftest import ALLOWED_MODELS
+    from gqa_core import convert, save_pretrained
+    model = timm.create_model('vit_tiny_patch16_224', img_size=32, patch_size=8, embed_dim=32, depth=3, num_heads=4,
+                              num_classes=10)
+    save_pretrained(convert(model, 'mha'), ALLOWED_MODELS / 'three-by-four', labels=[str(i) for i in range(10)])
+    slider = '#layer input[type=number]'
+    with sync_playwright() as p:
+        browser, page = open_with_image(p, app_url, EXAMPLES_DIR / 'cifar10_cat.jpg')
+        for slot, spec in enumerate(['local:three-by-four', '(none)', '(none)', '(none)']):
+            choose(page, slot, spec)
+        # the controls answer each model change: wait for the answer, not a fixed time
+        expect(page.locator(slider)).to_have_attribute('max', '2', timeout=30_000)
+        settle(page)
+        assert _options(page) == ['mean', '0', '1', '2', '3']
+        run_models_in_page(page, ['local:three-by-four'], deep=False)
+        expect(page.locator(slider)).to_have_attribute('max', '2', timeout=30_000)
+        assert _options(page) == ['mean', '0', '1', '2', '3']
+        choose(page, 1, 'embedded/mha')
+        expect(page.locator(slider)).to_have_attribute('max', '5', timeout=30_000)
+        settle(page)
+        assert _options(page) == ['mean'] + [str(h) for h in range(8)]
+        browser.close()
+
+
 def _table_rows(page, elem_id, columns):
     """The cell texts of a gradio Dataframe as the page shows them, row by row (headers dropped)."""
     cells = [t.strip() for t in page.locator(f'#{elem_id}').inner_text().split('\n') if t.strip()]
