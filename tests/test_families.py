@@ -140,3 +140,73 @@ def test_save_and_load_every_variant_bit_identical(tmp_path, key):
             assert torch.equal(loaded(x), converted(x)), variant
         mine, theirs = converted.state_dict(), loaded.state_dict()
         assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
+
+
+def _orders(H: int, depth: int) -> list:
+    return [[(h * 3 + i) % H for h in range(H)] if H % 3 else list(reversed(range(H))) for i in range(depth)]
+
+
+@pytest.mark.parametrize('key', sorted(set(FAMILIES) - {'beit-shared'}))  # its bias is shared by all layers
+def test_permuting_heads_keeps_timms_layer_the_same_function(key):
+    from gqa_core.core.attention import permute_heads
+    model = family_model(key)
+    x = images(model)
+    H = model.blocks[0].attn.num_heads
+    permuted = copy.deepcopy(model)
+    for block, order in zip(permuted.blocks, _orders(H, len(model.blocks))):
+        permute_heads(block.attn, order)
+    with torch.no_grad():
+        assert (permuted(x) - model(x)).abs().max() <= 1e-5
+        assert not torch.equal(permuted.blocks[0].attn.proj.weight, model.blocks[0].attn.proj.weight)
+
+
+@pytest.mark.parametrize('key', sorted(FAMILIES))
+def test_any_head_order_at_g_equal_h_is_the_model_and_reverts_to_it(key):
+    """Heads reordered per layer before pooling (what the advisor's groupings do) keep the function at G = H --
+    BEiT's model-wide shared bias follows each layer's order -- and revert gives timm's layers in the original
+    order."""
+    model = family_model(key)
+    x = images(model)
+    H = model.blocks[0].attn.num_heads
+    converted = convert(copy.deepcopy(model), 'gqa', H, grouping=_orders(H, len(model.blocks)))
+    with torch.no_grad():
+        assert (converted(x) - model(x)).abs().max() <= 1e-4
+        reverted = revert(converted)
+        assert (reverted(x) - model(x)).abs().max() <= 1e-4
+    assert torch.allclose(reverted.blocks[0].attn.proj.weight, model.blocks[0].attn.proj.weight, atol=1e-6)
+
+
+@pytest.mark.parametrize('key', sorted(FAMILIES))
+def test_advisor_scores_the_layer_the_model_runs(key):
+    """The advisor's error of the consecutive grouping is the layer's real output error (RoPE and position
+    bias included), its advice is never worse, and the advised model converts."""
+    from gqa_core.core.grouping import advise_grouping
+    model = family_model(key)
+    x = images(model, 4)
+    H = model.blocks[0].attn.num_heads
+    advice = advise_grouping(model, H // 2, x)
+    assert all(a <= c for a, c in zip(advice.error_advised, advice.error_consecutive))
+    block = model.blocks[0]
+    with torch.no_grad():
+        inputs = block.norm1(block_inputs(model, x))
+        context = block_context(model, x)
+        pooled = GroupedQueryAttention.from_attention(block.attn, 'gqa', H // 2)
+        real = (pooled(inputs, **context) - block.attn(inputs, **context)).double().square().sum()
+    assert float(real) == pytest.approx(advice.error_consecutive[0], rel=1e-3)
+    converted = convert(copy.deepcopy(model), 'kdgqa', H // 2, grouping='output-error', calibration=x)
+    assert [b.attn.source_heads for b in converted.blocks] == advice.permutations
+
+
+@pytest.mark.parametrize('key', sorted(FAMILIES))
+def test_removing_a_kv_head_changes_the_output_in_one_batched_forward(key):
+    from gqa_core.core.ablation import ablate
+    model = convert(family_model(key), 'gqa', 2)
+    x = images(model, 1).expand(3, -1, -1, -1)
+    L = len(model.blocks)
+    kv = torch.zeros(3, L, 2, dtype=torch.bool)
+    kv[1, 0, 0] = kv[2, L - 1, 1] = True
+    with torch.no_grad(), ablate(model, kv_heads=kv):
+        out = model(x)
+    assert not torch.allclose(out[1], out[0]) and not torch.allclose(out[2], out[0])
+    with torch.no_grad():
+        assert torch.allclose(out[0], model(x[:1])[0], atol=1e-5)

@@ -25,7 +25,7 @@ from .policies import Grouping, GroupingPolicy, create_policy
 from .probe import AttentionProbe
 
 __all__ = ['GroupedQueryAttention', 'gqa_attention_layer', 'key_head_norms', 'route_kv', 'grouped_attention',
-           'ATTENTION_KINDS', 'attention_kind']
+           'ATTENTION_KINDS', 'attention_kind', 'permute_heads', 'apply_rope']
 
 
 def kv_bytes(num_kv_heads: int, head_dim: int, num_tokens: int, bytes_per_value: int = 2) -> int:
@@ -138,7 +138,42 @@ def _load_qkv(attn: nn.Module, weights: Sequence[Tensor], biases: Sequence[Optio
             proj.bias.copy_(b)
 
 
-def _rotate(t: Tensor, rope: Tensor, num_prefix_tokens: int, half: bool) -> Tensor:
+@torch.no_grad()
+def permute_heads(attn: nn.Module, perm: Sequence[int]) -> None:
+    """Reorder a multi-head layer's heads in place (new head i is old head ``perm[i]``) -- timm's attention of
+    any kind in :data:`ATTENTION_KINDS` or a G = H grouped layer: q/k/v rows (weights, biases), the output
+    projection's columns, and what else is per head (BEiT's bias table columns, an output gate's rows, the
+    scale norm's weights). The layer computes exactly the same function."""
+    H = attn.num_heads
+    if getattr(attn, 'num_kv_heads', H) != H:
+        raise ValueError('heads are permuted in the multi-head layer (G = H), before pooling')
+    index = torch.as_tensor(list(perm))
+
+    def rows(t: Optional[Tensor]) -> Optional[Tensor]:  # (H d, ...) reordered by head
+        return None if t is None else t.reshape(H, -1, *t.shape[1:])[index.to(t.device)].reshape(t.shape)
+
+    weights, biases = _qkv_tensors(attn)
+    _load_qkv(attn, [rows(w) for w in weights], [rows(b) for b in biases])
+    p = attn.proj.weight
+    p.copy_(p.view(p.shape[0], H, -1)[:, index.to(p.device)].reshape_as(p))
+    gate = getattr(attn, 'gate', None)
+    if gate is not None:
+        gate.weight.copy_(rows(gate.weight))
+        if gate.bias is not None:
+            gate.bias.copy_(rows(gate.bias))
+    norm = getattr(attn, 'norm', None)
+    for param in (getattr(norm, 'weight', None), getattr(norm, 'bias', None)):
+        if param is not None and param.dim() == 1 and param.numel() == weights[0].shape[0]:
+            param.copy_(rows(param))
+    table = getattr(attn, 'relative_position_bias_table', None)
+    if table is not None:
+        table.copy_(table[:, index.to(table.device)])
+    if isinstance(attn, GroupedQueryAttention):  # a model-wide shared bias follows through source_heads
+        before = attn.source_heads or list(range(H))
+        attn.source_heads = [before[int(h)] for h in index]
+
+
+def apply_rope(t: Tensor, rope: Tensor, num_prefix_tokens: int, half: bool) -> Tensor:
     """timm's RoPE on the non-prefix tokens of ``t`` ``(B, heads, T, d)``, as ``EvaAttention`` applies it."""
     npt = num_prefix_tokens
     return torch.cat([t[:, :, :npt], apply_rot_embed_cat(t[:, :, npt:], rope, half=half)], dim=2)
@@ -229,6 +264,8 @@ class GroupedQueryAttention(nn.Module):
         self.proj_drop = nn.Dropout(proj_drop)
         # Set by record() / ablate() (gqa_core.core.probe): sees or edits what a forward computed. None: no cost.
         self.probe: Optional[AttentionProbe] = None
+        # The original MHA head at each head position when the heads were reordered before pooling (None: kept).
+        self.source_heads: Optional[List[int]] = None
 
     @classmethod
     def from_attention(
@@ -238,9 +275,11 @@ class GroupedQueryAttention(nn.Module):
             num_kv_heads: Optional[int] = None,
             **policy_options: Any,
     ) -> 'GroupedQueryAttention':
-        """Convert a timm attention layer (:data:`ATTENTION_KINDS`): consecutive blocks of H/G key and value
-        heads are mean-pooled (weights and biases), everything else is copied."""
-        kind = attention_kind(attn)
+        """Convert a timm attention layer (:data:`ATTENTION_KINDS`), or a multi-head (G = H) grouped layer:
+        consecutive blocks of H/G key and value heads are mean-pooled (weights and biases), everything else
+        is copied."""
+        kind = attn.kind if isinstance(attn, GroupedQueryAttention) and attn.num_kv_heads == attn.num_heads \
+            else attention_kind(attn)
         if kind is None:
             raise ValueError(f'{type(attn).__name__} is not one of the timm attention layers GQA Lens converts '
                              f'({", ".join(c.__name__ for c in ATTENTION_KINDS.values())})')
@@ -267,6 +306,7 @@ class GroupedQueryAttention(nn.Module):
         if new.relative_position_bias_table is not None:
             with torch.no_grad():
                 new.relative_position_bias_table.copy_(attn.relative_position_bias_table)
+        new.source_heads = getattr(attn, 'source_heads', None)
 
         def pool(t: Optional[Tensor]) -> Optional[Tensor]:  # (H d, ...) -> (G d, ...): blocks of H / G averaged
             return None if t is None else t.reshape(G, H // G, d, *t.shape[1:]).mean(1).reshape(G * d, *t.shape[1:])
@@ -342,7 +382,10 @@ class GroupedQueryAttention(nn.Module):
             own = own.permute(2, 0, 1).unsqueeze(0)
             bias = own if bias is None else bias + own
         if shared_rel_pos_bias is not None:
-            bias = shared_rel_pos_bias if bias is None else bias + shared_rel_pos_bias
+            shared = shared_rel_pos_bias.view(-1, *shared_rel_pos_bias.shape[-3:])  # (1, H, T, T)
+            if self.source_heads is not None:  # the model's shared table is in the original head order
+                shared = shared[:, torch.as_tensor(self.source_heads, device=shared.device)]
+            bias = shared if bias is None else bias + shared
         return bias
 
     def forward(self, x: Tensor, rope: Optional[Tensor] = None, attn_mask: Optional[Tensor] = None,
@@ -354,8 +397,8 @@ class GroupedQueryAttention(nn.Module):
         k = self.k_norm(k.view(B, N, self.num_kv_heads, self.head_dim).transpose(1, 2))
         v = v.view(B, N, self.num_kv_heads, self.head_dim).transpose(1, 2)
         if rope is not None:  # a rotation per token: key norms are the same before and after it
-            q = _rotate(q, rope, self.num_prefix_tokens, self.rotate_half).type_as(v)
-            k = _rotate(k, rope, self.num_prefix_tokens, self.rotate_half).type_as(v)
+            q = apply_rope(q, rope, self.num_prefix_tokens, self.rotate_half).type_as(v)
+            k = apply_rope(k, rope, self.num_prefix_tokens, self.rotate_half).type_as(v)
         attn_mask = self._position_bias(attn_mask, shared_rel_pos_bias)
 
         probe = self.probe

@@ -112,12 +112,16 @@ def _convertible_attention(index: int, block: nn.Module, num_kv_heads: Optional[
     return attn
 
 
-def revert(model: nn.Module) -> VisionTransformer:
-    """Back to timm's own ``Attention`` (MHA), exactly equivalent at inference for fixed groupings."""
+def revert(model: nn.Module) -> nn.Module:
+    """Back to timm's own attention (MHA) in the original head order, exactly equivalent at inference for fixed
+    groupings (a BEiT model's shared position bias included)."""
     vit = check_vit(model)
     for block in vit.blocks:
         if isinstance(block.attn, GroupedQueryAttention):
+            order = block.attn.source_heads
             block.attn = block.attn.to_attention()
+            if order is not None and list(order) != list(range(len(order))):
+                permute_heads(block.attn, sorted(range(len(order)), key=list(order).__getitem__))
     return vit
 
 

@@ -31,15 +31,14 @@ import itertools
 import math
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from timm.layers import Attention
 
-from .attention import GroupedQueryAttention
-from .vit import block_inputs, check_vit, model_output, output_rows, run_blocks
+from .attention import GroupedQueryAttention, apply_rope, attention_kind, permute_heads
+from .vit import block_context, block_inputs, check_vit, model_output, output_rows, run_blocks
 
 __all__ = ['GroupingAdvice', 'advise_grouping', 'permute_heads', 'check_permutations', 'head_groups', 'GROUPINGS']
 
@@ -79,46 +78,58 @@ def head_groups(perm: Sequence[int], num_kv_heads: int) -> List[List[int]]:
     return [list(perm[g * s:(g + 1) * s]) for g in range(num_kv_heads)]
 
 
-@torch.no_grad()
-def permute_heads(attn: Attention, perm: Sequence[int]) -> None:
-    """Reorder a timm ``Attention``'s heads in place (new head i is old head ``perm[i]``); the layer computes
-    exactly the same function."""
-    H, d = attn.num_heads, attn.head_dim
-    index = torch.as_tensor(list(perm), device=attn.qkv.weight.device)
-    w = attn.qkv.weight
-    attn.qkv.weight.copy_(w.view(3, H, d, -1)[:, index].reshape_as(w))
-    if attn.qkv.bias is not None:
-        attn.qkv.bias.copy_(attn.qkv.bias.view(3, H, d)[:, index].reshape(-1))
-    p = attn.proj.weight
-    attn.proj.weight.copy_(p.view(p.shape[0], H, d)[:, index].reshape_as(p))
+@dataclass
+class _Layer:
+    """One layer as the advisor scores it: its multi-head attention (a G = H grouped layer of the model's kind)
+    and what the block gives it besides its tokens (RoPE; BEiT's position bias, folded into ``bias``)."""
+    attn: GroupedQueryAttention
+    rope: Optional[Tensor] = None
+    bias: Optional[Tensor] = None  # additive, (1, H, T, T)
+
+    @classmethod
+    def of(cls, attn: GroupedQueryAttention, context: Dict[str, Any]) -> '_Layer':
+        return cls(attn, context.get('rope'), attn._position_bias(None, context.get('shared_rel_pos_bias')))
+
+    def heads(self, x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        """q, k, v ``(B, H, T, d)`` of the layer's input ``x``, as its forward computes them."""
+        attn, (B, N, _) = self.attn, x.shape
+        q, k, v = attn._project(x)
+        q = attn.q_norm(q.view(B, N, attn.num_heads, attn.head_dim).transpose(1, 2))
+        k = attn.k_norm(k.view(B, N, attn.num_heads, attn.head_dim).transpose(1, 2))
+        v = v.view(B, N, attn.num_heads, attn.head_dim).transpose(1, 2)
+        if self.rope is not None:
+            q = apply_rope(q, self.rope, attn.num_prefix_tokens, attn.rotate_half).type_as(v)
+            k = apply_rope(k, self.rope, attn.num_prefix_tokens, attn.rotate_half).type_as(v)
+        return q, k, v
+
+    def mask(self, heads: Optional[Tensor], rows: Optional[slice]) -> Optional[Tensor]:
+        """The additive bias for the query ``heads`` (an index; all when None) and query ``rows``."""
+        if self.bias is None:
+            return None
+        bias = self.bias if heads is None else self.bias[:, heads]
+        return bias if rows is None else bias[:, :, rows]
 
 
-def _heads(attn: Attention, x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
-    B, N, _ = x.shape
-    qkv = attn.qkv(x).reshape(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
-    q, k, v = qkv.unbind(0)
-    return attn.q_norm(q), attn.k_norm(k), v
-
-
-def _mha_outputs(attn: Attention, inputs: Tensor, rows: Optional[slice]) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+def _mha_outputs(layer: _Layer, inputs: Tensor, rows: Optional[slice]) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """q (of the query ``rows`` that matter; all when None), k, v of ``inputs`` and the multi-head output the
     pooled layer should match."""
-    q, k, v = _heads(attn, inputs)
+    q, k, v = layer.heads(inputs)
     if rows is not None:
         q = q[:, :, rows]
-    return q, k, v, F.scaled_dot_product_attention(q, k, v, scale=attn.scale)
+    return q, k, v, F.scaled_dot_product_attention(q, k, v, attn_mask=layer.mask(None, rows), scale=layer.attn.scale)
 
 
-def _group_costs(attn: Attention, inputs: Tensor, groups: Sequence[Tuple[int, ...]], batch: int,
+def _group_costs(layer: _Layer, inputs: Tensor, groups: Sequence[Tuple[int, ...]], batch: int,
                  rows: Optional[slice] = None) -> Tensor:
     """Output error of pooling each group's K/V, summed over calibration tokens: ``(len(groups),)``."""
+    attn = layer.attn
     H, d = attn.num_heads, attn.head_dim
     index = torch.tensor(groups, dtype=torch.long)  # (M, s)
     M, s = index.shape
     weight = attn.proj.weight.view(-1, H, d)[:, index]  # (D, M, s, d)
     costs = torch.zeros(M, dtype=torch.float64)
     for start in range(0, inputs.shape[0], batch):
-        q, k, v, o = _mha_outputs(attn, inputs[start:start + batch], rows)
+        q, k, v, o = _mha_outputs(layer, inputs[start:start + batch], rows)
         B, T = q.shape[0], q.shape[2]
         chunk = max(1, TRANSIENT_VALUES // (B * k.shape[2] * max(weight.shape[0], s * d)))  # groups per call
         for m0 in range(0, M, chunk):
@@ -126,7 +137,8 @@ def _group_costs(attn: Attention, inputs: Tensor, groups: Sequence[Tuple[int, ..
             m = idx.shape[0]
             qs = q[:, idx.reshape(-1)]  # (B, m*s, T, d)
             kp, vp = k[:, idx].mean(2), v[:, idx].mean(2)  # (B, m, T, d)
-            o2 = F.scaled_dot_product_attention(qs, kp, vp, scale=attn.scale, enable_gqa=True)
+            o2 = F.scaled_dot_product_attention(qs, kp, vp, attn_mask=layer.mask(idx.reshape(-1), rows),
+                                                scale=attn.scale, enable_gqa=True)
             delta = (o2 - o[:, idx.reshape(-1)]).reshape(B, m, s, T, d).transpose(2, 3).reshape(B, m, T, s * d)
             w = weight[:, m0:m0 + m].reshape(-1, m, s * d)  # (D, m, s*d): the group's projection columns
             if s * d < w.shape[0]:  # ||W delta||^2 = delta^T (W^T W) delta: cheaper through the Gram matrix
@@ -137,17 +149,18 @@ def _group_costs(attn: Attention, inputs: Tensor, groups: Sequence[Tuple[int, ..
     return costs
 
 
-def _layer_errors(attn: Attention, inputs: Tensor, perms: Sequence[Sequence[int]], G: int, batch: int,
+def _layer_errors(layer: _Layer, inputs: Tensor, perms: Sequence[Sequence[int]], G: int, batch: int,
                   rows: Optional[slice] = None) -> List[float]:
     """Full output error of the layer (all groups together, through the projection) for each head order,
     several orders per fused attention call."""
+    attn = layer.attn
     H, d = attn.num_heads, attn.head_dim
     index = torch.as_tensor([list(p) for p in perms])  # (P, H)
     P = index.shape[0]
     proj = attn.proj.weight.view(-1, H, d)
     totals = torch.zeros(P, dtype=torch.float64)
     for start in range(0, inputs.shape[0], batch):
-        q, k, v, o = _mha_outputs(attn, inputs[start:start + batch], rows)
+        q, k, v, o = _mha_outputs(layer, inputs[start:start + batch], rows)
         B, Tq, T = q.shape[0], q.shape[2], k.shape[2]
         chunk = max(1, TRANSIENT_VALUES // (B * T * max(proj.shape[0], H * d)))
         for p0 in range(0, P, chunk):
@@ -156,7 +169,8 @@ def _layer_errors(attn: Attention, inputs: Tensor, perms: Sequence[Sequence[int]
             flat = idx.reshape(-1)
             kp = k[:, flat].view(B, n * G, H // G, T, d).mean(2)
             vp = v[:, flat].view(B, n * G, H // G, T, d).mean(2)
-            o2 = F.scaled_dot_product_attention(q[:, flat], kp, vp, scale=attn.scale, enable_gqa=True)
+            o2 = F.scaled_dot_product_attention(q[:, flat], kp, vp, attn_mask=layer.mask(flat, rows),
+                                                scale=attn.scale, enable_gqa=True)
             delta = (o2 - o[:, flat]).view(B, n, H, Tq, d)
             y = torch.einsum('bnhtd,onhd->bnto', delta, proj[:, idx])
             totals[p0:p0 + n] += y.square().sum((0, 2, 3)).double()
@@ -203,7 +217,7 @@ def _exact(H: int, s: int, cost: Dict[Tuple[int, ...], float]) -> List[Tuple[int
     return groups
 
 
-def _swap_search(attn: Attention, inputs: Tensor, H: int, G: int, batch: int, rows: Optional[slice] = None,
+def _swap_search(layer: _Layer, inputs: Tensor, H: int, G: int, batch: int, rows: Optional[slice] = None,
                  max_rounds: int = 64) -> List[Tuple[int, ...]]:
     """Best-improvement pairwise swaps between groups, from the consecutive grouping; each round scores all
     candidate groups of all swaps in one batch."""
@@ -214,7 +228,7 @@ def _swap_search(attn: Attention, inputs: Tensor, H: int, G: int, batch: int, ro
     def score(candidates: List[Tuple[int, ...]]) -> None:
         todo = sorted({c for c in candidates if c not in cache})
         if todo:
-            for c, value in zip(todo, _group_costs(attn, inputs, todo, batch, rows).tolist()):
+            for c, value in zip(todo, _group_costs(layer, inputs, todo, batch, rows).tolist()):
                 cache[c] = value
 
     score(groups)
@@ -253,7 +267,7 @@ def _refine_flops_per_candidate(vit: nn.Module, tokens: Tensor) -> float:
     return float(L * (L + 1) // 2 * N * T * per_token)
 
 
-def _pooled_block(block: nn.Module, attn: Attention, perm: Sequence[int], G: int) -> nn.Module:
+def _pooled_block(block: nn.Module, attn: GroupedQueryAttention, perm: Sequence[int], G: int) -> nn.Module:
     """A copy of ``block`` whose attention is ``attn`` with heads ``perm`` pooled consecutively into G."""
     pooled = copy.deepcopy(attn)
     permute_heads(pooled, perm)
@@ -262,45 +276,46 @@ def _pooled_block(block: nn.Module, attn: Attention, perm: Sequence[int], G: int
     return converted
 
 
-def _ranked_partitions(attn: Attention, x: Tensor, G: int, rows: Optional[slice], candidates: int,
+def _ranked_partitions(layer: _Layer, x: Tensor, G: int, rows: Optional[slice], candidates: int,
                        batch: int) -> Tuple[List[Tuple[List[int], float]], float, str]:
     """Stage 1 for one layer: up to ``candidates`` head orders with their layer error, best first, none worse
     than the consecutive order; the consecutive order's error; the search used."""
-    H = attn.num_heads
+    H = layer.attn.num_heads
     s = H // G
     consecutive = list(range(H))
     if G == H or G == 1:
-        err_c = _layer_errors(attn, x, [consecutive], G, batch, rows)[0]
+        err_c = _layer_errors(layer, x, [consecutive], G, batch, rows)[0]
         return [(consecutive, err_c)], err_c, 'kept'
     if _num_partitions(H, G) <= MAX_EXHAUSTIVE_PARTITIONS:  # score every partition by the full error
         perms = [[h for g in p for h in g] for p in _partitions(tuple(range(H)), s)]
-        errors = _layer_errors(attn, x, perms, G, batch, rows)
+        errors = _layer_errors(layer, x, perms, G, batch, rows)
         err_c = errors[perms.index(consecutive)]
         order = sorted(range(len(perms)), key=errors.__getitem__)
         return [(perms[i], errors[i]) for i in order if errors[i] <= err_c][:candidates], err_c, 'exhaustive'
     if _num_partitions(H, G) <= MAX_EXACT_PARTITIONS or (s == 2 and H <= 16):
         groups_of = list(itertools.combinations(range(H), s))
-        costs = _group_costs(attn, x, groups_of, batch, rows).tolist()
+        costs = _group_costs(layer, x, groups_of, batch, rows).tolist()
         groups, how = _exact(H, s, dict(zip(groups_of, costs))), 'exact'
     else:
-        groups, how = _swap_search(attn, x, H, G, batch, rows), 'swap'
+        groups, how = _swap_search(layer, x, H, G, batch, rows), 'swap'
     perm = [h for group in groups for h in group]
-    err_c, err_a = _layer_errors(attn, x, [consecutive, perm], G, batch, rows)
+    err_c, err_a = _layer_errors(layer, x, [consecutive, perm], G, batch, rows)
     if err_a > err_c:  # the search minimised a per-group bound; never worse than the paper's grouping
         return [(consecutive, err_c)], err_c, 'kept'
     return [(perm, err_a)], err_c, how
 
 
-def _choose_by_output(vit: nn.Module, index: int, attn: Attention, ranked: List[Tuple[List[int], float]], G: int,
-                      tokens: Tensor, reference: Tensor, batch: int) -> Tuple[float, List[int], float, Tensor]:
+def _choose_by_output(vit: nn.Module, index: int, attn: GroupedQueryAttention, ranked: List[Tuple[List[int], float]],
+                      G: int, tokens: Tensor, reference: Tensor, batch: int,
+                      context: Dict[str, Any]) -> Tuple[float, List[int], float, Tensor]:
     """Stage 2 for layer ``index``: among ``ranked`` head orders, the one whose model output (the layers below
     already converted, given as ``tokens`` entering this block) stays closest to the MHA ``reference``.
     Returns its divergence, order, layer error and the tokens it passes to the next block."""
     headless = getattr(vit, 'num_classes', 0) == 0
     best = None
     for perm, err in ranked:
-        out = run_blocks([_pooled_block(vit.blocks[index], attn, perm, G)], tokens, batch)
-        d = _output_divergence(reference, model_output(vit, out, index + 1, batch), headless)
+        out = run_blocks([_pooled_block(vit.blocks[index], attn, perm, G)], tokens, batch, context)
+        d = _output_divergence(reference, model_output(vit, out, index + 1, batch, context), headless)
         if best is None or d < best[0]:
             best = (d, perm, err, out)
     return best
@@ -326,20 +341,21 @@ def advise_grouping(model: nn.Module, num_kv_heads: int, images: Tensor, *, cand
     was_training = vit.training
     vit.eval()
     mha_tokens = block_inputs(vit, images)
+    context = block_context(vit, images)
     if max_refine_flops is not None:
         candidates = max(1, min(candidates, int(max_refine_flops // _refine_flops_per_candidate(vit, mha_tokens))))
     refine = candidates > 1 and 1 < G < H and _num_partitions(H, G) <= MAX_EXHAUSTIVE_PARTITIONS
     converted_tokens = mha_tokens  # what the layers chosen so far produce (tracked when stage 2 runs)
-    reference = model_output(vit, mha_tokens, 0, batch) if refine else None
+    reference = model_output(vit, mha_tokens, 0, batch, context) if refine else None
     advice = GroupingAdvice([], [], [])
     for index, block in enumerate(vit.blocks):
         attn = _multi_head(block.attn, index)
-        ranked, err_c, how = _ranked_partitions(attn, block.norm1(mha_tokens), G, output_rows(vit, index),
-                                                candidates, batch)
+        ranked, err_c, how = _ranked_partitions(_Layer.of(attn, context), block.norm1(mha_tokens), G,
+                                                output_rows(vit, index), candidates, batch)
         divergence = None
         if refine:
             divergence, perm, err_a, converted_tokens = _choose_by_output(
-                vit, index, attn, ranked, G, converted_tokens, reference, batch)
+                vit, index, attn, ranked, G, converted_tokens, reference, batch, context)
         else:
             perm, err_a = ranked[0]
         advice.permutations.append(list(perm))
@@ -347,16 +363,16 @@ def advise_grouping(model: nn.Module, num_kv_heads: int, images: Tensor, *, cand
         advice.error_advised.append(err_a)
         advice.search.append(how)
         advice.output_divergence.append(divergence)
-        mha_tokens = run_blocks([block], mha_tokens, batch)
+        mha_tokens = run_blocks([block], mha_tokens, batch, context)
     vit.train(was_training)
     return advice
 
 
-def _multi_head(attn: nn.Module, index: int) -> Attention:
-    """The block's attention as timm ``Attention`` (a G = H grouped layer is multi-head attention)."""
-    if isinstance(attn, GroupedQueryAttention) and attn.num_kv_heads == attn.num_heads:
-        attn = attn.to_attention()
-    if type(attn) is not Attention:
+def _multi_head(attn: nn.Module, index: int) -> GroupedQueryAttention:
+    """The block's multi-head attention as a G = H grouped layer of its kind (exact for timm's own layers)."""
+    if attention_kind(attn) is not None and getattr(attn, 'num_kv_heads', attn.num_heads) == attn.num_heads:
+        attn = GroupedQueryAttention.from_attention(attn, 'mha')
+    if not (isinstance(attn, GroupedQueryAttention) and attn.num_kv_heads == attn.num_heads):
         raise ValueError(f'block {index}: the grouping advisor needs the multi-head model (G = H), '
                          f'got {type(attn).__name__}' + (f' with G={attn.num_kv_heads}'
                                                          if hasattr(attn, 'num_kv_heads') else ''))
