@@ -210,3 +210,67 @@ def test_removing_a_kv_head_changes_the_output_in_one_batched_forward(key):
     assert not torch.allclose(out[1], out[0]) and not torch.allclose(out[2], out[0])
     with torch.no_grad():
         assert torch.allclose(out[0], model(x[:1])[0], atol=1e-5)
+
+
+@pytest.mark.parametrize('key', ['siglip', 'pe'])
+def test_attention_pooling_query_is_recorded_as_the_pool_computes_it(key):
+    """The pooling query's recorded attention, applied to the pool's values, gives the pool's own output; the
+    rollout is seen from that query (what the pooled output reads), not from the mean over queries."""
+    from gqa_core.core.vit import POOL_QUERY
+    model = convert(family_model(key), 'kdgqa', 2)
+    x = images(model)
+    pool = model.attn_pool
+    seen = {}
+    hook = pool.register_forward_pre_hook(lambda m, args: seen.update(tokens=args[0]))
+    with torch.no_grad(), record(model, attention='full', rollout=('mean',)) as rec:
+        model(x)
+    hook.remove()
+    r = rec.result
+    tokens = seen['tokens']
+    B, T, C = tokens.shape
+    attn = r.pool_attention  # (B, P, T)
+    assert attn.shape == (B, pool.num_heads, T) and torch.allclose(attn.sum(-1), torch.ones(()), atol=1e-5)
+    with torch.no_grad():
+        v = pool.kv(tokens).reshape(B, T, 2, pool.num_heads, pool.head_dim)[:, :, 1].transpose(1, 2)
+        out = pool.proj((attn[:, :, None] @ v).transpose(1, 2).reshape(B, 1, C))
+        out = (out + pool.mlp(pool.norm(out)))[:, 0]
+        assert torch.allclose(out, pool(tokens), atol=1e-5)
+    assert r.rollout_label == POOL_QUERY
+    full = torch.stack([layer.attention[0].mean(0) for layer in r.layers])
+    product = torch.eye(T)
+    for a in full:
+        a = 0.5 * a + 0.5 * torch.eye(T)
+        product = (a / a.sum(-1, keepdim=True)) @ product
+    expected = attn[0].mean(0) @ product
+    assert torch.allclose(r.rollout['mean'][0], expected, atol=1e-5)
+    assert not torch.allclose(r.rollout['mean'][0], product.mean(0), atol=1e-4), 'not the mean over queries'
+
+
+def test_the_app_shows_every_view_of_every_family_over_http(app_server):
+    """Each family saved as a local model folder, served by the real app: every view of /run answers with a
+    picture or a figure, or one line saying why it does not apply -- never an error."""
+    from gradio_client import Client, handle_file
+    from answers import columns
+    from conftest import ALLOWED_MODELS, EXAMPLES_DIR
+    from gqa_core import save_pretrained
+    from gqa_core.lens.views import VIEWS
+    client = Client(app_server[0], verbose=False)
+    image = handle_file(str(EXAMPLES_DIR / 'grace_hopper.jpg'))
+    for key in sorted(FAMILIES):
+        model = family_model(key)
+        H = model.blocks[0].attn.num_heads
+        save_pretrained(convert(copy.deepcopy(model), 'mha'), ALLOWED_MODELS / f'family-{key}-mha')
+        save_pretrained(convert(model, 'kdgqa', H // 2), ALLOWED_MODELS / f'family-{key}-kdgqa')
+        specs = [f'local:family-{key}-mha', f'local:family-{key}-kdgqa', '(none)', '(none)']
+        for view in VIEWS.values():
+            out = client.predict(image, *specs, view.label, 0, 'mean', 'mean', 'zero', True, api_name='/run')
+            status = out[0]
+            assert '⚠️' not in status or 'shrunk' in status, (key, view.label, status)
+            for column in columns(out)[:2]:
+                drawn = column['picture'] is not None or column['figure'] is not None
+                assert drawn or (column['caption'].startswith('*') and len(column['caption']) > 10), \
+                    (key, view.label, column['caption'])
+                assert 'Traceback' not in column['caption'] and '/tmp' not in column['caption']
+        pooled = client.predict(image, *specs, 'attention pool', 0, 'mean', 'mean', 'zero', False, api_name='/run')
+        has_pool = key in ('siglip', 'pe')
+        assert (columns(pooled)[1]['picture'] is not None) == has_pool, key

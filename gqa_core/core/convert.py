@@ -104,7 +104,7 @@ def _convertible_attention(index: int, block: nn.Module, num_kv_heads: Optional[
                              'from the multi-head model (G = H), not from another grouping')
         return attn.to_attention()
     if attention_kind(attn) is None:
-        known = ', '.join(cls.__name__ for cls in ATTENTION_KINDS.values())
+        known = ', '.join(f'{cls.__module__.split(".")[-1]}.{cls.__name__}' for cls in ATTENTION_KINDS.values())
         raise ValueError(f'block {index} ({type(block).__name__}): attention {type(attn).__name__} is not one of '
                          f'timm\'s {known}; the model was not changed')
     if getattr(attn, 'num_kv_heads', attn.num_heads) != attn.num_heads:

@@ -20,9 +20,11 @@ from .attention import GroupedQueryAttention, route_kv
 from .convert import grouping_config
 from .policies import Grouping
 from .probe import AttentionProbe, attach, detach
-from .vit import MEAN_ROW, gqa_layers, has_class_token, prefix_labels, summary_row, token_grid
+from .vit import (MEAN_ROW, POOL_QUERY, attention_pool, gqa_layers, has_class_token, prefix_labels, summary_row,
+                  token_grid)
 
-__all__ = ['LayerRecord', 'Recording', 'record', 'token_grid', 'ATTENTION_ROWS', 'FUSIONS', 'MEAN_ROW']
+__all__ = ['LayerRecord', 'Recording', 'record', 'token_grid', 'pool_query_attention', 'ATTENTION_ROWS', 'FUSIONS',
+           'MEAN_ROW', 'POOL_QUERY']
 
 ATTENTION_ROWS = ('prefix', 'full', 'none')
 FUSIONS = ('mean', 'max', 'min')
@@ -71,6 +73,16 @@ class Recording:
     summary_row: int = 0
     rollout: Dict[str, Tensor] = field(default_factory=dict)
     headless: bool = False
+    pool_attention: Optional[Tensor] = None  # (B, P, T): an attention-pooling head's query, per pool head
+    rollout_label: str = ''  # whose rollout: the summary row's, or the attention-pooling query's
+
+    def pool_patches(self, head: Optional[int] = None, sample: int = 0) -> Optional[np.ndarray]:
+        """``(patches,)``: the attention-pooling query's attention over the patch tokens (mean of its heads, or
+        one head); None when the model pools otherwise."""
+        if self.pool_attention is None:
+            return None
+        rows = self.pool_attention[sample, :, self.num_prefix_tokens:]
+        return (rows.mean(0) if head is None else rows[head]).numpy()
 
     def probabilities(self) -> Tensor:
         return self.logits.float().softmax(-1)
@@ -98,9 +110,12 @@ class Recording:
         out.update({f'full_layer{i}': layer.full.numpy() for i, layer in enumerate(self.layers)
                     if layer.full is not None})
         out.update({f'rollout_{fusion}': joint.numpy() for fusion, joint in self.rollout.items()})
+        if self.pool_attention is not None:
+            out['pool_attention'] = self.pool_attention.numpy()
         out.update(logits=self.logits.float().numpy(), num_prefix_tokens=self.num_prefix_tokens,
                    grid_size=tuple(self.grid_size), attention_rows=self.attention_rows, config=dict(self.config),
-                   row_labels=list(self.row_labels), summary_row=self.summary_row, headless=self.headless)
+                   row_labels=list(self.row_labels), summary_row=self.summary_row, headless=self.headless,
+                   rollout_label=self.rollout_label)
         return out
 
     def to_json(self) -> str:
@@ -158,6 +173,7 @@ class record:
         self._joint: Dict[str, Tensor] = {}
         self._grid: tuple = ()
         self._hooks: list = []
+        self._pool: Optional[Tensor] = None
 
     def __enter__(self) -> 'record':
         attach(self.layers_list, [_LayerProbe(self._capture) for _ in self.layers_list])
@@ -165,6 +181,9 @@ class record:
             self.model.register_forward_pre_hook(self._start),
             self.model.register_forward_hook(self._finish),
         ]
+        pool = attention_pool(self.model)
+        if pool is not None:
+            self._hooks.append(pool.register_forward_pre_hook(self._capture_pool))
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -175,7 +194,12 @@ class record:
     def _start(self, module: nn.Module, args: Any) -> None:
         self._layers.clear()
         self._joint = {}
+        self._pool = None
         self._grid = token_grid(module, args[0] if args else None)
+
+    @torch.no_grad()
+    def _capture_pool(self, pool: nn.Module, args: Any) -> None:
+        self._pool = pool_query_attention(pool, args[0]).float()
 
     def _summary(self, maps: Tensor) -> Tensor:
         """``(..., T, T) -> (..., T)``: the class token's row, else the mean over all query rows."""
@@ -237,7 +261,9 @@ class record:
             self._joint[fusion] = a if joint is None else torch.matmul(a, joint)
 
     def _finish(self, module: nn.Module, args: Any, output: Tensor) -> None:
-        rollout = {fusion: self._summary(joint).cpu() for fusion, joint in self._joint.items()}
+        pool = self._pool.mean(1) if self._pool is not None else None  # (B, T): the pooled output reads this
+        rollout = {fusion: (self._summary(joint) if pool is None else (pool[:, None] @ joint)[:, 0]).cpu()
+                   for fusion, joint in self._joint.items()}
         self._joint = {}
         self.result = Recording(
             layers=list(self._layers), logits=output.detach().float().cpu(),
@@ -245,7 +271,23 @@ class record:
             attention_rows=self.attention, config=self.config, row_labels=list(self.row_labels),
             summary_row=self.summary_row, rollout=rollout,
             headless=int(getattr(module, 'num_classes', 1)) == 0,
+            pool_attention=self._pool.cpu() if self._pool is not None else None,
+            rollout_label=POOL_QUERY if self._pool is not None else self.row_labels[self.summary_row],
         )
+
+
+def pool_query_attention(pool: nn.Module, x: Tensor) -> Tensor:
+    """``(B, P, T)``: the post-softmax attention of timm's ``AttentionPoolLatent`` query over the tokens ``x``
+    it pools, per pool head (averaged over its latent queries when it has several) -- what its forward computes
+    inside its fused kernel."""
+    B, N, _ = x.shape
+    if pool.pos_embed is not None:
+        x = x + pool.pos_embed.unsqueeze(0).to(x.dtype)
+    q = pool.q(pool.latent.expand(B, -1, -1)).reshape(B, pool.latent_len, pool.num_heads, pool.head_dim)
+    k = pool.kv(x).reshape(B, N, 2, pool.num_heads, pool.head_dim)[:, :, 0]
+    q, k = pool.q_norm(q.transpose(1, 2)), pool.k_norm(k.transpose(1, 2))
+    scores = (q.float() * pool.scale) @ k.float().transpose(-2, -1)  # (B, P, latents, T)
+    return scores.softmax(-1).mean(2)
 
 
 def _softmax_(scores: Tensor) -> Tensor:

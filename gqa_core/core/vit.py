@@ -13,6 +13,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
+from timm.layers import AttentionPoolLatent
 from timm.models.beit import Beit
 from timm.models.eva import Eva
 from timm.models.vision_transformer import VisionTransformer
@@ -21,9 +22,10 @@ from .attention import GroupedQueryAttention
 
 __all__ = ['check_vit', 'gqa_layers', 'num_tokens', 'token_grid', 'prefix_labels', 'has_class_token',
            'summary_row', 'block_inputs', 'block_context', 'output_rows', 'run_blocks', 'model_output',
-           'vit_geometry', 'MEAN_ROW', 'FAMILIES']
+           'vit_geometry', 'attention_pool', 'norm_eps', 'set_norm_eps', 'MEAN_ROW', 'POOL_QUERY', 'FAMILIES']
 
 MEAN_ROW = 'mean over queries'
+POOL_QUERY = 'attention-pooling query'
 FAMILIES = (VisionTransformer, Eva, Beit)
 
 
@@ -60,6 +62,13 @@ def num_registers(model: nn.Module) -> int:
         return int(model.num_reg_tokens)
     reg = getattr(model, 'reg_token', None)
     return int(reg.shape[1]) if reg is not None else 0
+
+
+def attention_pool(model: nn.Module) -> Optional[nn.Module]:
+    """The model's attention-pooling head (timm's ``AttentionPoolLatent``: SigLIP, SigLIP2, PE ``map``
+    pooling), whose query's attention over the tokens is what the pooled output reads; None otherwise."""
+    pool = getattr(model, 'attn_pool', None)
+    return pool if isinstance(pool, AttentionPoolLatent) else None
 
 
 def has_class_token(model: nn.Module) -> bool:
@@ -142,6 +151,17 @@ def model_output(vit: nn.Module, tokens: Tensor, first: int, batch: int,
 
 def _is(module: Optional[nn.Module]) -> bool:
     return module is not None and not isinstance(module, nn.Identity)
+
+
+def norm_eps(model: nn.Module) -> Dict[str, float]:
+    """Every LayerNorm's epsilon, by module name (timm builds them with one; models from elsewhere differ)."""
+    return {name: float(m.eps) for name, m in model.named_modules() if isinstance(m, nn.LayerNorm)}
+
+
+def set_norm_eps(model: nn.Module, eps: float) -> None:
+    for module in model.modules():
+        if isinstance(module, nn.LayerNorm):
+            module.eps = float(eps)
 
 
 def _common_geometry(vit: nn.Module) -> Dict[str, Any]:

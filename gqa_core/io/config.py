@@ -19,10 +19,10 @@ from torch import nn
 
 from ..core.convert import convert, grouping_config, kv_cache_bytes, source_heads
 from ..core.grouping import check_permutations
-from ..core.vit import gqa_layers, vit_geometry
+from ..core.vit import gqa_layers, norm_eps, set_norm_eps, vit_geometry
 from .preprocessing import model_preprocessing
 from .safe_config import (Budget, ConfigError, check_backbone, check_backbone_args, check_budget, check_grouping,
-                          check_labels, check_num_classes, check_preprocessing, check_source_heads)
+                          check_labels, check_norm_eps, check_num_classes, check_preprocessing, check_source_heads)
 
 __all__ = ['GroupingSpec', 'GQALensConfig', 'FORMAT', 'backbone_of']
 
@@ -59,6 +59,7 @@ class GQALensConfig:
     source_heads: Optional[List[List[int]]] = None
     metrics: Dict[str, Any] = field(default_factory=dict)
     dataset: Optional[str] = None
+    norm_eps: Optional[float] = None  # every LayerNorm's epsilon, when it is not what timm's constructor sets
 
     # -- reading and writing -------------------------------------------------------------------------------
     @classmethod
@@ -87,6 +88,7 @@ class GQALensConfig:
             source_heads=check_source_heads(data.get('source_heads')),
             metrics=dict(metrics),
             dataset=dataset,
+            norm_eps=check_norm_eps(data.get('norm_eps')),
         )
         if budget is not None:
             check_budget(config.backbone, config.model_args(), budget)
@@ -99,6 +101,8 @@ class GQALensConfig:
             grouping=self.grouping.to_dict(), source_heads=self.source_heads, num_classes=self.num_classes,
             labels=self.labels, preprocessing=self.preprocessing, dataset=self.dataset,
         )
+        if self.norm_eps is not None:
+            out['norm_eps'] = self.norm_eps
         if model is not None:
             out.update(params=sum(p.numel() for p in model.parameters()), kv_cache_bytes_fp16=kv_cache_bytes(model))
         out['metrics'] = self.metrics
@@ -119,6 +123,8 @@ class GQALensConfig:
         overlay = {k: tuple(v) if isinstance(v, list) and k != 'label_names' else v for k, v in overlay.items()}
         model = timm.create_model(self.backbone, pretrained=False, pretrained_cfg_overlay=overlay,
                                   **self.model_args())
+        if self.norm_eps is not None:
+            set_norm_eps(model, self.norm_eps)
         g = self.grouping
         convert(model, g.variant, g.num_kv_heads, **g.options)
         if self.source_heads is not None:
@@ -137,21 +143,22 @@ class GQALensConfig:
            dataset: Optional[str] = None) -> 'GQALensConfig':
         """Read a converted timm ViT's config from the model itself (see the module doc); ``labels`` and
         ``preprocessing`` given here win over what its ``pretrained_cfg`` says."""
-        backbone, args = backbone_of(model)
+        backbone, args, eps = backbone_of(model)
         grouping = dict(grouping_config(model))
         spec = GroupingSpec(grouping.pop('variant'), grouping.pop('num_kv_heads'), grouping)
         saved_labels = model.pretrained_cfg.get('label_names') if hasattr(model, 'pretrained_cfg') else None
         labels = labels if labels is not None else saved_labels
         return cls(backbone, args, spec, int(model.num_classes), preprocessing or model_preprocessing(model),
                    list(labels) if labels is not None and len(labels) == model.num_classes else None,
-                   source_heads(model), dict(metrics or {}), dataset)
+                   source_heads(model), dict(metrics or {}), dataset, eps)
 
 
 def backbone_of(model: nn.Module) -> tuple:
-    """``(timm name, constructor args)`` that rebuild ``model``: the name from its ``pretrained_cfg``, the args
-    read from its modules, checked by building that model on the ``meta`` device and comparing every
-    parameter's shape and every module's class. ``ValueError`` when they differ (a model timm's constructor
-    cannot express)."""
+    """``(timm name, constructor args, norm eps)`` that rebuild ``model``: the name from its ``pretrained_cfg``,
+    the args read from its modules, checked by building that model on the ``meta`` device and comparing every
+    parameter's shape and every module's class; the LayerNorm epsilon when the model's (one for all) differs
+    from the rebuilt one's (e.g. 1e-12 in models read from transformers), else None. ``ValueError`` when they
+    differ otherwise (a model timm's constructor cannot express)."""
     arch = getattr(model, 'pretrained_cfg', {}).get('architecture')
     if not arch:
         raise ValueError(f'{type(model).__name__} has no timm pretrained_cfg naming its architecture; build it '
@@ -172,7 +179,11 @@ def backbone_of(model: nn.Module) -> tuple:
         if mine.get(name) != theirs.get(name):
             raise ValueError(f'{arch} rebuilt from {args} differs from this model at {name}: '
                              f'{theirs.get(name)} instead of {mine.get(name)}')
-    return arch, args
+    eps = set(norm_eps(model).values())
+    if len(eps) > 1:
+        raise ValueError(f'{arch}: its LayerNorms use different epsilons {sorted(eps)}; GQA Lens saves one')
+    own = next(iter(eps), None)
+    return arch, args, (own if own is not None and {own} != set(norm_eps(rebuilt).values()) else None)
 
 
 def _layout(model: nn.Module) -> Dict[str, Any]:

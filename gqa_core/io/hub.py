@@ -24,8 +24,9 @@ from ..core.convert import convert
 from .config import FORMAT, GQALensConfig
 from .credentials import Token
 from .safe_config import Budget, ConfigError, check_backbone, check_backbone_args, check_budget, check_preprocessing
+from . import transformers_format
 
-__all__ = ['create_model', 'save_pretrained', 'from_pretrained', 'push_to_hub', 'from_timm', 'load_config',
+__all__ = ['create_model', 'save_pretrained', 'from_pretrained', 'push_to_hub', 'from_timm', 'load_config', 'trained_on',
            'ModelLoadError', 'CONFIG_NAME', 'WEIGHTS_NAME']
 
 CONFIG_NAME = 'config.json'
@@ -68,6 +69,9 @@ def from_timm(name: str, variant: str, num_kv_heads: Optional[int] = None, pretr
         if callable(token):
             token = token(repo)
         cfg = _read_json(repo, _fetch(repo, CONFIG_NAME, revision, local=False, token=token))
+        if transformers_format.is_transformers_config(cfg):
+            model = _from_transformers(repo, cfg, revision, False, budget, token)
+            return convert(model, variant, num_kv_heads, **policy_options)
         try:
             backbone = check_backbone(cfg.get('architecture'))
             args = check_backbone_args(cfg.get('model_args', {}), backbone)
@@ -232,10 +236,41 @@ def load_config(source: str, revision: Optional[str] = None, *, local: bool = Tr
                 budget: Optional[Budget] = None, token: Token = None) -> GQALensConfig:
     """The validated ``config.json`` of a folder or Hub repo (see :mod:`gqa_core.io.safe_config`)."""
     data = _read_json(source, _fetch(source, CONFIG_NAME, revision, local, token))
+    return _gqa_lens_config(source, data, budget)
+
+
+def _gqa_lens_config(source: str, data: Dict[str, Any], budget: Optional[Budget]) -> GQALensConfig:
     try:
         return GQALensConfig.from_json(data, budget)
     except ConfigError as e:
         raise ModelLoadError(f'{source}: {CONFIG_NAME}: {e}') from None
+
+
+def trained_on(source: str, revision: Optional[str] = None, *, local: bool = True, token: Token = None) -> Optional[str]:
+    """What a saved model's config says it was trained on (None for a transformers-format repo: it does not say)."""
+    data = _read_json(source, _fetch(source, CONFIG_NAME, revision, local, token))
+    return None if transformers_format.is_transformers_config(data) else _gqa_lens_config(source, data, None).dataset
+
+
+def _weights(source: str, revision: Optional[str], local: bool, token: Token, map_location: str = 'cpu') -> Dict:
+    path = _fetch(source, WEIGHTS_NAME, revision, local, token)
+    try:
+        return load_file(path, device=map_location)
+    except (SafetensorError, OSError) as e:
+        raise ModelLoadError(f'{source}: {WEIGHTS_NAME} is corrupt or truncated ({type(e).__name__})') from None
+
+
+def _from_transformers(source: str, data: Dict[str, Any], revision: Optional[str], local: bool,
+                       budget: Optional[Budget], token: Token) -> nn.Module:
+    """The timm model (MHA) equivalent to a transformers-format repo or folder
+    (:mod:`gqa_core.io.transformers_format`): config checked and the size counted before any weight is fetched."""
+    try:
+        described = transformers_format.read_config(data)
+        if budget is not None:
+            transformers_format.check_size(described, budget)
+        return transformers_format.build(described, _weights(source, revision, local, token))
+    except ConfigError as e:
+        raise ModelLoadError(f'{source}: {e}') from None
 
 
 def from_pretrained(source: str, revision: Optional[str] = None, map_location: str = 'cpu', *, local: bool = True,
@@ -245,18 +280,19 @@ def from_pretrained(source: str, revision: Optional[str] = None, map_location: s
     ``local=False`` never reads a local folder (for repo ids typed by untrusted users); ``budget`` refuses
     configs describing a model over it before anything is built; ``token`` as huggingface_hub's (``False``: send
     none, for downloads strangers cause: :mod:`gqa_core.io.credentials`). The saved preprocessing and labels land in
-    the model's timm ``pretrained_cfg`` (where timm's ``resolve_data_config`` finds them).
+    the model's timm ``pretrained_cfg`` (where timm's ``resolve_data_config`` finds them). A transformers-format
+    repo or folder (ViT, DeiT, DINOv2, DINOv2 with registers) loads as the equivalent timm model with
+    multi-head attention (G = H).
     """
-    config = load_config(source, revision, local=local, budget=budget, token=token)
+    data = _read_json(source, _fetch(source, CONFIG_NAME, revision, local, token))
+    if transformers_format.is_transformers_config(data):
+        return convert(_from_transformers(source, data, revision, local, budget, token), 'mha').to(map_location)
+    config = _gqa_lens_config(source, data, budget)
     try:
         model = config.build()
     except (ValueError, RuntimeError, TypeError, KeyError) as e:
         raise ModelLoadError(f'{source}: bad config: {_short(e)}') from None
-    weights = _fetch(source, WEIGHTS_NAME, revision, local, token)
-    try:
-        state = load_file(weights, device=map_location)
-    except (SafetensorError, OSError) as e:
-        raise ModelLoadError(f'{source}: {WEIGHTS_NAME} is corrupt or truncated ({type(e).__name__})') from None
+    state = _weights(source, revision, local, token, map_location)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:

@@ -23,7 +23,7 @@ from ..core.policies import POLICIES
 from ..core.vit import num_tokens
 
 __all__ = ['ConfigError', 'Budget', 'check_backbone', 'check_backbone_args', 'check_grouping', 'check_preprocessing',
-           'check_labels', 'check_budget', 'check_source_heads', 'check_num_classes', 'BACKBONE_ARGS']
+           'check_labels', 'check_budget', 'check_source_heads', 'check_num_classes', 'check_norm_eps', 'BACKBONE_ARGS']
 
 VIT_MODULES = ('timm.models.vision_transformer', 'timm.models.deit', 'timm.models.eva', 'timm.models.beit')
 BACKBONE_NAME = re.compile(r'^[a-z0-9_]{1,80}(\.[a-z0-9_]{1,80})?$')
@@ -232,6 +232,12 @@ def check_source_heads(heads: Any) -> Optional[list]:
             isinstance(p, list) and len(p) <= 64 and all(_int(0, 63)(h) for h in p) for p in heads)):
         raise ConfigError('source_heads must be null or one list of head indices per layer')
     return heads
+
+
+def check_norm_eps(eps: Any) -> Optional[float]:
+    if eps is not None and not _float(1e-12, 1e-2)(eps):
+        raise ConfigError('norm_eps must be null or a number 1e-12..0.01')
+    return eps
 
 
 def check_num_classes(num_classes: Any) -> int:

@@ -59,7 +59,8 @@ class Analysis:
         return int(self.recording.layers[0].query_to_kv.shape[-1])
 
     def rollout(self, fusion: str = 'mean') -> np.ndarray:
-        """``(patches,)`` attention rollout of the summary row with the given head fusion."""
+        """``(patches,)`` attention rollout of the summary row (of the attention-pooling query when the model
+        has one) with the given head fusion."""
         if fusion not in self.recording.rollout:
             raise ValueError(f'fusion must be one of {tuple(self.recording.rollout)}, got {fusion!r}')
         return self.recording.rollout_patches(fusion)
@@ -67,7 +68,7 @@ class Analysis:
     def nbytes(self) -> int:
         """Bytes of the arrays this analysis keeps (what a session holds for it)."""
         rec = self.recording
-        tensors = [rec.logits, *rec.rollout.values()]
+        tensors = [rec.logits, *rec.rollout.values()] + ([rec.pool_attention] if rec.pool_attention is not None else [])
         for layer in rec.layers:
             tensors += [t for t in (layer.attention, layer.key_norms, layer.shares, layer.allocation,
                                     layer.query_to_kv, layer.full) if t is not None]

@@ -38,6 +38,8 @@ def analysis_arrays(analysis: Analysis) -> Iterator[Tuple[str, np.ndarray]]:
         yield name, rec.stacked(name)[:, 0]
     for fusion, joint in rec.rollout.items():
         yield f'rollout_{fusion}', joint[0].numpy()  # (T,)
+    if rec.pool_attention is not None:
+        yield 'pool_attention', rec.pool_attention[0].numpy()  # (pool heads, T): the pooling query's attention
     if analysis.ablation is not None:
         for mode in analysis.ablation.kv:
             yield f'ablation_kv_{mode}', analysis.ablation.kv[mode]  # (L, G) drop of the score
@@ -65,7 +67,8 @@ def _png(array: np.ndarray) -> bytes:
 def _meta(analysis: Analysis, layer: int, head: str, fusion: str) -> Dict:
     rec = analysis.recording
     return dict(spec=analysis.spec, top5=analysis.top5, grouping=analysis.grouping, notes=analysis.notes,
-                row_labels=rec.row_labels, summary_row=rec.summary_row, grid_size=list(rec.grid_size),
+                row_labels=rec.row_labels, summary_row=rec.summary_row, rollout_of=rec.rollout_label,
+                grid_size=list(rec.grid_size),
                 num_prefix_tokens=rec.num_prefix_tokens, headless=rec.headless, history=analysis.history,
                 chosen=dict(layer=layer, head=head, fusion=fusion), deep_note=analysis.deep_note,
                 faithfulness={name: dict(index=i, deletion_auc=c['deletion_auc'], insertion_auc=c['insertion_auc'])
@@ -118,7 +121,7 @@ def _write_views(zf: zipfile.ZipFile, folder: str, analysis: Analysis, choice: C
     for name in VIEWS:
         shown = render(analysis, replace(choice, view=name), reference)
         if shown.picture is not None:
-            zf.writestr(f'{folder}/{names[name]}.png', _png(shown.picture))
+            zf.writestr(f'{folder}/{names.get(name, name)}.png', _png(shown.picture))
         elif shown.figure is not None:
             fig = shown.figure
             fig.update_layout(title=dict(text=f'{analysis.spec}: {VIEWS[name].label}'), margin_t=60)

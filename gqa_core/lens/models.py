@@ -21,7 +21,8 @@ from ..core.convert import convert, grouping_config, kv_cache_bytes, source_head
 from ..core.policies import POLICIES
 from ..core.vit import gqa_layers, num_tokens
 from ..io.credentials import token_repos as env_token_repos, visitor_token
-from ..io.hub import ModelLoadError, from_pretrained, from_timm, load_config
+from ..io.hub import ModelLoadError, from_pretrained, from_timm
+from ..io.hub import trained_on as dataset_of
 from ..io.preprocessing import model_preprocessing
 from ..io.safe_config import Budget
 from .calibration import calibration_images
@@ -132,10 +133,10 @@ class ModelRegistry:
         if spec.kind == 'hub':
             token = visitor_token(spec.name, self.token_repos)
             model = from_pretrained(spec.name, spec.revision, local=False, budget=self.budget, token=token)
-            return model, load_config(spec.name, spec.revision, local=False, token=token).dataset
+            return model, dataset_of(spec.name, spec.revision, local=False, token=token)
         path = self._folder(spec)
         try:
-            return from_pretrained(str(path), budget=self.budget), load_config(str(path)).dataset
+            return from_pretrained(str(path), budget=self.budget), dataset_of(str(path))
         except ModelLoadError as e:  # name the spec, never the server path
             raise ModelLoadError(str(e).replace(str(path), str(spec))) from None
 

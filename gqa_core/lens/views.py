@@ -40,6 +40,7 @@ class View:
 VIEWS: Dict[str, View] = {v.name: v for v in (
     View('overlay', 'attention', True, ('layer', 'head')),
     View('rollout', 'rollout', True, ('fusion',)),
+    View('pool', 'attention pool', True),
     View('grid', 'heads × layers'),
     View('key_norms', 'key norms → allocation'),
     View('assignment', 'query → KV assignment'),
@@ -176,7 +177,20 @@ def _overlay_view(analysis: Analysis, choice: Choice, reference: Optional[Analys
 def _rollout_view(analysis: Analysis, choice: Choice, reference: Optional[Analysis], fit: figures.Fit) -> Rendered:
     picture = figures.overlay(analysis.view, figures.patch_grid(analysis.rollout(choice.fusion),
                                                                 analysis.recording.grid_size))
-    return Rendered(f'attention rollout through all layers, heads fused by {choice.fusion}', picture=picture)
+    whose = analysis.recording.rollout_label or analysis.summary_label
+    return Rendered(f'attention rollout of the {whose} through all layers, heads fused by {choice.fusion}',
+                    picture=picture)
+
+
+def _pool_view(analysis: Analysis, choice: Choice, reference: Optional[Analysis], fit: figures.Fit) -> Rendered:
+    rec = analysis.recording
+    patches = rec.pool_patches()
+    if patches is None:
+        return Rendered(f'no attention-pooling head: this model\'s output reads the {analysis.summary_label}')
+    heads = rec.pool_attention.shape[1]
+    return Rendered(f'the attention-pooling query\'s attention over the patches, mean of its {heads} heads: what '
+                    'the pooled output reads', picture=figures.overlay(analysis.view, figures.patch_grid(
+                        patches, rec.grid_size)))
 
 
 def _grid_view(analysis: Analysis, choice: Choice, reference: Optional[Analysis], fit: figures.Fit) -> Rendered:
@@ -267,7 +281,7 @@ def _faithfulness_view(analysis: Analysis, choice: Choice, reference: Optional[A
                     figure=figures.faithfulness_figure(analysis.faithfulness, analysis.ablation.target, fit))
 
 
-_RENDERERS = dict(overlay=_overlay_view, rollout=_rollout_view, grid=_grid_view, key_norms=_key_norms_view,
+_RENDERERS = dict(overlay=_overlay_view, rollout=_rollout_view, pool=_pool_view, grid=_grid_view, key_norms=_key_norms_view,
                   assignment=_assignment_view, history=_history_view, difference=_difference_view,
                   ablation=_ablation_view, diversity=_diversity_view, faithfulness=_faithfulness_view)
 assert set(_RENDERERS) == set(VIEWS)

@@ -1,0 +1,218 @@
+"""transformers-format repos and folders (``google/vit-*``, ``facebook/deit-*``, ``facebook/dinov2-*``,
+``facebook/dinov2-with-registers-*``) as the equivalent timm model, with no transformers code run.
+
+Their ``config.json`` names a transformers class, not a timm architecture. It is read here as untrusted data:
+only the fields this module needs, each typed and bounded, decide a timm architecture and its geometry, which
+then pass the same allow-list and size budget as any other config (:mod:`gqa_core.io.safe_config`). The
+``model.safetensors`` tensors are renamed into timm's layout (separate query / key / value projections joined
+into timm's fused ``qkv``; DINOv2's registers placed as timm places them) and loaded strictly: a tensor missing,
+left over or of the wrong shape is an error naming it. Nothing is unpickled.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import timm
+import torch
+from torch import Tensor, nn
+
+from ..core.vit import set_norm_eps
+from .safe_config import Budget, ConfigError, check_backbone_args, check_budget
+
+__all__ = ['is_transformers_config', 'TransformersModel', 'read_config', 'check_size', 'to_timm_state', 'build',
+           'ARCHITECTURES']
+
+# transformers class -> (model_type, timm architecture giving the defaults: preprocessing, norms, layer layout)
+ARCHITECTURES: Dict[str, Tuple[str, str]] = {
+    'ViTModel': ('vit', 'vit_base_patch16_224'),
+    'ViTForImageClassification': ('vit', 'vit_base_patch16_224'),
+    'DeiTModel': ('deit', 'deit_base_distilled_patch16_224'),
+    'DeiTForImageClassificationWithTeacher': ('deit', 'deit_base_distilled_patch16_224'),
+    'Dinov2Model': ('dinov2', 'vit_base_patch14_dinov2'),
+    'Dinov2WithRegistersModel': ('dinov2_with_registers', 'vit_base_patch14_reg4_dinov2'),
+}
+# Heads timm has no module for: refused by name rather than loaded without their head.
+REFUSED = {
+    'DeiTForImageClassification': 'its classifier reads the class token only, while timm\'s distilled DeiT '
+                                  'averages the class and distillation heads; load DeiTModel (features) or '
+                                  'DeiTForImageClassificationWithTeacher',
+    'Dinov2ForImageClassification': 'its classifier reads the class token and the mean patch token together, a '
+                                    'head timm does not have; load the Dinov2Model backbone (features)',
+}
+
+
+def is_transformers_config(data: Dict[str, Any]) -> bool:
+    """A transformers ``config.json`` (names a ``model_type``), not GQA Lens's or timm's own."""
+    return isinstance(data, dict) and 'model_type' in data and 'backbone' not in data and 'architecture' not in data
+
+
+def _field(data: Dict[str, Any], key: str, check: Callable[[Any], bool], rule: str, default: Any = None) -> Any:
+    value = data.get(key, default)
+    if not check(value):
+        raise ConfigError(f'config.json: {key} must be {rule}')
+    return value
+
+
+def _int(low: int, high: int) -> Callable[[Any], bool]:
+    return lambda v: type(v) is int and low <= v <= high
+
+
+def _number(low: float, high: float) -> Callable[[Any], bool]:
+    return lambda v: type(v) in (int, float) and math.isfinite(v) and low <= v <= high
+
+
+def _bool(v: Any) -> bool:
+    return type(v) is bool
+
+
+@dataclass
+class TransformersModel:
+    """What a transformers config describes, as timm sees it."""
+    architecture: str  # the transformers class
+    model_type: str
+    timm_name: str
+    timm_args: Dict[str, Any]
+    depth: int
+    labels: Optional[List[str]]
+    norm_eps: float
+
+
+def _labels(data: Dict[str, Any], classified: bool) -> Optional[List[str]]:
+    if not classified:
+        return None
+    id2label = data.get('id2label')
+    if not (isinstance(id2label, dict) and 0 < len(id2label) <= 100_000):
+        raise ConfigError('config.json: id2label must map 1..100000 class ids to names')
+    labels: Dict[int, str] = {}
+    for key, name in id2label.items():
+        if not (isinstance(key, str) and key.isdigit() and int(key) < len(id2label)
+                and isinstance(name, str) and len(name) <= 200):
+            raise ConfigError('config.json: id2label must map "0".."N-1" to names of at most 200 characters')
+        labels[int(key)] = name
+    return [labels[i] for i in range(len(labels))]
+
+
+def read_config(data: Dict[str, Any]) -> TransformersModel:
+    """The timm architecture and geometry a transformers ``config.json`` describes (untrusted data)."""
+    names = data.get('architectures')
+    if not (isinstance(names, list) and len(names) == 1 and isinstance(names[0], str) and len(names[0]) <= 100):
+        raise ConfigError('config.json: architectures must name one transformers class')
+    name = names[0]
+    if name in REFUSED:
+        raise ConfigError(f'{name} is not supported: {REFUSED[name]}')
+    if name not in ARCHITECTURES:
+        raise ConfigError(f'{name[:100]!r} is not a transformers class GQA Lens reads (supported: '
+                          f'{", ".join(sorted(ARCHITECTURES))})')
+    model_type, timm_name = ARCHITECTURES[name]
+    if data.get('model_type') != model_type:
+        raise ConfigError(f'config.json: model_type must be {model_type!r} for {name}')
+    _field(data, 'num_channels', lambda v: v == 3, '3 (RGB)', 3)
+    _field(data, 'hidden_act', lambda v: v == 'gelu', '"gelu" (the activation timm\'s blocks use)', 'gelu')
+    width = _field(data, 'hidden_size', _int(8, 4096), 'an int 8..4096')
+    heads = _field(data, 'num_attention_heads', _int(1, 64), 'an int 1..64')
+    depth = _field(data, 'num_hidden_layers', _int(1, 64), 'an int 1..64')
+    if model_type in ('vit', 'deit'):
+        hidden = _field(data, 'intermediate_size', _int(8, 65536), 'an int 8..65536')
+        mlp_ratio = hidden / width
+    else:
+        mlp_ratio = _field(data, 'mlp_ratio', _number(0.25, 16), 'a number 0.25..16')
+        _field(data, 'use_swiglu_ffn', lambda v: v is False, 'false (SwiGLU DINOv2 is not supported)', False)
+    args: Dict[str, Any] = dict(
+        img_size=_field(data, 'image_size', _int(8, 4096), 'an int 8..4096'),
+        patch_size=_field(data, 'patch_size', _int(1, 64), 'an int 1..64'),
+        embed_dim=width, depth=depth, num_heads=heads, mlp_ratio=mlp_ratio,
+        qkv_bias=_field(data, 'qkv_bias', _bool, 'true or false', True),
+    )
+    classified = not name.endswith('Model')  # ...ForImageClassification(WithTeacher): a classifier head
+    labels = _labels(data, classified)
+    args['num_classes'] = len(labels) if labels else 0
+    if model_type == 'vit':
+        args['global_pool'] = 'token'
+    if model_type.startswith('dinov2'):
+        args['init_values'] = 1.0  # layer scale: the value itself is a loaded weight
+    if model_type == 'dinov2_with_registers':
+        args['reg_tokens'] = _field(data, 'num_register_tokens', _int(0, 64), 'an int 0..64', 4)
+    eps = _field(data, 'layer_norm_eps', _number(1e-12, 1e-2), 'a number 1e-12..0.01', 1e-12)
+    return TransformersModel(name, model_type, timm_name, check_backbone_args(args, timm_name), depth, labels, eps)
+
+
+_PREFIXES = ('vit.', 'deit.', 'dinov2.')
+_DROPPED = ('embeddings.mask_token', 'pooler.dense.weight', 'pooler.dense.bias')  # unused by any forward here
+_RENAMES = {  # per-layer transformers names -> timm names (query/key/value are joined separately)
+    'attention.output.dense': 'attn.proj',
+    'intermediate.dense': 'mlp.fc1', 'output.dense': 'mlp.fc2',  # ViT / DeiT
+    'layernorm_before': 'norm1', 'layernorm_after': 'norm2',
+    'mlp.fc1': 'mlp.fc1', 'mlp.fc2': 'mlp.fc2', 'norm1': 'norm1', 'norm2': 'norm2',  # DINOv2
+    'layer_scale1.lambda1': 'ls1.gamma', 'layer_scale2.lambda1': 'ls2.gamma',
+}
+_TOP = {
+    'embeddings.cls_token': 'cls_token', 'embeddings.position_embeddings': 'pos_embed',
+    'embeddings.distillation_token': 'dist_token', 'embeddings.register_tokens': 'reg_token',
+    'embeddings.patch_embeddings.projection.weight': 'patch_embed.proj.weight',
+    'embeddings.patch_embeddings.projection.bias': 'patch_embed.proj.bias',
+    'layernorm.weight': 'norm.weight', 'layernorm.bias': 'norm.bias',
+    'classifier.weight': 'head.weight', 'classifier.bias': 'head.bias',
+    'cls_classifier.weight': 'head.weight', 'cls_classifier.bias': 'head.bias',
+    'distillation_classifier.weight': 'head_dist.weight', 'distillation_classifier.bias': 'head_dist.bias',
+}
+
+
+def to_timm_state(described: TransformersModel, state: Dict[str, Tensor]) -> Dict[str, Tensor]:
+    """transformers tensor names -> timm's, q/k/v joined into ``qkv``; ``ConfigError`` naming any tensor that
+    has no place in timm's model."""
+    out: Dict[str, Tensor] = {}
+    qkv: Dict[Tuple[int, str], Dict[str, Tensor]] = {}
+    for name, tensor in state.items():
+        key = next((name[len(p):] for p in _PREFIXES if name.startswith(p)), name)
+        if key in _DROPPED:
+            continue
+        if key in _TOP:
+            out[_TOP[key]] = tensor
+            continue
+        parts = key.split('.')
+        if len(parts) < 5 or parts[:2] != ['encoder', 'layer'] or not parts[2].isdigit():
+            raise ConfigError(f'model.safetensors: {name[:120]!r} has no place in timm\'s {described.timm_name}')
+        layer, rest = int(parts[2]), '.'.join(parts[3:])
+        if rest.startswith('attention.attention.') and len(parts) == 7 and parts[5] in ('query', 'key', 'value'):
+            which, kind = parts[5], parts[6]  # query | key | value, weight | bias
+            qkv.setdefault((layer, kind), {})[which] = tensor
+            continue
+        base, _, kind = rest.rpartition('.')
+        if rest in _RENAMES:  # layer scale: a parameter, not a module
+            out[f'blocks.{layer}.{_RENAMES[rest]}'] = tensor
+        elif base in _RENAMES:
+            out[f'blocks.{layer}.{_RENAMES[base]}.{kind}'] = tensor
+        else:
+            raise ConfigError(f'model.safetensors: {name[:120]!r} has no place in timm\'s {described.timm_name}')
+    for (layer, kind), parts in qkv.items():
+        missing = [w for w in ('query', 'key', 'value') if w not in parts]
+        if missing:
+            raise ConfigError(f'model.safetensors: layer {layer} has no attention {missing[0]}.{kind}')
+        out[f'blocks.{layer}.attn.qkv.{kind}'] = torch.cat([parts['query'], parts['key'], parts['value']])
+    if described.model_type == 'dinov2_with_registers' and 'pos_embed' in out and 'cls_token' in out:
+        # transformers adds the class token's position before inserting the registers; timm's register
+        # models (no_embed_class) add positions to the patches only
+        out['cls_token'] = out['cls_token'] + out['pos_embed'][:, :1]
+        out['pos_embed'] = out['pos_embed'][:, 1:]
+    return out
+
+
+def check_size(described: TransformersModel, budget: Budget) -> None:
+    """Refuse a model over ``budget`` before its weights are even fetched (counted on the meta device)."""
+    check_budget(described.timm_name, described.timm_args, budget)
+
+
+def build(described: TransformersModel, state: Dict[str, Tensor]) -> nn.Module:
+    """The timm model (multi-head attention) equivalent to a transformers config and its weights."""
+    model = timm.create_model(described.timm_name, pretrained=False, **described.timm_args)
+    set_norm_eps(model, described.norm_eps)  # transformers' ViT uses 1e-12 where timm uses 1e-6
+    timm_state = to_timm_state(described, state)
+    try:
+        model.load_state_dict(timm_state, strict=True)
+    except RuntimeError as e:
+        raise ConfigError(f'model.safetensors does not fit {described.architecture}: {str(e)[:500]}') from None
+    if described.labels is not None:
+        model.pretrained_cfg = dict(model.pretrained_cfg, label_names=described.labels)
+    return model.eval()
