@@ -1,5 +1,5 @@
 """transformers-format repos and folders load as the equivalent timm model, checked against transformers itself
-(a test-only reference) with random weights: ViT, DeiT, DINOv2, DINOv2 with registers."""
+(a test-only reference) with random weights: ViT, DeiT, DINOv2, DINOv2 with registers, DINOv3."""
 import json
 import os
 import subprocess
@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-transformers = pytest.importorskip('transformers', reason='transformers is the reference (requirements-dev.txt)')
+import transformers  # noqa: F401  the reference (requirements-dev.txt)
 
 from gqa_core import from_pretrained, grouping_config  # noqa: E402
 from gqa_core.io.hub import ModelLoadError  # noqa: E402
@@ -19,7 +19,8 @@ SMALL = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4)
 
 def reference_models():
     """key -> (transformers model with every parameter perturbed, image side, what to compare)."""
-    from transformers import (DeiTConfig, DeiTForImageClassificationWithTeacher, DeiTModel, Dinov2Config,
+    from transformers import (DeiTConfig, DeiTForImageClassificationWithTeacher, DeiTModel, DINOv3ViTConfig,
+                              DINOv3ViTModel, Dinov2Config,
                               Dinov2Model, Dinov2WithRegistersConfig, Dinov2WithRegistersModel, ViTConfig,
                               ViTForImageClassification, ViTModel)
     vit = dict(image_size=32, patch_size=8, intermediate_size=128, **SMALL)
@@ -32,6 +33,8 @@ def reference_models():
         'dinov2': (Dinov2Model(Dinov2Config(**dino)), 56, 'features'),
         'dinov2-registers': (Dinov2WithRegistersModel(Dinov2WithRegistersConfig(num_register_tokens=4, **dino)), 56,
                              'features'),
+        'dinov3': (DINOv3ViTModel(DINOv3ViTConfig(image_size=64, patch_size=16, intermediate_size=128,
+                                                  num_register_tokens=4, **SMALL)), 64, 'features'),  # RoPE
     }
     torch.manual_seed(0)
     for model, _, _ in models.values():
@@ -100,7 +103,7 @@ def test_hub_repos_over_http_load_and_convert_through_every_spec(saved, tmp_path
     """``from_pretrained(repo)``, ``hub:ORG/NAME`` (as MHA) and ``convert:hf-hub:ORG/NAME:VARIANT:G`` against a
     real HTTP server speaking the Hub's routes."""
     root, models = saved
-    xs = {side: torch.randn(2, 3, side, side, generator=torch.Generator().manual_seed(2)) for side in (32, 56)}
+    xs = {side: torch.randn(2, 3, side, side, generator=torch.Generator().manual_seed(2)) for side in (32, 56, 64)}
     torch.save(xs, tmp_path / 'x.pt')
     keys = {key: (side, what) for key, (_, side, what) in models.items()}
     env = dict(os.environ, HF_HUB_OFFLINE='0', HF_HOME=str(tmp_path / 'hf-home'), HF_HUB_DISABLE_XET='1')

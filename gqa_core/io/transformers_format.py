@@ -1,5 +1,6 @@
 """transformers-format repos and folders (``google/vit-*``, ``facebook/deit-*``, ``facebook/dinov2-*``,
-``facebook/dinov2-with-registers-*``) as the equivalent timm model, with no transformers code run.
+``facebook/dinov2-with-registers-*``, ``facebook/dinov3-vit*``) as the equivalent timm model, with no
+transformers code run.
 
 Their ``config.json`` names a transformers class, not a timm architecture. It is read here as untrusted data:
 only the fields this module needs, each typed and bounded, decide a timm architecture and its geometry, which
@@ -32,6 +33,7 @@ ARCHITECTURES: Dict[str, Tuple[str, str]] = {
     'DeiTForImageClassificationWithTeacher': ('deit', 'deit_base_distilled_patch16_224'),
     'Dinov2Model': ('dinov2', 'vit_base_patch14_dinov2'),
     'Dinov2WithRegistersModel': ('dinov2_with_registers', 'vit_base_patch14_reg4_dinov2'),
+    'DINOv3ViTModel': ('dinov3_vit', 'vit_small_patch16_dinov3_qkvb'),  # timm's Eva with DINOv3's RoPE
 }
 # Heads timm has no module for: refused by name rather than loaded without their head.
 REFUSED = {
@@ -113,6 +115,8 @@ def read_config(data: Dict[str, Any]) -> TransformersModel:
     width = _field(data, 'hidden_size', _int(8, 4096), 'an int 8..4096')
     heads = _field(data, 'num_attention_heads', _int(1, 64), 'an int 1..64')
     depth = _field(data, 'num_hidden_layers', _int(1, 64), 'an int 1..64')
+    if model_type == 'dinov3_vit':
+        return _dinov3(data, name, timm_name, width, heads, depth)
     if model_type in ('vit', 'deit'):
         hidden = _field(data, 'intermediate_size', _int(8, 65536), 'an int 8..65536')
         mlp_ratio = hidden / width
@@ -138,7 +142,33 @@ def read_config(data: Dict[str, Any]) -> TransformersModel:
     return TransformersModel(name, model_type, timm_name, check_backbone_args(args, timm_name), depth, labels, eps)
 
 
-_PREFIXES = ('vit.', 'deit.', 'dinov2.')
+def _dinov3(data: Dict[str, Any], name: str, timm_name: str, width: int, heads: int,
+            depth: int) -> TransformersModel:
+    """DINOv3's ViT as timm's ``Eva`` DINOv3 (the same RoPE: equal within float error, tested)."""
+    biases = tuple(_field(data, f'{k}_bias', _bool, 'true or false', d)
+                   for k, d in (('query', True), ('key', False), ('value', True)))
+    if biases == (False, False, False):
+        timm_name = 'vit_small_patch16_dinov3'
+    elif biases != (True, False, True):
+        raise ConfigError('config.json: DINOv3 with query_bias, key_bias, value_bias = '
+                          f'{list(biases)} is not supported (timm has none or q/v biases with a zero key bias)')
+    _field(data, 'proj_bias', lambda v: v is True, 'true', True)
+    _field(data, 'mlp_bias', lambda v: v is True, 'true', True)
+    _field(data, 'use_gated_mlp', lambda v: v is False, 'false (gated-MLP DINOv3 is not supported yet)', False)
+    _field(data, 'rope_theta', lambda v: v == 100, '100 (timm\'s DINOv3 RoPE)', 100.0)
+    args: Dict[str, Any] = dict(
+        img_size=_field(data, 'image_size', _int(8, 4096), 'an int 8..4096'),
+        patch_size=_field(data, 'patch_size', _int(1, 64), 'an int 1..64'),
+        embed_dim=width, depth=depth, num_heads=heads,
+        mlp_ratio=_field(data, 'intermediate_size', _int(8, 65536), 'an int 8..65536') / width,
+        qkv_bias=biases[0], num_reg_tokens=_field(data, 'num_register_tokens', _int(0, 64), 'an int 0..64', 0),
+        init_values=1.0, num_classes=0, global_pool='token',  # upstream DINOv3 pools the class token
+    )
+    eps = _field(data, 'layer_norm_eps', _number(1e-12, 1e-2), 'a number 1e-12..0.01', 1e-5)
+    return TransformersModel(name, 'dinov3_vit', timm_name, check_backbone_args(args, timm_name), depth, None, eps)
+
+
+_PREFIXES = ('vit.', 'deit.', 'dinov2.', 'model.')
 _DROPPED = ('embeddings.mask_token', 'pooler.dense.weight', 'pooler.dense.bias')  # unused by any forward here
 _RENAMES = {  # per-layer transformers names -> timm names (query/key/value are joined separately)
     'attention.output.dense': 'attn.proj',
@@ -147,16 +177,38 @@ _RENAMES = {  # per-layer transformers names -> timm names (query/key/value are 
     'mlp.fc1': 'mlp.fc1', 'mlp.fc2': 'mlp.fc2', 'norm1': 'norm1', 'norm2': 'norm2',  # DINOv2
     'layer_scale1.lambda1': 'ls1.gamma', 'layer_scale2.lambda1': 'ls2.gamma',
 }
+_DINOV3_RENAMES = {  # DINOv3's per-layer names -> timm Eva's (q/k/v joined separately)
+    'attention.o_proj': 'attn.proj', 'norm1': 'norm1', 'norm2': 'norm2', 'mlp.up_proj': 'mlp.fc1',
+    'mlp.down_proj': 'mlp.fc2', 'layer_scale1.lambda1': 'gamma_1', 'layer_scale2.lambda1': 'gamma_2',
+    'attention.q_proj.bias': 'attn.q_bias', 'attention.v_proj.bias': 'attn.v_bias',
+}
 _TOP = {
     'embeddings.cls_token': 'cls_token', 'embeddings.position_embeddings': 'pos_embed',
     'embeddings.distillation_token': 'dist_token', 'embeddings.register_tokens': 'reg_token',
     'embeddings.patch_embeddings.projection.weight': 'patch_embed.proj.weight',
     'embeddings.patch_embeddings.projection.bias': 'patch_embed.proj.bias',
-    'layernorm.weight': 'norm.weight', 'layernorm.bias': 'norm.bias',
+    'embeddings.patch_embeddings.weight': 'patch_embed.proj.weight',  # DINOv3
+    'embeddings.patch_embeddings.bias': 'patch_embed.proj.bias',
+    'layernorm.weight': 'norm.weight', 'layernorm.bias': 'norm.bias', 'norm.weight': 'norm.weight',
+    'norm.bias': 'norm.bias',
     'classifier.weight': 'head.weight', 'classifier.bias': 'head.bias',
     'cls_classifier.weight': 'head.weight', 'cls_classifier.bias': 'head.bias',
     'distillation_classifier.weight': 'head_dist.weight', 'distillation_classifier.bias': 'head_dist.bias',
 }
+
+
+def _dinov3_tensor(out: Dict[str, Tensor], qkv: Dict, layer: int, rest: str, tensor: Tensor, name: str,
+                   timm_name: str) -> None:
+    base, _, kind = rest.rpartition('.')
+    projection = {'attention.q_proj': 'query', 'attention.k_proj': 'key', 'attention.v_proj': 'value'}
+    if rest in _DINOV3_RENAMES:
+        out[f'blocks.{layer}.{_DINOV3_RENAMES[rest]}'] = tensor
+    elif base in projection and kind == 'weight':
+        qkv.setdefault((layer, 'weight'), {})[projection[base]] = tensor
+    elif base in _DINOV3_RENAMES:
+        out[f'blocks.{layer}.{_DINOV3_RENAMES[base]}.{kind}'] = tensor
+    else:
+        raise ConfigError(f'model.safetensors: {name[:120]!r} has no place in timm\'s {timm_name}')
 
 
 def to_timm_state(described: TransformersModel, state: Dict[str, Tensor]) -> Dict[str, Tensor]:
@@ -172,9 +224,14 @@ def to_timm_state(described: TransformersModel, state: Dict[str, Tensor]) -> Dic
             out[_TOP[key]] = tensor
             continue
         parts = key.split('.')
+        if parts[:1] == ['layer'] and described.model_type == 'dinov3_vit':
+            parts = ['encoder', *parts]  # DINOv3 names its layers without the encoder
         if len(parts) < 5 or parts[:2] != ['encoder', 'layer'] or not parts[2].isdigit():
             raise ConfigError(f'model.safetensors: {name[:120]!r} has no place in timm\'s {described.timm_name}')
         layer, rest = int(parts[2]), '.'.join(parts[3:])
+        if described.model_type == 'dinov3_vit':
+            _dinov3_tensor(out, qkv, layer, rest, tensor, name, described.timm_name)
+            continue
         if rest.startswith('attention.attention.') and len(parts) == 7 and parts[5] in ('query', 'key', 'value'):
             which, kind = parts[5], parts[6]  # query | key | value, weight | bias
             qkv.setdefault((layer, kind), {})[which] = tensor
