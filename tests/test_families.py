@@ -274,3 +274,20 @@ def test_the_app_shows_every_view_of_every_family_over_http(app_server):
         pooled = client.predict(image, *specs, 'attention pool', 0, 'mean', 'mean', 'zero', False, api_name='/run')
         has_pool = key in ('siglip', 'pe')
         assert (columns(pooled)[1]['picture'] is not None) == has_pool, key
+
+
+@pytest.mark.parametrize('name,match', [
+    ('vit_pwee_patch16_reg1_gap_256', r'block 0 \(ParallelScalingBlock\) has no single `attn` module'),
+    ('vit_dwee_patch16_reg1_gap_256', r'block 0 \(Block\): attention DiffAttention is not one of'),
+    ('vit_small_patch16_rope_mixed_224', 'learned per-head frequencies'),
+])
+def test_what_is_still_refused_is_named_and_the_model_left_whole(name, match):
+    """What bench/coverage.py counts as refused: a ValueError naming the block (or the model) and the reason."""
+    torch.manual_seed(0)
+    model = timm.create_model(name, depth=2, img_size=64).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    kinds = [type(m) for m in model.modules()]
+    with pytest.raises(ValueError, match=match):
+        convert(model, 'gqa', 2)
+    assert [type(m) for m in model.modules()] == kinds
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
