@@ -27,6 +27,7 @@ from gqa_core.lens.analysis import FUSIONS, analyse
 from gqa_core.lens.export import export_zip
 from gqa_core.lens.images import ImageInputError, load_image
 from gqa_core.core.ablation import ABLATION_MODES
+from gqa_core.core.device import DEVICE_CHOICES
 from gqa_core.core.grouping import GROUPINGS
 from gqa_core.lens import figures
 from gqa_core.lens.hosting import cpu_cores, fit_torch_threads
@@ -55,14 +56,15 @@ class Settings:
     threads: int = 2
     concurrency: int = 2
     queue_size: int = 64
+    device: Optional[str] = None  # where models run: GQA_LENS_DEVICE / --device, else CUDA when there is one
 
     @classmethod
-    def from_env(cls, model_dirs: Sequence[str] = ()) -> 'Settings':
+    def from_env(cls, model_dirs: Sequence[str] = (), device: Optional[str] = None) -> 'Settings':
         cores = cpu_cores()
         concurrency = int(os.environ.get('GQA_LENS_CONCURRENCY', 2))  # with one thread per core: 2 x cores busy
         return cls(Path(os.environ.get('GQA_LENS_MODELS', EMBEDDED_DIR)), tuple(model_dirs),
                    float(os.environ.get('GQA_LENS_SESSION_TTL', 1800)), cores, concurrency,
-                   int(os.environ.get('GQA_LENS_QUEUE_SIZE', 32 * concurrency)))
+                   int(os.environ.get('GQA_LENS_QUEUE_SIZE', 32 * concurrency)), device)
 
 
 ABOUT_MODELS = """The **embedded models** are a small ViT trained here on **CIFAR-10**: they know ten classes
@@ -134,7 +136,7 @@ class LensApp:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.registry = ModelRegistry(settings.models_dir, model_dirs=settings.model_dirs)
+        self.registry = ModelRegistry(settings.models_dir, model_dirs=settings.model_dirs, device=settings.device)
         self.files = ExpiringFiles(ttl=max(settings.session_ttl, 60))  # a fresh path per file, swept when old
         self.reaper: Optional[SessionReaper] = None
         self.demo: Optional[gr.Blocks] = None
@@ -419,14 +421,16 @@ def create_app(settings: Optional[Settings] = None) -> gr.Blocks:
     return build_app(settings).demo
 
 
-def _cli_model_dirs() -> List[str]:
+def _cli_settings() -> Settings:
     parser = argparse.ArgumentParser(description='GQA Lens app')
     parser.add_argument('--model-dir', action='append', default=[],
                         help='a folder whose model sub-folders are served as local:NAME (repeatable)')
-    return parser.parse_args().model_dir
+    parser.add_argument('--device', help=f'{DEVICE_CHOICES} (default: GQA_LENS_DEVICE, else auto)')
+    args = parser.parse_args()
+    return Settings.from_env(args.model_dir, args.device)
 
 
-lens = build_app(Settings.from_env(_cli_model_dirs() if __name__ == '__main__' else ()))
+lens = build_app(_cli_settings() if __name__ == '__main__' else Settings.from_env())
 demo = lens.demo  # what Hugging Face Spaces (and `python app.py`) serve
 
 if __name__ == '__main__':

@@ -20,6 +20,7 @@ from .gpu import ForwardJob, forwards_in_a_gpu_call, on_zerogpu, run_forwards
 from .heads import AblationResult
 from .models import LoadedModel
 from ..core.record import FUSIONS, Recording, record
+from ..core.device import model_device
 from ..core.vit import gqa_layers, num_tokens
 
 __all__ = ['Analysis', 'analyse', 'layer_maps', 'model_input', 'prefix_attention', 'attention_rollout', 'FUSIONS']
@@ -89,6 +90,7 @@ def analyse(loaded: LoadedModel, image: Image.Image, deep: bool = False) -> Anal
     this process, or on a ZeroGPU Space in one GPU call (:mod:`gqa_core.lens.gpu`).
     """
     view, x = model_input(loaded, image)
+    x = x.to(model_device(loaded.model))  # the registry's device (the CPU on a ZeroGPU Space)
     tokens = num_tokens(loaded.model)
     run_deep = deep and tokens <= DEEP_MAX_TOKENS
     with loaded.lock:
@@ -141,7 +143,7 @@ def _summarise(loaded: LoadedModel, view: np.ndarray, result: Recording) -> Anal
 def layer_maps(loaded: LoadedModel, analysis: Analysis, layer: int) -> np.ndarray:
     """``(H, T, T)`` full attention of one layer for the analysed image, recomputed from the stored view
     (deterministic: same input, batch of one) instead of kept for every layer."""
-    x = normalisation(loaded.preprocessing)(Image.fromarray(analysis.view))[None]
+    x = normalisation(loaded.preprocessing)(Image.fromarray(analysis.view))[None].to(model_device(loaded.model))
     with loaded.lock, torch.inference_mode(), record(loaded.model, attention='none', full_layers=[layer]) as rec:
         loaded.model(x)
     return rec.result.layers[layer].full[0].numpy()

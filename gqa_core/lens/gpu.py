@@ -15,6 +15,7 @@ from typing import Any, Callable, Dict, List, Optional
 import torch
 from torch import Tensor, nn
 
+from ..core.device import full_fp32
 from ..core.record import FUSIONS, Recording, record
 from ..io.config import GQALensConfig
 from .heads import AblationResult, ablation_study, faithfulness
@@ -85,7 +86,9 @@ def model_as_data(model: nn.Module) -> tuple:
 
 
 def _device() -> torch.device:
-    return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    full_fp32(device)
+    return device
 
 
 def _rebuild(config: Dict[str, Any], state: Dict[str, Tensor]) -> nn.Module:

@@ -79,11 +79,11 @@ def ablation_study(model: nn.Module, x: Tensor, target: Optional[int], target_na
     layers = gqa_layers(model)
     L, H, G = len(layers), layers[0].num_heads, layers[0].num_kv_heads
     n_kv, n_q = L * G, L * H
-    kv_mask = torch.zeros(n_kv + n_q, L, G, dtype=torch.bool)
-    q_mask = torch.zeros(n_kv + n_q, L, H, dtype=torch.bool)
-    rows = torch.arange(n_kv)
+    kv_mask = torch.zeros(n_kv + n_q, L, G, dtype=torch.bool, device=x.device)
+    q_mask = torch.zeros(n_kv + n_q, L, H, dtype=torch.bool, device=x.device)
+    rows = torch.arange(n_kv, device=x.device)
     kv_mask[rows, rows // G, rows % G] = True
-    rows = torch.arange(n_q)
+    rows = torch.arange(n_q, device=x.device)
     q_mask[n_kv + rows, rows // H, rows % H] = True
     batch = x.expand(n_kv + n_q, *x.shape[1:])
     kv_out: Dict[str, np.ndarray] = {}
@@ -92,7 +92,7 @@ def ablation_study(model: nn.Module, x: Tensor, target: Optional[int], target_na
     base_score = float(_score(base[None], base, target)[0])
     for mode in ABLATION_MODES:
         out = _batched(model, batch, q_mask, kv_mask, mode)
-        drop = base_score - _score(out, base, target).double().numpy()
+        drop = base_score - _score(out, base, target).double().cpu().numpy()
         kv_out[mode] = drop[:n_kv].reshape(L, G)
         q_out[mode] = drop[n_kv:].reshape(L, H)
     return AblationResult(kv_out, q_out, f'p({target_name})' if target is not None else 'feature cosine',
@@ -151,12 +151,12 @@ def deletion_insertion(model: nn.Module, x: Tensor, ranking: np.ndarray, grid: t
     order = np.argsort(-np.asarray(ranking), kind='stable')
     counts = sorted({round(i * P / min(steps, P)) for i in range(min(steps, P) + 1)})
     patch = tuple(int(p) for p in model.patch_embed.patch_size)
-    masks = _patch_masks(order, counts, grid, patch, tuple(x.shape[-2:]))
+    masks = _patch_masks(order, counts, grid, patch, tuple(x.shape[-2:])).to(x.device)
     base = model(x)[0] if base is None else base
     deleted = x * (1 - masks)  # the top-k patches removed
     inserted = x * masks  # only the top-k patches shown
-    deletion = _score(_batched(model, deleted), base, target).double().numpy()
-    insertion = _score(_batched(model, inserted), base, target).double().numpy()
+    deletion = _score(_batched(model, deleted), base, target).double().cpu().numpy()
+    insertion = _score(_batched(model, inserted), base, target).double().cpu().numpy()
     fractions = np.array(counts, dtype=np.float64) / P
     return dict(fractions=fractions, deletion=deletion, insertion=insertion,
                 deletion_auc=float(np.trapezoid(deletion, fractions)),

@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ..core.convert import convert, grouping_config, kv_cache_bytes
+from ..core.device import DEVICE_CHOICES, model_device, resolve_device
 from ..core.grouping import GROUPINGS, advise_grouping
 from ..io.hub import from_pretrained
 from ..io.preprocessing import model_preprocessing
@@ -46,6 +47,9 @@ def kv_budget_rows(mha: nn.Module, images: Tensor, labels: Optional[Tensor], cal
     """One row per (G, variant, grouping), plus the MHA row; ``labels`` None: agreement only.
     ``max_refine_flops`` bounds the grouping advisor's model-output comparison (live requests)."""
     mha = mha.eval()
+    device = model_device(mha)
+    images, calibration = images.to(device), calibration.to(device)
+    labels = labels.to(device) if labels is not None else None
     H = mha.blocks[0].attn.num_heads
     reference = _predictions(mha, images, batch_size)
     rows = [dict(num_kv_heads=H, variant='mha', grouping='consecutive', kv_bytes=kv_cache_bytes(mha),
@@ -74,8 +78,9 @@ def kv_budget_rows(mha: nn.Module, images: Tensor, labels: Optional[Tensor], cal
 
 
 def kv_budget(model_source: str, data: str, split: str = 'test', limit: Optional[int] = None,
-              calibration_images: int = 512, seed: int = 0, batch_size: int = 256) -> Dict[str, Any]:
-    model = from_pretrained(model_source).float().eval()
+              calibration_images: int = 512, seed: int = 0, batch_size: int = 256,
+              device: Optional[str] = None) -> Dict[str, Any]:
+    model = from_pretrained(model_source).float().eval().to(resolve_device(device))
     variant = grouping_config(model)['variant']
     if variant != 'mha':
         raise ValueError(f'{model_source} is {variant}; the explorer starts from MHA')
@@ -118,8 +123,10 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument('--calibration-images', type=int, default=512)
     parser.add_argument('--seed', type=int, default=0)
     parser.add_argument('--out', default='runs/kv-budget')
+    parser.add_argument('--device', help=f'{DEVICE_CHOICES} (default: GQA_LENS_DEVICE, else auto)')
     args = parser.parse_args(argv)
-    result = kv_budget(args.model, args.data, args.split, args.limit, args.calibration_images, args.seed)
+    result = kv_budget(args.model, args.data, args.split, args.limit, args.calibration_images, args.seed,
+                       device=args.device)
     write_outputs(result, Path(args.out))
     for row in result['rows']:
         top1 = f"{row['top1'] * 100:6.2f} %" if row['top1'] is not None else '   n/a'

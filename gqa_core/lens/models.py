@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ..core.convert import convert, grouping_config, kv_cache_bytes, source_heads
+from ..core.device import full_fp32, resolve_device
 from ..core.policies import POLICIES
 from ..core.vit import gqa_layers, num_tokens
 from ..io.credentials import token_repos as env_token_repos, visitor_token
@@ -26,6 +27,7 @@ from ..io.hub import trained_on as dataset_of
 from ..io.preprocessing import model_preprocessing
 from ..io.safe_config import Budget
 from .calibration import calibration_images
+from .gpu import on_zerogpu
 from .specs import Spec, SpecError, allowed_model_dirs, parse_spec, resolve_in, shown
 
 __all__ = ['short_name', 'LoadedModel', 'ModelRegistry', 'ModelLoadError', 'EMBEDDED_DIR', 'DEFAULT_MODELS', 'parse_spec',
@@ -96,13 +98,17 @@ class ModelRegistry:
     ``model_dirs``: folders whose model sub-folders ``local:NAME`` may name (besides ``GQA_LENS_MODEL_DIRS``);
     ``budget``: the largest model a config may describe (default: :meth:`Budget.from_env`); ``token_repos``:
     the Hub repos whose downloads may carry the server's token (default ``GQA_LENS_TOKEN_REPOS``; every other
-    download a spec causes carries none).
+    download a spec causes carries none); ``device``: where models run (:func:`~gqa_core.core.device.resolve_device`:
+    ``GQA_LENS_DEVICE``, else CUDA when there is one).
     """
 
     def __init__(self, embedded_dir: Path = EMBEDDED_DIR, max_models: int = 8, max_bytes: int = 2 * 2**30,
                  model_dirs: Sequence[str] = (), budget: Optional[Budget] = None,
-                 token_repos: Optional[Sequence[str]] = None) -> None:
+                 token_repos: Optional[Sequence[str]] = None, device: Optional[str] = None) -> None:
         self.embedded_dir = Path(embedded_dir)
+        # where loaded models live: the CPU on a ZeroGPU Space (its GPU exists only inside the GPU call)
+        self.device = torch.device('cpu') if on_zerogpu() else resolve_device(device)
+        full_fp32(self.device)
         self.model_dirs = allowed_model_dirs(model_dirs)
         self.budget = budget or Budget.from_env()
         self.token_repos = tuple(token_repos) if token_repos is not None else env_token_repos()
@@ -159,7 +165,7 @@ class ModelRegistry:
                 calibration = calibration_images(model_preprocessing(model), live_calibration_size(model))
             convert(model, spec.variant, spec.num_kv_heads, grouping=spec.grouping, calibration=calibration,
                     max_refine_flops=REFINE_FLOPS)
-        model.eval()
+        model.eval().to(self.device)
         labels = model.pretrained_cfg.get('label_names')
         if labels is None or len(labels) != model.num_classes:
             labels = _imagenet_labels(model.num_classes)

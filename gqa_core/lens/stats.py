@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from ..core.record import record
 from ..core.convert import grouping_config
+from ..core.device import DEVICE_CHOICES, model_device, resolve_device
 from ..io.hub import from_pretrained
 from ..io.preprocessing import model_preprocessing
 from ..training.data import build_datasets
@@ -39,7 +40,7 @@ def model_stats(model: torch.nn.Module, loader: DataLoader, num_classes: int, de
     hist = idle = entropy = per_class = None
     with record(model, attention='none') as rec:
         for images, targets in tqdm(loader, desc=desc, leave=False):
-            predictions.append(model(images).argmax(-1))
+            predictions.append(model(images.to(model_device(model))).argmax(-1).cpu())
             labels.append(targets)
             alloc = torch.stack([layer.allocation for layer in rec.result.layers], 1)  # (B, L, G)
             B, L, G = alloc.shape
@@ -65,12 +66,14 @@ def model_stats(model: torch.nn.Module, loader: DataLoader, num_classes: int, de
 
 
 def dataset_stats(models: Sequence[str], data: str, split: str = 'test', limit: Optional[int] = None,
-                  batch_size: int = 256, seed: int = 0) -> Dict[str, Any]:
-    """Statistics of each model and their pairwise top-1 agreement on one split."""
+                  batch_size: int = 256, seed: int = 0, device: Optional[str] = None) -> Dict[str, Any]:
+    """Statistics of each model and their pairwise top-1 agreement on one split, on ``device`` (see
+    :func:`~gqa_core.core.device.resolve_device`)."""
+    device = resolve_device(device)
     result: Dict[str, Any] = dict(data=Path(data).name, split=split, models={})
     predictions = {}
     for source in tqdm(models, desc='models'):
-        model = from_pretrained(source).float()
+        model = from_pretrained(source).float().to(device)
         splits = build_datasets(data, model_preprocessing(model), seed=seed, limit=limit)
         dataset = {'test': splits.test, 'val': splits.val}[split]
         name = Path(source).name if Path(source).is_dir() else source
@@ -110,8 +113,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument('--limit', type=int)
     parser.add_argument('--out', default='runs/stats')
     parser.add_argument('--no-html', action='store_true', help='JSON and CSV only')
+    parser.add_argument('--device', help=f'{DEVICE_CHOICES} (default: GQA_LENS_DEVICE, else auto)')
     args = parser.parse_args(argv)
-    result = dataset_stats(args.models, args.data, args.split, args.limit)
+    result = dataset_stats(args.models, args.data, args.split, args.limit, device=args.device)
     write_outputs(result, Path(args.out), html=not args.no_html)
     for name, s in result['models'].items():
         print(f"{name:<12} top-1 {s['top1'] * 100:6.2f} %   idle rate per layer "

@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ..core.convert import grouping_config
+from ..core.device import DEVICE_CHOICES, resolve_device
 from ..core.record import record
 from ..core.vit import gqa_layers
 from ..io.hub import ModelLoadError, from_pretrained
@@ -25,8 +26,10 @@ __all__ = ['evaluate', 'main']
 
 @torch.inference_mode()
 def evaluate(model_source: str, data: str, split: str = 'test', batch_size: int = 256, workers: int = 0,
-             device: str = 'cpu', val_fraction: float = 0.1, seed: int = 0,
+             device: Optional[str] = None, val_fraction: float = 0.1, seed: int = 0,
              limit: Optional[int] = None) -> Dict[str, Any]:
+    """``device``: see :func:`~gqa_core.core.device.resolve_device` (CUDA when there is one, unless told)."""
+    device = resolve_device(device)
     model = from_pretrained(model_source).to(device).eval()
     splits = build_datasets(data, model_preprocessing(model), val_fraction=val_fraction, seed=seed, limit=limit)
     dataset = {'test': splits.test, 'val': splits.val}[split]
@@ -80,7 +83,7 @@ def main(argv: Optional[list] = None) -> None:
     parser.add_argument('--split', choices=['test', 'val'], default='test')
     parser.add_argument('--batch-size', type=int, default=256)
     parser.add_argument('--workers', type=int, default=0)
-    parser.add_argument('--device', default='cpu')
+    parser.add_argument('--device', help=f'{DEVICE_CHOICES} (default: GQA_LENS_DEVICE, else auto)')
     parser.add_argument('--limit', type=int, default=None)
     parser.add_argument('--json', help='also write the result here')
     args = parser.parse_args(argv)

@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ..core.convert import convert, grouping_config, kv_cache_bytes
+from ..core.device import resolve_device
 from ..core.grouping import advise_grouping
 from ..core.policies import POLICIES, start_epoch
 from ..io.hub import ModelLoadError, create_model, from_pretrained, save_pretrained
@@ -84,6 +85,7 @@ class TrainConfig:
     predecode: bool = False  # decode the training split once into memory; crop + flip run batched (crop-flip, none)
     compile: bool = False  # torch.compile the model for training
     mixed_precision: str = 'auto'  # auto: bf16 on GPU, none on CPU
+    device: Optional[str] = None  # auto (CUDA when there is one), cpu, cuda; default GQA_LENS_DEVICE
     save_dtype: Optional[str] = None  # e.g. float16 for shipping
     resume: bool = False
     bench_batch: int = 32
@@ -231,10 +233,11 @@ def _prepare(name: str, model: nn.Module, splits: Any, cfg: TrainConfig) -> _Run
     """Loaders, AdamW (no weight decay on biases, norms, embeddings and tokens), warmup + cosine schedule,
     all through accelerate (CPU, one GPU or data parallel)."""
     from accelerate import Accelerator
+    on_cpu = resolve_device(cfg.device).type == 'cpu'
     mixed = cfg.mixed_precision
     if mixed == 'auto':
-        mixed = 'bf16' if torch.cuda.is_available() else 'no'
-    accelerator = Accelerator(mixed_precision=mixed)
+        mixed = 'no' if on_cpu else 'bf16'
+    accelerator = Accelerator(mixed_precision=mixed, cpu=on_cpu)
     g = torch.Generator().manual_seed(cfg.seed)
     train_loader = DataLoader(splits.train, batch_size=cfg.batch_size, shuffle=True, drop_last=True,
                               num_workers=cfg.workers, generator=g, persistent_workers=cfg.workers > 0,
