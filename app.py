@@ -73,8 +73,9 @@ shrunk to that and a person or a street will be called one of those ten. Each co
 was trained on and shows what it saw."""
 
 HELP = """Pick up to four models. Besides the embedded ones you can type
-`hub:ORG/NAME[@REVISION]` (a saved GQA Lens model on the Hugging Face Hub), `local:NAME` (folders the operator
-allowed) or `convert:SOURCE:VARIANT:G`, e.g.
+`hub:ORG/NAME[@REVISION]` (a saved GQA Lens model on the Hugging Face Hub, or a transformers ViT, DeiT, DINOv2 or
+DINOv3 repo such as `hub:facebook/dinov2-small`, loaded as MHA), `local:NAME` (folders the operator allowed) or
+`convert:SOURCE:VARIANT:G`, e.g.
 `convert:embedded/mha:kdgqa:2` or `convert:hf-hub:timm/vit_small_patch16_224.augreg_in21k_ft_in1k:gqa:3`
 (training-free: K/V heads mean-pooled); add `:output-error` to let the grouping advisor choose which MHA heads
 share a KV head (`convert:embedded/mha:gqa:4:output-error`)."""

@@ -5,8 +5,6 @@ import copy
 from typing import Any, Dict, List, Optional, Sequence, Union
 
 from torch import Tensor, nn
-from timm.layers import Attention
-from timm.models.vision_transformer import VisionTransformer
 
 from .attention import ATTENTION_KINDS, GroupedQueryAttention, attention_kind, kv_bytes
 from .grouping import GROUPINGS, advise_grouping, check_permutations, permute_heads
@@ -23,11 +21,13 @@ def convert(
         calibration: Optional[Tensor] = None,
         max_refine_flops: Optional[float] = None,
         **policy_options: Any,
-) -> VisionTransformer:
-    """Swap every block's attention of a timm ViT, in place, for :class:`GroupedQueryAttention`.
+) -> nn.Module:
+    """Swap every block's attention of a timm ViT (``VisionTransformer``, ``Eva``, ``Beit``), in place, for
+    :class:`GroupedQueryAttention`.
 
-    From timm's ``Attention`` (MHA) the K/V heads are mean-pooled in consecutive blocks of H/G; Q and the
-    output projection are copied; no other weight is touched (the final norm included). A model converted
+    From timm's multi-head attention layer (any kind in :data:`~gqa_core.core.attention.ATTENTION_KINDS`) the
+    K/V heads are mean-pooled in consecutive blocks of H/G; Q, the output projection and what the kind adds
+    (RoPE, BEiT's position bias) are kept; no other weight is touched (the final norm included). A model converted
     before can change policy at the same G (weights kept) or be re-pooled from G = H. ``policy_options``
     go to the policy (``compat``, ``seed``, ``stat``, ``window``, ``beta``, ``noise_scale``, ...).
 
@@ -59,7 +59,7 @@ def convert(
     return vit
 
 
-def _grouping_permutations(vit: VisionTransformer, attns: list, grouping: Any, calibration: Optional[Tensor],
+def _grouping_permutations(vit: nn.Module, attns: list, grouping: Any, calibration: Optional[Tensor],
                             num_kv_heads: Optional[int],
                             max_refine_flops: Optional[float]) -> Optional[List[List[int]]]:
     if isinstance(grouping, str):

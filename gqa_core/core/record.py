@@ -14,7 +14,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 import torch
 from torch import Tensor, nn
-from timm.layers.attention import maybe_add_mask, resolve_self_attn_mask
+from timm.layers.attention import resolve_self_attn_mask
 
 from .attention import GroupedQueryAttention, route_kv
 from .convert import grouping_config

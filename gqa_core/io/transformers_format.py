@@ -11,7 +11,6 @@ left over or of the wrong shape is an error naming it. Nothing is unpickled.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -21,6 +20,7 @@ from torch import Tensor, nn
 
 from ..core.vit import set_norm_eps
 from .safe_config import Budget, ConfigError, check_backbone_args, check_budget
+from .safe_config import _bool, _float as _number, _int  # the config guard's typed rules
 
 __all__ = ['is_transformers_config', 'TransformersModel', 'read_config', 'check_size', 'to_timm_state', 'build',
            'ARCHITECTURES']
@@ -55,18 +55,6 @@ def _field(data: Dict[str, Any], key: str, check: Callable[[Any], bool], rule: s
     if not check(value):
         raise ConfigError(f'config.json: {key} must be {rule}')
     return value
-
-
-def _int(low: int, high: int) -> Callable[[Any], bool]:
-    return lambda v: type(v) is int and low <= v <= high
-
-
-def _number(low: float, high: float) -> Callable[[Any], bool]:
-    return lambda v: type(v) in (int, float) and math.isfinite(v) and low <= v <= high
-
-
-def _bool(v: Any) -> bool:
-    return type(v) is bool
 
 
 @dataclass
