@@ -16,6 +16,7 @@ FAMILIES = {
     'dinov3-qkvb': ('vit_small_patch16_dinov3_qkvb', dict(img_size=64)),  # + q/v biases, the k bias a fixed zero
     'eva02': ('eva02_tiny_patch14_224', dict(img_size=56)),  # RoPE (cat), SwiGLU, q/v biases
     'eva02-unfused': ('eva02_tiny_patch14_224', dict(img_size=56, qkv_fused=False)),  # separate q/k/v projections
+    'eva02-qknorm': ('eva02_tiny_patch14_224', dict(img_size=56, qk_norm=True)),  # q/k LayerNorms per head
     'pe': ('vit_pe_core_tiny_patch16_384', dict(img_size=64, attn_pool_num_heads=4)),  # AttentionRope, map pool
     'beit': ('beit_base_patch16_224', dict(img_size=64)),  # a relative position bias table per layer
     'beit-shared': ('beit_base_patch16_224', dict(img_size=64, use_rel_pos_bias=False,
@@ -249,8 +250,10 @@ def test_attention_pooling_query_is_recorded_as_the_pool_computes_it(key):
 def test_the_app_shows_every_view_of_every_family_over_http(app_server):
     """Each family saved as a local model folder, served by the real app: every view of /run answers with a
     picture or a figure, or one line saying why it does not apply -- never an error."""
+    import zipfile
+    import numpy as np
     from gradio_client import Client, handle_file
-    from answers import columns
+    from answers import columns, unwrap
     from conftest import ALLOWED_MODELS, EXAMPLES_DIR
     from gqa_core import save_pretrained
     from gqa_core.lens.views import VIEWS
@@ -274,6 +277,10 @@ def test_the_app_shows_every_view_of_every_family_over_http(app_server):
         pooled = client.predict(image, *specs, 'attention pool', 0, 'mean', 'mean', 'zero', False, api_name='/run')
         has_pool = key in ('siglip', 'pe')
         assert (columns(pooled)[1]['picture'] is not None) == has_pool, key
+        archive = unwrap(client.predict(0, 'mean', 'mean', api_name='/export'))
+        with zipfile.ZipFile(archive) as zf, np.load(zf.open(f'1_local_family-{key}-kdgqa/arrays.npz')) as arrays:
+            assert arrays['full_layer0'].shape[-1] == arrays['full_layer0'].shape[-2] > 1
+            assert ('pool_attention' in arrays.files) == has_pool, key
 
 
 @pytest.mark.parametrize('name,match', [

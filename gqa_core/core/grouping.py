@@ -91,16 +91,23 @@ class _Layer:
         return cls(attn, context.get('rope'), attn._position_bias(None, context.get('shared_rel_pos_bias')))
 
     def heads(self, x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
-        """q, k, v ``(B, H, T, d)`` of the layer's input ``x``, as its forward computes them."""
+        """q as the forward computes it, and k, v as projected ``(B, H, T, d)``: pooling averages projections,
+        so a key is normalised and rotated (:meth:`keys`) after it is pooled, as the pooled layer does."""
         attn, (B, N, _) = self.attn, x.shape
         q, k, v = attn._project(x)
         q = attn.q_norm(q.view(B, N, attn.num_heads, attn.head_dim).transpose(1, 2))
-        k = attn.k_norm(k.view(B, N, attn.num_heads, attn.head_dim).transpose(1, 2))
+        k = k.view(B, N, attn.num_heads, attn.head_dim).transpose(1, 2)
         v = v.view(B, N, attn.num_heads, attn.head_dim).transpose(1, 2)
         if self.rope is not None:
             q = apply_rope(q, self.rope, attn.num_prefix_tokens, attn.rotate_half).type_as(v)
-            k = apply_rope(k, self.rope, attn.num_prefix_tokens, attn.rotate_half).type_as(v)
         return q, k, v
+
+    def keys(self, k: Tensor) -> Tensor:
+        """Projected (or pooled) keys ``(B, heads, T, d)`` as attention reads them: k-norm, then RoPE."""
+        k = self.attn.k_norm(k)
+        if self.rope is not None:
+            k = apply_rope(k, self.rope, self.attn.num_prefix_tokens, self.attn.rotate_half).type_as(k)
+        return k
 
     def mask(self, heads: Optional[Tensor], rows: Optional[slice]) -> Optional[Tensor]:
         """The additive bias for the query ``heads`` (an index; all when None) and query ``rows``."""
@@ -111,12 +118,13 @@ class _Layer:
 
 
 def _mha_outputs(layer: _Layer, inputs: Tensor, rows: Optional[slice]) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """q (of the query ``rows`` that matter; all when None), k, v of ``inputs`` and the multi-head output the
-    pooled layer should match."""
+    """q (of the query ``rows`` that matter; all when None), the projected k, v of ``inputs`` and the multi-head
+    output the pooled layer should match."""
     q, k, v = layer.heads(inputs)
     if rows is not None:
         q = q[:, :, rows]
-    return q, k, v, F.scaled_dot_product_attention(q, k, v, attn_mask=layer.mask(None, rows), scale=layer.attn.scale)
+    o = F.scaled_dot_product_attention(q, layer.keys(k), v, attn_mask=layer.mask(None, rows), scale=layer.attn.scale)
+    return q, k, v, o
 
 
 def _group_costs(layer: _Layer, inputs: Tensor, groups: Sequence[Tuple[int, ...]], batch: int,
@@ -136,7 +144,7 @@ def _group_costs(layer: _Layer, inputs: Tensor, groups: Sequence[Tuple[int, ...]
             idx = index[m0:m0 + chunk]
             m = idx.shape[0]
             qs = q[:, idx.reshape(-1)]  # (B, m*s, T, d)
-            kp, vp = k[:, idx].mean(2), v[:, idx].mean(2)  # (B, m, T, d)
+            kp, vp = layer.keys(k[:, idx].mean(2)), v[:, idx].mean(2)  # (B, m, T, d)
             o2 = F.scaled_dot_product_attention(qs, kp, vp, attn_mask=layer.mask(idx.reshape(-1), rows),
                                                 scale=attn.scale, enable_gqa=True)
             delta = (o2 - o[:, idx.reshape(-1)]).reshape(B, m, s, T, d).transpose(2, 3).reshape(B, m, T, s * d)
@@ -167,7 +175,7 @@ def _layer_errors(layer: _Layer, inputs: Tensor, perms: Sequence[Sequence[int]],
             idx = index[p0:p0 + chunk]
             n = idx.shape[0]
             flat = idx.reshape(-1)
-            kp = k[:, flat].view(B, n * G, H // G, T, d).mean(2)
+            kp = layer.keys(k[:, flat].view(B, n * G, H // G, T, d).mean(2))
             vp = v[:, flat].view(B, n * G, H // G, T, d).mean(2)
             o2 = F.scaled_dot_product_attention(q[:, flat], kp, vp, attn_mask=layer.mask(flat, rows),
                                                 scale=attn.scale, enable_gqa=True)

@@ -198,6 +198,7 @@ def _eva_geometry(vit: Eva) -> Dict[str, Any]:
     geometry.update(
         qkv_bias=_has_qkv_bias(attn),
         qkv_fused=getattr(attn, 'qkv', None) is not None,
+        qk_norm=_is(attn.q_norm),
         init_values=1.0 if getattr(block, 'gamma_1', None) is not None else None,
         class_token=has_class_token(vit),
         num_reg_tokens=num_registers(vit),

@@ -91,6 +91,7 @@ _SHARED = ('img_size', 'patch_size', 'in_chans', 'num_classes', 'global_pool', '
 EVA_ARGS: Dict[str, tuple] = {
     **{k: BACKBONE_ARGS[k] for k in _SHARED}, 'class_token': BACKBONE_ARGS['class_token'],
     'qkv_fused': (_bool, 'true or false'),
+    'qk_norm': BACKBONE_ARGS['qk_norm'],
     'num_reg_tokens': (_int(0, 64), 'an int 0..64'),
     'use_abs_pos_emb': (_bool, 'true or false'),
     'use_rot_pos_emb': (_bool, 'true or false'),
