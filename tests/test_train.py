@@ -35,6 +35,9 @@ def test_train_resume_and_loss_goes_down(cifar_subset, tmp_path):
     a = load_file(tmp_path / 'straight' / 'gqa' / 'checkpoint' / 'model.safetensors')
     b = load_file(tmp_path / 'resumed' / 'gqa' / 'checkpoint' / 'model.safetensors')
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a), 'resuming continues the same run'
+    checkpoint = tmp_path / 'resumed' / 'gqa' / 'checkpoint'
+    assert sorted(p.name for p in checkpoint.iterdir()) == ['model.safetensors', 'state.json',
+                                                            'training_state.json', 'training_state.safetensors']
     summary = json.loads((tmp_path / 'resumed' / 'comparison.json').read_text())[0]
     saved = tmp_path / 'resumed' / 'gqa' / 'model'
     model = from_pretrained(str(saved))

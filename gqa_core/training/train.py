@@ -267,15 +267,42 @@ def _prepare(name: str, model: nn.Module, splits: Any, cfg: TrainConfig) -> _Run
     return _Run(accelerator, model, optimizer, scheduler, train_loader, val_loader, g, total, out)
 
 
+def save_training_state(folder: Path, optimizer: Any, scheduler: Any, loader_rng: torch.Generator) -> None:
+    """Optimiser moments, schedule and RNG states as ``training_state.safetensors`` (tensors) and
+    ``training_state.json`` (the rest): a checkpoint that can travel (a commit, a Hub repo) and never needs
+    unpickling to resume."""
+    from safetensors.torch import save_file
+    saved = optimizer.state_dict()
+    tensors = {f'optimizer.{index}.{key}': value.detach().cpu().contiguous()
+               for index, state in saved['state'].items() for key, value in state.items()}
+    tensors.update(rng=torch.get_rng_state(), loader_rng=loader_rng.get_state())
+    save_file(tensors, folder / 'training_state.safetensors')
+    (folder / 'training_state.json').write_text(json.dumps(dict(param_groups=saved['param_groups'],
+                                                                scheduler=scheduler.state_dict())))
+
+
+def load_training_state(folder: Path, optimizer: Any, scheduler: Any, loader_rng: torch.Generator) -> None:
+    """What :func:`save_training_state` wrote, back into ``optimizer``, ``scheduler`` and the RNGs."""
+    from safetensors.torch import load_file
+    tensors = load_file(folder / 'training_state.safetensors')
+    meta = json.loads((folder / 'training_state.json').read_text())
+    state: Dict[int, Dict[str, torch.Tensor]] = {}
+    for name, value in tensors.items():
+        if name.startswith('optimizer.'):
+            _, index, key = name.split('.', 2)
+            state.setdefault(int(index), {})[key] = value
+    groups = [dict(g, betas=tuple(g['betas'])) if 'betas' in g else g for g in meta['param_groups']]
+    optimizer.load_state_dict(dict(state=state, param_groups=groups))
+    scheduler.load_state_dict(meta['scheduler'])
+    torch.set_rng_state(tensors['rng'])
+    loader_rng.set_state(tensors['loader_rng'])
+
+
 def _resume(run: _Run, name: str) -> None:
     from safetensors.torch import load_file
     ckpt = run.checkpoint
     run.accelerator.unwrap_model(run.model).load_state_dict(load_file(ckpt / 'model.safetensors'), strict=True)
-    saved = torch.load(ckpt / 'training_state.pt', weights_only=True)  # our own local file
-    run.optimizer.load_state_dict(saved['optimizer'])
-    run.scheduler.load_state_dict(saved['scheduler'])
-    torch.set_rng_state(saved['rng'])
-    run.loader_rng.set_state(saved['loader_rng'])
+    load_training_state(ckpt, run.optimizer, run.scheduler, run.loader_rng)
     run.state = json.loads((ckpt / 'state.json').read_text())
     run.accelerator.print(f'[{name}] resumed at epoch {run.state["epoch"]}, step {run.state["step"]}')
 
@@ -326,8 +353,7 @@ def _save_checkpoint(run: _Run, val_top1: float, epoch: int, preprocessing: Dict
     ckpt.mkdir(exist_ok=True)
     save_file({k: v.detach().cpu().contiguous() for k, v in unwrapped.state_dict().items()},
               ckpt / 'model.safetensors')
-    torch.save(dict(optimizer=run.optimizer.state_dict(), scheduler=run.scheduler.state_dict(),
-                    rng=torch.get_rng_state(), loader_rng=run.loader_rng.get_state()), ckpt / 'training_state.pt')
+    save_training_state(ckpt, run.optimizer, run.scheduler, run.loader_rng)
     if val_top1 > run.state['best_val']:
         run.state['best_val'] = val_top1
         save_pretrained(unwrapped, run.out / 'best', labels=labels, preprocessing=preprocessing,
