@@ -145,3 +145,38 @@ def test_predecoded_split_matches_the_per_image_pipeline(cifar_subset):
     batch = [augmented[i] for i in range(8)]
     first, second = augmented.collate(batch)[0], augmented.collate(batch)[0]
     assert first.shape == expected.shape and not torch.equal(first, second)
+
+
+def test_seeds_run_once_per_seed_and_summarise(cifar_subset, tmp_path):
+    """--seeds: every variant once per seed in out/seed{S}, the split fixed, mean ± std written; the seeds CLI
+    judges each variant against GQA."""
+    import statistics
+    from gqa_core.training import seeds
+    cfg = config(cifar_subset, tmp_path / 'run', '--variants', 'gqa', 'kdgqa', '--epochs', '1', '--seeds', '0', '1')
+    rows = run(cfg)
+    assert sorted((r['variant'], r['seed']) for r in rows) == [('gqa', 0), ('gqa', 1), ('kdgqa', 0), ('kdgqa', 1)]
+    a = load_file(tmp_path / 'run' / 'seed0' / 'gqa' / 'checkpoint' / 'model.safetensors')
+    b = load_file(tmp_path / 'run' / 'seed1' / 'gqa' / 'checkpoint' / 'model.safetensors')
+    assert any(not torch.equal(a[k], b[k]) for k in a), 'another seed trains differently'
+    data = json.loads((tmp_path / 'run' / seeds.SEEDS_FILE).read_text())
+    kd = next(s for s in data['summary'] if s['variant'] == 'kdgqa')
+    tests = [r['test_top1'] for r in rows if r['variant'] == 'kdgqa']
+    assert kd['n'] == 2 and kd['test_top1_mean'] == pytest.approx(statistics.fmean(tests))
+    assert kd['test_top1_std'] == pytest.approx(statistics.stdev(tests))
+    seeds.main([str(tmp_path / 'run'), '--reference', 'gqa', '--out', str(tmp_path / 'summary')])
+    verdicts = json.loads((tmp_path / 'summary' / 'seeds.json').read_text())['verdicts']
+    assert [v['variant'] for v in verdicts] == ['kdgqa'] and verdicts[0]['reference'] == 'gqa'
+    gqa = next(s for s in data['summary'] if s['variant'] == 'gqa')
+    assert verdicts[0]['difference'] == pytest.approx(kd['test_top1_mean'] - gqa['test_top1_mean'])
+
+
+def test_beyond_noise_is_two_standard_errors_of_the_difference():
+    from gqa_core.training.seeds import summarise, verdict
+
+    def runs(variant, values):
+        return summarise([dict(variant=variant, seed=i, val_top1=v, test_top1=v) for i, v in enumerate(values)])[0]
+    apart = verdict(runs('kdgqa', [0.70, 0.71, 0.72]), runs('gqa', [0.60, 0.61, 0.62]))
+    assert apart['beyond_noise'] and 'better' in apart['says']
+    close = verdict(runs('kdgqa', [0.70, 0.75, 0.65]), runs('gqa', [0.69, 0.74, 0.64]))
+    assert not close['beyond_noise'] and 'within noise' in close['says']
+    assert close['standard_error'] == pytest.approx(((0.05 ** 2 / 3) * 2) ** 0.5)

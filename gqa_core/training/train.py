@@ -77,6 +77,8 @@ class TrainConfig:
     augment: str = 'randaugment'
     grad_clip: Optional[float] = None
     seed: int = 42
+    seeds: Optional[List[int]] = None  # run everything once per seed (out/seed{S}/...) and summarise mean ± std
+    split_seed: Optional[int] = None  # the val split and calibration draw (default: seed); fixed across --seeds
     val_fraction: float = 0.1
     limit: Optional[int] = None
     max_steps: Optional[int] = None  # stop early (smoke tests)
@@ -135,7 +137,8 @@ def start_grouping(start: nn.Module, splits: Any, cfg: TrainConfig) -> Any:
     if cfg.grouping == 'consecutive' or all(VARIANT_SPECS.get(v, ('',))[0] == 'mha' for v in cfg.variants):
         return 'consecutive'  # nothing to pool
     G = cfg.num_kv_heads or start.blocks[0].attn.num_heads // 2
-    return advise_grouping(start, G, splits.calibration(cfg.calibration_images, cfg.seed)).permutations
+    draw = cfg.seed if cfg.split_seed is None else cfg.split_seed
+    return advise_grouping(start, G, splits.calibration(cfg.calibration_images, draw)).permutations
 
 
 def make_variant(start: nn.Module, name: str, cfg: TrainConfig, grouping: Any = 'consecutive') -> nn.Module:
@@ -426,11 +429,34 @@ def comparison_table(rows: List[Dict[str, Any]]) -> str:
     return '\n'.join(lines) + '\n'
 
 
+def run_seeds(cfg: TrainConfig) -> List[Dict[str, Any]]:
+    """The same runs once per seed of ``cfg.seeds`` (each in ``out/seed{S}``, resumable like any run), with the
+    validation split and the advisor's calibration draw fixed by ``split_seed`` (default: ``seed``) so only
+    training randomness varies; writes ``out/comparison_seeds.json`` and a mean ± std table."""
+    from dataclasses import replace
+    from .seeds import SEEDS_FILE, seed_table, summarise
+    rows = []
+    for seed in cfg.seeds:
+        sub = replace(cfg, seed=seed, seeds=None, split_seed=cfg.split_seed if cfg.split_seed is not None else cfg.seed,
+                      out=str(Path(cfg.out) / f'seed{seed}'))
+        rows += [dict(row, seed=seed) for row in run(sub)]
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    summaries = summarise(rows)
+    (out / SEEDS_FILE).write_text(json.dumps(dict(grouping=cfg.grouping, seeds=list(cfg.seeds), rows=rows,
+                                                  summary=summaries), indent=2))
+    (out / 'comparison_seeds.md').write_text(seed_table(summaries, []))
+    return rows
+
+
 def run(cfg: TrainConfig) -> List[Dict[str, Any]]:
+    if cfg.seeds:
+        return run_seeds(cfg)
+    split_seed = cfg.seed if cfg.split_seed is None else cfg.split_seed
     seed_everything(cfg.seed)
     start, preprocessing, labels = build_start_model(cfg)
     splits = build_datasets(cfg.data, preprocessing, augment=cfg.augment, val_fraction=cfg.val_fraction,
-                            seed=cfg.seed, limit=cfg.limit, predecode=cfg.predecode)
+                            seed=split_seed, limit=cfg.limit, predecode=cfg.predecode)
     labels = labels or splits.classes
     if start.num_classes != len(labels):
         start.reset_classifier(len(labels))
@@ -459,11 +485,13 @@ def parse_args(argv: Optional[List[str]] = None) -> TrainConfig:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
         elif f.name == 'variants':
             parser.add_argument(flag, nargs='+', default=None, choices=sorted(VARIANT_SPECS))
+        elif f.name == 'seeds':
+            parser.add_argument(flag, nargs='+', type=int, default=None)
         elif f.name in ('model_args', 'preprocessing'):
             parser.add_argument(flag, type=json.loads, default=None, help='JSON object')
         else:
             kind = {'num_kv_heads': int, 'grad_clip': float, 'limit': int, 'max_steps': int, 'stop_after': int,
-                    'mean_std': float}.get(
+                    'mean_std': float, 'split_seed': int}.get(
                 f.name, type(value) if value is not None else str)
             parser.add_argument(flag, type=kind, default=None)
     args = parser.parse_args(argv)

@@ -1,0 +1,102 @@
+"""Several training seeds of the same runs, summarised: mean ± std per variant and whether a variant differs
+from a reference (GQA) beyond seed noise.
+
+"Beyond noise" is judged by the difference of the means against its standard error: a variant beats (or
+trails) the reference when ``|mean_a - mean_b| > 2 * sqrt(std_a^2 / n_a + std_b^2 / n_b)`` (about a 95 %
+normal interval of the difference; with three seeds a coarse test, and said so wherever it is printed).
+
+    python -m gqa_core.training.seeds runs/uptrain runs/uptrain-advised --reference gqa --out runs/seeds
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+__all__ = ['summarise', 'verdict', 'seed_table', 'SEEDS_FILE', 'main']
+
+SEEDS_FILE = 'comparison_seeds.json'
+METRICS = ('val_top1', 'test_top1')
+
+
+def summarise(rows: Sequence[Dict[str, Any]], label: str = '') -> List[Dict[str, Any]]:
+    """Rows of several seeds (each with ``variant``, ``seed`` and the metrics) -> one row per variant with
+    ``n``, the seeds, and mean / std (sample, n - 1) of every metric."""
+    by_variant: Dict[str, List[Dict[str, Any]]] = {}
+    for row in rows:
+        by_variant.setdefault(row['variant'], []).append(row)
+    out = []
+    for variant, runs in by_variant.items():
+        summary: Dict[str, Any] = dict(variant=variant, label=f'{variant}{label}', n=len(runs),
+                                       seeds=[r['seed'] for r in runs])
+        for metric in METRICS:
+            values = [r[metric] for r in runs if r.get(metric) is not None]
+            if values:
+                summary[metric] = values
+                summary[f'{metric}_mean'] = statistics.fmean(values)
+                summary[f'{metric}_std'] = statistics.stdev(values) if len(values) > 1 else 0.0
+        out.append(summary)
+    return out
+
+
+def verdict(a: Dict[str, Any], b: Dict[str, Any], metric: str = 'test_top1') -> Dict[str, Any]:
+    """``a`` against ``b`` on ``metric``: the difference of the means, its standard error and whether it is
+    beyond seed noise (``|difference| > 2 standard errors``)."""
+    difference = a[f'{metric}_mean'] - b[f'{metric}_mean']
+    error = math.sqrt(a[f'{metric}_std'] ** 2 / a['n'] + b[f'{metric}_std'] ** 2 / b['n'])
+    beyond = abs(difference) > 2 * error
+    word = ('better' if difference > 0 else 'worse') if beyond else 'within noise of'
+    return dict(variant=a['label'], reference=b['label'], metric=metric, difference=difference, standard_error=error,
+                beyond_noise=beyond, says=f'{a["label"]} is {word} {b["label"]} ({difference * 100:+.2f} points, '
+                                        f'2 s.e. = {2 * error * 100:.2f})')
+
+
+def seed_table(summaries: Sequence[Dict[str, Any]], verdicts: Sequence[Dict[str, Any]]) -> str:
+    lines = ['| run | seeds | val top-1 (mean ± std) | test top-1 (mean ± std) | vs reference |', '|---|---:|---:|---:|---|']
+    said = {v['variant']: v['says'] for v in verdicts}
+    for s in summaries:
+        cells = [f"{s[f'{m}_mean'] * 100:.2f} ± {s[f'{m}_std'] * 100:.2f} %" if f'{m}_mean' in s else 'n/a'
+                 for m in METRICS]
+        lines.append(f"| {s['label']} | {s['n']} | {cells[0]} | {cells[1]} | {said.get(s['label'], '—')} |")
+    return '\n'.join(lines) + '\n\n"Beyond noise": |difference of means| > 2 standard errors of the difference.\n'
+
+
+def _label(folder: Path) -> str:
+    """A run folder's grouping, as a suffix of its rows' labels (``gqa (output-error)``)."""
+    data = json.loads((folder / SEEDS_FILE).read_text())
+    grouping = data.get('grouping', 'consecutive')
+    return '' if grouping == 'consecutive' else f' ({grouping})'
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('runs', nargs='+', help=f'run folders written with --seeds (each holds {SEEDS_FILE})')
+    parser.add_argument('--reference', default='gqa', help='the variant every other is judged against')
+    parser.add_argument('--out', required=True)
+    args = parser.parse_args(argv)
+    summaries: List[Dict[str, Any]] = []
+    for folder in map(Path, args.runs):
+        data = json.loads((folder / SEEDS_FILE).read_text())
+        summaries += summarise(data['rows'], _label(folder))
+    references = [s for s in summaries if s['variant'] == args.reference]
+    if not references:
+        raise SystemExit(f'error: no {args.reference} runs among {[s["label"] for s in summaries]}')
+    verdicts = []
+    for s in summaries:
+        if s['variant'] in (args.reference, 'mha') or 'test_top1_mean' not in s:
+            continue
+        same = next((r for r in references if r['label'].removeprefix(args.reference) ==
+                     s['label'].removeprefix(s['variant'])), references[0])  # the reference of the same grouping
+        verdicts.append(verdict(s, same))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / 'seeds.json').write_text(json.dumps(dict(runs=summaries, verdicts=verdicts), indent=2))
+    (out / 'seeds.md').write_text(seed_table(summaries, verdicts))
+    print(seed_table(summaries, verdicts))
+
+
+if __name__ == '__main__':
+    main()
