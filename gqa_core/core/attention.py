@@ -363,7 +363,7 @@ class GroupedQueryAttention(nn.Module):
                   [biases[0], expand(biases[1]), expand(biases[2])])
         return attn.train(self.training)
 
-    def _project(self, x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    def project(self, x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
         """q ``(B, N, H d)``, k and v ``(B, N, G d)`` from whichever projection layout the layer has."""
         if self.qkv is None:
             return self.q_proj(x), self.k_proj(x), self.v_proj(x)
@@ -373,7 +373,7 @@ class GroupedQueryAttention(nn.Module):
             qkv = F.linear(x, self.qkv.weight, torch.cat((self.q_bias, self.k_bias, self.v_bias)))
         return qkv.split(self.qkv_split, dim=-1)
 
-    def _position_bias(self, attn_mask: Optional[Tensor], shared_rel_pos_bias: Optional[Tensor]) -> Optional[Tensor]:
+    def position_bias(self, attn_mask: Optional[Tensor], shared_rel_pos_bias: Optional[Tensor]) -> Optional[Tensor]:
         """BEiT's relative position bias (this layer's and the model's shared one) added to ``attn_mask``."""
         bias = attn_mask
         if self.relative_position_bias_table is not None:
@@ -392,14 +392,14 @@ class GroupedQueryAttention(nn.Module):
                 is_causal: bool = False, shared_rel_pos_bias: Optional[Tensor] = None) -> Tensor:
         B, N, _ = x.shape
         gate = self.gate(x).sigmoid() if self.gate is not None else None
-        q, k, v = self._project(x)
+        q, k, v = self.project(x)
         q = self.q_norm(q.view(B, N, self.num_heads, self.head_dim).transpose(1, 2))
         k = self.k_norm(k.view(B, N, self.num_kv_heads, self.head_dim).transpose(1, 2))
         v = v.view(B, N, self.num_kv_heads, self.head_dim).transpose(1, 2)
         if rope is not None:  # a rotation per token: key norms are the same before and after it
             q = apply_rope(q, rope, self.num_prefix_tokens, self.rotate_half).type_as(v)
             k = apply_rope(k, rope, self.num_prefix_tokens, self.rotate_half).type_as(v)
-        attn_mask = self._position_bias(attn_mask, shared_rel_pos_bias)
+        attn_mask = self.position_bias(attn_mask, shared_rel_pos_bias)
 
         probe = self.probe
         wants_norms = self.policy.uses_key_norms or (probe is not None and probe.needs_key_norms)

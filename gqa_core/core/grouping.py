@@ -88,13 +88,13 @@ class _Layer:
 
     @classmethod
     def of(cls, attn: GroupedQueryAttention, context: Dict[str, Any]) -> '_Layer':
-        return cls(attn, context.get('rope'), attn._position_bias(None, context.get('shared_rel_pos_bias')))
+        return cls(attn, context.get('rope'), attn.position_bias(None, context.get('shared_rel_pos_bias')))
 
     def heads(self, x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
         """q as the forward computes it, and k, v as projected ``(B, H, T, d)``: pooling averages projections,
         so a key is normalised and rotated (:meth:`keys`) after it is pooled, as the pooled layer does."""
         attn, (B, N, _) = self.attn, x.shape
-        q, k, v = attn._project(x)
+        q, k, v = attn.project(x)
         q = attn.q_norm(q.view(B, N, attn.num_heads, attn.head_dim).transpose(1, 2))
         k = k.view(B, N, attn.num_heads, attn.head_dim).transpose(1, 2)
         v = v.view(B, N, attn.num_heads, attn.head_dim).transpose(1, 2)
