@@ -8,7 +8,7 @@ from torch import Tensor, nn
 
 from .attention import ATTENTION_KINDS, GroupedQueryAttention, attention_kind, kv_bytes
 from .grouping import GROUPINGS, advise_grouping, check_permutations, permute_heads
-from .vit import check_vit, gqa_layers, num_tokens
+from .vit import check_positions, check_vit, gqa_layers, num_tokens
 
 __all__ = ['convert', 'revert', 'grouping_config', 'kv_cache_bytes', 'source_heads']
 
@@ -38,7 +38,7 @@ def convert(
     advisor's model-output comparison (for live requests).
     """
     vit = check_vit(model)
-    _check_positions(vit)
+    check_positions(vit)
     attns = [_convertible_attention(index, block, num_kv_heads) for index, block in enumerate(vit.blocks)]
     sources = [getattr(block.attn, 'source_heads', None) for block in vit.blocks]
     perms = _grouping_permutations(vit, attns, grouping, calibration, num_kv_heads, max_refine_flops)
@@ -80,15 +80,6 @@ def source_heads(model: nn.Module) -> Optional[List[List[int]]]:
     if all(p is None or list(p) == list(range(len(p))) for p in perms):
         return None
     return [list(p) if p is not None else list(range(layer.num_heads)) for p, layer in zip(perms, layers)]
-
-
-def _check_positions(vit: nn.Module) -> None:
-    """Refuse position schemes pooling cannot keep exact at G = H: RoPE with learned per-head frequencies
-    (RoPE-ViT's ``mixed``) rotates each head's keys differently, so a pooled KV head has no one rotation."""
-    if getattr(vit, 'rope_mixed', False):
-        raise ValueError(f'{type(vit).__name__} uses RoPE with learned per-head frequencies (rope_type="mixed"): '
-                         'a pooled KV head serves query heads that rotate keys differently, so mean-pooling K is '
-                         'not defined; the model was not changed')
 
 
 def _convertible_attention(index: int, block: nn.Module, num_kv_heads: Optional[int]) -> nn.Module:

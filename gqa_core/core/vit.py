@@ -20,7 +20,7 @@ from timm.models.vision_transformer import VisionTransformer
 
 from .attention import GroupedQueryAttention
 
-__all__ = ['check_vit', 'gqa_layers', 'num_tokens', 'token_grid', 'prefix_labels', 'has_class_token',
+__all__ = ['check_vit', 'check_positions', 'gqa_layers', 'num_tokens', 'token_grid', 'prefix_labels', 'has_class_token',
            'summary_row', 'block_inputs', 'block_context', 'output_rows', 'run_blocks', 'model_output',
            'vit_geometry', 'attention_pool', 'norm_eps', 'set_norm_eps', 'MEAN_ROW', 'POOL_QUERY', 'FAMILIES']
 
@@ -54,6 +54,15 @@ def token_grid(model: nn.Module, x: Optional[Tensor]) -> tuple:
     if getattr(model, 'dynamic_img_size', False) and isinstance(x, Tensor) and x.dim() == 4:
         grid = tuple(int(s) for s in patch_embed.dynamic_feat_size(tuple(x.shape[-2:])))
     return grid
+
+
+def check_positions(vit: nn.Module) -> None:
+    """Refuse position schemes pooling cannot keep exact at G = H: RoPE with learned per-head frequencies
+    (RoPE-ViT's ``mixed``) rotates each head's keys differently, so a pooled KV head has no one rotation."""
+    if getattr(vit, 'rope_mixed', False):
+        raise ValueError(f'{type(vit).__name__} uses RoPE with learned per-head frequencies (rope_type="mixed"): '
+                         'a pooled KV head serves query heads that rotate keys differently, so mean-pooling K is '
+                         'not defined; the model was not changed')
 
 
 def num_registers(model: nn.Module) -> int:
@@ -109,9 +118,8 @@ def block_inputs(vit: nn.Module, images: Tensor) -> Tensor:
 def block_context(vit: nn.Module, images: Tensor) -> Dict[str, Any]:
     """What every block is given besides its tokens for ``images``' size: EVA's RoPE (``rope``), BEiT's shared
     relative position bias (``shared_rel_pos_bias``); nothing for timm's ViT."""
+    check_positions(vit)
     if isinstance(vit, Eva):
-        if getattr(vit, 'rope_mixed', False):
-            raise ValueError('learned per-head RoPE (rope_type="mixed") is not supported')
         if vit.rope is None:
             return {}
         x = vit.patch_embed(images[:1])
