@@ -281,7 +281,7 @@ def from_pretrained(source: str, revision: Optional[str] = None, map_location: s
     configs describing a model over it before anything is built; ``token`` as huggingface_hub's (``False``: send
     none, for downloads strangers cause: :mod:`gqa_core.io.credentials`). The saved preprocessing and labels land in
     the model's timm ``pretrained_cfg`` (where timm's ``resolve_data_config`` finds them). A transformers-format
-    repo or folder (ViT, DeiT, DINOv2, DINOv2 with registers) loads as the equivalent timm model with
+    repo or folder (ViT, DeiT, DINOv2, DINOv2 with registers, DINOv3) loads as the equivalent timm model with
     multi-head attention (G = H).
     """
     data = _read_json(source, _fetch(source, CONFIG_NAME, revision, local, token))
