@@ -47,6 +47,18 @@ def test_train_resume_and_loss_goes_down(cifar_subset, tmp_path):
     assert abs(summary['test_top1'] - again['top1']) * again['n'] <= 1, 'the summary is the saved model\'s test top-1'
 
 
+def test_a_finished_variant_is_pruned_and_skipped_when_resumed(cifar_subset, tmp_path):
+    """--no-keep-checkpoints leaves a finished variant its model, metrics and summary only (what a committed
+    multi-sitting run carries); --resume then returns that summary instead of training or testing again."""
+    first = run(config(cifar_subset, tmp_path, '--variants', 'gqa', '--epochs', '1', '--no-keep-checkpoints'))
+    folder = tmp_path / 'gqa'
+    assert sorted(p.name for p in folder.iterdir()) == ['metrics.csv', 'metrics.json', 'model', 'summary.json']
+    assert first[0]['complete'] and first[0]['epochs'] == 1
+    again = run(config(cifar_subset, tmp_path, '--variants', 'gqa', '--epochs', '1', '--resume'))
+    assert again == first
+    assert len(json.loads((folder / 'metrics.json').read_text())) == 1, 'nothing was trained again'
+
+
 def test_variants_comparison_and_dgqa_history_saved(cifar_subset, tmp_path):
     cfg = config(cifar_subset, tmp_path, '--variants', 'mha', 'dgqa-ema', '--epochs', '1', '--window', '2',
                  '--save-dtype', 'float16')

@@ -17,6 +17,7 @@ import csv
 import json
 import math
 import random
+import shutil
 import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -90,6 +91,7 @@ class TrainConfig:
     device: Optional[str] = None  # auto (CUDA when there is one), cpu, cuda; default GQA_LENS_DEVICE
     save_dtype: Optional[str] = None  # e.g. float16 for shipping
     resume: bool = False
+    keep_checkpoints: bool = True  # False: a finished variant keeps only model/, metrics and summary.json
     bench_batch: int = 32
 
 
@@ -380,6 +382,8 @@ def _finish(run: _Run, name: str, splits: Any, preprocessing: Dict[str, Any], la
         kv_cache_bytes=kv_cache_bytes(best),
         images_per_s=images_per_second(best, preprocessing['input_size'], cfg.bench_batch, accelerator.device),
         steps=run.state['step'],
+        epochs=run.state['epoch'],
+        complete=run.state['step'] >= run.total_steps,
     )
     if accelerator.is_main_process:
         metrics = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in summary.items() if k != 'variant'}
@@ -387,13 +391,30 @@ def _finish(run: _Run, name: str, splits: Any, preprocessing: Dict[str, Any], la
         save_pretrained(best.cpu(), run.out / 'model', labels=labels, preprocessing=preprocessing, metrics=metrics,
                         dtype=save_dtype, dataset=dataset_name(cfg))
         (run.out / 'summary.json').write_text(json.dumps(summary, indent=2))
+        if summary['complete'] and not cfg.keep_checkpoints:
+            shutil.rmtree(run.checkpoint)
+            shutil.rmtree(run.out / 'best')
     return summary
+
+
+def finished_summary(out: Path) -> Optional[Dict[str, Any]]:
+    """The summary of a variant whose whole schedule ran and whose model was saved, else None: a resumed
+    multi-variant (or multi-seed) run skips what an earlier sitting finished instead of re-testing it."""
+    path = out / 'summary.json'
+    if not (path.is_file() and (out / 'model' / 'config.json').is_file()):
+        return None
+    summary = json.loads(path.read_text())
+    return summary if summary.get('complete') else None
 
 
 def train_variant(name: str, start: nn.Module, splits: Any, preprocessing: Dict[str, Any], labels: List[str],
                   cfg: TrainConfig, grouping: Any = None) -> Dict[str, Any]:
     """Convert, train, keep the best-on-validation model, evaluate it on test. Returns its summary row.
     ``grouping``: from :func:`start_grouping` (computed here when None)."""
+    done = finished_summary(Path(cfg.out) / name) if cfg.resume else None
+    if done is not None:
+        print(f'[{name}] finished in an earlier sitting: test top-1 {done.get("test_top1", float("nan")):.4f}')
+        return done
     seed_everything(cfg.seed)
     if grouping is None:
         grouping = start_grouping(start, splits, cfg)
