@@ -12,7 +12,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional, Sequence, Union
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Union
 
 import timm
 import torch
@@ -26,7 +26,7 @@ from .credentials import Token
 from .safe_config import Budget, ConfigError, check_backbone, check_backbone_args, check_budget, check_preprocessing
 from . import transformers_format
 
-__all__ = ['create_model', 'save_pretrained', 'from_pretrained', 'push_to_hub', 'from_timm', 'load_config', 'trained_on',
+__all__ = ['create_model', 'save_pretrained', 'from_pretrained', 'push_to_hub', 'from_timm', 'load_config', 'load_pretrained',
            'ModelLoadError', 'CONFIG_NAME', 'WEIGHTS_NAME']
 
 CONFIG_NAME = 'config.json'
@@ -246,12 +246,6 @@ def _gqa_lens_config(source: str, data: Dict[str, Any], budget: Optional[Budget]
         raise ModelLoadError(f'{source}: {CONFIG_NAME}: {e}') from None
 
 
-def trained_on(source: str, revision: Optional[str] = None, *, local: bool = True, token: Token = None) -> Optional[str]:
-    """What a saved model's config says it was trained on (None for a transformers-format repo: it does not say)."""
-    data = _read_json(source, _fetch(source, CONFIG_NAME, revision, local, token))
-    return None if transformers_format.is_transformers_config(data) else _gqa_lens_config(source, data, None).dataset
-
-
 def _weights(source: str, revision: Optional[str], local: bool, token: Token, map_location: str = 'cpu') -> Dict:
     path = _fetch(source, WEIGHTS_NAME, revision, local, token)
     try:
@@ -284,9 +278,17 @@ def from_pretrained(source: str, revision: Optional[str] = None, map_location: s
     repo or folder (ViT, DeiT, DINOv2, DINOv2 with registers, DINOv3) loads as the equivalent timm model with
     multi-head attention (G = H).
     """
+    return load_pretrained(source, revision, map_location, local=local, budget=budget, token=token)[0]
+
+
+def load_pretrained(source: str, revision: Optional[str] = None, map_location: str = 'cpu', *, local: bool = True,
+                    budget: Optional[Budget] = None, token: Token = None) -> Tuple[nn.Module, Optional[str]]:
+    """:func:`from_pretrained`'s model and what its config says it was trained on (None when it does not say,
+    as a transformers-format config never does), from one read of ``config.json``."""
     data = _read_json(source, _fetch(source, CONFIG_NAME, revision, local, token))
     if transformers_format.is_transformers_config(data):
-        return convert(_from_transformers(source, data, revision, local, budget, token), 'mha').to(map_location)
+        model = _from_transformers(source, data, revision, local, budget, token)
+        return convert(model, 'mha').to(map_location), None
     config = _gqa_lens_config(source, data, budget)
     try:
         model = config.build()
@@ -297,7 +299,7 @@ def from_pretrained(source: str, revision: Optional[str] = None, map_location: s
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
         raise ModelLoadError(f'{source}: weights do not fit the config: {_short(e, 600)}') from None
-    return model
+    return model, config.dataset
 
 
 def push_to_hub(model: nn.Module, repo_id: str, *, private: bool = False, token: Optional[str] = None,

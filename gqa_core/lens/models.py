@@ -22,8 +22,7 @@ from ..core.device import full_fp32, resolve_device
 from ..core.policies import POLICIES
 from ..core.vit import gqa_layers, num_tokens
 from ..io.credentials import token_repos as env_token_repos, visitor_token
-from ..io.hub import ModelLoadError, from_pretrained, from_timm
-from ..io.hub import trained_on as dataset_of
+from ..io.hub import ModelLoadError, from_timm, load_pretrained
 from ..io.preprocessing import model_preprocessing
 from ..io.safe_config import Budget
 from .calibration import calibration_images
@@ -138,11 +137,10 @@ class ModelRegistry:
         """``(model, what its config says it was trained on)``."""
         if spec.kind == 'hub':
             token = visitor_token(spec.name, self.token_repos)
-            model = from_pretrained(spec.name, spec.revision, local=False, budget=self.budget, token=token)
-            return model, dataset_of(spec.name, spec.revision, local=False, token=token)
+            return load_pretrained(spec.name, spec.revision, local=False, budget=self.budget, token=token)
         path = self._folder(spec)
         try:
-            return from_pretrained(str(path), budget=self.budget), dataset_of(str(path))
+            return load_pretrained(str(path), budget=self.budget)
         except ModelLoadError as e:  # name the spec, never the server path
             raise ModelLoadError(str(e).replace(str(path), str(spec))) from None
 
