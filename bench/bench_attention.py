@@ -1,6 +1,11 @@
 """Inference images/s of every variant next to timm's own fused multi-head attention, plus recording cost.
 
     python bench/bench_attention.py --device cpu --dtype fp32 --batch 8 --threads 2 --models vit_small_patch16_224
+    python bench/bench_attention.py --device cuda --dtype bf16 --batch 256 --models vit_small_patch16_224 \
+        vit_base_patch16_224 vit_large_patch16_224
+
+On CUDA with Triton, KDGQA runs twice: through index + SDPA (K/V copied to H heads) and through the routed
+kernel (:mod:`gqa_core.core.kernels`), which reads K/V through the per-image table.
 
 All models use random weights (speed does not depend on them). Runs are interleaved round-robin and the
 median per model is reported, so slow drift of a shared machine hits every row alike.
@@ -17,6 +22,7 @@ import timm
 import torch
 
 from gqa_core import convert, record
+from gqa_core.core.kernels import triton, use_triton
 
 DTYPES = {'fp32': torch.float32, 'bf16': torch.bfloat16, 'fp16': torch.float16}
 VARIANTS = [('GQA', 'gqa', {}), ('KDGQA', 'kdgqa', {}), ('DGQA-diff', 'dgqa', {'stat': 'diff'}),
@@ -51,10 +57,20 @@ def bench_backbone(name: str, args: argparse.Namespace) -> List[Dict[str, object
     recorded = models[f'KDGQA (G={G})']
 
     def run_recorded() -> None:
+        use_triton(False)
         with record(recorded, attention='prefix'):
             recorded(x)
 
-    fns = {k: (lambda m=m: m(x)) for k, m in models.items()}
+    def through(enabled: bool, model: torch.nn.Module) -> Callable[[], object]:
+        def call() -> object:
+            use_triton(enabled)
+            return model(x)
+        return call
+
+    # per-image routing: K/V copied to H heads + SDPA (the fallback), and, where Triton runs, the routed kernel
+    fns = {k: through(False, m) for k, m in models.items()}
+    if device.type == 'cuda' and triton is not None:
+        fns[f'KDGQA (G={G}), routed kernel'] = through(True, recorded)
     fns['KDGQA + recording class-token maps'] = run_recorded
     times: Dict[str, List[float]] = {k: [] for k in fns}
     with torch.inference_mode():
