@@ -4,6 +4,10 @@ requirements.txt``, then ``python app.py``; wait for the page, run one ``/run`` 
 models, print one JSON line (build seconds, venv size, start and first-request seconds).
 
     python bench/rehearse_space.py [--keep DIR]
+    hf upload YOU/gqa-lens DIR/space --repo-type space     # publish exactly what was rehearsed
+
+The Space holds the tracked files except ``SPACE_EXCLUDES``: training state committed so that long runs span
+sittings (``checkpoints/``) is no part of the app.
 """
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+SPACE_EXCLUDES = ('checkpoints/',)
 
 
 def front_matter(readme: Path) -> dict:
@@ -59,6 +64,7 @@ def main() -> None:
     space, venv = work / 'space', work / 'venv'
     shutil.rmtree(work / 'space', ignore_errors=True)
     files = subprocess.run(['git', 'ls-files'], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    files = [name for name in files if not name.startswith(SPACE_EXCLUDES)]
     for name in files:  # what the Space repo holds: the tracked files, nothing built or cached
         (space / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(ROOT / name, space / name)
