@@ -54,9 +54,13 @@ def test_a_finished_variant_is_pruned_and_skipped_when_resumed(cifar_subset, tmp
     folder = tmp_path / 'gqa'
     assert sorted(p.name for p in folder.iterdir()) == ['metrics.csv', 'metrics.json', 'model', 'summary.json']
     assert first[0]['complete'] and first[0]['epochs'] == 1
-    again = run(config(cifar_subset, tmp_path, '--variants', 'gqa', '--epochs', '1', '--resume'))
-    assert again == first
-    assert len(json.loads((folder / 'metrics.json').read_text())) == 1, 'nothing was trained again'
+    more = run(config(cifar_subset, tmp_path, '--variants', 'gqa', 'mha', '--epochs', '1', '--resume',
+                      '--no-keep-checkpoints'))
+    assert more[0] == first[0] and more[1]['variant'] == 'mha' and more[1]['complete']
+    assert len(json.loads((folder / 'metrics.json').read_text())) == 1, 'the finished variant was not trained again'
+    again = run(config(tmp_path / 'no-data-needed', tmp_path, '--variants', 'gqa', 'mha', '--epochs', '1', '--resume'))
+    assert again == more, 'everything finished: the stored summaries; no data read, nothing built or trained'
+    assert json.loads((tmp_path / 'comparison.json').read_text()) == more
 
 
 def test_variants_comparison_and_dgqa_history_saved(cifar_subset, tmp_path):

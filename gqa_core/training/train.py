@@ -473,17 +473,21 @@ def run_seeds(cfg: TrainConfig) -> List[Dict[str, Any]]:
 def run(cfg: TrainConfig) -> List[Dict[str, Any]]:
     if cfg.seeds:
         return run_seeds(cfg)
-    split_seed = cfg.seed if cfg.split_seed is None else cfg.split_seed
-    seed_everything(cfg.seed)
-    start, preprocessing, labels = build_start_model(cfg)
-    splits = build_datasets(cfg.data, preprocessing, augment=cfg.augment, val_fraction=cfg.val_fraction,
-                            seed=split_seed, limit=cfg.limit, predecode=cfg.predecode)
-    labels = labels or splits.classes
-    if start.num_classes != len(labels):
-        start.reset_classifier(len(labels))
-    grouping = start_grouping(start, splits, cfg)
-    rows = [train_variant(name, start, splits, preprocessing, labels, cfg, grouping) for name in cfg.variants]
     out = Path(cfg.out)
+    finished = [finished_summary(out / name) if cfg.resume else None for name in cfg.variants]
+    if all(finished):  # an earlier sitting (or a parallel process) ran everything: only the tables are written
+        rows = finished
+    else:
+        split_seed = cfg.seed if cfg.split_seed is None else cfg.split_seed
+        seed_everything(cfg.seed)
+        start, preprocessing, labels = build_start_model(cfg)
+        splits = build_datasets(cfg.data, preprocessing, augment=cfg.augment, val_fraction=cfg.val_fraction,
+                                seed=split_seed, limit=cfg.limit, predecode=cfg.predecode)
+        labels = labels or splits.classes
+        if start.num_classes != len(labels):
+            start.reset_classifier(len(labels))
+        grouping = start_grouping(start, splits, cfg)
+        rows = [train_variant(name, start, splits, preprocessing, labels, cfg, grouping) for name in cfg.variants]
     (out / 'comparison.md').write_text(comparison_table(rows))
     (out / 'comparison.json').write_text(json.dumps(rows, indent=2))
     with open(out / 'comparison.csv', 'w', newline='') as f:
