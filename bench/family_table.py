@@ -20,7 +20,7 @@ from gqa_core.io.hub import from_pretrained
 from gqa_core.io.preprocessing import model_preprocessing
 
 ROOT = Path(__file__).resolve().parents[1]
-FAMILY = ['mha', 'gqa', 'kdgqa', 'dgqa-diff', 'dgqa-ema', 'pgqa']
+FAMILY_ORDER = ['mha', 'gqa', 'kdgqa', 'dgqa-diff', 'dgqa-ema', 'pgqa', 'gqa-advised', 'kdgqa-advised']
 
 
 def main() -> None:
@@ -33,9 +33,10 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    rows, speed = {}, {name: [] for name in FAMILY}
-    models = {name: from_pretrained(str(Path(args.models) / name)).eval() for name in FAMILY}
-    for name in FAMILY:
+    family = [name for name in FAMILY_ORDER if (Path(args.models) / name / 'config.json').is_file()]
+    rows, speed = {}, {name: [] for name in family}
+    models = {name: from_pretrained(str(Path(args.models) / name)).eval() for name in family}
+    for name in family:
         rows[name] = evaluate(str(Path(args.models) / name), args.data, 'test')
     x = torch.randn(args.batch, *model_preprocessing(models['mha'])['input_size'])
     with torch.inference_mode():
@@ -49,7 +50,7 @@ def main() -> None:
     print(f'threads={torch.get_num_threads()} batch={args.batch}')
     print('| model | test top-1 | test top-5 | params | K/V cache / image (fp16) | CPU images/s |')
     print('|---|---:|---:|---:|---:|---:|')
-    for name in FAMILY:
+    for name in family:
         model = models[name]
         params = sum(p.numel() for p in model.parameters())
         print(f"| `{name}` | {rows[name]['top1'] * 100:.2f} % | {rows[name]['top5'] * 100:.2f} % | "
