@@ -46,6 +46,16 @@ def test_round_trip_is_bit_identical(tmp_path, variant, G, options):
     assert config['labels'][3] == 'c3' and config['grouping']['variant'] == variant
     card = (tmp_path / 'README.md').read_text()
     assert card.startswith('---\n') and 'from_pretrained' in card and '| top1 | 0.5 |' in card
+    assert 'K/V heads: mean-pooled from consecutive MHA heads' in card
+
+
+def test_the_card_names_the_heads_each_kv_head_was_pooled_from(tmp_path):
+    """A model converted with a chosen grouping (the advisor's) says in its card which MHA heads share a KV head."""
+    model = create_model('vit_tiny_patch16_224', TINY, 'mha', None)
+    order = [[0, 3, 1, 2, 4, 5], [5, 4, 3, 2, 1, 0]]
+    save_pretrained(convert(model, 'gqa', 3, grouping=order), tmp_path)
+    card = (tmp_path / 'README.md').read_text()
+    assert 'grouped per layer as layer 0: (0 3)(1 2)(4 5); layer 1: (5 4)(3 2)(1 0)' in card, card
 
 
 def test_fp16_weights_load_into_fp32(tmp_path):

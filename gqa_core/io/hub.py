@@ -149,6 +149,19 @@ def save_pretrained(model: nn.Module, directory: str | os.PathLike, *, labels: O
     return directory
 
 
+def pooled_heads(config: Dict[str, Any]) -> str:
+    """Which MHA heads each KV head was mean-pooled from, in words: consecutive (the paper's), or per layer the
+    groups of the saved head order (``source_heads``, e.g. the grouping advisor's)."""
+    heads, G = config.get('source_heads'), config['grouping']['num_kv_heads']
+    if heads is None:
+        return 'mean-pooled from consecutive MHA heads'
+    size = len(heads[0]) // G
+    layers = ('; '.join(f'layer {i}: ' + ''.join('(' + ' '.join(map(str, order[j:j + size])) + ')'
+                                                  for j in range(0, len(order), size))
+                        for i, order in enumerate(heads)))
+    return f'mean-pooled from the MHA heads grouped per layer as {layers}'
+
+
 def model_card(config: Dict[str, Any], extra: str = '') -> str:
     g = config['grouping']
     metrics = config.get('metrics') or {}
@@ -172,6 +185,7 @@ A timm `{config['backbone']}` whose attention is **{g['variant']}** with {g['num
 
 - parameters: {config['params']:,}
 - K/V cache per image (fp16): {config['kv_cache_bytes_fp16']:,} bytes
+- K/V heads: {pooled_heads(config)}
 - trained on: {config.get('dataset') or 'not stated'}
 - classes: {config['num_classes']}; input {config['preprocessing'].get('input_size')}
 
