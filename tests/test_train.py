@@ -186,13 +186,23 @@ def test_seeds_run_once_per_seed_and_summarise(cifar_subset, tmp_path):
     assert verdicts[0]['difference'] == pytest.approx(kd['test_top1_mean'] - gqa['test_top1_mean'])
 
 
-def test_beyond_noise_is_two_standard_errors_of_the_difference():
+def test_beyond_noise_is_welchs_t_test_on_the_seeds():
+    """p < 0.05 by Welch's two-sided t-test: 2.45 standard errors apart is not enough with three seeds a side
+    (it was under a plain two-standard-error rule); identical runs are within noise."""
     from gqa_core.training.seeds import summarise, verdict
 
     def runs(variant, values):
         return summarise([dict(variant=variant, seed=i, val_top1=v, test_top1=v) for i, v in enumerate(values)])[0]
     apart = verdict(runs('kdgqa', [0.70, 0.71, 0.72]), runs('gqa', [0.60, 0.61, 0.62]))
-    assert apart['beyond_noise'] and 'better' in apart['says']
+    assert apart['beyond_noise'] and 'better' in apart['says'] and apart['p_value'] < 1e-3
     close = verdict(runs('kdgqa', [0.70, 0.75, 0.65]), runs('gqa', [0.69, 0.74, 0.64]))
     assert not close['beyond_noise'] and 'within noise' in close['says']
     assert close['standard_error'] == pytest.approx(((0.05 ** 2 / 3) * 2) ** 0.5)
+    nearly = verdict(runs('kdgqa', [0.70, 0.72, 0.74]), runs('gqa', [0.66, 0.68, 0.70]))
+    assert nearly['difference'] / nearly['standard_error'] == pytest.approx(2.449, abs=1e-3)
+    assert not nearly['beyond_noise'] and 0.05 < nearly['p_value'] < 0.1, nearly
+    worse = verdict(runs('kdgqa', [0.50, 0.51, 0.52]), runs('gqa', [0.60, 0.61, 0.62]))
+    assert worse['beyond_noise'] and 'worse' in worse['says']
+    for same in ([0.7, 0.71, 0.72], [0.7, 0.7, 0.7]):
+        tie = verdict(runs('dgqa-ema', same), runs('gqa', same))
+        assert tie['p_value'] == 1.0 and not tie['beyond_noise'], tie

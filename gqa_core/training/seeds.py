@@ -1,9 +1,10 @@
 """Several training seeds of the same runs, summarised: mean ± std per variant and whether a variant differs
 from a reference (GQA) beyond seed noise.
 
-"Beyond noise" is judged by the difference of the means against its standard error: a variant beats (or
-trails) the reference when ``|mean_a - mean_b| > 2 * sqrt(std_a^2 / n_a + std_b^2 / n_b)`` (about a 95 %
-normal interval of the difference; with three seeds a coarse test, and said so wherever it is printed).
+"Beyond noise" is Welch's t-test (``scipy.stats.ttest_ind``, unequal variances, two-sided) on the seeds' values:
+a variant beats (or trails) the reference when ``p < 0.05``. With three seeds a side the test has 2 to 4
+degrees of freedom, so a difference must reach 2.8 to 4.3 standard errors to count; it is said so wherever it is
+printed.
 
     python -m gqa_core.training.seeds runs/uptrain runs/uptrain-advised --reference gqa --out runs/seeds
 """
@@ -13,6 +14,7 @@ import argparse
 import json
 import math
 import statistics
+import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -42,16 +44,24 @@ def summarise(rows: Sequence[Dict[str, Any]], label: str = '') -> List[Dict[str,
     return out
 
 
-def verdict(a: Dict[str, Any], b: Dict[str, Any], metric: str = 'test_top1') -> Dict[str, Any]:
-    """``a`` against ``b`` on ``metric``: the difference of the means, its standard error and whether it is
-    beyond seed noise (``|difference| > 2 standard errors``)."""
+def verdict(a: Dict[str, Any], b: Dict[str, Any], metric: str = 'test_top1', alpha: float = 0.05) -> Dict[str, Any]:
+    """``a`` against ``b`` on ``metric``: the difference of the means, its standard error, Welch's two-sided
+    p-value and whether it is beyond seed noise (``p < alpha``). Runs that agree to the last digit (a variant
+    that made the reference's decisions) have p = 1."""
+    from scipy.stats import ttest_ind
     difference = a[f'{metric}_mean'] - b[f'{metric}_mean']
     error = math.sqrt(a[f'{metric}_std'] ** 2 / a['n'] + b[f'{metric}_std'] ** 2 / b['n'])
-    beyond = abs(difference) > 2 * error
+    if error > 0:
+        with warnings.catch_warnings():  # scipy warns when one side's seeds agree exactly; the test still holds
+            warnings.simplefilter('ignore', RuntimeWarning)
+            p = float(ttest_ind(a[metric], b[metric], equal_var=False).pvalue)
+    else:  # no spread on either side: any difference is exact
+        p = 1.0 if difference == 0 else 0.0
+    beyond = p < alpha
     word = ('better' if difference > 0 else 'worse') if beyond else 'within noise of'
     return dict(variant=a['label'], reference=b['label'], metric=metric, difference=difference, standard_error=error,
-                beyond_noise=beyond, says=f'{a["label"]} is {word} {b["label"]} ({difference * 100:+.2f} points, '
-                                        f'2 s.e. = {2 * error * 100:.2f})')
+                p_value=p, beyond_noise=beyond,
+                says=f'{a["label"]} is {word} {b["label"]} ({difference * 100:+.2f} points, Welch p = {p:.3f})')
 
 
 def seed_table(summaries: Sequence[Dict[str, Any]], verdicts: Sequence[Dict[str, Any]]) -> str:
@@ -61,7 +71,8 @@ def seed_table(summaries: Sequence[Dict[str, Any]], verdicts: Sequence[Dict[str,
         cells = [f"{s[f'{m}_mean'] * 100:.2f} ± {s[f'{m}_std'] * 100:.2f} %" if f'{m}_mean' in s else 'n/a'
                  for m in METRICS]
         lines.append(f"| {s['label']} | {s['n']} | {cells[0]} | {cells[1]} | {said.get(s['label'], '—')} |")
-    return '\n'.join(lines) + '\n\n"Beyond noise": |difference of means| > 2 standard errors of the difference.\n'
+    return '\n'.join(lines) + ('\n\n"Beyond noise": Welch\'s t-test on the seeds\' values, two-sided, p < 0.05 '
+                                '(with three seeds a side, 2.8 to 4.3 standard errors of the difference).\n')
 
 
 def _label(folder: Path) -> str:
