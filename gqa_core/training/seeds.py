@@ -58,7 +58,7 @@ def verdict(a: Dict[str, Any], b: Dict[str, Any], metric: str = 'test_top1', alp
     else:  # no spread on either side: any difference is exact
         p = 1.0 if difference == 0 else 0.0
     beyond = p < alpha
-    word = ('better' if difference > 0 else 'worse') if beyond else 'within noise of'
+    word = ('better than' if difference > 0 else 'worse than') if beyond else 'within noise of'
     return dict(variant=a['label'], reference=b['label'], metric=metric, difference=difference, standard_error=error,
                 p_value=p, beyond_noise=beyond,
                 says=f'{a["label"]} is {word} {b["label"]} ({difference * 100:+.2f} points, Welch p = {p:.3f})')
