@@ -1,5 +1,6 @@
 """CPU smoke tests of the training and evaluation CLIs on real CIFAR-10 images."""
 import json
+import math
 
 import pytest
 import torch
@@ -45,6 +46,26 @@ def test_train_resume_and_loss_goes_down(cifar_subset, tmp_path):
     assert summary['steps'] == history[-1]['step']
     again = evaluate(str(saved), str(cifar_subset), 'test')
     assert abs(summary['test_top1'] - again['top1']) * again['n'] <= 1, 'the summary is the saved model\'s test top-1'
+
+
+def test_mixup_cutmix_train_and_resume_exactly(cifar_subset, tmp_path):
+    """timm's Mixup / CutMix (--mixup, --cutmix) mix every batch; its numpy draws are part of the checkpoint, so an
+    interrupted run resumes to the same weights as a straight one."""
+    mix = ('--variants', 'kdgqa', '--epochs', '2', '--mixup', '0.8', '--cutmix', '1.0', '--label-smoothing', '0.1')
+    run(config(cifar_subset, tmp_path / 'straight', *mix))
+    run(config(cifar_subset, tmp_path / 'resumed', *mix, '--stop-after', '1'))
+    import numpy as np
+    np.random.seed(123)  # whatever happened in between, the checkpoint restores the draws
+    run(config(cifar_subset, tmp_path / 'resumed', *mix, '--resume'))
+    a = load_file(tmp_path / 'straight' / 'kdgqa' / 'checkpoint' / 'model.safetensors')
+    b = load_file(tmp_path / 'resumed' / 'kdgqa' / 'checkpoint' / 'model.safetensors')
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a), 'the resumed run mixed the same batches'
+    plain = load_file(tmp_path / 'straight' / 'kdgqa' / 'checkpoint' / 'model.safetensors')
+    history = json.loads((tmp_path / 'straight' / 'kdgqa' / 'metrics.json').read_text())
+    assert all(math.isfinite(h['train_loss']) for h in history) and history[-1]['train_loss'] > 0
+    run(config(cifar_subset, tmp_path / 'unmixed', '--variants', 'kdgqa', '--epochs', '2', '--label-smoothing', '0.1'))
+    other = load_file(tmp_path / 'unmixed' / 'kdgqa' / 'checkpoint' / 'model.safetensors')
+    assert any(not torch.equal(plain[k], other[k]) for k in plain), 'mixing changes what is learned'
 
 
 def test_a_finished_variant_is_pruned_and_skipped_when_resumed(cifar_subset, tmp_path):

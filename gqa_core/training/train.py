@@ -23,9 +23,11 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 import yaml
+from timm.loss import SoftTargetCrossEntropy
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -76,6 +78,8 @@ class TrainConfig:
     warmup_epochs: float = 0.0
     label_smoothing: float = 0.0
     augment: str = 'randaugment'
+    mixup: float = 0.0  # Beta(alpha, alpha) of timm's Mixup (0: off); batches mixed on the device
+    cutmix: float = 0.0  # Beta(alpha, alpha) of timm's CutMix (0: off); with both, each batch takes one at random
     grad_clip: Optional[float] = None
     seed: int = 42
     seeds: Optional[List[int]] = None  # run everything once per seed (out/seed{S}/...) and summarise mean ± std
@@ -107,6 +111,7 @@ PRESETS: Dict[str, Dict[str, Any]] = {
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
+    np.random.seed(seed)  # timm's Mixup draws from numpy
     torch.manual_seed(seed)
 
 
@@ -227,6 +232,7 @@ class _Run:
     loader_rng: torch.Generator
     total_steps: int
     out: Path
+    mixer: Optional[Any] = None  # timm's Mixup / CutMix, when the config asks for either
     state: Dict[str, Any] = field(default_factory=lambda: dict(epoch=0, step=0, best_val=-1.0))
 
     @property
@@ -269,7 +275,12 @@ def _prepare(name: str, model: nn.Module, splits: Any, cfg: TrainConfig) -> _Run
         model, optimizer, train_loader, val_loader, scheduler)
     out = Path(cfg.out) / name
     out.mkdir(parents=True, exist_ok=True)
-    return _Run(accelerator, model, optimizer, scheduler, train_loader, val_loader, g, total, out)
+    mixer = None
+    if cfg.mixup or cfg.cutmix:
+        from timm.data import Mixup
+        mixer = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=cfg.label_smoothing,
+                      num_classes=accelerator.unwrap_model(model).num_classes)
+    return _Run(accelerator, model, optimizer, scheduler, train_loader, val_loader, g, total, out, mixer)
 
 
 def save_training_state(folder: Path, optimizer: Any, scheduler: Any, loader_rng: torch.Generator) -> None:
@@ -280,10 +291,13 @@ def save_training_state(folder: Path, optimizer: Any, scheduler: Any, loader_rng
     saved = optimizer.state_dict()
     tensors = {f'optimizer.{index}.{key}': value.detach().cpu().contiguous()
                for index, state in saved['state'].items() for key, value in state.items()}
-    tensors.update(rng=torch.get_rng_state(), loader_rng=loader_rng.get_state())
+    kind, keys, position, has_gauss, gauss = np.random.get_state()
+    tensors.update(rng=torch.get_rng_state(), loader_rng=loader_rng.get_state(),
+                   numpy_rng=torch.from_numpy(keys.astype(np.int64)))
     save_file(tensors, folder / 'training_state.safetensors')
-    (folder / 'training_state.json').write_text(json.dumps(dict(param_groups=saved['param_groups'],
-                                                                scheduler=scheduler.state_dict())))
+    (folder / 'training_state.json').write_text(json.dumps(dict(
+        param_groups=saved['param_groups'], scheduler=scheduler.state_dict(),
+        numpy_rng=dict(kind=kind, position=int(position), has_gauss=int(has_gauss), gauss=float(gauss)))))
 
 
 def load_training_state(folder: Path, optimizer: Any, scheduler: Any, loader_rng: torch.Generator) -> None:
@@ -301,6 +315,10 @@ def load_training_state(folder: Path, optimizer: Any, scheduler: Any, loader_rng
     scheduler.load_state_dict(meta['scheduler'])
     torch.set_rng_state(tensors['rng'])
     loader_rng.set_state(tensors['loader_rng'])
+    if 'numpy_rng' in tensors:  # checkpoints written before numpy's state was kept have none
+        n = meta['numpy_rng']
+        np.random.set_state((n['kind'], tensors['numpy_rng'].numpy().astype(np.uint32), n['position'],
+                             n['has_gauss'], n['gauss']))
 
 
 def _resume(run: _Run, name: str) -> None:
@@ -322,9 +340,14 @@ def _train_epoch(run: _Run, name: str, epoch: int, cfg: TrainConfig) -> Dict[str
     bar = tqdm(run.train_loader, desc=f'{name} epoch {epoch + 1}/{cfg.epochs}',
                disable=not accelerator.is_main_process)
     for images, targets in bar:
+        if run.mixer is not None:  # soft targets (label smoothing inside); accuracy stays against the labels
+            images, soft = run.mixer(images, targets)
         with accelerator.autocast():
             logits = model(images)
-            loss = F.cross_entropy(logits.float(), targets, label_smoothing=cfg.label_smoothing)
+            if run.mixer is not None:
+                loss = SoftTargetCrossEntropy()(logits.float(), soft)
+            else:
+                loss = F.cross_entropy(logits.float(), targets, label_smoothing=cfg.label_smoothing)
         accelerator.backward(loss)
         if cfg.grad_clip:
             accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
