@@ -58,6 +58,18 @@ def test_the_card_names_the_heads_each_kv_head_was_pooled_from(tmp_path):
     assert 'grouped per layer as layer 0: (0 3)(1 2)(4 5); layer 1: (5 4)(3 2)(1 0)' in card, card
 
 
+def test_a_model_trained_with_stochastic_depth_saves_as_the_same_model_without_it(tmp_path):
+    """DropPath is the identity at inference: a model built with drop_path_rate saves, and loads as the timm
+    model without it, giving the same outputs in eval."""
+    model = create_model('vit_tiny_patch16_224', dict(TINY, drop_path_rate=0.2), 'kdgqa', 3).eval()
+    save_pretrained(model, tmp_path)
+    loaded = from_pretrained(str(tmp_path)).eval()
+    assert type(loaded.blocks[1].drop_path1).__name__ == 'Identity'
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+
+
 def test_fp16_weights_load_into_fp32(tmp_path):
     model = trained_model('kdgqa', 3, {})
     save_pretrained(model, tmp_path, dtype=torch.float16)

@@ -186,11 +186,17 @@ def backbone_of(model: nn.Module) -> tuple:
     return arch, args, (own if own is not None and {own} != set(norm_eps(rebuilt).values()) else None)
 
 
+# Training-only modules that are the identity at inference: a model trained with stochastic depth saves (and
+# loads) as the same model without it.
+_INFERENCE_IDENTITY = {'DropPath': 'Identity'}
+
+
 def _layout(model: nn.Module) -> Dict[str, Any]:
-    """Every module's class and every parameter's shape, by name."""
+    """Every module's class (training-only identities as ``Identity``) and every parameter's shape, by name."""
     layout: Dict[str, Any] = {}
     for name, module in model.named_modules():
-        layout[name] = type(module).__name__
+        kind = type(module).__name__
+        layout[name] = _INFERENCE_IDENTITY.get(kind, kind)
         for pname, p in module.named_parameters(recurse=False):
             layout[f'{name}.{pname}'] = tuple(p.shape)
     return layout
