@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Issue 18's device work as one call (the device tool lends a GPU for about 15 minutes a session, start included):
-#   run(command="bash bench/gpu_session.sh", carry=[".gpu-data"], timeout_s=580)
+#   run(command="bash bench/gpu_session.sh", carry=[".gpu-data"], timeout_s=580)         # benchmarks + kernel
+#   run(command="bash bench/gpu_session.sh train", carry=[".gpu-data"], timeout_s=580)   # the 12-head family base
 # after, once, here:  mkdir -p .gpu-data && cp ../shared/data/cifar10-jpeg.tar.gz .gpu-data/ &&
 #                     echo /.gpu-data/ >> .git/info/exclude
 # Every step has its own time limit and writes its output under $OUT, so a slow or failing step costs only itself.
@@ -23,6 +24,14 @@ step() {  # step NAME SECONDS COMMAND...: run it, keep its output, say how it en
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$OUT/gpu.txt" 2>&1
 python3 -c 'import torch, timm, triton; print("torch", torch.__version__, "timm", timm.__version__, "triton", triton.__version__)' >> "$OUT/gpu.txt" 2>&1
 cat "$OUT/gpu.txt"
+
+if [ "${1:-}" = train ]; then  # configs/gpu-family-mha.yaml with the CLI; the fp16 model and metrics come back
+    step train 540 python3 -m gqa_core.train --config configs/gpu-family-mha.yaml
+    tar -czf "$OUT/gpu-family.tar.gz" runs/gpu-family/comparison.json runs/gpu-family/mha/model \
+        runs/gpu-family/mha/metrics.json 2>/dev/null
+    echo "== done in $SECONDS s"
+    exit 0
+fi
 
 # 1. the routed kernel: correct against index + SDPA (fp16 / bf16, d 64 / 16, T 65 / 197 / 257) and timed
 step kernel 90 python3 bench/kernel_check.py --batch 256
