@@ -2,8 +2,7 @@
 # Issue 18's device work as one call (the device tool lends a GPU for about 15 minutes a session, start included):
 #   run(command="bash bench/gpu_session.sh", carry=[".gpu-data"], timeout_s=580)         # benchmarks + kernel
 #   run(command="bash bench/gpu_session.sh train", carry=[".gpu-data"], timeout_s=580)   # the 12-head family base
-# after, once, here:  mkdir -p .gpu-data && cp ../shared/data/cifar10-jpeg.tar.gz .gpu-data/ &&
-#                     echo /.gpu-data/ >> .git/info/exclude
+# after, once, here:  mkdir -p .gpu-data && cp ../shared/data/cifar10-jpeg.tar.gz .gpu-data/   (ignored by git)
 # Every step has its own time limit and writes its output under $OUT, so a slow or failing step costs only itself.
 # The machine's python3 has torch, timm, safetensors, accelerate and Triton but not gradio or plotly: nothing
 # here imports them, and the package runs from the checkout (PYTHONPATH), not installed.
