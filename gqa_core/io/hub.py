@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..core.convert import convert
+from ..core.grouping import head_groups
 from .config import FORMAT, GQALensConfig
 from .credentials import Token
 from .safe_config import Budget, ConfigError, check_backbone, check_backbone_args, check_budget, check_preprocessing
@@ -155,10 +156,8 @@ def pooled_heads(config: Dict[str, Any]) -> str:
     heads, G = config.get('source_heads'), config['grouping']['num_kv_heads']
     if heads is None:
         return 'mean-pooled from consecutive MHA heads'
-    size = len(heads[0]) // G
-    layers = ('; '.join(f'layer {i}: ' + ''.join('(' + ' '.join(map(str, order[j:j + size])) + ')'
-                                                  for j in range(0, len(order), size))
-                        for i, order in enumerate(heads)))
+    layers = '; '.join(f'layer {i}: ' + ''.join('(' + ' '.join(map(str, group)) + ')' for group in head_groups(order, G))
+                       for i, order in enumerate(heads))
     return f'mean-pooled from the MHA heads grouped per layer as {layers}'
 
 

@@ -422,7 +422,7 @@ def _finish(run: _Run, name: str, splits: Any, preprocessing: Dict[str, Any], la
 
 def finished_summary(out: Path) -> Optional[Dict[str, Any]]:
     """The summary of a variant whose whole schedule ran and whose model was saved, else None: a resumed
-    multi-variant (or multi-seed) run skips what an earlier sitting finished instead of re-testing it."""
+    multi-variant (or multi-seed) :func:`run` skips what an earlier sitting finished instead of re-testing it."""
     path = out / 'summary.json'
     if not (path.is_file() and (out / 'model' / 'config.json').is_file()):
         return None
@@ -434,10 +434,6 @@ def train_variant(name: str, start: nn.Module, splits: Any, preprocessing: Dict[
                   cfg: TrainConfig, grouping: Any = None) -> Dict[str, Any]:
     """Convert, train, keep the best-on-validation model, evaluate it on test. Returns its summary row.
     ``grouping``: from :func:`start_grouping` (computed here when None)."""
-    done = finished_summary(Path(cfg.out) / name) if cfg.resume else None
-    if done is not None:
-        print(f'[{name}] finished in an earlier sitting: test top-1 {done.get("test_top1", float("nan")):.4f}')
-        return done
     seed_everything(cfg.seed)
     if grouping is None:
         grouping = start_grouping(start, splits, cfg)
@@ -497,6 +493,7 @@ def run(cfg: TrainConfig) -> List[Dict[str, Any]]:
     if cfg.seeds:
         return run_seeds(cfg)
     out = Path(cfg.out)
+    # with --resume, variants an earlier sitting (or a parallel process) finished are not trained or tested again
     finished = [finished_summary(out / name) if cfg.resume else None for name in cfg.variants]
     if all(finished):  # an earlier sitting (or a parallel process) ran everything: only the tables are written
         rows = finished
@@ -510,7 +507,8 @@ def run(cfg: TrainConfig) -> List[Dict[str, Any]]:
         if start.num_classes != len(labels):
             start.reset_classifier(len(labels))
         grouping = start_grouping(start, splits, cfg)
-        rows = [train_variant(name, start, splits, preprocessing, labels, cfg, grouping) for name in cfg.variants]
+        rows = [done or train_variant(name, start, splits, preprocessing, labels, cfg, grouping)
+                for name, done in zip(cfg.variants, finished)]
     (out / 'comparison.md').write_text(comparison_table(rows))
     (out / 'comparison.json').write_text(json.dumps(rows, indent=2))
     with open(out / 'comparison.csv', 'w', newline='') as f:
