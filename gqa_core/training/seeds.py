@@ -18,7 +18,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-__all__ = ['summarise', 'verdict', 'seed_table', 'SEEDS_FILE', 'main']
+__all__ = ['summarise', 'verdict', 'mean_std', 'seed_table', 'SEEDS_FILE', 'main']
 
 SEEDS_FILE = 'comparison_seeds.json'
 METRICS = ('val_top1', 'test_top1')
@@ -64,12 +64,18 @@ def verdict(a: Dict[str, Any], b: Dict[str, Any], metric: str = 'test_top1', alp
                 says=f'{a["label"]} is {word} {b["label"]} ({difference * 100:+.2f} points, Welch p = {p:.3f})')
 
 
+def mean_std(summary: Dict[str, Any], metric: str, unit: str = '') -> str:
+    """``80.17 ± 0.29`` (percent points, then ``unit``) for one summarised run's metric; ``n/a`` without it."""
+    if f'{metric}_mean' not in summary:
+        return 'n/a'
+    return f"{summary[f'{metric}_mean'] * 100:.2f} ± {summary[f'{metric}_std'] * 100:.2f}{unit}"
+
+
 def seed_table(summaries: Sequence[Dict[str, Any]], verdicts: Sequence[Dict[str, Any]]) -> str:
     lines = ['| run | seeds | val top-1 (mean ± std) | test top-1 (mean ± std) | vs reference |', '|---|---:|---:|---:|---|']
     said = {v['variant']: v['says'] for v in verdicts}
     for s in summaries:
-        cells = [f"{s[f'{m}_mean'] * 100:.2f} ± {s[f'{m}_std'] * 100:.2f} %" if f'{m}_mean' in s else 'n/a'
-                 for m in METRICS]
+        cells = [mean_std(s, m, ' %') for m in METRICS]
         lines.append(f"| {s['label']} | {s['n']} | {cells[0]} | {cells[1]} | {said.get(s['label'], '—')} |")
     return '\n'.join(lines) + ('\n\n"Beyond noise": Welch\'s t-test on the seeds\' values, two-sided, p < 0.05 '
                                 '(with three seeds a side, 2.8 to 4.3 standard errors of the difference).\n')
