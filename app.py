@@ -31,8 +31,8 @@ from gqa_core.core.device import DEVICE_CHOICES
 from gqa_core.core.grouping import GROUPINGS
 from gqa_core.lens import figures
 from gqa_core.lens.hosting import cpu_cores, fit_torch_threads
-from gqa_core.lens.explorer import (LIVE_MAX_IMAGES, kv_budget_table, live_kv_budget, shipped_dataset_stats,
-                                    shipped_kv_budget)
+from gqa_core.lens.explorer import (LIVE_MAX_IMAGES, kv_budget_table, live_kv_budget, seeds_table,
+                                    shipped_dataset_stats, shipped_kv_budget, shipped_seeds)
 from gqa_core.lens.views import (MAX_MODELS, NO_MODEL, VIEW_LABELS, VIEWS, Choice, column_width, header,
                                  reference_for, render, run_models)
 from gqa_core.lens.models import DEFAULT_MODELS, EMBEDDED_DIR, ModelLoadError, ModelRegistry
@@ -252,6 +252,22 @@ def _dataset_tab() -> None:
                  elem_id='dataset-table', interactive=False)
     for i, fig in enumerate(figures.stats_figures(stats)):
         gr.Plot(fig, elem_id=f'dataset-plot-{i}')
+    _seeds_section()
+
+
+def _seeds_section() -> None:
+    try:
+        seeds = shipped_seeds()
+    except (OSError, ValueError):
+        gr.Markdown('no shipped seed comparison (assets/analysis/seeds/seeds.json)')
+        return
+    gr.Markdown('**Does a key-driven variant beat GQA beyond seed noise?** Every variant was uptrained from the '
+                'MHA model with one budget and three seeds; a run is better or worse than GQA of the same grouping '
+                "when Welch's two-sided t-test on the seeds' test top-1 gives p < 0.05 "
+                '(`python -m gqa_core.training.seeds`, shipped JSON).')
+    gr.Plot(figures.seeds_figure(seeds), elem_id='seeds-plot')
+    gr.Dataframe(seeds_table(seeds), headers=['run', 'seeds', 'val top-1 %', 'test top-1 %', 'against GQA'],
+                 elem_id='seeds-table', interactive=False, wrap=True)
 
 
 def _kv_budget_tab(lens: LensApp, choices: List[str]) -> None:

@@ -205,3 +205,52 @@ def test_long_model_names_are_cut_with_the_full_name_on_hover():
     assert cut.startswith(f'<abbr title="{spec}">') and cut.endswith('…</abbr>')
     assert len(cut.split('>')[1].split('<')[0]) == 36, 'at most 36 characters shown'
     assert '&lt;' in short_name('<b>' * 20), 'escaped'
+
+
+def _seed_result(values):
+    """seeds.json as the seeds CLI writes it, from per-seed test top-1 values of each run label."""
+    from gqa_core.training.seeds import summarise, verdict
+    runs = []
+    for label, tops in values.items():
+        variant, _, rest = label.partition(' ')
+        runs += summarise([dict(variant=variant, seed=s, val_top1=t, test_top1=t) for s, t in enumerate(tops)],
+                          f' {rest}' if rest else '')
+    by = {r['label']: r for r in runs}
+    verdicts = [verdict(r, by['gqa (output-error)' if 'output-error' in r['label'] else 'gqa'])
+                for r in runs if r['variant'] != 'gqa']
+    return dict(runs=runs, verdicts=verdicts)
+
+
+def test_seeds_figure_draws_every_seed_and_colours_runs_by_their_verdict():
+    result = _seed_result({'gqa': [0.70, 0.71, 0.705], 'kdgqa': [0.60, 0.605, 0.61], 'pgqa': [0.70, 0.72, 0.69],
+                           'dgqa-ema': [0.75, 0.751, 0.752], 'gqa (output-error)': [0.71, 0.70, 0.72],
+                           'kdgqa (output-error)': [0.71, 0.69, 0.70]})
+    fig = figures.seeds_figure(result)
+    dots = [t for t in fig.data if t.marker.size == 8]
+    means = [t for t in fig.data if t.marker.size == 22]
+    assert [list(t.y) for t in dots] == [r['test_top1'] for r in result['runs']]
+    assert [t.y[0] for t in means] == pytest.approx([r['test_top1_mean'] for r in result['runs']])
+    kinds = {t.x[0]: t.legendgroup for t in means}
+    assert kinds == {'GQA': 'reference', 'KDGQA': 'worse', 'PGQA': 'within', 'DGQA-EMA': 'better',
+                     'GQA<br>advised': 'reference', 'KDGQA<br>advised': 'within'}
+    assert sum(t.showlegend for t in means) == 4  # one legend entry per kind
+
+
+@pytest.mark.parametrize('extra', [0, 2])
+def test_dataset_view_puts_at_most_four_models_in_a_row(extra):
+    from gqa_core.lens.explorer import shipped_dataset_stats
+    stats = shipped_dataset_stats()
+    for i in range(extra):  # two more models, as when the advised runs ship beside the six
+        stats['models'][f'copy-{i}'] = stats['models']['kdgqa']
+        stats['agreement'][f'copy-{i}'] = stats['agreement']['kdgqa']
+        for row in stats['agreement'].values():
+            row[f'copy-{i}'] = row['kdgqa']
+    keyed = [n for n, s in stats['models'].items() if s['grouping']['variant'] != 'mha']
+    agreement, idle, _, per_class, _ = figures.stats_figures(stats)
+    assert agreement.data[0].x == tuple(stats['models']) and 'top-1:' not in agreement.layout.title.text
+    for fig in (idle, per_class):
+        assert [a.text for a in fig.layout.annotations] == keyed
+        columns = {round(fig.layout[f'xaxis{i + 1 if i else ""}'].domain[0], 3) for i in range(len(keyed))}
+        assert len(columns) == min(4, len(keyed))
+        assert len({round(fig.layout[f'yaxis{i + 1 if i else ""}'].domain[0], 3)
+                    for i in range(len(keyed))}) == -(-len(keyed) // 4)

@@ -10,13 +10,14 @@ from typing import Any, Callable, Dict, Optional
 import numpy as np
 import torch
 
+from ..training.seeds import mean_std
 from .kv_budget import kv_budget_rows
 from .calibration import CALIBRATION_FILE, calibration_images
 from .gpu import KVBudgetJob, kv_budget_in_a_gpu_call, on_zerogpu
 from .models import REFINE_FLOPS, ModelRegistry, live_calibration_size
 
-__all__ = ['ANALYSIS_DIR', 'shipped_kv_budget', 'shipped_dataset_stats', 'live_kv_budget', 'LIVE_MAX_IMAGES',
-           'kv_budget_table']
+__all__ = ['ANALYSIS_DIR', 'shipped_kv_budget', 'shipped_dataset_stats', 'shipped_seeds', 'live_kv_budget',
+           'LIVE_MAX_IMAGES', 'kv_budget_table', 'seeds_table']
 
 ANALYSIS_DIR = Path(__file__).resolve().parents[2] / 'assets' / 'analysis'
 LIVE_MAX_IMAGES = 256  # evaluation images of a live run (the first 128 shipped images calibrate the advisor)
@@ -29,6 +30,18 @@ def shipped_kv_budget() -> Dict[str, Any]:
 
 def shipped_dataset_stats() -> Dict[str, Any]:
     return json.loads((ANALYSIS_DIR / 'dataset' / 'stats.json').read_text())
+
+
+def shipped_seeds() -> Dict[str, Any]:
+    """Three seeds of every uptrained run and the verdicts against GQA (``python -m gqa_core.training.seeds``)."""
+    return json.loads((ANALYSIS_DIR / 'seeds' / 'seeds.json').read_text())
+
+
+def seeds_table(result: Dict[str, Any]) -> list:
+    """Rows for a table: run, seeds, val and test top-1 as mean ± std (%), and the verdict against GQA."""
+    said = {v['variant']: v['says'] for v in result['verdicts']}
+    return [[run['label'], run['n'], mean_std(run, 'val_top1'), mean_std(run, 'test_top1'),
+             said.get(run['label'], 'reference')] for run in result['runs']]
 
 
 def kv_budget_table(result: Dict[str, Any]) -> list:

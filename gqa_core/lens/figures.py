@@ -17,7 +17,8 @@ from ..core.grouping import head_groups
 
 __all__ = ['Fit', 'pixelated', 'idle_heads', 'total_variation', 'patch_grid', 'overlay', 'colorize', 'heads_layers_figure', 'key_norm_figure', 'assignment_figure',
            'allocation_history_figure', 'difference_figure', 'kv_colors', 'message_figure',
-           'ablation_figure', 'diversity_figure', 'faithfulness_figure']
+           'ablation_figure', 'diversity_figure', 'faithfulness_figure', 'kv_budget_figure', 'stats_figures',
+           'seeds_figure']
 
 # A small white template built once: plotly deep-copies and validates the template of every new figure, and
 # its built-in ones cost ~15 ms a figure -- most of a column's render time.
@@ -386,31 +387,42 @@ def kv_budget_figure(result: dict, metric: str = 'auto') -> go.Figure:
     return fig
 
 
+def _model_grid(names: Sequence[str], per_row: int = 4):
+    """A subplot grid with at most ``per_row`` models a row, so eight models stay as legible as four."""
+    cols = min(per_row, len(names))
+    rows = -(-len(names) // cols)
+    fig = make_subplots(rows=rows, cols=cols, subplot_titles=list(names), horizontal_spacing=0.04,
+                        vertical_spacing=0.3 / rows)
+    fig.update_layout(**LAYOUT)
+    return fig, cols, rows
+
+
 def stats_figures(result: dict) -> List[go.Figure]:
-    """The dataset view: top-1 and agreement, idle rate per layer × KV head for each model, allocation entropy
-    per layer, and each model's per-class mean allocation of its last layer."""
+    """The dataset view: agreement between the models, idle rate per layer × KV head for each model, allocation
+    entropy per layer, and each model's per-class mean allocation of its last layer. (Top-1 is in the table
+    beside them: a title listing it for eight models would not fit.)"""
     names = list(result['models'])
     figs = []
     agree = np.array([[result['agreement'][a][b] for b in names] for a in names])
     fig = _figure(go.Heatmap(z=agree, x=names, y=names, zmin=0, zmax=1, colorscale='Viridis', text=agree,
                              texttemplate='%{text:.3f}', hovertemplate='%{y} vs %{x}: %{z:.4f}<extra></extra>'))
-    fig.update_layout(title=f"top-1 agreement ({result['split']}, n={result['n']}); top-1: "
-                            + ', '.join(f"{n} {result['models'][n]['top1']:.2%}" for n in names), height=380)
+    fig.update_layout(title=f"top-1 agreement between the models ({result['split']}, n={result['n']:,})",
+                      height=200 + 30 * len(names))
     fig.update_yaxes(autorange='reversed')
     figs.append(fig)
     keyed = [n for n in names if result['models'][n]['grouping']['variant'] != 'mha']
     if keyed:
-        fig = make_subplots(rows=1, cols=len(keyed), subplot_titles=keyed, horizontal_spacing=0.03)
-        fig.update_layout(**LAYOUT)
+        fig, cols, rows = _model_grid(keyed)
         for i, name in enumerate(keyed):
             idle = np.array(result['models'][name]['idle_rate'])  # (L, G)
-            fig.add_trace(go.Heatmap(z=idle.T, zmin=0, zmax=1, colorscale='Reds', showscale=i == len(keyed) - 1,
+            fig.add_trace(go.Heatmap(z=idle.T, zmin=0, zmax=1, colorscale='Reds', showscale=i == 0,
                                      x=[f'L{j}' for j in range(idle.shape[0])],
                                      y=[f'kv{g}' for g in range(idle.shape[1])],
                                      hovertemplate=f'{name} %{{x}} %{{y}}: idle %{{z:.1%}}<extra></extra>'),
-                          row=1, col=i + 1)
+                          row=i // cols + 1, col=i % cols + 1)
         fig.update_yaxes(autorange='reversed')
-        fig.update_layout(title='rate at which each KV head serves no query (layers × KV heads)', height=320)
+        fig.update_layout(title='rate at which each KV head serves no query (layers × KV heads)',
+                          height=120 + 200 * rows)
         figs.append(fig)
         fig = _figure()
         for name in keyed:
@@ -419,16 +431,17 @@ def stats_figures(result: dict) -> List[go.Figure]:
         fig.update_layout(title='mean allocation entropy per layer (bits; log2 G = uniform)', xaxis_title='layer',
                           yaxis_title='bits')
         figs.append(fig)
-        fig = make_subplots(rows=1, cols=len(keyed), subplot_titles=keyed, horizontal_spacing=0.03)
-        fig.update_layout(**LAYOUT)
+        fig, cols, rows = _model_grid(keyed)
         for i, name in enumerate(keyed):
             s = result['models'][name]
             last = np.array(s['per_class_allocation'])[:, -1]  # (C, G)
             fig.add_trace(go.Heatmap(z=last, y=s['classes'], x=[f'kv{g}' for g in range(last.shape[1])],
-                                     colorscale='Viridis', showscale=i == len(keyed) - 1,
+                                     colorscale='Viridis', showscale=i == 0,
                                      hovertemplate=f'{name} %{{y}} %{{x}}: %{{z:.2f}} queries<extra></extra>'),
-                          row=1, col=i + 1)
-        fig.update_layout(title='mean allocation per class, last layer (classes × KV heads)', height=380)
+                          row=i // cols + 1, col=i % cols + 1)
+        fig.update_yaxes(showticklabels=False)
+        fig.update_yaxes(showticklabels=True, col=1)  # the class names once a row
+        fig.update_layout(title='mean allocation per class, last layer (classes × KV heads)', height=100 + 290 * rows)
         figs.append(fig)
         fig = _figure()
         for name in keyed:
@@ -438,3 +451,44 @@ def stats_figures(result: dict) -> List[go.Figure]:
                           xaxis_title='query heads served', yaxis_title='fraction', barmode='group')
         figs.append(fig)
     return figs
+
+
+def _run_tick(label: str) -> str:
+    """``kdgqa (output-error)`` -> ``KDGQA<br>advised``: seven run names side by side under one axis."""
+    variant, _, grouping = label.partition(' (')
+    return variant.upper() + ('<br>advised' if grouping else '')
+
+
+def seeds_figure(result: dict, metric: str = 'test_top1') -> go.Figure:
+    """Every run's seeds as dots and their mean ± std, coloured by the verdict against GQA of the same grouping
+    (better / worse beyond seed noise, or within it), from ``python -m gqa_core.training.seeds``."""
+    verdicts = {v['variant']: v for v in result['verdicts']}
+    colors = {'better': '#2ca02c', 'worse': '#d62728', 'within': '#7f7f7f', 'reference': '#1f77b4'}
+    fig = _figure()
+    shown = set()
+    for run in result['runs']:
+        if f'{metric}_mean' not in run:
+            continue
+        said = verdicts.get(run['label'])
+        kind = ('reference' if said is None else 'within' if not said['beyond_noise']
+                else 'better' if said['difference'] > 0 else 'worse')
+        name = {'reference': 'reference (GQA)', 'within': 'within seed noise of GQA',
+                'better': 'better than GQA beyond noise', 'worse': 'worse than GQA beyond noise'}[kind]
+        tick = _run_tick(run['label'])
+        text = said['says'] if said else f"{run['label']}: the reference"
+        fig.add_trace(go.Scatter(
+            x=[tick], y=[run[f'{metric}_mean']], mode='markers', name=name, legendgroup=kind,
+            showlegend=kind not in shown, marker=dict(symbol='line-ew-open', size=22, color=colors[kind],
+                                                      line=dict(width=3, color=colors[kind])),
+            error_y=dict(type='data', array=[run[f'{metric}_std']], color=colors[kind], thickness=1.5, width=0),
+            text=[text], hovertemplate='mean %{y:.2%} ± ' + f"{run[f'{metric}_std']:.2%}" +
+                                       '<br>%{text}<extra></extra>'))
+        shown.add(kind)
+        fig.add_trace(go.Scatter(
+            x=[tick] * len(run[metric]), y=run[metric], mode='markers', showlegend=False, legendgroup=kind,
+            marker=dict(size=8, color=colors[kind], opacity=0.7),
+            text=[f'seed {s}' for s in run['seeds']], hovertemplate='%{text}: %{y:.2%}<extra></extra>'))
+    label = metric.replace('_top1', ' top-1')
+    fig.update_layout(title=f'{label} of each run over its seeds (dots) and their mean ± std', yaxis_title=label,
+                      yaxis_tickformat='.1%', height=380, legend=dict(orientation='h', y=-0.25))
+    return fig
