@@ -21,7 +21,7 @@ from gqa_core.core.convert import convert
 from gqa_core.core.grouping import advise_grouping
 from gqa_core.io.hub import from_pretrained
 from gqa_core.io.preprocessing import model_preprocessing
-from gqa_core.lens.kv_budget import _predictions
+from gqa_core.lens.kv_budget import predictions, split_tensors
 from gqa_core.training.data import build_datasets
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,10 +41,10 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     mha = from_pretrained(args.model).float().eval()
     splits = build_datasets(args.data, model_preprocessing(mha), seed=0, limit=args.limit)
-    images, labels = map(torch.stack, zip(*[(x, torch.tensor(y)) for x, y in splits.test]))
+    images, labels = split_tensors(splits, 'test')
 
     def top1(model: torch.nn.Module) -> float:
-        return float((_predictions(model.eval(), images, 256) == labels).float().mean())
+        return float((predictions(model.eval(), images) == labels).float().mean())
 
     print(f'threads={torch.get_num_threads()} model={args.model} n={len(labels)} draws={args.draws}')
     print(f'MHA: {top1(mha):.2%}')

@@ -15,7 +15,7 @@ import copy
 import csv
 import json
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -27,17 +27,28 @@ from ..core.device import DEVICE_CHOICES, model_device, resolve_device
 from ..core.grouping import GROUPINGS, advise_grouping
 from ..io.hub import from_pretrained
 from ..io.preprocessing import model_preprocessing
-from ..training.data import build_datasets
+from ..training.data import DataSplits, build_datasets
 from .figures import kv_budget_figure
 
-__all__ = ['kv_budget', 'kv_budget_rows', 'main', 'VARIANTS', 'GROUPINGS']
+__all__ = ['kv_budget', 'kv_budget_rows', 'predictions', 'split_tensors', 'main', 'VARIANTS', 'GROUPINGS']
 
 VARIANTS = ('gqa', 'kdgqa')
 
 
 @torch.inference_mode()
-def _predictions(model: nn.Module, images: Tensor, batch_size: int) -> Tensor:
+def predictions(model: nn.Module, images: Tensor, batch_size: int = 256) -> Tensor:
+    """Top-1 class per image, in batches (the explorer compares these between models)."""
     return torch.cat([model(images[i:i + batch_size]).argmax(-1) for i in range(0, len(images), batch_size)])
+
+
+def split_tensors(splits: DataSplits, split: str, batch_size: int = 256) -> Tuple[Tensor, Tensor]:
+    """One split's images and labels as two tensors: every model of the explorer sees the same decoded batch."""
+    dataset = {'test': splits.test, 'val': splits.val}[split]
+    xs, ys = [], []
+    for x, y in tqdm(DataLoader(dataset, batch_size=batch_size), desc=f'loading {split}', leave=False):
+        xs.append(x)
+        ys.append(y)
+    return torch.cat(xs), torch.cat(ys)
 
 
 def kv_budget_rows(mha: nn.Module, images: Tensor, labels: Optional[Tensor], calibration: Tensor, *,
@@ -51,7 +62,7 @@ def kv_budget_rows(mha: nn.Module, images: Tensor, labels: Optional[Tensor], cal
     images, calibration = images.to(device), calibration.to(device)
     labels = labels.to(device) if labels is not None else None
     H = mha.blocks[0].attn.num_heads
-    reference = _predictions(mha, images, batch_size)
+    reference = predictions(mha, images, batch_size)
     rows = [dict(num_kv_heads=H, variant='mha', grouping='consecutive', kv_bytes=kv_cache_bytes(mha),
                  top1=float((reference == labels).float().mean()) if labels is not None else None, agreement=1.0)]
     divisors = [g for g in range(1, H) if H % g == 0]
@@ -68,7 +79,7 @@ def kv_budget_rows(mha: nn.Module, images: Tensor, labels: Optional[Tensor], cal
                 advice[g] = advise_grouping(mha, g, calibration, max_refine_flops=max_refine_flops).permutations
             perms = advice[g]
         convert(model, variant, g, grouping=perms)
-        predictions = _predictions(model.eval(), images, batch_size)
+        predictions = predictions(model.eval(), images, batch_size)
         rows.append(dict(num_kv_heads=g, variant=variant, grouping=grouping, kv_bytes=kv_cache_bytes(model),
                          top1=float((predictions == labels).float().mean()) if labels is not None else None,
                          agreement=float((predictions == reference).float().mean())))
@@ -85,12 +96,7 @@ def kv_budget(model_source: str, data: str, split: str = 'test', limit: Optional
     if variant != 'mha':
         raise ValueError(f'{model_source} is {variant}; the explorer starts from MHA')
     splits = build_datasets(data, model_preprocessing(model), seed=seed, limit=limit)
-    dataset = {'test': splits.test, 'val': splits.val}[split]
-    xs, ys = [], []
-    for x, y in tqdm(DataLoader(dataset, batch_size=batch_size), desc=f'loading {split}', leave=False):
-        xs.append(x)
-        ys.append(y)
-    images, labels = torch.cat(xs), torch.cat(ys)
+    images, labels = split_tensors(splits, split, batch_size)
     bar = tqdm(total=100, desc='kv budget')
 
     def progress(fraction: float, what: str) -> None:
