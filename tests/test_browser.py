@@ -177,6 +177,16 @@ def test_heads_panels_and_dataset_tabs_show_the_apis_numbers(app_url, tmp_path):
         rows = _table_rows(page, 'dataset-table', 5)
         kd = next(r for r in rows if r[0] == 'kdgqa')
         assert float(kd[1]) == pytest.approx(100 * shipped_stats['models']['kdgqa']['top1'], abs=0.01)
+        # the seed study under it: every run of the shipped file, KDGQA's test top-1 as the file says
+        shipped_seeds = json.loads((ROOT / 'assets' / 'analysis' / 'seeds' / 'seeds.json').read_text())
+        expect(page.locator('#seeds-plot .js-plotly-plot')).to_be_visible(timeout=30_000)
+        seed_rows = _table_rows(page, 'seeds-table', 5)
+        assert [r[0] for r in seed_rows] == [run['label'] for run in shipped_seeds['runs']]
+        kd_run = next(run for run in shipped_seeds['runs'] if run['label'] == 'kdgqa')
+        kd_row = next(r for r in seed_rows if r[0] == 'kdgqa')
+        assert kd_row[3] == f"{100 * kd_run['test_top1_mean']:.2f} ± {100 * kd_run['test_top1_std']:.2f}"
+        settle(page)
+        assert not problems(page), problems(page)
         page.screenshot(path=str(Path(os.environ.get('GQA_LENS_SCREENSHOTS', tmp_path)) / 'dataset-view.png'),
                         full_page=True)
         browser.close()
