@@ -79,10 +79,10 @@ def kv_budget_rows(mha: nn.Module, images: Tensor, labels: Optional[Tensor], cal
                 advice[g] = advise_grouping(mha, g, calibration, max_refine_flops=max_refine_flops).permutations
             perms = advice[g]
         convert(model, variant, g, grouping=perms)
-        predictions = predictions(model.eval(), images, batch_size)
+        predicted = predictions(model.eval(), images, batch_size)
         rows.append(dict(num_kv_heads=g, variant=variant, grouping=grouping, kv_bytes=kv_cache_bytes(model),
-                         top1=float((predictions == labels).float().mean()) if labels is not None else None,
-                         agreement=float((predictions == reference).float().mean())))
+                         top1=float((predicted == labels).float().mean()) if labels is not None else None,
+                         agreement=float((predicted == reference).float().mean())))
     if progress is not None:
         progress(1.0, 'done')
     return rows
