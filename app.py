@@ -17,7 +17,7 @@ import argparse
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import gradio as gr
 import numpy as np
@@ -237,11 +237,18 @@ class LensApp:
             self.reaper.on_unload(request)
 
 
-def _dataset_tab() -> None:
+def _shipped(load: Callable[[], Dict[str, Any]], missing: str) -> Optional[Dict[str, Any]]:
+    """A shipped analysis file, or None after one line saying it is missing: the tab still builds without it."""
     try:
-        stats = shipped_dataset_stats()
+        return load()
     except (OSError, ValueError):
-        gr.Markdown('no shipped dataset view (assets/analysis/dataset/stats.json)')
+        gr.Markdown(missing)
+        return None
+
+
+def _dataset_tab() -> None:
+    stats = _shipped(shipped_dataset_stats, 'no shipped dataset view (assets/analysis/dataset/stats.json)')
+    if stats is None:
         return
     gr.Markdown(f"The embedded family on the full CIFAR-10 {stats['split']} split ({stats['n']:,} images), "
                 'from `python -m gqa_core.stats` (shipped JSON).')
@@ -256,10 +263,8 @@ def _dataset_tab() -> None:
 
 
 def _seeds_section() -> None:
-    try:
-        seeds = shipped_seeds()
-    except (OSError, ValueError):
-        gr.Markdown('no shipped seed comparison (assets/analysis/seeds/seeds.json)')
+    seeds = _shipped(shipped_seeds, 'no shipped seed comparison (assets/analysis/seeds/seeds.json)')
+    if seeds is None:
         return
     gr.Markdown('**Does a key-driven variant beat GQA beyond seed noise?** Every variant was uptrained from the '
                 'MHA model with one budget and three seeds; a run is better or worse than GQA of the same grouping '
