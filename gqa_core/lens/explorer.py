@@ -10,7 +10,7 @@ from typing import Any, Callable, Dict, Optional
 import numpy as np
 import torch
 
-from ..training.seeds import mean_std
+from ..training.seeds import seed_rows
 from .kv_budget import kv_budget_rows
 from .calibration import CALIBRATION_FILE, calibration_images
 from .gpu import KVBudgetJob, kv_budget_in_a_gpu_call, on_zerogpu
@@ -39,9 +39,7 @@ def shipped_seeds() -> Dict[str, Any]:
 
 def seeds_table(result: Dict[str, Any]) -> list:
     """Rows for a table: run, seeds, val and test top-1 as mean ± std (%), and the verdict against GQA."""
-    said = {v['variant']: v['says'] for v in result['verdicts']}
-    return [[run['label'], run['n'], mean_std(run, 'val_top1'), mean_std(run, 'test_top1'),
-             said.get(run['label'], 'reference')] for run in result['runs']]
+    return seed_rows(result['runs'], result['verdicts'], reference='reference')
 
 
 def kv_budget_table(result: Dict[str, Any]) -> list:

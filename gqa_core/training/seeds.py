@@ -18,7 +18,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-__all__ = ['summarise', 'verdict', 'mean_std', 'seed_table', 'SEEDS_FILE', 'main']
+__all__ = ['summarise', 'verdict', 'mean_std', 'seed_rows', 'seed_table', 'SEEDS_FILE', 'main']
 
 SEEDS_FILE = 'comparison_seeds.json'
 METRICS = ('val_top1', 'test_top1')
@@ -71,12 +71,18 @@ def mean_std(summary: Dict[str, Any], metric: str, unit: str = '') -> str:
     return f"{summary[f'{metric}_mean'] * 100:.2f} ± {summary[f'{metric}_std'] * 100:.2f}{unit}"
 
 
+def seed_rows(summaries: Sequence[Dict[str, Any]], verdicts: Sequence[Dict[str, Any]], unit: str = '',
+              reference: str = '—') -> List[List[Any]]:
+    """One row per run: label, seeds, val and test top-1 as mean ± std, and its verdict (``reference`` for the
+    runs the others were judged against). The CLI's markdown table and the app's table are both these rows."""
+    said = {v['variant']: v['says'] for v in verdicts}
+    return [[s['label'], s['n'], *(mean_std(s, m, unit) for m in METRICS), said.get(s['label'], reference)]
+            for s in summaries]
+
+
 def seed_table(summaries: Sequence[Dict[str, Any]], verdicts: Sequence[Dict[str, Any]]) -> str:
     lines = ['| run | seeds | val top-1 (mean ± std) | test top-1 (mean ± std) | vs reference |', '|---|---:|---:|---:|---|']
-    said = {v['variant']: v['says'] for v in verdicts}
-    for s in summaries:
-        cells = [mean_std(s, m, ' %') for m in METRICS]
-        lines.append(f"| {s['label']} | {s['n']} | {cells[0]} | {cells[1]} | {said.get(s['label'], '—')} |")
+    lines += ['| ' + ' | '.join(map(str, row)) + ' |' for row in seed_rows(summaries, verdicts, ' %')]
     return '\n'.join(lines) + ('\n\n"Beyond noise": Welch\'s t-test on the seeds\' values, two-sided, p < 0.05 '
                                 '(with three seeds a side, 2.8 to 4.3 standard errors of the difference).\n')
 
