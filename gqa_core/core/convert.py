@@ -2,15 +2,19 @@
 from __future__ import annotations
 
 import copy
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 from torch import Tensor, nn
 
 from .attention import ATTENTION_KINDS, GroupedQueryAttention, attention_kind, kv_bytes
+from .calibrate import CalibrationBudget, calibrate_layers, check_calibration
 from .grouping import GROUPINGS, advise_grouping, check_permutations, permute_heads
 from .vit import check_positions, check_vit, gqa_layers, num_tokens
 
-__all__ = ['convert', 'revert', 'grouping_config', 'kv_cache_bytes', 'source_heads']
+__all__ = ['convert', 'revert', 'INITS', 'grouping_config', 'kv_cache_bytes', 'source_heads']
+
+
+INITS = ('mean', 'calibrated')  # how the shared K/V heads are initialised from the MHA's
 
 
 def convert(
@@ -20,6 +24,9 @@ def convert(
         grouping: Union[str, Sequence[Sequence[int]]] = 'consecutive',
         calibration: Optional[Tensor] = None,
         max_refine_flops: Optional[float] = None,
+        init: str = 'mean',
+        budget: Optional[CalibrationBudget] = None,
+        progress: Optional[Callable[[float, str], None]] = None,
         **policy_options: Any,
 ) -> nn.Module:
     """Swap every block's attention of a timm ViT (``VisionTransformer``, ``Eva``, ``Beit``), in place, for
@@ -36,9 +43,24 @@ def convert(
     layer. Non-consecutive groupings permute the MHA's heads (function-preserving) before pooling; each layer's
     ``source_heads`` then records which original head sits at each position. ``max_refine_flops`` bounds the
     advisor's model-output comparison (for live requests).
+
+    ``init``: ``"mean"`` (the paper's mean-pooling) or ``"calibrated"`` -- each converted layer then fitted on
+    the unlabeled ``calibration`` images to the MHA layer's output (:mod:`gqa_core.core.calibrate`: a closed
+    form, then ``budget`` of optimisation steps on the layer's K/V, Q and output projections); nothing outside
+    the attention layers changes, layers that share nothing (G = H, fixed grouping) are kept exactly, and the
+    :class:`~gqa_core.core.calibrate.CalibrationReport` is left on the model as ``calibration_report`` and a
+    short record (saved in the config, shown on the card) as ``gqa_conversion``.
+    ``progress(fraction, message)`` is called after each calibrated layer. A failure leaves the model as it was.
     """
     vit = check_vit(model)
     check_positions(vit)
+    if init not in INITS:
+        raise ValueError(f'init must be one of {INITS}, got {init!r}')
+    if init == 'calibrated':
+        if calibration is None:
+            raise ValueError('init="calibrated" needs calibration images (a tensor (N, 3, H, W))')
+        check_calibration(calibration, vit)
+        budget = budget if budget is not None else CalibrationBudget()
     attns = [_convertible_attention(index, block, num_kv_heads) for index, block in enumerate(vit.blocks)]
     sources = [getattr(block.attn, 'source_heads', None) for block in vit.blocks]
     perms = _grouping_permutations(vit, attns, grouping, calibration, num_kv_heads, max_refine_flops)
@@ -54,8 +76,15 @@ def convert(
         new.policy.stream = index
         new.source_heads = list(sources[index]) if sources[index] is not None else None
         new_layers.append(new)
+    if init == 'calibrated':
+        report = calibrate_layers(vit, attns, new_layers, calibration, budget, progress=progress)
+        vit.calibration_report = report
+        vit.gqa_conversion = dict(init='calibrated', images=report.images, steps_per_layer=report.steps_per_layer,
+                                  params=report.params, seconds=round(report.seconds, 1))
+        return vit
     for block, new in zip(vit.blocks, new_layers):
         block.attn = new
+    vit.calibration_report = vit.gqa_conversion = None
     return vit
 
 
