@@ -21,10 +21,10 @@ from ..core.convert import convert, grouping_config, kv_cache_bytes, source_head
 from ..core.grouping import check_permutations
 from ..core.vit import gqa_layers, norm_eps, set_norm_eps, vit_geometry
 from .preprocessing import model_preprocessing
-from .safe_config import (Budget, ConfigError, check_backbone, check_backbone_args, check_budget, check_grouping,
-                          check_labels, check_norm_eps, check_num_classes, check_preprocessing, check_source_heads)
+from .safe_config import (Budget, ConfigError, check_backbone, check_backbone_args, check_budget, check_conversion,
+                          check_grouping, check_labels, check_norm_eps, check_num_classes, check_preprocessing, check_source_heads)
 
-__all__ = ['GroupingSpec', 'GQALensConfig', 'FORMAT', 'backbone_of']
+__all__ = ['GroupingSpec', 'GQALensConfig', 'FORMAT', 'backbone_of', 'conversion_record']
 
 FORMAT = 'gqa-lens/1'
 
@@ -60,6 +60,7 @@ class GQALensConfig:
     metrics: Dict[str, Any] = field(default_factory=dict)
     dataset: Optional[str] = None
     norm_eps: Optional[float] = None  # every LayerNorm's epsilon, when it is not what timm's constructor sets
+    conversion: Optional[Dict[str, Any]] = None  # how the K/V heads were made (init, calibration images, work)
 
     # -- reading and writing -------------------------------------------------------------------------------
     @classmethod
@@ -89,6 +90,7 @@ class GQALensConfig:
             metrics=dict(metrics),
             dataset=dataset,
             norm_eps=check_norm_eps(data.get('norm_eps')),
+            conversion=check_conversion(data.get('conversion')),
         )
         if budget is not None:
             check_budget(config.backbone, config.model_args(), budget)
@@ -103,6 +105,8 @@ class GQALensConfig:
         )
         if self.norm_eps is not None:
             out['norm_eps'] = self.norm_eps
+        if self.conversion is not None:
+            out['conversion'] = self.conversion
         if model is not None:
             out.update(params=sum(p.numel() for p in model.parameters()), kv_cache_bytes_fp16=kv_cache_bytes(model))
         out['metrics'] = self.metrics
@@ -127,6 +131,7 @@ class GQALensConfig:
             set_norm_eps(model, self.norm_eps)
         g = self.grouping
         convert(model, g.variant, g.num_kv_heads, **g.options)
+        model.gqa_conversion = dict(self.conversion) if self.conversion is not None else None
         if self.source_heads is not None:
             layers = gqa_layers(model)
             try:
@@ -140,9 +145,10 @@ class GQALensConfig:
     @classmethod
     def of(cls, model: nn.Module, *, labels: Optional[List[str]] = None,
            preprocessing: Optional[Dict[str, Any]] = None, metrics: Optional[Dict[str, Any]] = None,
-           dataset: Optional[str] = None) -> 'GQALensConfig':
+           dataset: Optional[str] = None, conversion: Optional[Dict[str, Any]] = None) -> 'GQALensConfig':
         """Read a converted timm ViT's config from the model itself (see the module doc); ``labels`` and
-        ``preprocessing`` given here win over what its ``pretrained_cfg`` says."""
+        ``preprocessing`` given here win over what its ``pretrained_cfg`` says; ``conversion`` (how its K/V heads
+        were made) defaults to what :func:`~gqa_core.core.convert.convert` left on the model."""
         backbone, args, eps = backbone_of(model)
         grouping = dict(grouping_config(model))
         spec = GroupingSpec(grouping.pop('variant'), grouping.pop('num_kv_heads'), grouping)
@@ -150,7 +156,13 @@ class GQALensConfig:
         labels = labels if labels is not None else saved_labels
         return cls(backbone, args, spec, int(model.num_classes), preprocessing or model_preprocessing(model),
                    list(labels) if labels is not None and len(labels) == model.num_classes else None,
-                   source_heads(model), dict(metrics or {}), dataset, eps)
+                   source_heads(model), dict(metrics or {}), dataset, eps,
+                   check_conversion(conversion if conversion is not None else conversion_record(model)))
+
+
+def conversion_record(model: nn.Module) -> Optional[Dict[str, Any]]:
+    """How the model's K/V heads were made (``gqa_conversion``, left by ``convert`` or by loading), or None."""
+    return getattr(model, 'gqa_conversion', None)
 
 
 def backbone_of(model: nn.Module) -> tuple:

@@ -161,6 +161,18 @@ def pooled_heads(config: Dict[str, Any]) -> str:
     return f'mean-pooled from the MHA heads grouped per layer as {layers}'
 
 
+def calibrated(config: Dict[str, Any]) -> str:
+    """How calibration changed the pooled heads, in words ('' when the model was not calibrated)."""
+    c = config.get('conversion') or {}
+    if c.get('init') != 'calibrated':
+        return ''
+    moved = 'K/V projections' if c.get('params') == 'kv' else 'K/V, Q and output projections'
+    data = f" of {c['data']}" if c.get('data') else ''
+    return (f", then calibrated without labels on {c.get('images', '?')} images{data}: a closed-form fit, then "
+            f"{c.get('steps_per_layer', 0)} optimisation steps a layer on the attention's {moved} against the MHA "
+            f"model's block outputs ({c.get('seconds', 0):.0f} s)")
+
+
 def model_card(config: Dict[str, Any], extra: str = '') -> str:
     g = config['grouping']
     metrics = config.get('metrics') or {}
@@ -184,7 +196,7 @@ A timm `{config['backbone']}` whose attention is **{g['variant']}** with {g['num
 
 - parameters: {config['params']:,}
 - K/V cache per image (fp16): {config['kv_cache_bytes_fp16']:,} bytes
-- K/V heads: {pooled_heads(config)}
+- K/V heads: {pooled_heads(config)}{calibrated(config)}
 - trained on: {config.get('dataset') or 'not stated'}
 - classes: {config['num_classes']}; input {config['preprocessing'].get('input_size')}
 

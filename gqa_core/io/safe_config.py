@@ -241,6 +241,31 @@ def check_norm_eps(eps: Any) -> Optional[float]:
     return eps
 
 
+def _text(limit: int) -> Callable[[Any], bool]:
+    return lambda v: isinstance(v, str) and 0 < len(v) <= limit and v.isprintable()
+
+
+# How the shared K/V heads were made (:mod:`gqa_core.core.calibrate`): shown on model cards and in the app.
+CONVERSION_FIELDS: Dict[str, tuple] = {
+    'init': (_one_of('mean', 'calibrated'), '"mean" or "calibrated"'),
+    'images': (_int(1, 10**7), 'an int 1..10000000'),
+    'data': (_text(100), 'at most 100 printable characters'),
+    'steps_per_layer': (_int(0, 100_000), 'an int 0..100000'),
+    'params': (_one_of('kv', 'all'), '"kv" or "all"'),
+    'seconds': (_float(0, 10**7), 'a number of seconds'),
+}
+
+
+def check_conversion(conversion: Any) -> Optional[Dict[str, Any]]:
+    """``conversion`` of a config: null, or how the K/V heads were initialised (see ``CONVERSION_FIELDS``)."""
+    if conversion is None:
+        return None
+    checked = _check_fields('conversion', conversion, CONVERSION_FIELDS)
+    if 'init' not in checked:
+        raise ConfigError('conversion.init is required')
+    return checked
+
+
 def check_num_classes(num_classes: Any) -> int:
     if not _int(0, 100_000)(num_classes):
         raise ConfigError('num_classes must be an int 0..100000')
