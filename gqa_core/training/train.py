@@ -32,7 +32,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from ..core.convert import convert, grouping_config, kv_cache_bytes
+from ..core.calibrate import CalibrationBudget
+from ..core.convert import INITS, convert, grouping_config, kv_cache_bytes
 from ..core.device import resolve_device
 from ..core.grouping import advise_grouping
 from ..core.policies import POLICIES, start_epoch
@@ -57,7 +58,9 @@ class TrainConfig:
     variants: List[str] = field(default_factory=lambda: ['gqa'])
     num_kv_heads: Optional[int] = None  # default H / 2
     grouping: str = 'consecutive'  # or 'output-error': heads grouped by the advisor (gqa_core.core.grouping)
-    calibration_images: int = 512  # training images the advisor scores groupings on
+    calibration_images: int = 512  # training images the advisor scores groupings on (and calibration fits on)
+    init: str = 'mean'  # the shared K/V heads: 'mean' (the paper's pooling) or 'calibrated' (gqa_core.core.calibrate)
+    calibration_steps: int = 300  # with init 'calibrated': optimisation steps a layer after the closed form
     compat: str = 'paper'
     window: int = 300
     beta: float = 0.9
@@ -144,13 +147,20 @@ def start_grouping(start: nn.Module, splits: Any, cfg: TrainConfig) -> Any:
     if cfg.grouping == 'consecutive' or all(VARIANT_SPECS.get(v, ('',))[0] == 'mha' for v in cfg.variants):
         return 'consecutive'  # nothing to pool
     G = cfg.num_kv_heads or start.blocks[0].attn.num_heads // 2
-    draw = cfg.seed if cfg.split_seed is None else cfg.split_seed
-    return advise_grouping(start, G, splits.calibration(cfg.calibration_images, draw)).permutations
+    return advise_grouping(start, G, calibration_draw(splits, cfg)).permutations
 
 
-def make_variant(start: nn.Module, name: str, cfg: TrainConfig, grouping: Any = 'consecutive') -> nn.Module:
+def calibration_draw(splits: Any, cfg: TrainConfig) -> torch.Tensor:
+    """The run's ``cfg.calibration_images`` training images (one draw per split seed, shared by every variant
+    and every training seed): what the advisor scores and calibration fits on."""
+    return splits.calibration(cfg.calibration_images, cfg.seed if cfg.split_seed is None else cfg.split_seed)
+
+
+def make_variant(start: nn.Module, name: str, cfg: TrainConfig, grouping: Any = 'consecutive',
+                 calibration: Optional[torch.Tensor] = None) -> nn.Module:
     """A copy of ``start`` converted to the variant ``name``; the run's policy settings (``window``, ``beta``,
-    ``noise_scale``, ...) go to the policies that declare them."""
+    ``noise_scale``, ...) go to the policies that declare them. With ``cfg.init == "calibrated"`` the shared K/V
+    heads are calibrated on ``calibration`` (unlabeled training images) before training."""
     if name not in VARIANT_SPECS:
         raise ValueError(f'unknown variant {name!r}; choose from {sorted(VARIANT_SPECS)}')
     import copy
@@ -163,7 +173,12 @@ def make_variant(start: nn.Module, name: str, cfg: TrainConfig, grouping: Any = 
     multi_head = policy == 'mha'
     G = None if multi_head else (cfg.num_kv_heads or heads // 2)
     model = copy.deepcopy(start)
-    convert(model, policy, G, grouping='consecutive' if multi_head else grouping, **options)
+    init = 'mean' if multi_head else cfg.init
+    budget = CalibrationBudget(steps=cfg.calibration_steps, seed=cfg.seed) if init == 'calibrated' else None
+    convert(model, policy, G, grouping='consecutive' if multi_head else grouping, calibration=calibration,
+            init=init, budget=budget, **options)
+    if model.gqa_conversion is not None:
+        model.gqa_conversion['data'] = f'{dataset_name(cfg)} (training split)'[:100]
     return model
 
 
@@ -437,7 +452,8 @@ def train_variant(name: str, start: nn.Module, splits: Any, preprocessing: Dict[
     seed_everything(cfg.seed)
     if grouping is None:
         grouping = start_grouping(start, splits, cfg)
-    run = _prepare(name, make_variant(start, name, cfg, grouping), splits, cfg)
+    calibration = calibration_draw(splits, cfg) if cfg.init == 'calibrated' else None
+    run = _prepare(name, make_variant(start, name, cfg, grouping, calibration), splits, cfg)
     if cfg.resume and (run.checkpoint / 'model.safetensors').exists():
         _resume(run, name)
     start_time = time.perf_counter()
@@ -531,6 +547,8 @@ def parse_args(argv: Optional[List[str]] = None) -> TrainConfig:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
         elif f.name == 'variants':
             parser.add_argument(flag, nargs='+', default=None, choices=sorted(VARIANT_SPECS))
+        elif f.name == 'init':
+            parser.add_argument(flag, choices=INITS, default=None)
         elif f.name == 'seeds':
             parser.add_argument(flag, nargs='+', type=int, default=None)
         elif f.name in ('model_args', 'preprocessing'):
