@@ -28,6 +28,7 @@ from gqa_core.lens.export import export_zip
 from gqa_core.lens.images import ImageInputError, load_image
 from gqa_core.core.ablation import ABLATION_MODES
 from gqa_core.core.device import DEVICE_CHOICES
+from gqa_core.core.convert import INITS
 from gqa_core.core.grouping import GROUPINGS
 from gqa_core.lens import figures
 from gqa_core.lens.hosting import cpu_cores, fit_torch_threads
@@ -35,7 +36,7 @@ from gqa_core.lens.explorer import (LIVE_MAX_IMAGES, kv_budget_table, live_kv_bu
                                     shipped_dataset_stats, shipped_kv_budget, shipped_seeds)
 from gqa_core.lens.views import (MAX_MODELS, NO_MODEL, VIEW_LABELS, VIEWS, Choice, column_width, header,
                                  reference_for, render, run_models)
-from gqa_core.lens.models import DEFAULT_MODELS, EMBEDDED_DIR, ModelLoadError, ModelRegistry
+from gqa_core.lens.models import DEFAULT_MODELS, EMBEDDED_DIR, HUB_SOURCES, ModelLoadError, ModelRegistry, hub_note
 from gqa_core.lens.sessions import SessionReaper
 from gqa_core.lens.specs import public_message
 from gqa_core.lens.tempfiles import ExpiringFiles
@@ -77,7 +78,9 @@ HELP = """Pick up to four models. Besides the embedded ones you can type
 DINOv3 repo such as `hub:facebook/dinov2-small`, loaded as MHA), `local:NAME` (folders the operator allowed) or
 `convert:SOURCE:VARIANT:G`, e.g.
 `convert:embedded/mha:kdgqa:2` or `convert:hf-hub:timm/vit_small_patch16_224.augreg_in21k_ft_in1k:gqa:3`
-(training-free: K/V heads mean-pooled); add `:output-error` to let the grouping advisor choose which MHA heads
+(training-free: K/V heads mean-pooled); add `:calibrated` to fit the shared K/V heads to the MHA on the shipped
+images (about a minute, no labels: `convert:embedded/mha:gqa:4:calibrated`; the view *where GQA hurts* then shows
+what it repaired); add `:output-error` to let the grouping advisor choose which MHA heads
 share a KV head (`convert:embedded/mha:gqa:4:output-error`)."""
 
 
@@ -128,8 +131,9 @@ def _fitted_controls(depth: int, heads: int, layer: float, head: str) -> List[An
     return [gr.update(maximum=max(depth - 1, 1), value=layer), gr.update(choices=_head_choices(heads), value=head)]
 
 
-def build_spec(source: str, variant: str, g: float, grouping: str = 'consecutive') -> str:
-    return f'convert:{source}:{variant}:{int(g)}' + ('' if grouping == 'consecutive' else f':{grouping}')
+def build_spec(source: str, variant: str, g: float, grouping: str = 'consecutive', init: str = 'mean') -> str:
+    return (f'convert:{source}:{variant}:{int(g)}' + ('' if grouping == 'consecutive' else f':{grouping}')
+            + ('' if init == 'mean' else f':{init}'))
 
 
 class LensApp:
@@ -317,12 +321,16 @@ def _inputs(choices: List[str], defaults: List[str]) -> dict:
                 gr.Markdown(HELP)
                 with gr.Row():
                     c['convert'] = [
-                        gr.Dropdown(['embedded/mha'], value='embedded/mha', allow_custom_value=True,
-                                    label='source (embedded/mha, hf-hub:…, timm name)'),
-                        gr.Dropdown(list(VARIANTS), value='kdgqa', label='variant'),
-                        gr.Number(value=2, precision=0, label='G (KV heads)'),
-                        gr.Radio(list(GROUPINGS), value='consecutive', label='grouping')]
-                    c['use'] = gr.Button('use as model 4')
+                        gr.Dropdown(['embedded/mha', *HUB_SOURCES], value='embedded/mha', allow_custom_value=True,
+                                    label='source (embedded/mha, hf-hub:…, timm name)', elem_id='convert-source',
+                                    min_width=260),
+                        gr.Dropdown(list(VARIANTS), value='kdgqa', label='variant', min_width=100),
+                        gr.Number(value=2, precision=0, label='G (KV heads)', min_width=90),
+                        gr.Radio(list(GROUPINGS), value='consecutive', label='grouping', min_width=180),
+                        gr.Radio(list(INITS), value='mean', label='K/V heads', elem_id='convert-init',
+                                 min_width=160)]
+                    c['use'] = gr.Button('use as model 4', elem_id='convert-use')
+                c['source_note'] = gr.Markdown(elem_id='convert-source-note')
             with gr.Row():
                 c['deep'] = gr.Checkbox(False, label='which heads matter: ablation + faithfulness (~0.4-0.6 s a model)',
                                         elem_id='deep')
@@ -409,6 +417,7 @@ def _image_tab(lens: LensApp, choices: List[str], defaults: List[str]) -> None:
                      api_name=False, show_progress='hidden')
     export_button.click(lens.export, [state, *controls[:3]], export_file, api_name='export')
     c['use'].click(build_spec, c['convert'], c['models'][-1], api_name=False)
+    c['convert'][0].change(hub_note, c['convert'][0], c['source_note'], api_name=False, show_progress='hidden')
     _predict_api(lens)
 
 

@@ -44,6 +44,7 @@ class Analysis:
     ablation: Optional[AblationResult] = None  # which heads matter (None: not computed, see deep_note)
     faithfulness: Optional[Dict[str, Dict[str, Any]]] = None  # deletion / insertion per map
     deep_note: str = ''
+    calibration: Optional[Dict[str, Any]] = None  # what calibration did, when the model was calibrated here
 
     @property
     def summary_label(self) -> str:
@@ -137,7 +138,8 @@ def _summarise(loaded: LoadedModel, view: np.ndarray, result: Recording) -> Anal
     if all(c is not None for c in changes):
         history = [dict(steps=steps.tolist(), allocation=allocation.tolist()) for steps, allocation in changes]
     return Analysis(loaded.spec, view, result, top5, dict(loaded.grouping), history, loaded.summary(), notes,
-                    loaded.source_heads)
+                    loaded.source_heads,
+                    calibration=loaded.calibration.as_dict() if loaded.calibration is not None else None)
 
 
 def layer_maps(loaded: LoadedModel, analysis: Analysis, layer: int) -> np.ndarray:

@@ -17,6 +17,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from ..core.calibrate import CalibrationBudget, CalibrationReport, block_flops
 from ..core.convert import convert, grouping_config, kv_cache_bytes, source_heads
 from ..core.device import full_fp32, resolve_device
 from ..core.policies import POLICIES
@@ -29,18 +30,41 @@ from .calibration import calibration_images
 from .gpu import on_zerogpu
 from .specs import Spec, SpecError, allowed_model_dirs, parse_spec, resolve_in, shown
 
-__all__ = ['short_name', 'LoadedModel', 'ModelRegistry', 'ModelLoadError', 'EMBEDDED_DIR', 'DEFAULT_MODELS', 'parse_spec',
+__all__ = ['short_name', 'LoadedModel', 'HUB_SOURCES', 'hub_note', 'hub_reachable', 'ModelRegistry', 'ModelLoadError', 'EMBEDDED_DIR', 'DEFAULT_MODELS', 'parse_spec',
            'SpecError']
 
 EMBEDDED_DIR = Path(__file__).resolve().parents[2] / 'assets' / 'models'
 DEFAULT_MODELS = ('embedded/mha', 'embedded/gqa', 'embedded/kdgqa', 'embedded/dgqa-diff')
 CALIBRATION_TOKENS = 8_192  # calibration images x tokens the advisor may score for one live conversion
 REFINE_FLOPS = 1e12  # the advisor's model-output comparison, per live conversion (about 20 s on 2 CPU cores)
+FIT_FLOPS = 1e11  # forward FLOPs over the images one live calibrated conversion fits on (all 512 at 32 px)
+# One live calibrated conversion: a visitor cannot raise it (the spec has no budget part). 4e12 FLOPs of
+# optimisation is about 45 s on 2 CPU cores; large models get fewer steps a layer (or the closed form only).
+LIVE_CALIBRATION = CalibrationBudget(steps=300, max_flops=4e12)
+CALIBRATION_DATA = 'the shipped CIFAR-10 training images'
+# Real Hub ViTs of different families a visitor can convert without typing a repo id (timm format, within the
+# default budget): DeiT, DINOv2 with registers (518 px), DINOv3 (RoPE), SigLIP (attention pooling), EVA-02.
+HUB_SOURCES = (
+    'hf-hub:timm/deit_small_patch16_224.fb_in1k',
+    'hf-hub:timm/vit_small_patch14_reg4_dinov2.lvd142m',
+    'hf-hub:timm/vit_small_patch16_dinov3.lvd1689m',
+    'hf-hub:timm/vit_base_patch16_siglip_224.webli',
+    'hf-hub:timm/eva02_tiny_patch14_336.mim_in22k_ft_in1k',
+)
+HUB_TIMEOUT = 3.0  # seconds the reachability check waits for the Hub
 
 
 def live_calibration_size(model: nn.Module, most: int = 512) -> int:
     """How many calibration images the grouping advisor scores for one live request (bounded work)."""
     return max(8, min(most, CALIBRATION_TOKENS // num_tokens(model)))
+
+
+def live_fit_size(model: nn.Module, most: int = 512) -> int:
+    """How many calibration images one live calibrated conversion fits on: as many as one forward of
+    :data:`FIT_FLOPS` covers (512 for the embedded family, about 10 for a ViT-S at 224 px), at least 8."""
+    tokens = num_tokens(model)
+    per_image = sum(block_flops(b, tokens) for b in model.blocks)
+    return max(8, min(most, int(FIT_FLOPS // per_image)))
 
 
 @dataclass
@@ -54,6 +78,8 @@ class LoadedModel:
     kv_cache_bytes: int
     source_heads: Optional[List[List[int]]] = None  # advised grouping: MHA head at each head position, per layer
     trained_on: Optional[str] = None  # what its config says it was trained on (None: not stated)
+    conversion: Optional[Dict[str, Any]] = None  # how its K/V heads were made, when calibrated (config 'conversion')
+    calibration: Optional[CalibrationReport] = None  # what calibration did, when it was calibrated here
     lock: threading.Lock = field(default_factory=threading.Lock)  # recording attaches to the model: one at a time
 
     @property
@@ -64,6 +90,7 @@ class LoadedModel:
         g = self.grouping
         head = ' · features only (no classifier head)' if self.model.num_classes == 0 else ''
         head += ' · advised head grouping (hover the assignment for source heads)' if self.source_heads else ''
+        head += f' · {calibrated_words(self.conversion)}' if self.conversion else ''
         return (f"**{short_name(self.spec)}** — {g['variant'].upper()}, G = {g['num_kv_heads']} of "
                 f"{self.model.blocks[0].attn.num_heads} heads · {self.params:,} params · "
                 f"K/V cache {self.kv_cache_bytes / 1024:.0f} KiB / image (fp16){head}\n\n{self.knows()}")
@@ -74,6 +101,40 @@ class LoadedModel:
         data = f'trained on **{self.trained_on}**' if self.trained_on else 'training data not stated by its config'
         classes = 'features only' if self.model.num_classes == 0 else f'{self.model.num_classes:,} classes'
         return f'{data} · {classes} · sees {height} × {width} px'
+
+
+def hub_reachable(timeout: float = HUB_TIMEOUT) -> bool:
+    """Whether this server can reach the Hugging Face Hub now (``HF_ENDPOINT``; never when ``HF_HUB_OFFLINE``).
+    One small anonymous request: no token is sent."""
+    from huggingface_hub import constants
+    if constants.HF_HUB_OFFLINE:
+        return False
+    import httpx
+    try:
+        httpx.head(constants.ENDPOINT, timeout=timeout, follow_redirects=False)
+        return True
+    except httpx.HTTPError:
+        return False
+
+
+def hub_note(source: Optional[str]) -> str:
+    """The line the conversion builder shows for a chosen source: at once, whether a Hub source can load."""
+    try:
+        spec = parse_spec(f'convert:{source}:gqa:1', tuple(POLICIES)).source
+    except SpecError as e:
+        return f'⚠️ {e}'
+    if spec.kind not in ('hub', 'hf-hub', 'timm'):
+        return ''
+    if not hub_reachable():
+        return '⚠️ the Hugging Face Hub cannot be reached from this server: Hub models will not load here'
+    return 'downloaded from the Hub on first use, then converted (large models take a while)'
+
+
+def calibrated_words(conversion: Dict[str, Any]) -> str:
+    """'calibrated on 512 images in 41 s' (from a config's or a live conversion's record)."""
+    seconds = conversion.get('seconds')
+    took = f' in {seconds:.0f} s' if isinstance(seconds, (int, float)) else ''
+    return f"K/V calibrated on {conversion.get('images', '?')} images{took}"
 
 
 def short_name(spec: str, limit: int = 36) -> str:
@@ -144,7 +205,26 @@ class ModelRegistry:
         except ModelLoadError as e:  # name the spec, never the server path
             raise ModelLoadError(str(e).replace(str(path), str(spec))) from None
 
-    def _load(self, text: str) -> LoadedModel:
+    @staticmethod
+    def _convert(model: nn.Module, spec: Spec, progress: Optional[Callable[[str], None]]) -> None:
+        """``spec``'s conversion of ``model``, within the live budgets (the advisor's, calibration's): the shipped
+        images through the model's own preprocessing."""
+        preprocessing = model_preprocessing(model)
+        calibration = None
+        if spec.grouping != 'consecutive':
+            calibration = calibration_images(preprocessing, live_calibration_size(model))
+        fit = None
+        if spec.init == 'calibrated':
+            fit = calibration_images(preprocessing, live_fit_size(model))
+            if calibration is None or len(fit) > len(calibration):
+                calibration = fit
+        report = None if progress is None else (lambda f, what: progress(f'{spec}: {what}'))
+        convert(model, spec.variant, spec.num_kv_heads, grouping=spec.grouping, calibration=calibration,
+                max_refine_flops=REFINE_FLOPS, init=spec.init, budget=LIVE_CALIBRATION, progress=report)
+        if model.gqa_conversion is not None:
+            model.gqa_conversion['data'] = CALIBRATION_DATA
+
+    def _load(self, text: str, progress: Optional[Callable[[str], None]] = None) -> LoadedModel:
         spec = parse_spec(text, tuple(POLICIES))
         trained_on = None
         if spec.kind != 'convert':
@@ -158,11 +238,7 @@ class ModelRegistry:
                     if source.kind == 'hf-hub' else source.name
                 model = from_timm(name, 'mha', budget=self.budget,
                                   token=lambda repo: visitor_token(repo, self.token_repos))
-            calibration = None
-            if spec.grouping != 'consecutive':
-                calibration = calibration_images(model_preprocessing(model), live_calibration_size(model))
-            convert(model, spec.variant, spec.num_kv_heads, grouping=spec.grouping, calibration=calibration,
-                    max_refine_flops=REFINE_FLOPS)
+            self._convert(model, spec, progress)
         model.eval().to(self.device)
         labels = model.pretrained_cfg.get('label_names')
         if labels is None or len(labels) != model.num_classes:
@@ -170,7 +246,8 @@ class ModelRegistry:
         preprocessing = model_preprocessing(model)
         return LoadedModel(str(spec), model, list(labels), preprocessing, grouping_config(model),
                            sum(p.numel() for p in model.parameters()), kv_cache_bytes(model), source_heads(model),
-                           trained_on)
+                           trained_on, getattr(model, 'gqa_conversion', None),
+                           getattr(model, 'calibration_report', None))
 
     def get(self, spec: str, progress: Optional[Callable[[str], None]] = None) -> LoadedModel:
         spec = str(parse_spec(spec, tuple(POLICIES)))  # canonical key; refuses bad specs before any work
@@ -181,7 +258,7 @@ class ModelRegistry:
         if progress is not None:
             progress(f'loading {spec}')
         with torch.inference_mode(False):
-            loaded = self._load(spec)
+            loaded = self._load(spec, progress)
         with self._lock:
             self._cache[spec] = loaded
             self._cache.move_to_end(spec)

@@ -4,9 +4,12 @@
     local:NAME                         a model folder in a directory the operator allowed
                                        (``GQA_LENS_MODEL_DIRS``, or ``python app.py --model-dir DIR``)
     hub:ORG/NAME[@REVISION]            a saved GQA Lens model on the Hugging Face Hub
-    convert:SOURCE:VARIANT:G[:GROUPING] training-free conversion of SOURCE, one of the above, ``hf-hub:ORG/NAME``
+    convert:SOURCE:VARIANT:G[:GROUPING][:INIT]
+                                       training-free conversion of SOURCE, one of the above, ``hf-hub:ORG/NAME``
                                        (a timm-format repo) or a timm ViT name with Hub weights; GROUPING is
-                                       ``consecutive`` (default) or ``output-error`` (the grouping advisor)
+                                       ``consecutive`` (default) or ``output-error`` (the grouping advisor);
+                                       INIT is ``mean`` (default: K/V heads mean-pooled) or ``calibrated``
+                                       (fitted to the MHA on the shipped images, :mod:`gqa_core.core.calibrate`)
 
 A spec never names a server path: ``NAME`` is one path component resolved strictly inside its folder, a Hub
 id is only ever looked up on the Hub, and every message quotes at most a short prefix of what was typed.
@@ -19,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Sequence
 
+from ..core.convert import INITS
 from ..core.grouping import GROUPINGS
 
 __all__ = ['Spec', 'SpecError', 'parse_spec', 'shown', 'resolve_in', 'allowed_model_dirs', 'MAX_SPEC_CHARS',
@@ -30,7 +34,7 @@ NAME = re.compile(r'^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$')
 REPO_PART = re.compile(r'^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$')
 REVISION = re.compile(r'^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$')
 TIMM_NAME = re.compile(r'^[a-z0-9_]{1,80}(\.[a-z0-9_]{1,80})?$')
-KINDS_HELP = 'use embedded/NAME, local:NAME, hub:ORG/NAME[@REVISION] or convert:SOURCE:VARIANT:G[:GROUPING]'
+KINDS_HELP = 'use embedded/NAME, local:NAME, hub:ORG/NAME[@REVISION] or convert:SOURCE:VARIANT:G[:GROUPING][:INIT]'
 
 
 class SpecError(ValueError):
@@ -52,10 +56,12 @@ class Spec:
     variant: str = ''
     num_kv_heads: int = 0
     grouping: str = 'consecutive'
+    init: str = 'mean'  # convert only: how the shared K/V heads are made (gqa_core.core.convert.INITS)
 
     def __str__(self) -> str:
         if self.kind == 'convert':
             suffix = '' if self.grouping == 'consecutive' else f':{self.grouping}'
+            suffix += '' if self.init == 'mean' else f':{self.init}'
             return f'convert:{self.source}:{self.variant}:{self.num_kv_heads}{suffix}'
         rev = f'@{self.revision}' if self.revision else ''
         return {'embedded': f'embedded/{self.name}', 'local': f'local:{self.name}', 'hub': f'hub:{self.name}{rev}',
@@ -109,7 +115,10 @@ def parse_spec(spec: Optional[str], variants: Sequence[str] = (), allow_convert:
         repo, revision = _repo(spec[len('hub:'):], 'hub:')
         return Spec('hub', repo, revision)
     if spec.startswith('convert:') and allow_convert:
-        body, grouping = spec[len('convert:'):], 'consecutive'
+        body, grouping, init = spec[len('convert:'):], 'consecutive', 'mean'
+        for name in INITS:
+            if body.endswith(':' + name):
+                body, init = body[:-len(name) - 1], name
         for name in GROUPINGS:
             if body.endswith(':' + name):
                 body, grouping = body[:-len(name) - 1], name
@@ -122,7 +131,7 @@ def parse_spec(spec: Optional[str], variants: Sequence[str] = (), allow_convert:
         if not re.fullmatch(r'[0-9]{1,2}', g) or not 1 <= int(g) <= MAX_G:
             raise SpecError(f'G must be an integer 1..{MAX_G}, got {shown(g)}')
         return Spec('convert', source=_source(source, variants), variant=variant, num_kv_heads=int(g),
-                    grouping=grouping)
+                    grouping=grouping, init=init)
     raise SpecError(f'unknown model spec {shown(spec)}: {KINDS_HELP}')
 
 

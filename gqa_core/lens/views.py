@@ -11,6 +11,7 @@ import numpy as np
 
 from . import figures
 from .analysis import Analysis, analyse
+from .conversion_error import conversion_error_caption, conversion_error_figure
 from .heads import group_diversity
 from .images import load_image
 from .models import ModelRegistry, short_name
@@ -49,6 +50,7 @@ VIEWS: Dict[str, View] = {v.name: v for v in (
     View('ablation', 'which heads matter', controls=('mode',)),
     View('diversity', 'within-group diversity'),
     View('faithfulness', 'faithfulness'),
+    View('conversion', 'where GQA hurts'),
 )}
 VIEW_LABELS = {v.label: v.name for v in VIEWS.values()}
 
@@ -118,7 +120,9 @@ def run_models(registry: ModelRegistry, image_path: Optional[str], specs: Sequen
         try:
             if progress is not None:
                 progress((i + 0.5) / len(specs), desc=f'{shown(spec, 40)}: loading and running')
-            loaded = registry.get(spec)
+            step = None if progress is None else (
+                lambda what, i=i: progress((i + 0.5) / len(specs), desc=shown(what, 60)[1:-1]))
+            loaded = registry.get(spec, step)  # a calibrated conversion says which layer it is fitting
             analyses.append(analyse(loaded, loaded_image.image, deep=deep))
             errors.append(None)
         except (ValueError, OSError, RuntimeError, TypeError, IndexError, KeyError, AttributeError) as e:
@@ -281,9 +285,19 @@ def _faithfulness_view(analysis: Analysis, choice: Choice, reference: Optional[A
                     figure=figures.faithfulness_figure(analysis.faithfulness, analysis.ablation.target, fit))
 
 
+def _conversion_view(analysis: Analysis, choice: Choice, reference: Optional[Analysis],
+                     fit: figures.Fit) -> Rendered:
+    if analysis.calibration is None:
+        return Rendered('no conversion record: this view shows a model converted here with calibration '
+                        '(`convert:SOURCE:VARIANT:G:calibrated`), mean-pooled against calibrated')
+    return Rendered(conversion_error_caption(analysis.calibration),
+                    figure=conversion_error_figure(analysis.calibration, fit))
+
+
 _RENDERERS = dict(overlay=_overlay_view, rollout=_rollout_view, pool=_pool_view, grid=_grid_view, key_norms=_key_norms_view,
                   assignment=_assignment_view, history=_history_view, difference=_difference_view,
-                  ablation=_ablation_view, diversity=_diversity_view, faithfulness=_faithfulness_view)
+                  ablation=_ablation_view, diversity=_diversity_view, faithfulness=_faithfulness_view,
+                  conversion=_conversion_view)
 assert set(_RENDERERS) == set(VIEWS)
 
 

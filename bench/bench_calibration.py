@@ -1,0 +1,115 @@
+"""Calibrated conversion against mean-pooling, training-free: the README's conversion table.
+
+    python bench/bench_calibration.py --threads 2              # the embedded family + the large-model rows
+    python bench/bench_calibration.py --only embedded --limit 2000
+
+For the embedded MHA over the full CIFAR-10 test split, with the 512 shipped calibration images
+(``assets/calibration``): test top-1 of GQA at G = 4 and 2 (mean-pooled, advised grouping, calibrated,
+advised + calibrated) and of KDGQA, DGQA and PGQA at G = 4 (mean-pooled, calibrated, advised + calibrated),
+each with the conversion's wall time on this machine (advising included). Then, with random weights,
+``vit_small_patch16_224`` (224 px) and ``vit_small_patch14_reg4_dinov2`` (518 px) converted to GQA at G = H / 2
+at the app's live budget (``gqa_core.lens.models.LIVE_CALIBRATION``, as many shipped images as its token
+budget allows): calibration time, steps a layer and peak RSS increase. One JSON line per row, then a
+markdown table.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / 'bench'))
+from bench_scale import PeakRSS  # noqa: E402  (also sets the offline environment)
+
+import torch  # noqa: E402
+
+from gqa_core.core.calibrate import CalibrationBudget  # noqa: E402
+from gqa_core.core.convert import convert  # noqa: E402
+from gqa_core.io.hub import from_pretrained  # noqa: E402
+from gqa_core.io.preprocessing import model_preprocessing  # noqa: E402
+from gqa_core.lens.calibration import calibration_images  # noqa: E402
+from gqa_core.lens.kv_budget import predictions, split_tensors  # noqa: E402
+from gqa_core.lens.models import LIVE_CALIBRATION, REFINE_FLOPS, live_fit_size  # noqa: E402
+from gqa_core.training.data import build_datasets  # noqa: E402
+
+# (variant, G, grouping, init)
+EMBEDDED_ROWS = [('mha', 8, 'consecutive', 'mean')] + [
+    (v, G, grouping, init)
+    for v, G in (('gqa', 4), ('gqa', 2), ('kdgqa', 4), ('dgqa', 4), ('pgqa', 4))
+    for grouping, init in (('consecutive', 'mean'), ('output-error', 'mean'), ('consecutive', 'calibrated'),
+                           ('output-error', 'calibrated'))
+    if v == 'gqa' or (grouping, init) != ('output-error', 'mean')
+]
+LARGE = {'vit_small_patch16_224': 'ViT-S/16, 224 px, 197 tokens',
+         'vit_small_patch14_reg4_dinov2': 'DINOv2-S + 4 registers, 518 px, 1,374 tokens'}
+
+
+def embedded_rows(data: str, limit, budget: CalibrationBudget):
+    mha = from_pretrained(str(ROOT / 'assets' / 'models' / 'mha')).float().eval()
+    images, labels = split_tensors(build_datasets(data, model_preprocessing(mha), seed=0, limit=limit), 'test')
+    calibration = calibration_images(model_preprocessing(mha), 512)
+    for variant, G, grouping, init in EMBEDDED_ROWS:
+        model = copy.deepcopy(mha)
+        start = time.perf_counter()
+        if variant != 'mha':
+            convert(model, variant, G, grouping=grouping, calibration=calibration, init=init, budget=budget)
+        seconds = time.perf_counter() - start
+        with torch.no_grad():
+            top1 = float((predictions(model.eval(), images) == labels).float().mean())
+        yield dict(model='embedded/mha', variant=variant, G=G, grouping=grouping, init=init, n=len(labels),
+                   top1=round(100 * top1, 2), seconds=round(seconds, 1),
+                   steps_per_layer=(model.calibration_report.steps_per_layer if init == 'calibrated' else None))
+
+
+def large_rows():
+    import timm
+    for name, what in LARGE.items():
+        torch.manual_seed(0)
+        model = timm.create_model(name).eval()
+        H = model.blocks[0].attn.num_heads
+        n = live_fit_size(model)
+        calibration = calibration_images(model_preprocessing(model), n)
+        with PeakRSS() as peak:
+            start = time.perf_counter()
+            convert(model, 'gqa', H // 2, calibration=calibration, init='calibrated', budget=LIVE_CALIBRATION)
+            seconds = time.perf_counter() - start
+        report = model.calibration_report
+        yield dict(model=name, what=what, variant='gqa', G=H // 2, init='calibrated', images=n,
+                   steps_per_layer=report.steps_per_layer, seconds=round(seconds, 1),
+                   peak_rss_mb=round(peak.increase_mb, 1),
+                   error_mean_pooled=round(sum(report.error_mean_pooled) / len(report.error_mean_pooled), 4),
+                   error_calibrated=round(sum(report.error_calibrated) / len(report.error_calibrated), 4))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--data', default=str(ROOT.parent / 'shared' / 'data' / 'cifar10-jpeg.tar.gz'))
+    parser.add_argument('--only', nargs='+', choices=['embedded', 'large'], default=['embedded', 'large'])
+    parser.add_argument('--limit', type=int, help='fewer test images (a quick check)')
+    parser.add_argument('--steps', type=int, default=CalibrationBudget().steps, help='steps a layer (embedded rows)')
+    parser.add_argument('--threads', type=int)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f'threads={torch.get_num_threads()} live budget={LIVE_CALIBRATION} advisor refine FLOPs={REFINE_FLOPS:g}')
+    rows = []
+    if 'embedded' in args.only:
+        for row in embedded_rows(args.data, args.limit, CalibrationBudget(steps=args.steps)):
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    if 'large' in args.only:
+        for row in large_rows():
+            print(json.dumps(row), flush=True)
+    if rows:
+        print('\n| variant | G | grouping | init | test top-1 % | conversion s |\n|---|---:|---|---|---:|---:|')
+        for r in rows:
+            print(f"| {r['variant'].upper()} | {r['G']} | {r['grouping']} | {r['init']} | {r['top1']:.2f} | "
+                  f"{r['seconds']:.1f} |")
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,184 @@
+"""Convert a multi-head ViT to a grouped-query variant from the command line, calibrated or mean-pooled, and
+report what it cost: ``python -m gqa_core.convert SOURCE --variant gqa --kv-heads 4 --init calibrated``.
+
+SOURCE: a GQA Lens model folder or Hub repo (multi-head), ``hf-hub:ORG/NAME`` (a timm-format Hub repo) or
+``timm:NAME`` (a timm name with Hub weights). Calibration images (``--calibration``): the 512 shipped CIFAR-10
+training images (default), or ``--images`` training images drawn from an ImageFolder, a ``.tar.gz`` of one or
+a Hugging Face dataset name -- each through the model's own preprocessing; no label is read. The report: per
+layer, how far the converted model's tokens are from the MHA model's (mean-pooled vs calibrated, on the
+calibration images; ``--held-out N`` also on N test images); top-1 of MHA, mean-pooled and the result on
+``--eval DATA``'s test split when given; the time. ``--out DIR`` saves the model (its card says how it was
+calibrated, on what, with what budget) with ``calibration.json`` and ``calibration.html`` (the per-layer,
+per-KV-head figure).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..core.calibrate import CALIBRATED_PARAMS, CalibrationBudget, layer_errors
+from ..core.convert import INITS, convert, grouping_config
+from ..core.grouping import GROUPINGS, advise_grouping
+from ..core.policies import POLICIES
+from ..io.hub import ModelLoadError, from_pretrained, from_timm, save_pretrained
+from ..io.preprocessing import model_preprocessing
+from ..training.data import build_datasets
+from .calibration import calibration_images
+from .kv_budget import predictions, split_tensors
+
+__all__ = ['load_source', 'convert_and_report', 'format_report', 'main']
+
+SHIPPED = 'the shipped CIFAR-10 training images'
+
+
+def load_source(source: str) -> nn.Module:
+    """The multi-head model ``source`` names (see the module doc), in eval mode."""
+    if source.startswith(('hf-hub:', 'timm:')):
+        model = from_timm(source.removeprefix('timm:'), 'mha')
+    else:
+        model = from_pretrained(source)
+    if grouping_config(model)['variant'] != 'mha':
+        raise ValueError(f'{source} is {grouping_config(model)["variant"]}; convert from a multi-head model')
+    return model.float().eval()
+
+
+def _top1(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> float:
+    with torch.no_grad():
+        return float((predictions(model.eval(), images) == labels).float().mean())
+
+
+def convert_and_report(model: nn.Module, variant: str, num_kv_heads: int, calibration: torch.Tensor, *,
+                       grouping: str = 'consecutive', init: str = 'calibrated',
+                       budget: CalibrationBudget = CalibrationBudget(),
+                       evaluation: Optional[tuple] = None, held_out: Optional[torch.Tensor] = None,
+                       progress: bool = True, **policy_options: Any) -> tuple:
+    """``(converted model, report dict)``. The advisor (``grouping="output-error"``) runs once; the mean-pooled
+    baseline of the report pools the same heads. ``evaluation``: ``(images, labels)`` for top-1."""
+    mha = model
+    start = time.perf_counter()
+    order: Any = grouping
+    if grouping != 'consecutive':
+        order = advise_grouping(mha, num_kv_heads, calibration).permutations
+    advised_s = time.perf_counter() - start
+    mean_pooled = convert(copy.deepcopy(mha), variant, num_kv_heads, grouping=order, **policy_options)
+    result = mean_pooled
+    calibration_report = None
+    if init == 'calibrated':
+        bar = tqdm(total=len(mha.blocks), desc='calibrating', unit='layer', disable=not progress)
+
+        def step(fraction: float, what: str) -> None:
+            bar.update(round(fraction * len(mha.blocks)) - bar.n)
+
+        result = convert(copy.deepcopy(mha), variant, num_kv_heads, grouping=order, calibration=calibration,
+                         init='calibrated', budget=budget, progress=step, **policy_options)
+        bar.close()
+        calibration_report = result.calibration_report.as_dict()
+    report: Dict[str, Any] = dict(variant=variant, num_kv_heads=num_kv_heads, grouping=grouping, init=init,
+                                  calibration_images=int(calibration.shape[0]), budget=vars(budget) if init ==
+                                  'calibrated' else None, advise_seconds=round(advised_s, 1),
+                                  seconds=round(time.perf_counter() - start, 1), calibration=calibration_report)
+    if held_out is not None:
+        report['held_out'] = dict(images=int(held_out.shape[0]),
+                                  error_mean_pooled=layer_errors(mha, mean_pooled, held_out),
+                                  error_result=layer_errors(mha, result, held_out))
+    if evaluation is not None:
+        images, labels = evaluation
+        report['top1'] = dict(n=len(labels), mha=_top1(mha, images, labels), mean_pooled=_top1(mean_pooled, images, labels),
+                              result=_top1(result, images, labels))
+    return result, report
+
+
+def format_report(report: Dict[str, Any]) -> str:
+    """The report as text: one line per layer (mean-pooled vs calibrated), then accuracy and time."""
+    lines = [f"{report['variant'].upper()} G={report['num_kv_heads']} ({report['grouping']} grouping, "
+             f"{report['init']}), {report['calibration_images']} calibration images, {report['seconds']:.1f} s"
+             + (f" (advisor {report['advise_seconds']:.1f} s)" if report['grouping'] != 'consecutive' else '')]
+    cal = report.get('calibration')
+    if cal:
+        lines += ['', f"per layer, how far the tokens are from the MHA model's ({min(cal['images'], 32)} calibration "
+                      f"images; {cal['steps_per_layer']} steps a layer):",
+                  '  layer   mean-pooled   calibrated']
+        lines += [f'  {i:5d}   {m:11.4f}   {c:10.4f}   ' + '#' * min(40, round(40 * m / max(cal['error_mean_pooled'])))
+                  for i, (m, c) in enumerate(zip(cal['error_mean_pooled'], cal['error_calibrated']))]
+    held = report.get('held_out')
+    if held:
+        lines += ['', f"the same on {held['images']} held-out test images:"]
+        lines += [f'  {i:5d}   {m:11.4f}   {c:10.4f}'
+                  for i, (m, c) in enumerate(zip(held['error_mean_pooled'], held['error_result']))]
+    top1 = report.get('top1')
+    if top1:
+        lines += ['', f"test top-1 over {top1['n']:,} images: MHA {100 * top1['mha']:.2f} %, mean-pooled "
+                      f"{100 * top1['mean_pooled']:.2f} %, {report['init']} {100 * top1['result']:.2f} %"]
+    return '\n'.join(lines)
+
+
+def _calibration_images(model: nn.Module, data: Optional[str], n: int, seed: int) -> tuple:
+    preprocessing = model_preprocessing(model)
+    if data is None:
+        return calibration_images(preprocessing, min(n, 512)), SHIPPED
+    splits = build_datasets(data, preprocessing, seed=seed)
+    return splits.calibration(n, seed), f'{Path(data).name} (training split)'[:100]
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('source', help='a GQA Lens MHA folder or Hub repo, hf-hub:ORG/NAME or timm:NAME')
+    parser.add_argument('--variant', choices=sorted(p for p in POLICIES if p != 'mha'), default='gqa')
+    parser.add_argument('--kv-heads', type=int, required=True, help='G, a divisor of the heads')
+    parser.add_argument('--grouping', choices=GROUPINGS, default='consecutive')
+    parser.add_argument('--init', choices=INITS, default='calibrated')
+    parser.add_argument('--calibration', help='folder, .tar.gz or Hub dataset (default: the shipped 512 images)')
+    parser.add_argument('--images', type=int, default=512, help='calibration images')
+    parser.add_argument('--steps', type=int, default=CalibrationBudget().steps, help='optimisation steps a layer')
+    parser.add_argument('--params', choices=CALIBRATED_PARAMS, default=CalibrationBudget().params)
+    parser.add_argument('--max-flops', type=float, help='cap on the optimisation FLOPs of the whole conversion')
+    parser.add_argument('--seed', type=int, default=0)
+    parser.add_argument('--eval', dest='eval_data', help='measure top-1 on this dataset\'s test split')
+    parser.add_argument('--held-out', type=int, default=0, help='also measure the layer errors on N test images')
+    parser.add_argument('--limit', type=int, help='at most this many evaluation images')
+    parser.add_argument('--out', help='save the converted model here (with calibration.json / .html)')
+    parser.add_argument('--json', help='also write the report here')
+    parser.add_argument('--threads', type=int)
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        model = load_source(args.source)
+        calibration, data_name = _calibration_images(model, args.calibration, args.images, args.seed)
+        evaluation = held_out = None
+        if args.eval_data:
+            splits = build_datasets(args.eval_data, model_preprocessing(model), seed=args.seed, limit=args.limit)
+            evaluation = split_tensors(splits, 'test' if splits.test is not None else 'val')
+            held_out = evaluation[0][:args.held_out] if args.held_out else None
+        budget = CalibrationBudget(steps=args.steps, params=args.params, max_flops=args.max_flops, seed=args.seed)
+        result, report = convert_and_report(model, args.variant, args.kv_heads, calibration, grouping=args.grouping,
+                                            init=args.init, budget=budget, evaluation=evaluation, held_out=held_out)
+    except (ValueError, ModelLoadError, FileNotFoundError) as e:
+        raise SystemExit(f'error: {e}') from None
+    report['calibration_data'] = data_name
+    print(format_report(report))
+    if args.out:
+        if result.gqa_conversion is not None:
+            result.gqa_conversion['data'] = data_name
+        metrics = {f'test_top1_{k}': round(v, 4) for k, v in report.get('top1', {}).items() if k != 'n'}
+        folder = save_pretrained(result, args.out, metrics=metrics)
+        (folder / 'calibration.json').write_text(json.dumps(report, indent=2))
+        if report['calibration']:
+            from .conversion_error import conversion_error_figure
+            conversion_error_figure(report['calibration']).write_html(folder / 'calibration.html',
+                                                                      include_plotlyjs='cdn')
+        print(f'saved to {folder}')
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
+
+
+if __name__ == '__main__':
+    main()
