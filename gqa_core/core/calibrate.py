@@ -105,9 +105,6 @@ class CalibrationReport:
     def as_dict(self) -> Dict[str, Any]:
         return asdict(self)
 
-    def summary(self) -> str:
-        return f'calibrated on {self.images} images in {self.seconds:.0f} s ({self.steps_per_layer} steps a layer)'
-
 
 def check_calibration(images: Any, model: nn.Module) -> Tensor:
     """``images`` as calibration data for ``model``, or a ``ValueError`` saying what is wrong with them."""
@@ -302,8 +299,8 @@ def _closed_form(teacher: GroupedQueryAttention, student: GroupedQueryAttention,
                  kwargs: Dict[str, Any], batch: int) -> None:
     """Stage 1 (see the module docstring), in place on ``student``'s K/V projections (mean-pooled on entry)."""
     H, G, d = student.num_heads, student.num_kv_heads, student.head_dim
-    (_, w_k, _), (_, b_k, _) = _projections(teacher)
-    (_, pooled_k, pooled_v), (_, pooled_bk, pooled_bv) = _projections(student)
+    (_, w_k, _), (_, b_k, _) = _qkv_tensors(teacher)
+    (_, pooled_k, pooled_v), (_, pooled_bk, pooled_bv) = _qkv_tensors(student)
     k_bias = b_k is not None and _has_bias(student, 1)
     # Which KV head each query head reads (how often): the mean-pooled start's routing on these images.
     counts = torch.zeros(H, G, dtype=torch.float64)
@@ -368,10 +365,6 @@ def _maps(layer: GroupedQueryAttention, x: Tensor, kwargs: Dict[str, Any]) -> Tu
     return scores.softmax(-1), route
 
 
-def _projections(layer: GroupedQueryAttention) -> Tuple[List[Tensor], List[Optional[Tensor]]]:
-    return _qkv_tensors(layer)
-
-
 def _has_bias(layer: GroupedQueryAttention, which: int) -> bool:
     """Whether ``layer`` can hold a bias for projection ``which`` (1: keys, 2: values)."""
     if layer.qkv is not None:
@@ -382,13 +375,19 @@ def _has_bias(layer: GroupedQueryAttention, which: int) -> bool:
 @torch.no_grad()
 def _write(layer: GroupedQueryAttention, which: int, weight: Tensor, bias: Optional[Tensor]) -> None:
     """Replace ``layer``'s key (1) or value (2) projection."""
-    weights, biases = _projections(layer)
+    weights, biases = _qkv_tensors(layer)
     weights = [w.clone() for w in weights]
     biases = [b.clone() if b is not None else None for b in biases]
     weights[which] = weight.to(weights[which].dtype)
     if bias is not None:
         biases[which] = bias.to(weights[which].dtype)
     _load_qkv(layer, weights, biases)
+
+
+def step_images(layer: GroupedQueryAttention, budget: CalibrationBudget, tokens: int) -> int:
+    """Images per optimisation step: ``budget.batch_images``, fewer when the step's attention maps (kept for the
+    backward pass) would pass :data:`CHUNK_VALUES` floats -- memory stays bounded at any resolution."""
+    return max(1, min(budget.batch_images, CHUNK_VALUES // (layer.num_heads * tokens * tokens)))
 
 
 def block_flops(block: nn.Module, tokens: int) -> float:
@@ -412,6 +411,7 @@ def _optimise(block: nn.Module, layer: GroupedQueryAttention, inputs: Tensor, ta
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / max(steps, 1))))
     gen = torch.Generator().manual_seed(budget.seed)
     n, sl = inputs.shape[0], rows or slice(None)
+    per_step = step_images(layer, budget, inputs.shape[1])
     scale = targets[:, sl].var().clamp_min(1e-12)
     frozen = [p for p in block.parameters() if not any(p is q for q, _ in trainable)]
     flags = [p.requires_grad for p in frozen]
@@ -423,9 +423,9 @@ def _optimise(block: nn.Module, layer: GroupedQueryAttention, inputs: Tensor, ta
         order = torch.randperm(n, generator=gen)
         pos = 0
         for _ in range(steps):
-            if pos + min(budget.batch_images, n) > n:
+            if pos + min(per_step, n) > n:
                 order, pos = torch.randperm(n, generator=gen), 0
-            idx = order[pos:pos + budget.batch_images]
+            idx = order[pos:pos + per_step]
             pos += len(idx)
             with torch.enable_grad():
                 out = block(inputs[idx], **context)
@@ -507,7 +507,11 @@ def calibrate_layers(vit: nn.Module, teachers: Sequence[nn.Module], students: Se
         with torch.no_grad():
             context = block_context(vit, images[:1])
             x_t = x_s = block_inputs(vit, images)
-        per_step = [_step_flops(b, min(budget.batch_images, images.shape[0]), x_t.shape[1]) for b in blocks]
+        T = x_t.shape[1]
+        # images per chunk of every pass: a fused kernel may still materialise the maps (e.g. SDPA with GQA)
+        batch = max(1, min(batch, CHUNK_VALUES // (max(s.num_heads for s in students) * T * T)))
+        per_step = [_step_flops(b, min(step_images(s, budget, T), images.shape[0]), T)
+                    for b, s in zip(blocks, students)]
         steps = budget.steps
         if budget.max_flops is not None and steps:
             steps = min(steps, int(budget.max_flops // sum(per_step)))
