@@ -280,7 +280,7 @@ def _seeds_section() -> None:
 
 
 def _kv_budget_tab(lens: LensApp, choices: List[str]) -> None:
-    headers = ['G', 'variant', 'grouping', 'K/V bytes', 'top-1 %', 'agreement %']
+    headers = ['G', 'variant', 'grouping', 'K/V init', 'K/V bytes', 'top-1 %', 'agreement %']
     try:
         shipped = shipped_kv_budget()
         gr.Markdown(f"Accuracy against K/V cache per image for `{shipped['model']}`: every G, GQA and KDGQA, "

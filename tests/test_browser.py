@@ -155,20 +155,20 @@ def test_heads_panels_and_dataset_tabs_show_the_apis_numbers(app_url, tmp_path):
         settle(page)
         from legibility import problems
         assert not problems(page), problems(page)  # the live plot stays hidden until computed
-        rows = _table_rows(page, 'kvb-shipped-table', 6)
+        rows = _table_rows(page, 'kvb-shipped-table', 7)
         wanted = next(r for r in shipped_kvb['rows'] if r['num_kv_heads'] == 4 and r['variant'] == 'gqa'
                       and r['grouping'] == 'output-error')
-        row = next(r for r in rows if r[:3] == ['4', 'gqa', 'output-error'])
-        assert float(row[4]) == pytest.approx(100 * wanted['top1'], abs=0.01)
+        row = next(r for r in rows if r[:4] == ['4', 'gqa', 'output-error', 'mean'])
+        assert float(row[5]) == pytest.approx(100 * wanted['top1'], abs=0.01)
         page.locator('#kvb-n input[type=number]').fill('8')
         page.locator('#kvb-n input[type=number]').press('Enter')
         page.locator('#kvb-run').click()
         expect(page.locator('#kvb-live-plot .js-plotly-plot')).to_be_visible(timeout=120_000)
         expect(page.locator('#kvb-live-table')).to_contain_text('output-error', timeout=120_000)
-        live_rows = _table_rows(page, 'kvb-live-table', 6)
+        live_rows = _table_rows(page, 'kvb-live-table', 7)
         settle(page)
         assert not problems(page), problems(page)
-        assert [float(r[5]) for r in live_rows] == [float(r[5]) for r in live_table['data']]
+        assert [float(r[6]) for r in live_rows] == [float(r[6]) for r in live_table['data']]
 
         page.get_by_role('tab', name='Dataset view').click()
         expect(page.locator('#dataset-plot-0 .js-plotly-plot')).to_be_visible(timeout=30_000)
@@ -327,3 +327,40 @@ def test_four_models_fit_about_two_screens(app_url, request):
             page.screenshot(path=str(SCREENSHOT), full_page=True)
         browser.close()
 
+
+
+def test_a_calibrated_conversion_shows_where_gqa_hurts_legibly(app_url, tmp_path):
+    """The builder offers the K/V init and real Hub ViTs (saying at once that the Hub cannot be reached here);
+    a calibrated conversion's summary says how it was made and its "where GQA hurts" figure reads cleanly at
+    1280 and 1920 px beside an MHA model."""
+    from playwright.sync_api import expect, sync_playwright
+    from legibility import problems
+    from gqa_core.lens.models import HUB_SOURCES
+    calibrated = 'convert:embedded/mha:gqa:4:calibrated'
+    found = []
+    with sync_playwright() as p:
+        for width in (1280, 1920):
+            browser, page = open_with_image(p, app_url, EXAMPLES_DIR / 'cifar10_ship.jpg', width=width)
+            if width == 1280:
+                page.get_by_text('other models: the Hub, local folders, convert on the fly').click()
+                box = page.locator('#convert-source input')
+                box.click()
+                box.fill(HUB_SOURCES[1])
+                box.press('Enter')
+                page.locator('h1').first.click()
+                expect(page.locator('#convert-source-note')).to_contain_text('cannot be reached', timeout=10_000)
+                page.locator('#convert-init').get_by_label('calibrated', exact=True).check()
+                page.locator('#convert-use').click()
+                expect(page.locator('#model-3 input')).to_have_value(f'convert:{HUB_SOURCES[1]}:kdgqa:2:calibrated')
+            for n in (1, 2):
+                run_models_in_page(page, [calibrated, 'embedded/mha'][:n], deep=False)
+                expect(page.locator('#summary-0')).to_contain_text('K/V calibrated on 512 images', timeout=180_000)
+                show_view(page, 'where GQA hurts')
+                expect(page.locator('#figure-0 .js-plotly-plot')).to_be_visible(timeout=30_000)
+                drawn = coloured_fraction(page.locator('#figure-0 .js-plotly-plot').screenshot())
+                assert drawn > 0.05, f'{drawn:.1%} of the figure is coloured: an empty frame?'
+                expect(page.locator('#caption-0')).to_contain_text('Mean-pooling hurts most by layer')
+                found += [f'{n} model(s) at {width} px: {x}' for x in problems(page)]
+                page.screenshot(path=str(tmp_path / f'calibrated-{width}-{n}.png'), full_page=True)
+            browser.close()
+    assert not found, '\n'.join(found)

@@ -43,8 +43,8 @@ def seeds_table(result: Dict[str, Any]) -> list:
 
 
 def kv_budget_table(result: Dict[str, Any]) -> list:
-    """Rows for a table: G, variant, grouping, K/V bytes, top-1 (or blank), agreement with MHA."""
-    return [[r['num_kv_heads'], r['variant'], r['grouping'], r['kv_bytes'],
+    """Rows for a table: G, variant, grouping, K/V init, K/V bytes, top-1 (or blank), agreement with MHA."""
+    return [[r['num_kv_heads'], r['variant'], r['grouping'], r.get('init', 'mean'), r['kv_bytes'],
              '' if r['top1'] is None else round(100 * r['top1'], 2), round(100 * r['agreement'], 2)]
             for r in result['rows']]
 

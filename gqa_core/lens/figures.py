@@ -355,25 +355,29 @@ def faithfulness_figure(curves: dict, score: str, fit: Fit = Fit(), title: str =
 
 
 def kv_budget_figure(result: dict, metric: str = 'auto') -> go.Figure:
-    """Accuracy (or agreement with MHA) against K/V cache bytes per image, one line per variant × grouping."""
+    """Accuracy (or agreement with MHA) against K/V cache bytes per image, one line per variant × grouping (×
+    K/V init when mean-pooled and calibrated rows are both present)."""
     rows = result['rows']
     if metric == 'auto':
         metric = 'top1' if all(r.get('top1') is not None for r in rows) else 'agreement'
     mha = next(r for r in rows if r['variant'] == 'mha')
     fig = _figure()
-    styles = {'consecutive': 'dash', 'output-error': 'solid'}
+    styles = {('consecutive', 'mean'): 'dash', ('output-error', 'mean'): 'solid',
+              ('consecutive', 'calibrated'): 'dot', ('output-error', 'calibrated'): 'dashdot'}
     colors = dict(gqa=qualitative.Plotly[0], kdgqa=qualitative.Plotly[1])
-    keys = sorted({(r['variant'], r['grouping']) for r in rows if r['variant'] != 'mha'})
-    for variant, grouping in keys:
-        line = sorted((r for r in rows if r['variant'] == variant and r['grouping'] == grouping),
-                      key=lambda r: r['kv_bytes'])
+    keys = sorted({(r['variant'], r['grouping'], r.get('init', 'mean')) for r in rows if r['variant'] != 'mha'})
+    inits = {k[2] for k in keys}
+    for variant, grouping, init in keys:
+        same = [r for r in rows if r['variant'] == variant and r.get('init', 'mean') == init]
+        line = sorted((r for r in same if r['grouping'] == grouping), key=lambda r: r['kv_bytes'])
         if grouping == 'output-error':  # G = 1 has one grouping only: share its point
-            line = sorted(line + [r for r in rows if r['variant'] == variant and r['num_kv_heads'] == 1
-                                  and r['grouping'] == 'consecutive'], key=lambda r: r['kv_bytes'])
+            line = sorted(line + [r for r in same if r['num_kv_heads'] == 1 and r['grouping'] == 'consecutive'],
+                          key=lambda r: r['kv_bytes'])
+        name = f'{variant.upper()} · {grouping}' + (f' · {init}' if len(inits) > 1 else '')
         fig.add_trace(go.Scatter(
             x=[r['kv_bytes'] for r in line], y=[r[metric] for r in line], mode='lines+markers',
-            name=f'{variant.upper()} · {grouping}', line=dict(dash=styles.get(grouping, 'dot'),
-                                                              color=colors.get(variant)),
+            name=name, line=dict(dash=styles.get((grouping, init), 'dot'), color=colors.get(variant)),
+            marker=dict(symbol='diamond' if init == 'calibrated' else 'circle'),
             text=[f"G={r['num_kv_heads']}" for r in line],
             hovertemplate='%{text}: %{x:,} B, %{y:.2%}<extra>%{fullData.name}</extra>'))
     fig.add_trace(go.Scatter(x=[mha['kv_bytes']], y=[mha[metric]], mode='markers', name='MHA',

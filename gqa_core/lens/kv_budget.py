@@ -22,7 +22,8 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from ..core.convert import convert, grouping_config, kv_cache_bytes
+from ..core.calibrate import CalibrationBudget
+from ..core.convert import INITS, convert, grouping_config, kv_cache_bytes
 from ..core.device import DEVICE_CHOICES, model_device, resolve_device
 from ..core.grouping import GROUPINGS, advise_grouping
 from ..io.hub import from_pretrained
@@ -54,33 +55,37 @@ def split_tensors(splits: DataSplits, split: str, batch_size: int = 256) -> Tupl
 def kv_budget_rows(mha: nn.Module, images: Tensor, labels: Optional[Tensor], calibration: Tensor, *,
                    variants: Sequence[str] = VARIANTS, groupings: Sequence[str] = GROUPINGS, batch_size: int = 256,
                    progress: Optional[Callable[[float, str], None]] = None,
-                   max_refine_flops: Optional[float] = None) -> List[Dict[str, Any]]:
-    """One row per (G, variant, grouping), plus the MHA row; ``labels`` None: agreement only.
-    ``max_refine_flops`` bounds the grouping advisor's model-output comparison (live requests)."""
+                   max_refine_flops: Optional[float] = None, inits: Sequence[str] = ('mean',),
+                   budget: Optional[CalibrationBudget] = None) -> List[Dict[str, Any]]:
+    """One row per (G, variant, grouping, init), plus the MHA row; ``labels`` None: agreement only.
+    ``max_refine_flops`` bounds the grouping advisor's model-output comparison (live requests); ``inits``:
+    mean-pooled and / or calibrated (on ``calibration``, with ``budget``) K/V heads."""
     mha = mha.eval()
     device = model_device(mha)
     images, calibration = images.to(device), calibration.to(device)
     labels = labels.to(device) if labels is not None else None
     H = mha.blocks[0].attn.num_heads
     reference = predictions(mha, images, batch_size)
-    rows = [dict(num_kv_heads=H, variant='mha', grouping='consecutive', kv_bytes=kv_cache_bytes(mha),
+    rows = [dict(num_kv_heads=H, variant='mha', grouping='consecutive', init='mean', kv_bytes=kv_cache_bytes(mha),
                  top1=float((reference == labels).float().mean()) if labels is not None else None, agreement=1.0)]
     divisors = [g for g in range(1, H) if H % g == 0]
-    jobs = [(g, v, grouping) for g in divisors for v in variants for grouping in groupings
+    jobs = [(g, v, grouping, init) for g in divisors for v in variants for grouping in groupings for init in inits
             if not (grouping != 'consecutive' and g == 1)]  # one group: nothing to choose
     advice: Dict[int, List[List[int]]] = {}
-    for i, (g, variant, grouping) in enumerate(jobs):
+    for i, (g, variant, grouping, init) in enumerate(jobs):
         if progress is not None:
-            progress(i / len(jobs), f'G={g} {variant} {grouping}')
+            progress(i / len(jobs), f'G={g} {variant} {grouping} {init}')
         model = copy.deepcopy(mha)
         perms: Any = 'consecutive'
         if grouping == 'output-error':
             if g not in advice:
                 advice[g] = advise_grouping(mha, g, calibration, max_refine_flops=max_refine_flops).permutations
             perms = advice[g]
-        convert(model, variant, g, grouping=perms)
+        convert(model, variant, g, grouping=perms, init=init, calibration=calibration if init != 'mean' else None,
+                budget=budget)
         predicted = predictions(model.eval(), images, batch_size)
-        rows.append(dict(num_kv_heads=g, variant=variant, grouping=grouping, kv_bytes=kv_cache_bytes(model),
+        rows.append(dict(num_kv_heads=g, variant=variant, grouping=grouping, init=init,
+                         kv_bytes=kv_cache_bytes(model),
                          top1=float((predicted == labels).float().mean()) if labels is not None else None,
                          agreement=float((predicted == reference).float().mean())))
     if progress is not None:
@@ -90,7 +95,7 @@ def kv_budget_rows(mha: nn.Module, images: Tensor, labels: Optional[Tensor], cal
 
 def kv_budget(model_source: str, data: str, split: str = 'test', limit: Optional[int] = None,
               calibration_images: int = 512, seed: int = 0, batch_size: int = 256,
-              device: Optional[str] = None) -> Dict[str, Any]:
+              device: Optional[str] = None, inits: Sequence[str] = ('mean',)) -> Dict[str, Any]:
     model = from_pretrained(model_source).float().eval().to(resolve_device(device))
     variant = grouping_config(model)['variant']
     if variant != 'mha':
@@ -104,7 +109,7 @@ def kv_budget(model_source: str, data: str, split: str = 'test', limit: Optional
         bar.set_postfix_str(what)
         bar.refresh()
     rows = kv_budget_rows(model, images, labels, splits.calibration(calibration_images, seed), progress=progress,
-                          batch_size=batch_size)
+                          batch_size=batch_size, inits=inits)
     bar.close()
     return dict(model=model_source, data=Path(data).name, split=split, n=len(labels), seed=seed,
                 calibration_images=calibration_images, num_heads=model.blocks[0].attn.num_heads, rows=rows)
@@ -130,13 +135,17 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument('--seed', type=int, default=0)
     parser.add_argument('--out', default='runs/kv-budget')
     parser.add_argument('--device', help=f'{DEVICE_CHOICES} (default: GQA_LENS_DEVICE, else auto)')
+    parser.add_argument('--inits', nargs='+', choices=INITS, default=['mean'],
+                        help='K/V heads mean-pooled and / or calibrated on the calibration images (about a minute '
+                             'each on 2 CPU cores for the embedded model)')
     args = parser.parse_args(argv)
     result = kv_budget(args.model, args.data, args.split, args.limit, args.calibration_images, args.seed,
-                       device=args.device)
+                       device=args.device, inits=args.inits)
     write_outputs(result, Path(args.out))
     for row in result['rows']:
         top1 = f"{row['top1'] * 100:6.2f} %" if row['top1'] is not None else '   n/a'
-        print(f"G={row['num_kv_heads']:<3} {row['variant']:<6} {row['grouping']:<12} {row['kv_bytes']:>9,} B  "
+        print(f"G={row['num_kv_heads']:<3} {row['variant']:<6} {row['grouping']:<12} {row.get('init', 'mean'):<10} "
+              f"{row['kv_bytes']:>9,} B  "
               f"top-1 {top1}  agreement {row['agreement'] * 100:6.2f} %")
 
 
