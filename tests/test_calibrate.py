@@ -3,12 +3,11 @@ every layer of every family (on the calibration images and on held-out ones), de
 import copy
 
 import pytest
-import timm
 import torch
 
 from gqa_core import GroupedQueryAttention, convert
 from gqa_core.core.calibrate import CalibrationBudget, layer_errors
-from test_families import FAMILIES, SMALL, family_model
+from test_families import FAMILIES, family_model, perturbed_model
 
 BUDGET = CalibrationBudget(steps=20, batch_images=8)
 # timm's own ViT layouts besides test_families' ones: a class token with token pooling, registers + layer scale
@@ -19,15 +18,7 @@ OWN = {
 
 
 def model_for(key: str) -> torch.nn.Module:
-    if key in FAMILIES:
-        return family_model(key)
-    name, extra = OWN[key]
-    torch.manual_seed(0)
-    model = timm.create_model(name, **SMALL, **extra).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    return model
+    return family_model(key) if key in FAMILIES else perturbed_model(*OWN[key])
 
 
 def noise(model, n: int, seed: int) -> torch.Tensor:

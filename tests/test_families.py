@@ -28,7 +28,11 @@ FAMILIES = {
 def family_model(key: str) -> torch.nn.Module:
     """The family's model, small, with every parameter perturbed (biases and position tables are zero at
     init; the test must see them)."""
-    name, extra = FAMILIES[key]
+    return perturbed_model(*FAMILIES[key])
+
+
+def perturbed_model(name: str, extra: dict) -> torch.nn.Module:
+    """timm's ``name`` at SMALL size with ``extra`` arguments, every parameter perturbed (seeded)."""
     torch.manual_seed(0)
     model = timm.create_model(name, **SMALL, **extra).eval()
     with torch.no_grad():
