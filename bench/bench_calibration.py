@@ -6,7 +6,9 @@
 For the embedded MHA over the full CIFAR-10 test split, with the 512 shipped calibration images
 (``assets/calibration``): test top-1 of GQA at G = 4 and 2 (mean-pooled, advised grouping, calibrated,
 advised + calibrated) and of KDGQA, DGQA and PGQA at G = 4 (mean-pooled, calibrated, advised + calibrated),
-each with the conversion's wall time on this machine (advising included). Then, with random weights,
+each with the conversion's wall time on this machine (advising included, with the app's bound on its
+model-output comparison); and GQA calibrated with only the K/V projections moving (``calibrated-kv``), to
+show what letting the Q and output projections move too adds. Then, with random weights,
 ``vit_small_patch16_224`` (224 px) and ``vit_small_patch14_reg4_dinov2`` (518 px) converted to GQA at G = H / 2
 at the app's live budget (``gqa_core.lens.models.LIVE_CALIBRATION``, as many shipped images as its token
 budget allows): calibration time, steps a layer and peak RSS increase. One JSON line per row, then a
@@ -17,6 +19,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+from dataclasses import replace
 import sys
 import time
 from pathlib import Path
@@ -43,7 +46,7 @@ EMBEDDED_ROWS = [('mha', 8, 'consecutive', 'mean')] + [
     for grouping, init in (('consecutive', 'mean'), ('output-error', 'mean'), ('consecutive', 'calibrated'),
                            ('output-error', 'calibrated'))
     if v == 'gqa' or (grouping, init) != ('output-error', 'mean')
-]
+] + [('gqa', 4, 'consecutive', 'calibrated-kv'), ('gqa', 2, 'consecutive', 'calibrated-kv')]  # only K/V move
 LARGE = {'vit_small_patch16_224': 'ViT-S/16, 224 px, 197 tokens',
          'vit_small_patch14_reg4_dinov2': 'DINOv2-S + 4 registers, 518 px, 1,374 tokens'}
 
@@ -56,18 +59,21 @@ def embedded_rows(data: str, limit, budget: CalibrationBudget):
         model = copy.deepcopy(mha)
         start = time.perf_counter()
         if variant != 'mha':
-            convert(model, variant, G, grouping=grouping, calibration=calibration, init=init, budget=budget)
+            kv_only = init == 'calibrated-kv'
+            convert(model, variant, G, grouping=grouping, calibration=calibration, max_refine_flops=REFINE_FLOPS,
+                    init='calibrated' if kv_only else init, budget=replace(budget, params='kv') if kv_only else budget)
         seconds = time.perf_counter() - start
         with torch.no_grad():
             top1 = float((predictions(model.eval(), images) == labels).float().mean())
         yield dict(model='embedded/mha', variant=variant, G=G, grouping=grouping, init=init, n=len(labels),
                    top1=round(100 * top1, 2), seconds=round(seconds, 1),
-                   steps_per_layer=(model.calibration_report.steps_per_layer if init == 'calibrated' else None))
+                   steps_per_layer=(model.calibration_report.steps_per_layer if init != 'mean' else None))
 
 
-def large_rows():
+def large_rows(names=tuple(LARGE)):
     import timm
-    for name, what in LARGE.items():
+    for name in names:
+        what = LARGE[name]
         torch.manual_seed(0)
         model = timm.create_model(name).eval()
         H = model.blocks[0].attn.num_heads
@@ -92,18 +98,25 @@ def main() -> None:
     parser.add_argument('--limit', type=int, help='fewer test images (a quick check)')
     parser.add_argument('--steps', type=int, default=CalibrationBudget().steps, help='steps a layer (embedded rows)')
     parser.add_argument('--threads', type=int)
+    parser.add_argument('--large', choices=sorted(LARGE), help='measure only this large model, in this process')
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.large:
+        print(json.dumps(next(large_rows([args.large]))), flush=True)
+        return
     print(f'threads={torch.get_num_threads()} live budget={LIVE_CALIBRATION} advisor refine FLOPs={REFINE_FLOPS:g}')
     rows = []
     if 'embedded' in args.only:
         for row in embedded_rows(args.data, args.limit, CalibrationBudget(steps=args.steps)):
             rows.append(row)
             print(json.dumps(row), flush=True)
-    if 'large' in args.only:
-        for row in large_rows():
-            print(json.dumps(row), flush=True)
+    if 'large' in args.only:  # each in a fresh process: its peak memory is its own, not the allocator's history
+        import subprocess
+        for name in LARGE:
+            out = subprocess.run([sys.executable, __file__, '--large', name] + (
+                ['--threads', str(args.threads)] if args.threads else []), capture_output=True, text=True, check=True)
+            print(out.stdout.strip().splitlines()[-1], flush=True)
     if rows:
         print('\n| variant | G | grouping | init | test top-1 % | conversion s |\n|---|---:|---|---|---:|---:|')
         for r in rows:

@@ -13,7 +13,8 @@ The package has four layers, each importing only the ones before it:
 
 ``import gqa_core`` loads the core only; ``from_pretrained``, ``save_pretrained`` and ``push_to_hub`` load
 :mod:`gqa_core.io.hub` when first used. Command lines: ``python -m gqa_core.train``, ``python -m
-gqa_core.evaluate``, ``python -m gqa_core.kv_budget``, ``python -m gqa_core.stats``.
+gqa_core.evaluate``, ``python -m gqa_core.kv_budget``, ``python -m gqa_core.stats``, ``python -m gqa_core.convert``
+(calibrated conversion with a report).
 """
 from typing import Any
 
