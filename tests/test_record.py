@@ -95,3 +95,30 @@ def test_recorder_detaches_and_rejects_bad_arguments():
         record(model, attention='rows')
     with pytest.raises(ValueError, match='call convert'):
         record(tiny_vit())
+
+
+@pytest.mark.parametrize('class_token, reg_tokens, global_pool', [
+    (c, r, p) for c in (True, False) for r in (0, 4) for p in ('map', 'avg', 'token') if not (p == 'token' and not c)])
+def test_every_pooling_head_and_prefix_records_and_rolls_out(class_token, reg_tokens, global_pool):
+    """Attention pooling with registers used to multiply a map over the patches by one over all tokens."""
+    from timm.models.vision_transformer import VisionTransformer
+    from gqa_core import convert, record
+    torch.manual_seed(0)
+    model = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=4, num_classes=10,
+                              class_token=class_token, reg_tokens=reg_tokens, global_pool=global_pool,
+                              no_embed_class=reg_tokens > 0).eval()
+    convert(model, 'kdgqa', 2)
+    with torch.no_grad(), record(model, attention='prefix') as rec:
+        model(torch.randn(2, 3, 32, 32))
+    r = rec.result
+    prefix = int(class_token) + reg_tokens
+    assert r.num_prefix_tokens == prefix
+    for rollout in r.rollout.values():
+        assert rollout.shape == (2, prefix + 16) and torch.allclose(rollout.sum(-1), torch.ones(2), atol=1e-4)
+    if global_pool == 'map':
+        assert r.pool_attention.shape[-1] == prefix + 16
+        assert torch.allclose(r.pool_attention.sum(-1), torch.ones_like(r.pool_attention.sum(-1)), atol=1e-5)
+        assert float(r.pool_attention[..., :prefix].abs().sum()) == 0, 'timm pools the patches only'
+        assert r.pool_patches().shape == (16,)
+    else:
+        assert r.pool_attention is None

@@ -13,6 +13,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from timm.layers.attention import resolve_self_attn_mask
 
@@ -199,7 +200,11 @@ class record:
 
     @torch.no_grad()
     def _capture_pool(self, pool: nn.Module, args: Any) -> None:
-        self._pool = pool_query_attention(pool, args[0]).float()
+        attn = pool_query_attention(pool, args[0]).float()
+        # timm's ViT pools the patch tokens only (pool_include_prefix=False): the prefix tokens get weight zero,
+        # so the map lines up with the T tokens of the blocks (and their rollout) whatever the prefix holds
+        skipped = self.num_prefix_tokens if getattr(self.model, 'pool_include_prefix', True) is False else 0
+        self._pool = F.pad(attn, (skipped, 0)) if skipped else attn
 
     def _summary(self, maps: Tensor) -> Tensor:
         """``(..., T, T) -> (..., T)``: the class token's row, else the mean over all query rows."""
