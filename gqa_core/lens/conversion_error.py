@@ -40,8 +40,10 @@ def conversion_error_figure(report: Dict[str, Any], fit: Fit = Fit()) -> go.Figu
     layers = [f'L{i}' for i in range(L)]
     heat_px = max(fit.plot_px(colorbar=True) / 2 - 20, 60)
     heat_height = int(np.clip(heat_px * L / max(G, 1), 120, 360))
-    fig = make_subplots(rows=2, cols=2, specs=[[{'colspan': 2}, None], [{}, {}]], vertical_spacing=0.12,
-                        horizontal_spacing=0.08, row_heights=[220, heat_height])
+    fig = make_subplots(rows=2, cols=2, specs=[[{'colspan': 2}, None], [{}, {}]], vertical_spacing=0.14,
+                        horizontal_spacing=0.08, row_heights=[220, heat_height],
+                        subplot_titles=('', *(f'{name}, per KV head' for name in INITS)))
+    fig.update_annotations(font_size=fit.font)
     for values, name, color in zip((mean, calibrated), INITS, COLORS):
         fig.add_trace(go.Bar(x=layers, y=np.maximum(values, 1e-6), name=name, marker_color=color,
                              hovertemplate=f'{name}, %{{x}}: %{{y:.4f}}<extra></extra>'), row=1, col=1)
@@ -52,7 +54,7 @@ def conversion_error_figure(report: Dict[str, Any], fit: Fit = Fit()) -> go.Figu
                                  colorbar=dict(thickness=10, tickfont=dict(size=fit.font), len=0.5, y=0.25),
                                  hovertemplate=f'{name}, %{{y}} %{{x}}: %{{z:.4f}}<extra></extra>'), row=2, col=col)
         fig.update_yaxes(autorange='reversed', row=2, col=col, showticklabels=col == 1)
-    fig.update_yaxes(type='log', title=dict(text='error', font=dict(size=fit.font)), row=1, col=1)
+    fig.update_yaxes(type='log', dtick=1, title=dict(text='error', font=dict(size=fit.font)), row=1, col=1)
     fig.update_layout(template=TEMPLATE, height=220 + heat_height + 90, barmode='group',
                       font=dict(size=fit.font), margin=dict(l=6, r=6, t=30, b=6),
                       legend=dict(orientation='h', x=0, y=1.02, yanchor='bottom'))
