@@ -79,8 +79,9 @@ def test_every_variant_is_calibrated_and_its_policy_state_is_kept(variant, optio
 
 
 @pytest.mark.parametrize('bad, message', [
-    (torch.zeros(0, 3, 64, 64), 'non-empty'),
-    (torch.zeros(4, 64, 64), 'non-empty tensor'),
+    (torch.zeros(0, 3, 64, 64), 'at least 2 images'),
+    (torch.zeros(1, 3, 64, 64), 'at least 2 images'),
+    (torch.zeros(4, 64, 64), 'at least 2 images'),
     (torch.zeros(4, 3, 32, 32), 'px'),
     (torch.zeros(4, 1, 64, 64), 'channels'),
     (torch.full((4, 3, 64, 64), float('nan')), 'NaN'),
@@ -136,8 +137,23 @@ def test_the_flop_cap_bounds_the_steps_and_kv_only_moves_only_kv_rows():
         assert not torch.equal(a.attn.qkv.weight[q:], b.attn.qkv.weight[q:])
 
 
-@pytest.mark.parametrize('field, value', [('steps', -1), ('steps', 1.5), ('batch_images', 0), ('lr', 0.0),
-                                          ('max_flops', float('inf')), ('params', 'everything')])
+@pytest.mark.parametrize('field, value', [('steps', -1), ('steps', 1.5), ('steps', True), ('batch_images', 0),
+                                          ('lr', 0.0), ('lr', 'fast'), ('max_flops', float('inf')),
+                                          ('max_flops', '1e12'), ('params', 'everything'), ('seed', 1.5)])
 def test_a_bad_budget_is_refused(field, value):
     with pytest.raises(ValueError, match=field):
         CalibrationBudget(**{field: value})
+
+
+def test_a_shared_position_bias_follows_the_head_order_the_calibration_fits():
+    """BEiT's model-wide bias is in the original head order: with a permuted grouping the target calibration
+    fits (the MHA block's outputs) must still be the MHA model's, which the report's mean-pooled errors show."""
+    model = model_for('beit-shared')
+    H = model.blocks[0].attn.num_heads
+    order = [list(reversed(range(H))), [1, 3, 0, 2]][:len(model.blocks)]
+    calibration = noise(model, 24, 1)
+    pooled = convert(copy.deepcopy(model), 'gqa', H // 2, grouping=order)
+    calibrated = convert(copy.deepcopy(model), 'gqa', H // 2, grouping=order, init='calibrated',
+                         calibration=calibration, budget=BUDGET)
+    expected = layer_errors(model, pooled, calibration[:32])
+    assert calibrated.calibration_report.error_mean_pooled == pytest.approx(expected, rel=1e-3)

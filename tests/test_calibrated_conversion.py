@@ -49,7 +49,7 @@ def test_the_app_calibrates_within_its_budget_and_shows_where_gqa_hurts(app_serv
     mha, calibrated = columns(out)[:2]
     assert 'K/V calibrated on 512 images in' in calibrated['summary'], calibrated['summary']
     assert calibrated['figure'] is not None and 'Mean-pooling hurts most by layer' in calibrated['caption']
-    assert mha['figure'] is None and 'no conversion record' in mha['caption']
+    assert mha['figure'] is None and 'no calibration report' in mha['caption']
     report = app.lens.registry.get(SPEC).calibration
     assert report.flops <= LIVE_CALIBRATION.max_flops and report.steps_per_layer < LIVE_CALIBRATION.steps
     assert all(c < m for m, c in zip(report.error_mean_pooled, report.error_calibrated))

@@ -71,6 +71,16 @@ class CalibrationBudget:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        def number(v: Any) -> bool:
+            return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+        if not number(self.lr) or (self.max_flops is not None and not number(self.max_flops)):
+            raise ValueError(f'lr and max_flops must be numbers, got {self.lr!r}, {self.max_flops!r}')
+        for name in ('steps', 'batch_images', 'seed'):
+            if isinstance(getattr(self, name), bool):
+                raise ValueError(f'{name} must be an integer, got {getattr(self, name)!r}')
+        if not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
+            raise ValueError(f'seed must be a non-negative integer, got {self.seed!r}')
         if not isinstance(self.steps, int) or not 0 <= self.steps <= 100_000:
             raise ValueError(f'steps must be an integer 0..100000, got {self.steps!r}')
         if not isinstance(self.batch_images, int) or self.batch_images < 1:
@@ -110,8 +120,9 @@ def check_calibration(images: Any, model: nn.Module) -> Tensor:
     """``images`` as calibration data for ``model``, or a ``ValueError`` saying what is wrong with them."""
     if not isinstance(images, Tensor):
         raise ValueError('calibration images must be a tensor (N, 3, H, W) preprocessed for the model')
-    if images.dim() != 4 or images.shape[0] < 1:
-        raise ValueError(f'calibration images must be a non-empty tensor (N, 3, H, W); got shape {tuple(images.shape)}')
+    if images.dim() != 4 or images.shape[0] < 2:
+        raise ValueError('calibration images must be a tensor (N, 3, H, W) of at least 2 images (a quarter is held '
+                         f'back to check the fit); got shape {tuple(images.shape)}')
     if not images.is_floating_point():
         raise ValueError(f'calibration images must be floating point (preprocessed), got {images.dtype}')
     chans = getattr(model.patch_embed.proj, 'in_channels', images.shape[1])
@@ -157,34 +168,48 @@ def _relative(out: Tensor, reference: Tensor, rows: Optional[slice]) -> float:
 
 @torch.no_grad()
 def _kv_head_errors(teacher: GroupedQueryAttention, teacher_in: Tensor, layer: GroupedQueryAttention,
-                    layer_in: Tensor, kwargs: Dict[str, Any], rows: Optional[slice]) -> List[float]:
+                    layer_in: Tensor, kwargs: Dict[str, Any], rows: Optional[slice], batch: int) -> List[float]:
     """How far each KV head's query heads output (through the projection) from the MHA heads', each model on
-    its own tokens, relative to the MHA layer's output (cross terms between heads left out)."""
+    its own tokens, relative to the MHA layer's output (cross terms between heads left out); in chunks of
+    ``batch`` images, each head's error through its projection's Gram matrix (no (B, H, T, dim) tensor)."""
     H, d, G = layer.num_heads, layer.head_dim, layer.num_kv_heads
     sl = rows or slice(None)
-    o_t, _ = _heads_out(teacher, teacher_in, kwargs)
-    o_s, route = _heads_out(layer, layer_in, kwargs)
-    y_t = torch.einsum('bhtd,ohd->bto', o_t[:, :, sl], teacher.proj.weight.view(-1, H, d))
-    per_head = torch.einsum('bhtd,ohd->bhto', o_s[:, :, sl] - o_t[:, :, sl],
-                            layer.proj.weight.view(-1, H, d)).square().sum((2, 3))
-    per_kv = torch.zeros(G, dtype=torch.float64).scatter_add_(0, route.reshape(-1), per_head.reshape(-1).double())
-    return (per_kv / float(y_t.square().sum().clamp_min(1e-30))).tolist()
+    w_t, w_s = teacher.proj.weight.view(-1, H, d), layer.proj.weight.view(-1, H, d)
+    gram = torch.einsum('ohd,ohe->hde', w_s, w_s)  # (H, d, d)
+    per_kv = torch.zeros(G, dtype=torch.float64, device=layer_in.device)
+    reference = 0.0
+    for start in range(0, teacher_in.shape[0], batch):
+        o_t, _ = _heads_out(teacher, teacher_in[start:start + batch], kwargs)
+        o_s, route = _heads_out(layer, layer_in[start:start + batch], kwargs)
+        reference += float(torch.einsum('bhtd,ohd->bto', o_t[:, :, sl], w_t).square().sum())
+        delta = o_s[:, :, sl] - o_t[:, :, sl]
+        per_head = torch.einsum('bhtd,hde,bhte->bh', delta, gram, delta)
+        per_kv.scatter_add_(0, route.reshape(-1), per_head.reshape(-1).double())
+    return (per_kv / max(reference, 1e-30)).tolist()
 
 
 class _AttnInput:
-    """Captures what a block gives its attention layer (tokens after the block's norm, and keyword arguments)."""
+    """Captures what a block gives its attention layer (tokens after the block's norm, and keyword arguments):
+    the first ``limit`` images' (all when None)."""
 
-    def __init__(self, attn: nn.Module) -> None:
+    def __init__(self, attn: nn.Module, limit: Optional[int] = None) -> None:
         self.inputs: List[Tensor] = []
         self.kwargs: Dict[str, Any] = {}
+        self.kept, self.limit = 0, limit
         self.handle = attn.register_forward_pre_hook(self, with_kwargs=True)
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: Dict[str, Any]) -> None:
-        self.inputs.append(args[0] if args else kwargs['x'])
+        x = args[0] if args else kwargs['x']
+        if self.limit is not None:
+            x = x[:max(self.limit - self.kept, 0)]
+        self.kept += x.shape[0]
+        self.inputs.append(x)
         self.kwargs = {k: v for k, v in kwargs.items() if k != 'x'}
 
-    def close(self) -> Tuple[Tensor, Dict[str, Any]]:
+    def remove(self) -> None:
         self.handle.remove()
+
+    def result(self) -> Tuple[Tensor, Dict[str, Any]]:
         return torch.cat(self.inputs), self.kwargs
 
 
@@ -193,13 +218,16 @@ class _Stop(Exception):
 
 
 def _run_block(block: nn.Module, tokens: Tensor, context: Dict[str, Any], batch: int,
-               capture: bool = False) -> Tuple[Tensor, Optional[Tensor], Dict[str, Any]]:
-    """``block`` over ``tokens`` in chunks; with ``capture``, also its attention layer's inputs."""
-    hook = _AttnInput(block.attn) if capture else None
+               capture: Optional[int] = None) -> Tuple[Tensor, Optional[Tensor], Dict[str, Any]]:
+    """``block`` over ``tokens`` in chunks; with ``capture=k``, also its attention layer's inputs for the first
+    k images."""
+    hook = _AttnInput(block.attn, capture) if capture is not None else None
     try:
         out = torch.cat([block(tokens[i:i + batch], **context) for i in range(0, tokens.shape[0], batch)])
     finally:
-        attn_in, kwargs = hook.close() if hook is not None else (None, {})
+        if hook is not None:
+            hook.remove()
+    attn_in, kwargs = hook.result() if hook is not None else (None, {})
     return out, attn_in, kwargs
 
 
@@ -220,8 +248,8 @@ def _attention_inputs(block: nn.Module, tokens: Tensor, context: Dict[str, Any],
                 pass
     finally:
         handle.remove()
-        inputs = hook.close()
-    return inputs
+        hook.remove()
+    return hook.result()
 
 
 def _kv_tensors(layer: GroupedQueryAttention) -> List[Tuple[nn.Parameter, slice]]:
@@ -287,7 +315,7 @@ def _ridge_solve(lhs: Tensor, rhs: Tensor, prior: Tensor, strength: float) -> Te
     ``rhs = A^T B``), ``lam`` = ``strength`` x the mean of A^T A's diagonal, batched over the first dim: where
     the calibration data does not pin a direction down, the mean-pooled weights stay."""
     lam = strength * lhs.diagonal(dim1=-2, dim2=-1).mean(-1).clamp_min(1e-12)[:, None, None]
-    eye = torch.eye(lhs.shape[-1], dtype=lhs.dtype)
+    eye = torch.eye(lhs.shape[-1], dtype=lhs.dtype, device=lhs.device)
     factor, info = torch.linalg.cholesky_ex(lhs + lam * eye)  # positive definite: the ridge sees to it
     if bool(info.any()):
         return prior
@@ -303,8 +331,9 @@ def _closed_form(teacher: GroupedQueryAttention, student: GroupedQueryAttention,
     (_, pooled_k, pooled_v), (_, pooled_bk, pooled_bv) = _qkv_tensors(student)
     k_bias = b_k is not None and _has_bias(student, 1)
     # Which KV head each query head reads (how often): the mean-pooled start's routing on these images.
-    counts = torch.zeros(H, G, dtype=torch.float64)
-    cov = torch.zeros(H, d, d, dtype=torch.float64)
+    dd = dict(dtype=torch.float64, device=x.device)
+    counts = torch.zeros(H, G, **dd)
+    cov = torch.zeros(H, d, d, **dd)
     for start in range(0, x.shape[0], batch):
         xb = x[start:start + batch]
         q, _, _ = _qkv_heads(teacher, xb, kwargs)
@@ -333,8 +362,8 @@ def _refit_values(teacher: GroupedQueryAttention, student: GroupedQueryAttention
     should output what the MHA heads output."""
     H, G, d = student.num_heads, student.num_kv_heads, student.head_dim
     D = x.shape[-1] + int(bias)
-    lhs = torch.zeros(G, D, D, dtype=torch.float64)
-    rhs = torch.zeros(G, D, d, dtype=torch.float64)
+    lhs = torch.zeros(G, D, D, dtype=torch.float64, device=x.device)
+    rhs = torch.zeros(G, D, d, dtype=torch.float64, device=x.device)
     T = x.shape[1]
     step = max(1, min(batch, CHUNK_VALUES // (H * T * T)))
     for start in range(0, x.shape[0], step):
@@ -378,9 +407,9 @@ def _write(layer: GroupedQueryAttention, which: int, weight: Tensor, bias: Optio
     weights, biases = _qkv_tensors(layer)
     weights = [w.clone() for w in weights]
     biases = [b.clone() if b is not None else None for b in biases]
-    weights[which] = weight.to(weights[which].dtype)
+    weights[which] = weight.to(weights[which])
     if bias is not None:
-        biases[which] = bias.to(weights[which].dtype)
+        biases[which] = bias.to(weights[which])
     _load_qkv(layer, weights, biases)
 
 
@@ -498,6 +527,8 @@ def calibrate_layers(vit: nn.Module, teachers: Sequence[nn.Module], students: Se
     if not (len(blocks) == len(teachers) == len(students)):
         raise ValueError('one teacher and one student layer per block')
     mha = [GroupedQueryAttention.from_attention(t, 'mha').eval() for t in teachers]
+    for teacher, student in zip(mha, students):  # a model-wide shared bias (BEiT) follows the head order
+        teacher.source_heads = list(student.source_heads) if student.source_heads is not None else None
     originals = [b.attn for b in blocks]
     was_training = vit.training
     vit.eval()  # dropout and drop-path off: calibration is deterministic
@@ -524,22 +555,22 @@ def calibrate_layers(vit: nn.Module, teachers: Sequence[nn.Module], students: Se
             mean_pooled = copy.deepcopy(student)
             with torch.no_grad():
                 block.attn = teacher
-                y_t, in_t, kw = _run_block(block, x_t, context, batch, capture=True)
+                y_t, in_t, kw = _run_block(block, x_t, context, batch, capture=REPORT_IMAGES)
                 block.attn = mean_pooled
-                y_m, in_m, _ = _run_block(block, x_m, context, batch, capture=True)
+                y_m, in_m, _ = _run_block(block, x_m, context, batch, capture=REPORT_IMAGES)
             block.attn = student
             if not (student.num_kv_heads == student.num_heads and student.policy.fixed_at_inference):
                 _calibrate_layer(block, teacher, student, x_s, y_t, context, rows, steps, budget, batch)
                 report.flops += steps * per_step[index]
             # else nothing is shared: the converted layer is the MHA layer, kept exactly
             with torch.no_grad():
-                x_s, in_s, _ = _run_block(block, x_s, context, batch, capture=True)
+                x_s, in_s, _ = _run_block(block, x_s, context, batch, capture=REPORT_IMAGES)
                 report.error_mean_pooled.append(_relative(y_m, y_t[sample], rows))
                 report.error_calibrated.append(_relative(x_s[sample], y_t[sample], rows))
                 report.error_mean_pooled_per_kv_head.append(
-                    _kv_head_errors(teacher, in_t[sample], mean_pooled, in_m, kw, rows))
+                    _kv_head_errors(teacher, in_t, mean_pooled, in_m, kw, rows, batch))
                 report.error_calibrated_per_kv_head.append(
-                    _kv_head_errors(teacher, in_t[sample], student, in_s[sample], kw, rows))
+                    _kv_head_errors(teacher, in_t, student, in_s, kw, rows, batch))
             student.policy.load_state_dict(policy)
             x_t, x_m = y_t, y_m
             if progress is not None:
@@ -550,6 +581,8 @@ def calibrate_layers(vit: nn.Module, teachers: Sequence[nn.Module], students: Se
         vit.train(was_training)
         raise
     vit.train(was_training)
+    for student in students:  # the random streams too (official DGQA's repair, PGQA's noise): as if fresh
+        student.policy._generators.clear()
     report.seconds = time.perf_counter() - start_time
     return report
 

@@ -11,7 +11,7 @@ from .calibrate import CalibrationBudget, calibrate_layers, check_calibration
 from .grouping import GROUPINGS, advise_grouping, check_permutations, permute_heads
 from .vit import check_positions, check_vit, gqa_layers, num_tokens
 
-__all__ = ['convert', 'revert', 'INITS', 'grouping_config', 'kv_cache_bytes', 'source_heads']
+__all__ = ['convert', 'revert', 'INITS', 'check_convertible', 'grouping_config', 'kv_cache_bytes', 'source_heads']
 
 
 INITS = ('mean', 'calibrated')  # how the shared K/V heads are initialised from the MHA's
@@ -53,7 +53,7 @@ def convert(
     ``progress(fraction, message)`` is called after each calibrated layer. A failure leaves the model as it was.
     """
     vit = check_vit(model)
-    check_positions(vit)
+    attns = check_convertible(vit, num_kv_heads)
     if init not in INITS:
         raise ValueError(f'init must be one of {INITS}, got {init!r}')
     if init == 'calibrated':
@@ -61,7 +61,6 @@ def convert(
             raise ValueError('init="calibrated" needs calibration images (a tensor (N, 3, H, W))')
         check_calibration(calibration, vit)
         budget = budget if budget is not None else CalibrationBudget()
-    attns = [_convertible_attention(index, block, num_kv_heads) for index, block in enumerate(vit.blocks)]
     sources = [getattr(block.attn, 'source_heads', None) for block in vit.blocks]
     perms = _grouping_permutations(vit, attns, grouping, calibration, num_kv_heads, max_refine_flops)
     if perms is not None:
@@ -86,6 +85,14 @@ def convert(
         block.attn = new
     vit.calibration_report = vit.gqa_conversion = None
     return vit
+
+
+def check_convertible(model: nn.Module, num_kv_heads: Optional[int] = None) -> List[nn.Module]:
+    """Every block's multi-head attention layer of a ViT :func:`convert` takes, or a ``ValueError`` naming the
+    first block that cannot be converted (nothing is changed either way)."""
+    vit = check_vit(model)
+    check_positions(vit)
+    return [_convertible_attention(index, block, num_kv_heads) for index, block in enumerate(vit.blocks)]
 
 
 def _grouping_permutations(vit: nn.Module, attns: list, grouping: Any, calibration: Optional[Tensor],

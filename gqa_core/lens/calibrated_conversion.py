@@ -106,7 +106,8 @@ def format_report(report: Dict[str, Any]) -> str:
         lines += ['', f"per layer, how far the tokens are from the MHA model's ({min(cal['images'], 32)} calibration "
                       f"images; {cal['steps_per_layer']} steps a layer):",
                   '  layer   mean-pooled   calibrated']
-        lines += [f'  {i:5d}   {m:11.4f}   {c:10.4f}   ' + '#' * min(40, round(40 * m / max(cal['error_mean_pooled'])))
+        top = max(cal['error_mean_pooled'], default=0.0) or 1.0  # 0 at G = H: nothing is shared
+        lines += [f'  {i:5d}   {m:11.4f}   {c:10.4f}   ' + '#' * min(40, round(40 * m / top))
                   for i, (m, c) in enumerate(zip(cal['error_mean_pooled'], cal['error_calibrated']))]
     held = report.get('held_out')
     if held:
@@ -128,22 +129,32 @@ def _calibration_images(model: nn.Module, data: Optional[str], n: int, seed: int
     return splits.calibration(n, seed), f'{Path(data).name} (training split)'[:100]
 
 
+def _count(low: int):
+    """An argparse type: an integer >= ``low``."""
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < low:
+            raise argparse.ArgumentTypeError(f'must be an integer >= {low}, got {text}')
+        return value
+    return parse
+
+
 def main(argv: Optional[List[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('source', help='a GQA Lens MHA folder or Hub repo, hf-hub:ORG/NAME or timm:NAME')
     parser.add_argument('--variant', choices=sorted(p for p in POLICIES if p != 'mha'), default='gqa')
-    parser.add_argument('--kv-heads', type=int, required=True, help='G, a divisor of the heads')
+    parser.add_argument('--kv-heads', type=_count(1), required=True, help='G, a divisor of the heads')
     parser.add_argument('--grouping', choices=GROUPINGS, default='consecutive')
     parser.add_argument('--init', choices=INITS, default='calibrated')
     parser.add_argument('--calibration', help='folder, .tar.gz or Hub dataset (default: the shipped 512 images)')
-    parser.add_argument('--images', type=int, default=512, help='calibration images')
-    parser.add_argument('--steps', type=int, default=CalibrationBudget().steps, help='optimisation steps a layer')
+    parser.add_argument('--images', type=_count(2), default=512, help='calibration images')
+    parser.add_argument('--steps', type=_count(0), default=CalibrationBudget().steps, help='optimisation steps a layer')
     parser.add_argument('--params', choices=CALIBRATED_PARAMS, default=CalibrationBudget().params)
     parser.add_argument('--max-flops', type=float, help='cap on the optimisation FLOPs of the whole conversion')
-    parser.add_argument('--seed', type=int, default=0)
+    parser.add_argument('--seed', type=_count(0), default=0)
     parser.add_argument('--eval', dest='eval_data', help='measure top-1 on this dataset\'s test split')
-    parser.add_argument('--held-out', type=int, default=0, help='also measure the layer errors on N test images')
-    parser.add_argument('--limit', type=int, help='at most this many evaluation images')
+    parser.add_argument('--held-out', type=_count(0), default=0, help='also measure the layer errors on N test images')
+    parser.add_argument('--limit', type=_count(1), help='at most this many evaluation images')
     parser.add_argument('--out', help='save the converted model here (with calibration.json / .html)')
     parser.add_argument('--json', help='also write the report here')
     parser.add_argument('--threads', type=int)

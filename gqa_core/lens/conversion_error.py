@@ -14,7 +14,7 @@ from .figures import TEMPLATE, Fit
 
 __all__ = ['conversion_error_figure', 'conversion_error_caption']
 
-INITS = ('mean-pooled', 'calibrated')
+LABELS = ('mean-pooled', 'calibrated')  # the two conversions the figure compares
 COLORS = ('#d62728', '#1f77b4')
 
 
@@ -23,8 +23,8 @@ def conversion_error_caption(report: Dict[str, Any]) -> str:
     mean, calibrated = report['error_mean_pooled'], report['error_calibrated']
     worst = int(np.argmax(mean))
     return (f'how far the converted model\'s tokens are from the MHA model\'s after each layer (relative squared '
-            f'error on {min(report["images"], 32)} calibration images; top) and the share of each KV head\'s query '
-            f'heads (bottom: mean-pooled left, calibrated right). Mean-pooling hurts most by layer {worst} '
+            f'error on {min(report["images"], 32)} calibration images; top) and the error of the query heads each KV '
+            f'head serves (bottom: mean-pooled left, calibrated right). Mean-pooling hurts most by layer {worst} '
             f'({mean[worst]:.3f}); calibrated: {calibrated[worst]:.3f} there, {max(calibrated):.3f} at most '
             f'({report["images"]} images, {report["steps_per_layer"]} steps a layer, {report["seconds"]:.0f} s)')
 
@@ -42,13 +42,13 @@ def conversion_error_figure(report: Dict[str, Any], fit: Fit = Fit()) -> go.Figu
     heat_height = int(np.clip(heat_px * L / max(G, 1), 120, 360))
     fig = make_subplots(rows=2, cols=2, specs=[[{'colspan': 2}, None], [{}, {}]], vertical_spacing=0.14,
                         horizontal_spacing=0.08, row_heights=[220, heat_height],
-                        subplot_titles=('', *(f'{name}, per KV head' for name in INITS)))
+                        subplot_titles=('', *(f'{name}, per KV head' for name in LABELS)))
     fig.update_annotations(font_size=fit.font)
-    for values, name, color in zip((mean, calibrated), INITS, COLORS):
+    for values, name, color in zip((mean, calibrated), LABELS, COLORS):
         fig.add_trace(go.Bar(x=layers, y=np.maximum(values, 1e-6), name=name, marker_color=color,
                              hovertemplate=f'{name}, %{{x}}: %{{y:.4f}}<extra></extra>'), row=1, col=1)
     top = float(max(per_kv[0].max(), per_kv[1].max(), 1e-12))
-    for col, (z, name) in enumerate(zip(per_kv, INITS), start=1):
+    for col, (z, name) in enumerate(zip(per_kv, LABELS), start=1):
         fig.add_trace(go.Heatmap(z=z, x=[f'kv{g}' for g in range(G)], y=layers, zmin=0, zmax=top,
                                  colorscale='Reds', showscale=col == 2,
                                  colorbar=dict(thickness=10, tickfont=dict(size=fit.font), len=0.5, y=0.25),

@@ -18,7 +18,8 @@ import torch
 from torch import nn
 
 from ..core.calibrate import CalibrationBudget, CalibrationReport, block_flops
-from ..core.convert import convert, grouping_config, kv_cache_bytes, source_heads
+from ..core.convert import check_convertible, convert, grouping_config, kv_cache_bytes, source_heads
+from ..core.grouping import advise_grouping
 from ..core.device import full_fp32, resolve_device
 from ..core.policies import POLICIES
 from ..core.vit import gqa_layers, num_tokens
@@ -42,6 +43,10 @@ FIT_FLOPS = 1e11  # forward FLOPs over the images one live calibrated conversion
 # optimisation is about 45 s on 2 CPU cores; large models get fewer steps a layer (or the closed form only).
 LIVE_CALIBRATION = CalibrationBudget(steps=300, max_flops=4e12)
 CALIBRATION_DATA = 'the shipped CIFAR-10 training images'
+# What the FLOP cap above does not count: the passes over the fit images (the MHA target, the mean-pooled
+# baseline, the closed form, the checks, the report: about this many forwards), bounded by refusing the spec.
+CALIBRATION_PASSES = 8
+LIVE_PASS_FLOPS = 2e13  # about 3 minutes on 2 CPU cores; DINOv2-S at 518 px needs 6e12, ViT-L at 518 px is refused
 # Real Hub ViTs of different families a visitor can convert without typing a repo id (timm format, within the
 # default budget): DeiT, DINOv2 with registers (518 px), DINOv3 (RoPE), SigLIP (attention pooling), EVA-02.
 HUB_SOURCES = (
@@ -90,7 +95,8 @@ class LoadedModel:
         g = self.grouping
         head = ' · features only (no classifier head)' if self.model.num_classes == 0 else ''
         head += ' · advised head grouping (hover the assignment for source heads)' if self.source_heads else ''
-        head += f' · {calibrated_words(self.conversion)}' if self.conversion else ''
+        calibrated = self.conversion is not None and self.conversion.get('init') == 'calibrated'
+        head += f' · {calibrated_words(self.conversion)}' if calibrated else ''
         return (f"**{short_name(self.spec)}** — {g['variant'].upper()}, G = {g['num_kv_heads']} of "
                 f"{self.model.blocks[0].attn.num_heads} heads · {self.params:,} params · "
                 f"K/V cache {self.kv_cache_bytes / 1024:.0f} KiB / image (fp16){head}\n\n{self.knows()}")
@@ -210,17 +216,22 @@ class ModelRegistry:
         """``spec``'s conversion of ``model``, within the live budgets (the advisor's, calibration's): the shipped
         images through the model's own preprocessing."""
         preprocessing = model_preprocessing(model)
-        calibration = None
-        if spec.grouping != 'consecutive':
-            calibration = calibration_images(preprocessing, live_calibration_size(model))
+        check_convertible(model, spec.num_kv_heads)
+        grouping: Any = spec.grouping
+        if spec.grouping != 'consecutive':  # the advisor on its own bounded image set
+            grouping = advise_grouping(model, spec.num_kv_heads, calibration_images(
+                preprocessing, live_calibration_size(model)), max_refine_flops=REFINE_FLOPS).permutations
         fit = None
         if spec.init == 'calibrated':
             fit = calibration_images(preprocessing, live_fit_size(model))
-            if calibration is None or len(fit) > len(calibration):
-                calibration = fit
+            passes = len(fit) * sum(block_flops(b, num_tokens(model)) for b in model.blocks) * CALIBRATION_PASSES
+            if passes > LIVE_PASS_FLOPS:
+                raise ValueError(f'{shown(str(spec))}: too large to calibrate live (about {passes:.1e} FLOPs of '
+                                 f'passes, the limit is {LIVE_PASS_FLOPS:.0e}); calibrate it with python -m '
+                                 'gqa_core.convert and load the saved model')
         report = None if progress is None else (lambda f, what: progress(f'{spec}: {what}'))
-        convert(model, spec.variant, spec.num_kv_heads, grouping=spec.grouping, calibration=calibration,
-                max_refine_flops=REFINE_FLOPS, init=spec.init, budget=LIVE_CALIBRATION, progress=report)
+        convert(model, spec.variant, spec.num_kv_heads, grouping=grouping, calibration=fit, init=spec.init,
+                budget=LIVE_CALIBRATION, progress=report)
         if model.gqa_conversion is not None:
             model.gqa_conversion['data'] = CALIBRATION_DATA
 

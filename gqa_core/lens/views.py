@@ -288,7 +288,7 @@ def _faithfulness_view(analysis: Analysis, choice: Choice, reference: Optional[A
 def _conversion_view(analysis: Analysis, choice: Choice, reference: Optional[Analysis],
                      fit: figures.Fit) -> Rendered:
     if analysis.calibration is None:
-        return Rendered('no conversion record: this view shows a model converted here with calibration '
+        return Rendered('no calibration report: this view shows a model calibrated here '
                         '(`convert:SOURCE:VARIANT:G:calibrated`), mean-pooled against calibrated')
     return Rendered(conversion_error_caption(analysis.calibration),
                     figure=conversion_error_figure(analysis.calibration, fit))
