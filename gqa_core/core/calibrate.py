@@ -15,8 +15,10 @@ in two stages:
    outputs what the MHA block outputs from the MHA's own tokens. Matching the MHA's residual stream rather
    than its layer on the same input lets each layer also correct the drift of the layers below.
 
-Work is counted, never timed, so the same seed gives the same model: ``steps`` per layer, capped by
-``max_flops`` for the whole conversion (servers bound a request with it). What each variant's calibration
+Work is counted, never timed, so the same seed gives the same model (on the CPU; on a GPU only with
+``torch.use_deterministic_algorithms``): ``steps`` per layer, capped by ``max_flops`` for the optimisation of the
+whole conversion. The passes over the images (targets, closed form, checks, report) are not in that cap: they
+are a few forwards of the calibration images per layer (servers bound them by the images they give). What each variant's calibration
 means: every layer is calibrated through its own forward in eval mode, so static GQA, DGQA (under the
 allocation it holds; calibration never moves it: that is a training-time decision) and PGQA (no noise in
 eval unless ``noise_in_eval``) are fitted as they will run, and KDGQA's per-image routing is recomputed
