@@ -160,3 +160,13 @@ def test_the_kv_budget_compares_mean_pooled_and_calibrated_conversions(registry)
     figure = kv_budget_figure(dict(rows=rows))
     assert {t.name for t in figure.data} >= {'GQA · consecutive · mean', 'GQA · consecutive · calibrated'}
     assert {r[3] for r in kv_budget_table(dict(rows=rows))} == {'mean', 'calibrated'}
+
+
+def test_a_live_calibration_too_large_for_the_server_is_refused_before_any_work():
+    import timm
+    from gqa_core.lens.models import ModelRegistry
+    with torch.device('meta'):  # no weights, no memory: the refusal reads only the geometry
+        model = timm.create_model('vit_large_patch14_dinov2')
+    spec = parse_spec('convert:vit_large_patch14_dinov2:gqa:8:output-error:calibrated', tuple(POLICIES))
+    with pytest.raises(ValueError, match='too large to calibrate live.*python -m gqa_core.convert'):
+        ModelRegistry._convert(model, spec, None)

@@ -64,12 +64,16 @@ def live_calibration_size(model: nn.Module, most: int = 512) -> int:
     return max(8, min(most, CALIBRATION_TOKENS // num_tokens(model)))
 
 
+def forward_flops(model: nn.Module) -> float:
+    """Forward FLOPs of ``model``'s blocks for one image at its own input size."""
+    tokens = num_tokens(model)
+    return sum(block_flops(b, tokens) for b in model.blocks)
+
+
 def live_fit_size(model: nn.Module, most: int = 512) -> int:
     """How many calibration images one live calibrated conversion fits on: as many as one forward of
     :data:`FIT_FLOPS` covers (512 for the embedded family, about 10 for a ViT-S at 224 px), at least 8."""
-    tokens = num_tokens(model)
-    per_image = sum(block_flops(b, tokens) for b in model.blocks)
-    return max(8, min(most, int(FIT_FLOPS // per_image)))
+    return max(8, min(most, int(FIT_FLOPS // forward_flops(model))))
 
 
 @dataclass
@@ -215,20 +219,23 @@ class ModelRegistry:
     def _convert(model: nn.Module, spec: Spec, progress: Optional[Callable[[str], None]]) -> None:
         """``spec``'s conversion of ``model``, within the live budgets (the advisor's, calibration's): the shipped
         images through the model's own preprocessing."""
-        preprocessing = model_preprocessing(model)
         check_convertible(model, spec.num_kv_heads)
-        grouping: Any = spec.grouping
-        if spec.grouping != 'consecutive':  # the advisor on its own bounded image set
-            grouping = advise_grouping(model, spec.num_kv_heads, calibration_images(
-                preprocessing, live_calibration_size(model)), max_refine_flops=REFINE_FLOPS).permutations
-        fit = None
-        if spec.init == 'calibrated':
-            fit = calibration_images(preprocessing, live_fit_size(model))
-            passes = len(fit) * sum(block_flops(b, num_tokens(model)) for b in model.blocks) * CALIBRATION_PASSES
+        advised, calibrated = spec.grouping != 'consecutive', spec.init == 'calibrated'
+        fit_size = live_fit_size(model) if calibrated else 0
+        if calibrated:  # refused before any image is decoded or any head is advised
+            passes = fit_size * forward_flops(model) * CALIBRATION_PASSES
             if passes > LIVE_PASS_FLOPS:
                 raise ValueError(f'{shown(str(spec))}: too large to calibrate live (about {passes:.1e} FLOPs of '
                                  f'passes, the limit is {LIVE_PASS_FLOPS:.0e}); calibrate it with python -m '
                                  'gqa_core.convert and load the saved model')
+        advise_size = live_calibration_size(model) if advised else 0
+        images = calibration_images(model_preprocessing(model), max(advise_size, fit_size)) \
+            if advised or calibrated else None  # both sets are prefixes of the shipped images: decoded once
+        grouping: Any = spec.grouping
+        if advised:  # the advisor on its own bounded image set
+            grouping = advise_grouping(model, spec.num_kv_heads, images[:advise_size],
+                                       max_refine_flops=REFINE_FLOPS).permutations
+        fit = images[:fit_size] if calibrated else None
         report = None if progress is None else (lambda f, what: progress(f'{spec}: {what}'))
         convert(model, spec.variant, spec.num_kv_heads, grouping=grouping, calibration=fit, init=spec.init,
                 budget=LIVE_CALIBRATION, progress=report)
