@@ -3,7 +3,6 @@
 device, so a GPU gives the CPU's results within float error (checked on a GPU by ``bench/device_check.py``)."""
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
@@ -11,14 +10,16 @@ from torch import nn
 
 __all__ = ['resolve_device', 'model_device', 'full_fp32', 'DEVICE_ENV', 'DEVICE_CHOICES']
 
-DEVICE_ENV = 'GQA_LENS_DEVICE'
+from .settings import Settings
+
+DEVICE_ENV = Settings.variable('device')
 DEVICE_CHOICES = 'auto, cpu, cuda or cuda:N'
 
 
 def resolve_device(choice: Optional[str] = None) -> torch.device:
     """``choice`` (else ``GQA_LENS_DEVICE``, else ``auto``) as a device: ``auto`` is CUDA when there is one and
     the CPU otherwise. A CUDA device this machine does not have is a ValueError saying so, never a silent CPU."""
-    text = str(choice or os.environ.get(DEVICE_ENV) or 'auto').strip().lower()
+    text = str(choice or Settings.from_env().device or 'auto').strip().lower()
     if text == 'auto':
         return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
     try:

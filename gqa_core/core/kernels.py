@@ -2,7 +2,7 @@
 
 Per-image groupings (KDGQA) otherwise copy K/V to H heads before the fused kernel; this kernel instead
 indexes the G shared heads directly, so nothing is materialised. Inference only (no backward, no mask, no
-dropout); :func:`gqa_core.attention.grouped_attention` falls back to index + SDPA everywhere else.
+dropout); :func:`gqa_core.core.attention.grouped_attention` falls back to index + SDPA everywhere else.
 
 Status: checked against the reference in Triton's CPU interpreter (``TRITON_INTERPRET=1``, see the tests);
 not yet compiled or timed on a GPU, so it is off unless ``GQA_LENS_TRITON=1`` or :func:`use_triton` enables it.
@@ -14,6 +14,8 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+
+from .settings import Settings
 
 __all__ = ['routed_attention', 'triton_enabled', 'use_triton']
 
@@ -33,9 +35,9 @@ def use_triton(enabled: bool = True) -> None:
 
 
 def triton_enabled(q: Tensor) -> bool:
-    enabled = _ENABLED if _ENABLED is not None else os.environ.get('GQA_LENS_TRITON', '0') == '1'
-    interpret = os.environ.get('TRITON_INTERPRET', '0') == '1'
-    return bool(enabled and triton is not None and (q.is_cuda or interpret))
+    if triton is None or not (q.is_cuda or os.environ.get('TRITON_INTERPRET', '0') == '1'):
+        return False  # decided before the settings are read: this runs on every forward
+    return _ENABLED if _ENABLED is not None else Settings.from_env().triton
 
 
 if triton is not None:

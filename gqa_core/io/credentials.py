@@ -10,19 +10,21 @@ separated repo ids or ``ORG/*`` patterns (e.g. ``myorg/*,me/one-model``). Code t
 from __future__ import annotations
 
 import fnmatch
-import os
 from typing import Optional, Sequence, Tuple, Union
+
+from ..core.settings import Settings
 
 __all__ = ['TOKEN_REPOS_ENV', 'token_repos', 'visitor_token']
 
-TOKEN_REPOS_ENV = 'GQA_LENS_TOKEN_REPOS'
+TOKEN_REPOS_ENV = Settings.variable('token_repos')
 Token = Union[bool, str, None]
 
 
 def token_repos(value: Optional[str] = None) -> Tuple[str, ...]:
     """The operator's patterns, from ``value`` or the environment; blanks dropped."""
-    text = os.environ.get(TOKEN_REPOS_ENV, '') if value is None else value
-    return tuple(p.strip() for p in text.split(',') if p.strip())
+    if value is None:
+        return Settings.from_env().token_repos
+    return tuple(p.strip() for p in value.split(',') if p.strip())
 
 
 def visitor_token(repo_id: str, allowed: Sequence[str]) -> Token:

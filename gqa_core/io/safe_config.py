@@ -11,7 +11,6 @@ range, the preprocessing cannot ask for unbounded work, and the model it describ
 from __future__ import annotations
 
 import math
-import os
 import re
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Optional
@@ -21,6 +20,7 @@ import torch
 
 from ..core.policies import POLICIES
 from ..core.vit import num_tokens
+from ..core.settings import Settings
 
 __all__ = ['ConfigError', 'Budget', 'check_backbone', 'check_backbone_args', 'check_grouping', 'check_preprocessing',
            'check_labels', 'check_budget', 'check_source_heads', 'check_num_classes', 'check_norm_eps', 'BACKBONE_ARGS']
@@ -109,13 +109,6 @@ FAMILY_ARGS = {'timm.models.vision_transformer': BACKBONE_ARGS, 'timm.models.dei
 INTERPOLATIONS = ('nearest', 'bilinear', 'bicubic', 'box', 'hamming', 'lanczos')
 
 
-def _env_int(name: str, default: int) -> int:
-    try:
-        return int(os.environ.get(name, default))
-    except ValueError:
-        return default
-
-
 @dataclass(frozen=True)
 class Budget:
     """The largest model the server builds: parameters and tokens per image (attention work and recorded maps
@@ -126,7 +119,8 @@ class Budget:
 
     @classmethod
     def from_env(cls) -> 'Budget':
-        return cls(_env_int('GQA_LENS_MAX_PARAMS', cls.max_params), _env_int('GQA_LENS_MAX_TOKENS', cls.max_tokens))
+        settings = Settings.from_env()
+        return cls(settings.max_params, settings.max_tokens)
 
 
 def _check_fields(where: str, values: Any, rules: Dict[str, tuple]) -> Dict[str, Any]:

@@ -22,13 +22,14 @@ from pathlib import Path
 from typing import Iterator, Optional, Tuple
 
 from .data import cache_root
+from ..core.settings import DEFAULT_CIFAR10_REPO, Settings
 
 __all__ = ['ARCHIVE_NAME', 'SHA256', 'DEFAULT_REPO', 'DatasetMissing', 'find_cifar10', 'fetch_cifar10',
            'sha256_of']
 
 ARCHIVE_NAME = 'cifar10-jpeg.tar.gz'
 SHA256 = 'f22efd5e22a7bf271422067de9f5fe9031c247ab7c733f81213fd7a785875b24'
-DEFAULT_REPO = 'gqa-lens/cifar10-jpeg'
+DEFAULT_REPO = DEFAULT_CIFAR10_REPO
 SHARED = Path(__file__).resolve().parents[3] / 'shared' / 'data' / ARCHIVE_NAME
 
 
@@ -45,9 +46,9 @@ def sha256_of(path: Path) -> str:
 
 
 def _candidates() -> Iterator[Tuple[str, Path]]:
-    explicit = os.environ.get('GQA_LENS_CIFAR10')
+    explicit = Settings.from_env().cifar10
     if explicit:
-        yield 'GQA_LENS_CIFAR10', Path(explicit)
+        yield 'GQA_LENS_CIFAR10', explicit
     yield 'the cache', cache_root() / 'datasets' / ARCHIVE_NAME
     yield '../shared/data', SHARED
 
@@ -58,7 +59,7 @@ def fetch_cifar10(repo: Optional[str] = None, sha256: str = SHA256, target: Opti
     sha256 is ``sha256``."""
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
-    repo = repo or os.environ.get('GQA_LENS_CIFAR10_REPO', DEFAULT_REPO)
+    repo = repo or Settings.from_env().cifar10_repo
     target = target or cache_root() / 'datasets' / ARCHIVE_NAME
     try:
         downloaded = Path(hf_hub_download(repo, ARCHIVE_NAME, repo_type='dataset', revision=revision, token=False))
@@ -82,10 +83,10 @@ def fetch_cifar10(repo: Optional[str] = None, sha256: str = SHA256, target: Opti
 def find_cifar10(download: bool = True, sha256: str = SHA256) -> Path:
     """The verified archive (see the module doc); :class:`DatasetMissing` when there is none to be had. An
     explicit ``GQA_LENS_CIFAR10`` that is missing or has another checksum is an error, not skipped."""
-    explicit = os.environ.get('GQA_LENS_CIFAR10')
-    if explicit and not (Path(explicit).is_file() and sha256_of(Path(explicit)) == sha256):
+    explicit = Settings.from_env().cifar10
+    if explicit and not (explicit.is_file() and sha256_of(explicit) == sha256):
         raise DatasetMissing(_missing(f'GQA_LENS_CIFAR10={explicit} is ' + (
-            'not a file' if not Path(explicit).is_file() else 'a file with another checksum')))
+            'not a file' if not explicit.is_file() else 'a file with another checksum')))
     wrong = []
     for where, path in _candidates():
         if path.is_file():

@@ -23,6 +23,7 @@ from torchvision import transforms as T
 from torchvision.datasets import ImageFolder
 
 from ..io.preprocessing import eval_geometry, normalisation
+from ..core.settings import Settings
 
 __all__ = ['DataSplits', 'build_datasets', 'build_transform', 'extract_archive', 'DecodedImages', 'crop_flip',
            'AUGMENTATIONS', 'HUB_DATASETS']
@@ -53,7 +54,7 @@ class DataSplits:
 
 
 def cache_root() -> Path:
-    return Path(os.environ.get('GQA_LENS_CACHE', Path.home() / '.cache' / 'gqa_lens'))
+    return Settings.from_env().cache
 
 
 def extract_archive(archive: str | os.PathLike, cache_dir: Optional[Path] = None) -> Path:
