@@ -56,7 +56,7 @@ def test_analysis_forwards_in_a_spawned_process_are_bit_identical(registry, spec
     _, x = model_input(loaded, load_image(str(EXAMPLES_DIR / 'cifar10_ship.jpg')).image)
     torch.set_num_threads(2)
     here = gpu.run_forwards(loaded.model, x, True, loaded.labels)
-    there = in_a_spawned_process(gpu.forwards_in_a_gpu_call, gpu.ForwardJob.of(loaded.model, x, True, loaded.labels))
+    there = in_a_spawned_process(gpu.forwards_in_a_gpu_call, gpu.ForwardJob.of(loaded, x, True))
     assert here.ablation is not None and here.faithfulness
     assert_same(here, there)
 
@@ -68,7 +68,7 @@ def test_live_kv_budget_in_a_spawned_process_is_identical(registry):
     torch.set_num_threads(2)
     here = kv_budget_rows(loaded.model, images[8:], labels, images[:8], batch_size=64, max_refine_flops=1e10)
     there = in_a_spawned_process(gpu.kv_budget_in_a_gpu_call,
-                                 gpu.KVBudgetJob.of(loaded.model, images[8:], labels, images[:8], 1e10))
+                                 gpu.KVBudgetJob.of(loaded, images[8:], labels, images[:8], 1e10))
     assert_same(here, there)
 
 

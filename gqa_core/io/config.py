@@ -1,12 +1,12 @@
 """The typed config of a GQA Lens model: what ``config.json`` holds, how it is validated and how it is read
 back from a model.
 
-A model carries no config of its own: everything is read from it when needed (:meth:`GQALensConfig.of`) --
-the timm architecture from timm's ``pretrained_cfg``, the geometry from its modules (checked by rebuilding it
-on the ``meta`` device), the grouping from its attention layers, preprocessing and labels from timm's
-``pretrained_cfg``, where :func:`~gqa_core.io.hub.from_pretrained` puts them through timm's own
-``pretrained_cfg_overlay``. So a deep copy, a conversion or a model built by hand with ``timm.create_model``
-is always described truthfully.
+A loaded model comes with its config: :func:`~gqa_core.io.hub.load_pretrained` returns the one it validated, and
+whoever holds the model (the app's registry, the ZeroGPU jobs) carries it. For a model built or converted in
+code, :meth:`GQALensConfig.of` reads it from the model once -- the timm architecture from timm's
+``pretrained_cfg``, the geometry from its modules (checked by rebuilding it on the ``meta`` device), the
+grouping from its attention layers, preprocessing and labels from ``pretrained_cfg`` -- so a deep copy, a
+conversion or a model made with ``timm.create_model`` is always described truthfully.
 """
 from __future__ import annotations
 
@@ -113,6 +113,12 @@ class GQALensConfig:
         if weights_dtype is not None:
             out['weights_dtype'] = weights_dtype
         return out
+
+    @property
+    def geometry(self) -> Optional[tuple]:
+        """``(layers, heads)`` as the config states them (None when it leaves them to timm's defaults)."""
+        depth, heads = self.backbone_args.get('depth'), self.backbone_args.get('num_heads')
+        return (int(depth), int(heads)) if depth is not None and heads is not None else None
 
     def model_args(self) -> Dict[str, Any]:
         return dict(self.backbone_args, num_classes=self.num_classes)

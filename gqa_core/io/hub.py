@@ -257,11 +257,10 @@ def _read_json(source: str, path: Path, limit: int = 4 * 2**20) -> Dict[str, Any
     return config
 
 
-def load_config(source: str, revision: Optional[str] = None, *, local: bool = True,
-                budget: Optional[Budget] = None, token: Token = None) -> GQALensConfig:
-    """The validated ``config.json`` of a folder or Hub repo (see :mod:`gqa_core.io.safe_config`)."""
-    data = _read_json(source, _fetch(source, CONFIG_NAME, revision, local, token))
-    return _gqa_lens_config(source, data, budget)
+def load_config(source: str, revision: Optional[str] = None, *, local: bool = True, budget: Optional[Budget] = None,
+                token: Token = None) -> GQALensConfig:
+    """The validated ``config.json`` of a GQA Lens folder or Hub repo, without building the model."""
+    return _gqa_lens_config(source, _read_json(source, _fetch(source, CONFIG_NAME, revision, local, token)), budget)
 
 
 def _gqa_lens_config(source: str, data: Dict[str, Any], budget: Optional[Budget]) -> GQALensConfig:
@@ -307,13 +306,14 @@ def from_pretrained(source: str, revision: Optional[str] = None, map_location: s
 
 
 def load_pretrained(source: str, revision: Optional[str] = None, map_location: str = 'cpu', *, local: bool = True,
-                    budget: Optional[Budget] = None, token: Token = None) -> Tuple[nn.Module, Optional[str]]:
-    """:func:`from_pretrained`'s model and what its config says it was trained on (None when it does not say,
-    as a transformers-format config never does), from one read of ``config.json``."""
+                    budget: Optional[Budget] = None, token: Token = None) -> Tuple[nn.Module, GQALensConfig]:
+    """:func:`from_pretrained`'s model with its typed config, validated once from one read of ``config.json``
+    (a transformers-format repo's config is the one its timm equivalent saves), so that whoever holds the model
+    never has to derive it again."""
     data = _read_json(source, _fetch(source, CONFIG_NAME, revision, local, token))
     if transformers_format.is_transformers_config(data):
-        model = _from_transformers(source, data, revision, local, budget, token)
-        return convert(model, 'mha').to(map_location), None
+        model = convert(_from_transformers(source, data, revision, local, budget, token), 'mha').to(map_location)
+        return model, GQALensConfig.of(model)
     config = _gqa_lens_config(source, data, budget)
     try:
         model = config.build()
@@ -324,7 +324,7 @@ def load_pretrained(source: str, revision: Optional[str] = None, map_location: s
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
         raise ModelLoadError(f'{source}: weights do not fit the config: {_short(e, 600)}') from None
-    return model, config.dataset
+    return model, config
 
 
 def push_to_hub(model: nn.Module, repo_id: str, *, private: bool = False, token: Optional[str] = None,

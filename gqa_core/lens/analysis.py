@@ -7,7 +7,6 @@ layer are recomputed on demand (:func:`layer_maps`). Everything past :func:`anal
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
@@ -22,10 +21,10 @@ from .models import LoadedModel
 from ..core.record import FUSIONS, Recording, record
 from ..core.device import model_device
 from ..core.vit import gqa_layers, num_tokens
+from ..core.settings import Settings
 
 __all__ = ['Analysis', 'analyse', 'layer_maps', 'model_input', 'prefix_attention', 'attention_rollout', 'FUSIONS']
 
-DEEP_MAX_TOKENS = int(os.environ.get('GQA_LENS_DEEP_MAX_TOKENS', 600))
 HEADLESS_NOTE = 'features only (no classifier head): no prediction; every attention view is still shown'
 
 
@@ -93,10 +92,11 @@ def analyse(loaded: LoadedModel, image: Image.Image, deep: bool = False) -> Anal
     view, x = model_input(loaded, image)
     x = x.to(model_device(loaded.model))  # the registry's device (the CPU on a ZeroGPU Space)
     tokens = num_tokens(loaded.model)
-    run_deep = deep and tokens <= DEEP_MAX_TOKENS
+    deep_max = Settings.from_env().deep_max_tokens
+    run_deep = deep and tokens <= deep_max
     with loaded.lock:
         if on_zerogpu():
-            out = forwards_in_a_gpu_call(ForwardJob.of(loaded.model, x, run_deep, loaded.labels))
+            out = forwards_in_a_gpu_call(ForwardJob.of(loaded, x, run_deep))
         else:
             out = run_forwards(loaded.model, x, run_deep, loaded.labels)
         analysis = _summarise(loaded, view, out.recording)
@@ -108,7 +108,7 @@ def analyse(loaded: LoadedModel, image: Image.Image, deep: bool = False) -> Anal
         analysis.deep_note = 'tick "which heads matter" and run again for head ablation and faithfulness'
     elif not run_deep:
         analysis.deep_note = (f'head ablation and faithfulness need {tokens:,} tokens x many forwards; this server '
-                              f'computes them live up to {DEEP_MAX_TOKENS:,} tokens (GQA_LENS_DEEP_MAX_TOKENS)')
+                              f'computes them live up to {deep_max:,} tokens (GQA_LENS_DEEP_MAX_TOKENS)')
     return analysis
 
 

@@ -70,7 +70,7 @@ def live_kv_budget(registry: ModelRegistry, spec: str, n: int,
         calibration = images[:live_calibration_size(loaded.model, most=LIVE_CALIBRATION)]  # bounded work
         labels = labels if same_classes else None
         if on_zerogpu():  # one GPU call; progress cannot cross the process boundary
-            rows = kv_budget_in_a_gpu_call(KVBudgetJob.of(loaded.model, images[LIVE_CALIBRATION:], labels, calibration,
+            rows = kv_budget_in_a_gpu_call(KVBudgetJob.of(loaded, images[LIVE_CALIBRATION:], labels, calibration,
                                                           REFINE_FLOPS))
         else:
             rows = kv_budget_rows(loaded.model, images[LIVE_CALIBRATION:], labels, calibration, progress=progress,

@@ -2,7 +2,7 @@
 
 In this process by default. On a ZeroGPU Space -- the hardware free Gradio Spaces get -- CUDA exists only
 inside a ``@spaces.GPU`` function that Hugging Face runs in another process, so arguments and results cross a
-process boundary: the jobs here are plain picklable data (the model's config as JSON, its weights as CPU
+process boundary: the jobs here are plain picklable data (the model's typed config, its weights as CPU
 tensors, the input tensors) and their results come back as CPU tensors. Model loading, conversion, session
 state and files stay in the main process. Without ZeroGPU (``spaces`` not installed, or ``SPACES_ZERO_GPU``
 unset) the decorator returns the function unchanged.
@@ -10,7 +10,7 @@ unset) the decorator returns the function unchanged.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional
 
 import torch
 from torch import Tensor, nn
@@ -20,8 +20,11 @@ from ..core.record import FUSIONS, Recording, record
 from ..io.config import GQALensConfig
 from .heads import AblationResult, ablation_study, faithfulness
 
+if TYPE_CHECKING:
+    from .models import LoadedModel
+
 __all__ = ['ForwardJob', 'Forwards', 'run_forwards', 'forwards_in_a_gpu_call', 'on_zerogpu', 'GPU_DURATION_S',
-           'KVBudgetJob', 'kv_budget_in_a_gpu_call', 'model_as_data']
+           'KVBudgetJob', 'kv_budget_in_a_gpu_call', 'cpu_state', 'job_model']
 
 GPU_DURATION_S = 60  # what one call may take on a ZeroGPU slice; an analysis of 4 models needs a few seconds
 
@@ -68,21 +71,22 @@ def run_forwards(model: nn.Module, x: Tensor, deep: bool, labels: List[str]) -> 
 
 @dataclass
 class ForwardJob:
-    """An analysis's forwards as data: ``config`` (``GQALensConfig.to_json()``), CPU ``state``, input ``x``."""
-    config: Dict[str, Any]
+    """An analysis's forwards as data: the model's typed ``config`` (carried from the load, never derived
+    again), its CPU ``state``, the input ``x``."""
+    config: GQALensConfig
     state: Dict[str, Tensor]
     x: Tensor
     deep: bool
     labels: List[str]
 
     @classmethod
-    def of(cls, model: nn.Module, x: Tensor, deep: bool, labels: List[str]) -> 'ForwardJob':
-        return cls(*model_as_data(model), x.cpu(), deep, list(labels))
+    def of(cls, loaded: 'LoadedModel', x: Tensor, deep: bool) -> 'ForwardJob':
+        return cls(loaded.config, cpu_state(loaded.model), x.cpu(), deep, list(loaded.labels))
 
 
-def model_as_data(model: nn.Module) -> tuple:
-    """``(config JSON, CPU state dict)``: a model as what crosses a process boundary."""
-    return GQALensConfig.of(model).to_json(), {k: v.detach().cpu() for k, v in model.state_dict().items()}
+def cpu_state(model: nn.Module) -> Dict[str, Tensor]:
+    """The model's weights as CPU tensors (shared with the model where it lives on the CPU)."""
+    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
 
 
 def _device() -> torch.device:
@@ -91,9 +95,10 @@ def _device() -> torch.device:
     return device
 
 
-def _rebuild(config: Dict[str, Any], state: Dict[str, Tensor]) -> nn.Module:
-    model = GQALensConfig.from_json(config).build()
-    model.load_state_dict(state, strict=True)
+def job_model(job: Any) -> nn.Module:
+    """The job's model, rebuilt from its config and weights on CUDA when there is one."""
+    model = job.config.build()
+    model.load_state_dict(job.state, strict=True)
     return model.to(_device()).eval()
 
 
@@ -101,14 +106,13 @@ def _rebuild(config: Dict[str, Any], state: Dict[str, Tensor]) -> nn.Module:
 def forwards_in_a_gpu_call(job: ForwardJob) -> Forwards:
     """:func:`run_forwards` for a job, with the model rebuilt from its data on CUDA when there is one; what
     a ZeroGPU Space runs inside its GPU slice."""
-    model = _rebuild(job.config, job.state)
-    return run_forwards(model, job.x.to(_device()), job.deep, job.labels)
+    return run_forwards(job_model(job), job.x.to(_device()), job.deep, job.labels)
 
 
 @dataclass
 class KVBudgetJob:
     """A live KV budget as data: the MHA model's config and weights, evaluation images, labels, calibration."""
-    config: Dict[str, Any]
+    config: GQALensConfig
     state: Dict[str, Tensor]
     images: Tensor
     labels: Optional[Tensor]
@@ -116,16 +120,15 @@ class KVBudgetJob:
     max_refine_flops: Optional[float]
 
     @classmethod
-    def of(cls, model: nn.Module, images: Tensor, labels: Optional[Tensor], calibration: Tensor,
+    def of(cls, loaded: 'LoadedModel', images: Tensor, labels: Optional[Tensor], calibration: Tensor,
            max_refine_flops: Optional[float]) -> 'KVBudgetJob':
-        return cls(*model_as_data(model), images.cpu(), None if labels is None else labels.cpu(), calibration.cpu(),
-                   max_refine_flops)
+        return cls(loaded.config, cpu_state(loaded.model), images.cpu(), None if labels is None else labels.cpu(),
+                   calibration.cpu(), max_refine_flops)
 
 
 @_gpu(GPU_DURATION_S)
 def kv_budget_in_a_gpu_call(job: KVBudgetJob) -> list:
     from .kv_budget import kv_budget_rows
     device = _device()
-    return kv_budget_rows(_rebuild(job.config, job.state), job.images.to(device),
-                          None if job.labels is None else job.labels.to(device), job.calibration.to(device),
-                          batch_size=64, max_refine_flops=job.max_refine_flops)
+    return kv_budget_rows(job_model(job), job.images.to(device), None if job.labels is None else job.labels.to(device),
+                          job.calibration.to(device), batch_size=64, max_refine_flops=job.max_refine_flops)

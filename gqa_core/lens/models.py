@@ -18,13 +18,15 @@ import torch
 from torch import nn
 
 from ..core.calibrate import CalibrationBudget, CalibrationReport, block_flops
-from ..core.convert import check_convertible, convert, grouping_config, kv_cache_bytes, source_heads
+from ..core.convert import check_convertible, convert, kv_cache_bytes
 from ..core.grouping import advise_grouping
 from ..core.device import full_fp32, resolve_device
 from ..core.policies import POLICIES
+from ..core.settings import EMBEDDED_DIR
 from ..core.vit import gqa_layers, num_tokens
 from ..io.credentials import token_repos as env_token_repos, visitor_token
-from ..io.hub import ModelLoadError, from_timm, load_pretrained
+from ..io.config import GQALensConfig
+from ..io.hub import ModelLoadError, from_timm, load_config, load_pretrained
 from ..io.preprocessing import model_preprocessing
 from ..io.safe_config import Budget
 from .calibration import calibration_images
@@ -34,7 +36,6 @@ from .specs import Spec, SpecError, allowed_model_dirs, parse_spec, resolve_in, 
 __all__ = ['short_name', 'LoadedModel', 'HUB_SOURCES', 'hub_note', 'hub_reachable', 'ModelRegistry', 'ModelLoadError', 'EMBEDDED_DIR', 'DEFAULT_MODELS', 'parse_spec',
            'SpecError']
 
-EMBEDDED_DIR = Path(__file__).resolve().parents[2] / 'assets' / 'models'
 DEFAULT_MODELS = ('embedded/mha', 'embedded/gqa', 'embedded/kdgqa', 'embedded/dgqa-diff')
 CALIBRATION_TOKENS = 8_192  # calibration images x tokens the advisor may score for one live conversion
 REFINE_FLOPS = 1e12  # the advisor's model-output comparison, per live conversion (about 20 s on 2 CPU cores)
@@ -78,18 +79,36 @@ def live_fit_size(model: nn.Module, most: int = 512) -> int:
 
 @dataclass
 class LoadedModel:
+    """A model the registry holds, with its typed config (validated at load, or read once from a model converted
+    here) and what the app shows about it."""
     spec: str
     model: nn.Module
+    config: GQALensConfig
     labels: List[str]
     preprocessing: Dict[str, Any]
-    grouping: Dict[str, Any]
     params: int
     kv_cache_bytes: int
-    source_heads: Optional[List[List[int]]] = None  # advised grouping: MHA head at each head position, per layer
-    trained_on: Optional[str] = None  # what its config says it was trained on (None: not stated)
-    conversion: Optional[Dict[str, Any]] = None  # how its K/V heads were made, when calibrated (config 'conversion')
     calibration: Optional[CalibrationReport] = None  # what calibration did, when it was calibrated here
     lock: threading.Lock = field(default_factory=threading.Lock)  # recording attaches to the model: one at a time
+
+    @property
+    def grouping(self) -> Dict[str, Any]:
+        """The policy, G and its options (``config.json``'s ``grouping``)."""
+        return self.config.grouping.to_dict()
+
+    @property
+    def source_heads(self) -> Optional[List[List[int]]]:
+        """Advised head order: the MHA head at each head position, per layer (None: consecutive)."""
+        return self.config.source_heads
+
+    @property
+    def trained_on(self) -> Optional[str]:
+        return self.config.dataset
+
+    @property
+    def conversion(self) -> Optional[Dict[str, Any]]:
+        """How its K/V heads were made, when recorded (``config.json``'s ``conversion``)."""
+        return self.config.conversion
 
     @property
     def num_bytes(self) -> int:
@@ -204,8 +223,7 @@ class ModelRegistry:
         available = self.embedded() if spec.kind == 'embedded' else self.local()
         raise SpecError(f'no model {shown(str(spec))}; available: {", ".join(available) or "none"}')
 
-    def _load_saved(self, spec: Spec) -> tuple:
-        """``(model, what its config says it was trained on)``."""
+    def _load_saved(self, spec: Spec) -> Tuple[nn.Module, GQALensConfig]:
         if spec.kind == 'hub':
             token = visitor_token(spec.name, self.token_repos)
             return load_pretrained(spec.name, spec.revision, local=False, budget=self.budget, token=token)
@@ -244,27 +262,27 @@ class ModelRegistry:
 
     def _load(self, text: str, progress: Optional[Callable[[str], None]] = None) -> LoadedModel:
         spec = parse_spec(text, tuple(POLICIES))
-        trained_on = None
         if spec.kind != 'convert':
-            model, trained_on = self._load_saved(spec)
+            model, config = self._load_saved(spec)
         else:
             source = spec.source
+            trained_on = None
             if source.kind in ('embedded', 'local', 'hub'):
-                model, trained_on = self._load_saved(source)
+                model, source_config = self._load_saved(source)
+                trained_on = source_config.dataset
             else:
                 name = f'hf-hub:{source.name}' + (f'@{source.revision}' if source.revision else '') \
                     if source.kind == 'hf-hub' else source.name
                 model = from_timm(name, 'mha', budget=self.budget,
                                   token=lambda repo: visitor_token(repo, self.token_repos))
             self._convert(model, spec, progress)
+            config = GQALensConfig.of(model, dataset=trained_on)  # once per conversion, then carried
         model.eval().to(self.device)
         labels = model.pretrained_cfg.get('label_names')
         if labels is None or len(labels) != model.num_classes:
             labels = _imagenet_labels(model.num_classes)
-        preprocessing = model_preprocessing(model)
-        return LoadedModel(str(spec), model, list(labels), preprocessing, grouping_config(model),
-                           sum(p.numel() for p in model.parameters()), kv_cache_bytes(model), source_heads(model),
-                           trained_on, getattr(model, 'gqa_conversion', None),
+        return LoadedModel(str(spec), model, config, list(labels), model_preprocessing(model),
+                           sum(p.numel() for p in model.parameters()), kv_cache_bytes(model),
                            getattr(model, 'calibration_report', None))
 
     def get(self, spec: str, progress: Optional[Callable[[str], None]] = None) -> LoadedModel:
@@ -286,9 +304,9 @@ class ModelRegistry:
         return loaded
 
     def known_geometry(self, text: str) -> Optional[Tuple[int, int]]:
-        """``(layers, heads)`` of the model ``text`` names when that is known without downloading or converting
-        anything: a model already loaded, or an embedded / local model (a conversion has its source's geometry).
-        None otherwise, and for text that is not a spec."""
+        """``(layers, heads)`` of the model ``text`` names when that is known without building, downloading or
+        converting anything: a model already loaded, or what an embedded / local model's config states (a
+        conversion has its source's geometry). None otherwise, and for text that is not a spec."""
         try:
             spec = parse_spec(text, tuple(POLICIES))
         except ValueError:
@@ -300,8 +318,8 @@ class ModelRegistry:
             if source.kind not in ('embedded', 'local'):
                 return None
             try:
-                loaded = self.get(str(source))
-            except (ValueError, OSError, RuntimeError):
+                return load_config(str(self._folder(source)), budget=self.budget).geometry
+            except (ValueError, OSError):
                 return None
         layers = gqa_layers(loaded.model)
         return (len(layers), layers[0].num_heads) if layers else None
