@@ -4,18 +4,16 @@
     python app.py --model-dir DIR      # also serve DIR's model folders as local:NAME
 
 Layout and wiring only; the work happens in ``gqa_core.lens`` (running models: ``views``, ``analysis``;
-figures: ``figures``; the zip: ``export``). ``create_app(settings)`` builds the app; ``demo`` is the one a
-Space (or ``python app.py``) serves. Operator settings (environment, read by :meth:`Settings.from_env`):
-GQA_LENS_MODELS (the embedded models' folder), GQA_LENS_MODEL_DIRS (folders for local:NAME),
-GQA_LENS_MAX_PARAMS / GQA_LENS_MAX_TOKENS (largest model a spec may load), GQA_LENS_SESSION_TTL (seconds an
-idle session keeps its results), GQA_LENS_TOKEN_REPOS (Hub repos whose downloads may carry the server's token),
-GQA_LENS_CONCURRENCY and GQA_LENS_QUEUE_SIZE (default: fitted to the CPU cores, ``CPU_CORES`` on a Space).
+figures: ``figures``; the zip: ``export``). Importing this module does nothing else: :func:`create_app` builds
+an app for some :class:`~gqa_core.core.settings.Settings` (every ``GQA_LENS_*`` variable, read there),
+:meth:`LensApp.start` starts its session reaper and fits torch's threads to the machine, and :func:`main` does
+both and launches it. ``demo``, the Blocks a Space (or gradio's reload mode) serves, is made on first use.
 """
 from __future__ import annotations
 
 import argparse
 import os
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -23,49 +21,28 @@ import gradio as gr
 import numpy as np
 
 from gqa_core import VARIANTS
-from gqa_core.lens.analysis import FUSIONS, analyse
-from gqa_core.lens.export import export_zip
-from gqa_core.lens.images import ImageInputError, load_image
 from gqa_core.core.ablation import ABLATION_MODES
-from gqa_core.core.device import DEVICE_CHOICES
 from gqa_core.core.convert import INITS
+from gqa_core.core.device import DEVICE_CHOICES
 from gqa_core.core.grouping import GROUPINGS
+from gqa_core.core.settings import Settings
+from gqa_core.io.safe_config import Budget
 from gqa_core.lens import figures
-from gqa_core.lens.hosting import cpu_cores, fit_torch_threads
+from gqa_core.lens.analysis import FUSIONS, analyse
 from gqa_core.lens.explorer import (LIVE_MAX_IMAGES, kv_budget_table, live_kv_budget, seeds_table,
                                     shipped_dataset_stats, shipped_kv_budget, shipped_seeds)
+from gqa_core.lens.export import export_zip
+from gqa_core.lens.hosting import cpu_cores, fit_torch_threads
+from gqa_core.lens.images import ImageInputError, load_image
+from gqa_core.lens.models import DEFAULT_MODELS, HUB_SOURCES, ModelLoadError, ModelRegistry, hub_note
+from gqa_core.lens.sessions import SessionReaper
+from gqa_core.lens.specs import SpecError, conversion_spec, public_message
+from gqa_core.lens.tempfiles import ExpiringFiles
 from gqa_core.lens.views import (MAX_MODELS, NO_MODEL, VIEW_LABELS, VIEWS, Choice, column_width, header,
                                  reference_for, render, run_models)
-from gqa_core.lens.models import DEFAULT_MODELS, EMBEDDED_DIR, HUB_SOURCES, ModelLoadError, ModelRegistry, hub_note
-from gqa_core.lens.sessions import SessionReaper
-from gqa_core.lens.specs import public_message
-from gqa_core.lens.tempfiles import ExpiringFiles
 
 ROOT = Path(__file__).resolve().parent
 EXAMPLES = sorted(str(p) for p in (ROOT / 'assets' / 'examples').glob('*.jpg'))
-
-
-@dataclass(frozen=True)
-class Settings:
-    """What the operator decides. ``model_dirs``: folders whose sub-folders are served as ``local:NAME`` (besides
-    ``GQA_LENS_MODEL_DIRS``, which the registry reads itself). ``threads``: torch's intra-op threads (one per
-    core); ``concurrency`` requests run at once, so that ``concurrency`` x ``threads`` stays near 2 x cores;
-    ``queue_size`` more may wait (gradio refuses beyond it rather than queueing without bound)."""
-    models_dir: Path = EMBEDDED_DIR
-    model_dirs: Sequence[str] = ()
-    session_ttl: float = 1800.0
-    threads: int = 2
-    concurrency: int = 2
-    queue_size: int = 64
-    device: Optional[str] = None  # where models run: GQA_LENS_DEVICE / --device, else CUDA when there is one
-
-    @classmethod
-    def from_env(cls, model_dirs: Sequence[str] = (), device: Optional[str] = None) -> 'Settings':
-        cores = cpu_cores()
-        concurrency = int(os.environ.get('GQA_LENS_CONCURRENCY', 2))  # with one thread per core: 2 x cores busy
-        return cls(Path(os.environ.get('GQA_LENS_MODELS', EMBEDDED_DIR)), tuple(model_dirs),
-                   float(os.environ.get('GQA_LENS_SESSION_TTL', 1800)), cores, concurrency,
-                   int(os.environ.get('GQA_LENS_QUEUE_SIZE', 32 * concurrency)), device)
 
 
 ABOUT_MODELS = """The **embedded models** are a small ViT trained here on **CIFAR-10**: they know ten classes
@@ -132,8 +109,11 @@ def _fitted_controls(depth: int, heads: int, layer: float, head: str) -> List[An
 
 
 def build_spec(source: str, variant: str, g: float, grouping: str = 'consecutive', init: str = 'mean') -> str:
-    return (f'convert:{source}:{variant}:{int(g)}' + ('' if grouping == 'consecutive' else f':{grouping}')
-            + ('' if init == 'mean' else f':{init}'))
+    """The conversion builder's spec, or a one-line error when its source is not a model spec."""
+    try:
+        return conversion_spec(source, variant, int(g), grouping, init)
+    except SpecError as e:
+        raise gr.Error(public_message(e)) from None
 
 
 class LensApp:
@@ -141,10 +121,21 @@ class LensApp:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.registry = ModelRegistry(settings.models_dir, model_dirs=settings.model_dirs, device=settings.device)
+        self.registry = ModelRegistry(settings.models, model_dirs=settings.model_dirs,
+                                      budget=Budget(settings.max_params, settings.max_tokens),
+                                      token_repos=settings.token_repos, device=settings.device)
         self.files = ExpiringFiles(ttl=max(settings.session_ttl, 60))  # a fresh path per file, swept when old
         self.reaper: Optional[SessionReaper] = None
         self.demo: Optional[gr.Blocks] = None
+
+    def start(self) -> 'LensApp':
+        """What serving needs besides the Blocks: torch's threads fitted to the cores (``concurrency`` requests
+        of one thread per core keep about 2 x cores busy) and the reaper of idle sessions."""
+        fit_torch_threads(cpu_cores())
+        if self.reaper is None:
+            ttl = self.settings.session_ttl
+            self.reaper = SessionReaper(self.demo, ttl=ttl, interval=min(10.0, max(ttl / 4, 0.5))).start()
+        return self
 
     def _columns(self, analyses: List[Any], errors: List[Optional[str]], choice: Choice,
                  view_only: bool = False) -> List[Any]:
@@ -421,9 +412,9 @@ def _image_tab(lens: LensApp, choices: List[str], defaults: List[str]) -> None:
     _predict_api(lens)
 
 
-def build_app(settings: Optional[Settings] = None) -> LensApp:
-    """The app with its Blocks (``lens.demo``), queue and session reaper, for ``settings`` (default: from the
-    environment)."""
+def create_app(settings: Optional[Settings] = None) -> LensApp:
+    """A GQA Lens app for ``settings`` (default: the environment's) with its Blocks (``lens.demo``) and queue;
+    nothing is loaded, started or written until it serves (:meth:`LensApp.start`)."""
     lens = LensApp(settings or Settings.from_env())
     embedded = lens.registry.embedded()
     choices = embedded + lens.registry.local() + [NO_MODEL]
@@ -440,29 +431,47 @@ def build_app(settings: Optional[Settings] = None) -> LensApp:
         with gr.Tab('Dataset view', elem_id='tab-dataset'):
             _dataset_tab()
         demo.unload(lens.unload)
-    fit_torch_threads(lens.settings.threads)
-    demo.queue(default_concurrency_limit=lens.settings.concurrency, max_size=lens.settings.queue_size)
+    demo.queue(default_concurrency_limit=lens.settings.concurrency, max_size=lens.settings.queue_limit)
     lens.demo = demo
-    lens.reaper = SessionReaper(demo, ttl=ttl, interval=min(10.0, max(ttl / 4, 0.5))).start()
     return lens
 
 
-def create_app(settings: Optional[Settings] = None) -> gr.Blocks:
-    """The Gradio Blocks of a GQA Lens app for ``settings``."""
-    return build_app(settings).demo
-
-
-def _cli_settings() -> Settings:
+def cli_settings(argv: Optional[Sequence[str]] = None) -> Settings:
+    """The environment's settings with the command line's on top."""
     parser = argparse.ArgumentParser(description='GQA Lens app')
     parser.add_argument('--model-dir', action='append', default=[],
                         help='a folder whose model sub-folders are served as local:NAME (repeatable)')
     parser.add_argument('--device', help=f'{DEVICE_CHOICES} (default: GQA_LENS_DEVICE, else auto)')
-    args = parser.parse_args()
-    return Settings.from_env(args.model_dir, args.device)
+    args = parser.parse_args(argv)
+    settings = Settings.from_env()
+    return replace(settings, model_dirs=(*settings.model_dirs, *args.model_dir), device=args.device or settings.device)
 
 
-lens = build_app(_cli_settings() if __name__ == '__main__' else Settings.from_env())
-demo = lens.demo  # what Hugging Face Spaces (and `python app.py`) serve
+_served: Optional[LensApp] = None
+
+
+def served() -> LensApp:
+    """The one app this process serves, created and started on first use."""
+    global _served
+    if _served is None:
+        _served = create_app().start()
+    return _served
+
+
+def __getattr__(name: str) -> Any:
+    """``app.demo`` / ``app.lens``: what Hugging Face Spaces and gradio's reload mode look up, made on first use."""
+    if name == 'demo':
+        return served().demo
+    if name == 'lens':
+        return served()
+    raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    global _served
+    _served = create_app(cli_settings(argv)).start()
+    _served.demo.launch(server_name=os.environ.get('GRADIO_SERVER_NAME', '127.0.0.1'))
+
 
 if __name__ == '__main__':
-    demo.launch(server_name=os.environ.get('GRADIO_SERVER_NAME', '127.0.0.1'))
+    main()

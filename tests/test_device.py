@@ -68,4 +68,4 @@ def test_the_app_runs_models_where_its_settings_say(monkeypatch):
     monkeypatch.setenv(DEVICE_ENV, 'tpu')
     with pytest.raises(ValueError, match="got 'tpu'"):
         app.LensApp(app.Settings.from_env())
-    assert app.LensApp(app.Settings.from_env(device='cpu')).registry.device == torch.device('cpu'), 'the flag wins'
+    assert app.LensApp(app.cli_settings(['--device', 'cpu'])).registry.device == torch.device('cpu'), 'the flag wins'

@@ -22,5 +22,40 @@ def test_the_app_fits_torch_threads_and_bounds_its_queue(app_server):
     import torch
     app = app_server[1]
     settings = app.lens.settings
-    assert torch.get_num_threads() == settings.threads == cpu_cores()
-    assert app.lens.demo._queue.max_size == settings.queue_size > 0
+    assert torch.get_num_threads() == cpu_cores()
+    assert app.lens.demo._queue.max_size == settings.queue_limit == 32 * settings.concurrency > 0
+
+
+def test_importing_the_app_starts_no_thread_writes_no_file_and_loads_no_model(tmp_path):
+    """``import app`` (and building an app) only defines things: the side effects wait for ``start``/``main``."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    probe = f'''
+import os, sys, tempfile, threading
+tempfile.tempdir = {str(tmp_path)!r}
+import torch
+threads = torch.get_num_threads()
+torch.set_num_threads(threads + 3)
+before = set(threading.enumerate())
+sys.path.insert(0, {str(root)!r})
+import app
+assert not set(threading.enumerate()) - before and os.listdir({str(tmp_path)!r}) == [], 'import: nothing at all'
+assert app._served is None, 'nothing served'
+lens = app.create_app()
+started = [t.name for t in set(threading.enumerate()) - before]
+assert not started, started
+made = os.listdir({str(tmp_path)!r})
+assert made in ([], ['gradio']), ('building the Blocks makes only gradio its own cache folder', made)
+assert torch.get_num_threads() == threads + 3, 'torch threads untouched'
+assert not lens.registry._cache, 'no model loaded'
+assert lens.reaper is None and lens.files.count() == 0
+lens.start()
+assert lens.reaper is not None and torch.get_num_threads() <= threads + 3
+print('ok')
+'''
+    env = dict(os.environ, HF_HUB_OFFLINE='1', GRADIO_ANALYTICS_ENABLED='False')
+    out = subprocess.run([sys.executable, '-c', probe], capture_output=True, text=True, timeout=300, env=env,
+                         cwd=tmp_path)
+    assert out.returncode == 0 and out.stdout.strip().endswith('ok'), out.stderr[-2000:]

@@ -16,7 +16,6 @@ id is only ever looked up on the Hub, and every message quotes at most a short p
 """
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,8 +23,9 @@ from typing import List, Optional, Sequence
 
 from ..core.convert import INITS
 from ..core.grouping import GROUPINGS
+from ..core.settings import Settings
 
-__all__ = ['Spec', 'SpecError', 'parse_spec', 'shown', 'resolve_in', 'allowed_model_dirs', 'MAX_SPEC_CHARS',
+__all__ = ['Spec', 'SpecError', 'parse_spec', 'conversion_spec', 'shown', 'resolve_in', 'allowed_model_dirs', 'MAX_SPEC_CHARS',
            'public_message']
 
 MAX_SPEC_CHARS = 200
@@ -146,8 +146,9 @@ def resolve_in(folder: Path, name: str) -> Optional[Path]:
 
 def allowed_model_dirs(extra: Sequence[str] = ()) -> List[Path]:
     """Folders the operator allowed for ``local:NAME``: ``GQA_LENS_MODEL_DIRS`` (os.pathsep-separated) + ``extra``."""
-    listed = [p for p in os.environ.get('GQA_LENS_MODEL_DIRS', '').split(os.pathsep) if p.strip()]
-    return [Path(p).expanduser().resolve() for p in [*listed, *extra] if Path(p).expanduser().is_dir()]
+    listed = Settings.from_env().model_dirs
+    found = [Path(p).expanduser().resolve() for p in [*listed, *extra] if Path(p).expanduser().is_dir()]
+    return list(dict.fromkeys(found))  # a folder named twice (environment and command line) is served once
 
 
 ABSOLUTE_PATH = re.compile(r'''(?:(?<=^)|(?<=[\s'"(=\[,:]))(?:/|[A-Za-z]:\\)[^\s'"()\],]*''')
@@ -158,3 +159,10 @@ def public_message(message: str, limit: int = 400) -> str:
     length capped."""
     text = ABSOLUTE_PATH.sub('…', str(message))
     return text if len(text) <= limit else text[:limit - 1] + '…'
+
+
+def conversion_spec(source: str, variant: str, num_kv_heads: int, grouping: str = 'consecutive',
+                    init: str = 'mean') -> str:
+    """The canonical ``convert:`` spec of ``source`` (a spec itself, checked) and the conversion's parts."""
+    return str(parse_spec(str(Spec('convert', source=_source(str(source).strip(), ()), variant=variant,
+                                   num_kv_heads=int(num_kv_heads), grouping=grouping, init=init))))

@@ -28,10 +28,17 @@ class ExpiringFiles:
     """A private temporary folder of uniquely named files that expire ``ttl`` seconds after being written."""
 
     def __init__(self, prefix: str = 'gqa-lens-', ttl: float = 900.0, root: Optional[str] = None) -> None:
-        self.folder = Path(tempfile.mkdtemp(prefix=prefix, dir=root))
-        self.ttl = float(ttl)
+        self.prefix, self.root, self.ttl = prefix, root, float(ttl)
+        self._folder: Optional[Path] = None  # made on the first write: an app that is only built makes no folder
         self._lock = threading.Lock()
-        atexit.register(self.close)
+
+    @property
+    def folder(self) -> Path:
+        with self._lock:
+            if self._folder is None:
+                self._folder = Path(tempfile.mkdtemp(prefix=self.prefix, dir=self.root))
+                atexit.register(self.close)
+            return self._folder
 
     def new_path(self, suffix: str) -> Path:
         """A fresh path in the folder (after sweeping expired files)."""
@@ -54,11 +61,14 @@ class ExpiringFiles:
         """Delete files older than ``ttl``; returns how many were deleted."""
         now = time.time() if now is None else now
         removed = 0
+        folder = self._folder
+        if folder is None:
+            return 0
         with self._lock:
-            if not self.folder.is_dir():
-                self.folder.mkdir(parents=True, exist_ok=True)
+            if not folder.is_dir():
+                folder.mkdir(parents=True, exist_ok=True)
                 return 0
-            for entry in os.scandir(self.folder):
+            for entry in os.scandir(folder):
                 try:
                     if now - entry.stat().st_mtime > self.ttl:
                         if entry.is_dir():
@@ -71,7 +81,9 @@ class ExpiringFiles:
         return removed
 
     def count(self) -> int:
-        return sum(1 for _ in os.scandir(self.folder)) if self.folder.is_dir() else 0
+        folder = self._folder
+        return sum(1 for _ in os.scandir(folder)) if folder is not None and folder.is_dir() else 0
 
     def close(self) -> None:
-        shutil.rmtree(self.folder, ignore_errors=True)
+        if self._folder is not None:
+            shutil.rmtree(self._folder, ignore_errors=True)
