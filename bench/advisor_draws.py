@@ -1,5 +1,5 @@
 """The grouping advisor against the paper's consecutive pooling, training-free, over several calibration draws:
-the README's advisor table.
+the advisor table in docs/analyses.md.
 
     python bench/advisor_draws.py assets/models/mha --draws 0 1 2 --threads 2
 

@@ -1,4 +1,4 @@
-"""Calibrated conversion against mean-pooling, training-free: the README's conversion table.
+"""Calibrated conversion against mean-pooling, training-free: the conversion table in docs/calibration.md.
 
     python bench/bench_calibration.py --threads 2              # the embedded family + the large-model rows
     python bench/bench_calibration.py --only embedded --limit 2000

@@ -1,5 +1,5 @@
 """The seed study that ships with the app (``assets/analysis/seeds``): every uptrained run with three seeds, its
-verdicts recomputed from the seeds' values, the README's table the same file, and each shipped variant the seed-0
+verdicts recomputed from the seeds' values, docs/training.md's table the same file, and each shipped variant the seed-0
 run of its row."""
 import json
 
@@ -9,7 +9,7 @@ from gqa_core.training.seeds import seed_table, summarise, verdict
 from gqa_core.training.train import VARIANT_SPECS
 
 from conftest import ROOT
-from test_family import FAMILY, MODELS, readme_table
+from test_family import FAMILY, MODELS, TRAINING_DOC, family_table
 
 SEEDS = ROOT / 'assets' / 'analysis' / 'seeds'
 RUNS = ['gqa', 'kdgqa', 'dgqa-diff', 'dgqa-ema', 'pgqa', 'gqa (output-error)', 'kdgqa (output-error)']
@@ -48,8 +48,8 @@ def test_means_and_verdicts_follow_from_the_seeds_values(study):
         assert again['says'] == stored['says'] and again['beyond_noise'] == stored['beyond_noise']
 
 
-def test_readme_seed_table_is_the_shipped_one(study):
-    text = (ROOT / 'README.md').read_text()
+def test_training_doc_seed_table_is_the_shipped_one(study):
+    text = TRAINING_DOC.read_text()
     block = text.split('<!-- seed-table:start -->')[1].split('<!-- seed-table:end -->')[0]
     assert block.strip() == (SEEDS / 'seeds.md').read_text().strip()
     assert (SEEDS / 'seeds.md').read_text() == seed_table(study['runs'], study['verdicts'])
@@ -66,4 +66,4 @@ def test_each_shipped_variant_is_seed_0_of_its_row(name, study):
     assert (config['source_heads'] is not None) == name.endswith('-advised'), config['source_heads']
     assert config['grouping']['seed'] == 0, config['grouping']  # the run's seed, recorded with its grouping
     seed0 = run['test_top1'][run['seeds'].index(0)]
-    assert abs(seed0 * 100 - readme_table()[name]) <= 0.1, (name, seed0, readme_table()[name])
+    assert abs(seed0 * 100 - family_table()[name]) <= 0.1, (name, seed0, family_table()[name])

@@ -19,7 +19,7 @@ two stages:
    least layer error are run through the rest of the model, layer by layer with the layers below already
    converted, and the one whose logits stay closest to the MHA model's (KL divergence; squared error of
    the features for a headless model) is kept. The layer error ranks well but is a proxy: on the embedded
-   model this second stage added 1.2 - 1.8 points at G = 4 and 4 - 5 at G = 2 (see the README).
+   model this second stage added 1.3 - 2.5 points at G = 4 and 0.7 - 3.6 at G = 2 (docs/analyses.md).
 
 A candidate must not have a larger layer error than the consecutive grouping, so a layer keeps the paper's
 grouping whenever nothing beats it. Each layer is ranked on the inputs of the MHA model.
