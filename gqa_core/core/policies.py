@@ -10,9 +10,8 @@ that it never hangs or produces NaN.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from typing import Any, Dict, Optional, Sequence, Tuple, Type
+from typing import Any, Dict, Optional, Tuple, Type
 
 import torch
 from torch import Tensor, nn
@@ -25,9 +24,10 @@ from .apportion import (
     query_to_kv,
     uniform_allocation,
 )
+from .rules import BOOLEAN, Rule, integer, number, one_of
 
 __all__ = [
-    'Grouping', 'GroupingPolicy', 'Option', 'MHAPolicy', 'GQAPolicy', 'KDGQAPolicy', 'DGQAPolicy', 'PGQAPolicy',
+    'Grouping', 'GroupingPolicy', 'MHAPolicy', 'GQAPolicy', 'KDGQAPolicy', 'DGQAPolicy', 'PGQAPolicy',
     'POLICIES', 'create_policy', 'start_epoch',
 ]
 
@@ -50,38 +50,6 @@ class Grouping:
     uniform: bool = False
 
 
-@dataclass(frozen=True)
-class Option:
-    """One constructor option of a policy, as configs and command lines may give it: a type, a range or a
-    set of choices. The single description of an option: config validation and the trainer read it."""
-    kind: type
-    low: Optional[float] = None
-    high: Optional[float] = None
-    high_open: bool = False
-    choices: Optional[Sequence[Any]] = None
-
-    def accepts(self, value: Any) -> bool:
-        if self.choices is not None:
-            return type(value) is self.kind and value in self.choices
-        if self.kind is bool:
-            return type(value) is bool
-        if self.kind is int and type(value) is not int:
-            return False
-        if self.kind is float and (type(value) not in (int, float) or not math.isfinite(value)):
-            return False
-        over = self.high is not None and (value >= self.high if self.high_open else value > self.high)
-        return not (self.low is not None and value < self.low) and not over
-
-    def rule(self) -> str:
-        if self.choices is not None:
-            return ' or '.join(str(c) for c in self.choices)
-        if self.kind is bool:
-            return 'true or false'
-        noun = 'an int' if self.kind is int else 'a number'
-        high = '' if self.high is None else (f' below {self.high}' if self.high_open else f' up to {self.high}')
-        return f'{noun} from {self.low}{high}' if self.low is not None else noun
-
-
 class GroupingPolicy(nn.Module):
     """Base class. Subclasses set ``name`` and their capabilities, declare their ``OPTIONS`` and override
     :meth:`forward`.
@@ -94,9 +62,11 @@ class GroupingPolicy(nn.Module):
     """
     name: str = ''
     uses_key_norms: bool = False
-    OPTIONS: Dict[str, Option] = {
-        'compat': Option(str, choices=COMPAT_MODES),
-        'seed': Option(int, low=0, high=2**31 - 1),
+    # Each constructor option as configs and command lines may give it (:mod:`gqa_core.core.rules`): the single
+    # description of an option, read by config validation and by the trainer.
+    OPTIONS: Dict[str, Rule] = {
+        'compat': one_of(*COMPAT_MODES),
+        'seed': integer(0, 2**31 - 1),
     }
 
     def __init__(self, num_heads: int, num_kv_heads: int, compat: str = 'paper', seed: int = 0) -> None:
@@ -121,8 +91,8 @@ class GroupingPolicy(nn.Module):
             if key not in cls.OPTIONS:
                 raise ValueError(f'{cls.name}: bad policy options {sorted(options)}: {key!r} is not one '
                                  f'(allowed: {", ".join(sorted(cls.OPTIONS))})')
-            if not cls.OPTIONS[key].accepts(value):
-                raise ValueError(f'{cls.name or "policy"}: {key} must be {cls.OPTIONS[key].rule()}, got {value!r}')
+            if not cls.OPTIONS[key](value):
+                raise ValueError(f'{cls.name or "policy"}: {key} must be {cls.OPTIONS[key].says}, got {value!r}')
         return dict(options)
 
     # -- capabilities ---------------------------------------------------------------------------------------
@@ -237,9 +207,9 @@ class DGQAPolicy(GroupingPolicy):
     uses_key_norms = True
     OPTIONS = {
         **GroupingPolicy.OPTIONS,
-        'stat': Option(str, choices=('diff', 'ema')),
-        'window': Option(int, low=1, high=10**9),
-        'beta': Option(float, low=0.0, high=1.0, high_open=True),
+        'stat': one_of('diff', 'ema'),
+        'window': integer(1, 10**9),
+        'beta': number(0, 1, high_open=True),
     }
 
     @property
@@ -395,8 +365,8 @@ class PGQAPolicy(GroupingPolicy):
     name = 'pgqa'
     OPTIONS = {
         **GroupingPolicy.OPTIONS,
-        'noise_scale': Option(float, low=0.0, high=100.0),
-        'noise_in_eval': Option(bool),
+        'noise_scale': number(0, 100),
+        'noise_in_eval': BOOLEAN,
     }
 
     @property

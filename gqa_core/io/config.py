@@ -18,7 +18,8 @@ import torch
 from torch import nn
 
 from ..core.convert import convert, grouping_config, kv_cache_bytes, source_heads
-from ..core.grouping import check_permutations
+from ..core.head_order import check_permutations
+from ..core.rules import Rule, check, optional, text
 from ..core.vit import gqa_layers, norm_eps, set_norm_eps, vit_geometry
 from .preprocessing import model_preprocessing
 from .safe_config import (Budget, ConfigError, check_backbone, check_backbone_args, check_budget, check_conversion,
@@ -27,6 +28,8 @@ from .safe_config import (Budget, ConfigError, check_backbone, check_backbone_ar
 __all__ = ['GroupingSpec', 'GQALensConfig', 'FORMAT', 'backbone_of', 'conversion_record']
 
 FORMAT = 'gqa-lens/1'
+METRICS = Rule(lambda v: isinstance(v, dict) and len(v) <= 100, 'an object of at most 100 entries')
+DATASET = optional(text(100), says='null or a name of at most 100 printable characters')
 
 
 @dataclass(frozen=True)
@@ -73,12 +76,8 @@ class GQALensConfig:
             raise ConfigError(f'not a GQA Lens config (missing {missing})')
         args = check_backbone_args(data['backbone_args'], check_backbone(data['backbone']))
         num_classes = check_num_classes(data.get('num_classes', args.get('num_classes', 1000)))
-        metrics = data.get('metrics') or {}
-        if not isinstance(metrics, dict) or len(metrics) > 100:
-            raise ConfigError('metrics must be an object of at most 100 entries')
-        dataset = data.get('dataset')
-        if dataset is not None and not (isinstance(dataset, str) and 0 < len(dataset) <= 100 and dataset.isprintable()):
-            raise ConfigError('dataset must be null or a name of at most 100 printable characters')
+        metrics = check('metrics', data.get('metrics') or {}, METRICS, ConfigError)
+        dataset = check('dataset', data.get('dataset'), DATASET, ConfigError)
         config = cls(
             backbone=check_backbone(data['backbone']),
             backbone_args=args,

@@ -10,15 +10,15 @@ range, the preprocessing cannot ask for unbounded work, and the model it describ
 """
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Dict, Optional
 
 import timm
 import torch
 
 from ..core.policies import POLICIES
+from ..core.rules import BOOLEAN, Rule, check, check_fields, integer, number, one_of, optional, text
 from ..core.vit import num_tokens
 from ..core.settings import Settings
 
@@ -33,76 +33,62 @@ class ConfigError(ValueError):
     """A config field is not acceptable; the message names the field and the rule."""
 
 
-def _int(low: int, high: int) -> Callable[[Any], bool]:
-    return lambda v: type(v) is int and low <= v <= high
-
-
-def _float(low: float, high: float) -> Callable[[Any], bool]:
-    return lambda v: type(v) in (int, float) and math.isfinite(v) and low <= v <= high
-
-
-def _bool(v: Any) -> bool:
-    return type(v) is bool
-
-
-def _size(v: Any) -> bool:
-    return _int(8, 4096)(v) or (isinstance(v, (list, tuple)) and len(v) == 2 and all(_int(8, 4096)(s) for s in v))
-
-
-def _one_of(*choices: Any) -> Callable[[Any], bool]:
-    return lambda v: any(v is c or (type(v) is type(c) and v == c) for c in choices)
+SIZE = Rule(lambda v: integer(8, 4096)(v) or (isinstance(v, (list, tuple)) and len(v) == 2
+                                              and all(integer(8, 4096)(s) for s in v)),
+            'an int or [height, width], 8..4096')
+RATE = number(0, 1)
 
 
 # Geometry and regularisation keys of timm's VisionTransformer, each with its rule. Anything else -- a path,
 # a URL, a loader option, a layer class -- is refused.
-BACKBONE_ARGS: Dict[str, tuple] = {
-    'img_size': (_size, 'an int or [height, width], 8..4096'),
-    'patch_size': (_int(1, 64), 'an int 1..64'),
-    'in_chans': (_one_of(3), '3 (RGB)'),
-    'num_classes': (_int(0, 100_000), 'an int 0..100000'),
-    'global_pool': (_one_of('', 'token', 'avg', 'avgmax', 'max', 'map'), "'', token, avg, avgmax, max or map"),
-    'embed_dim': (_int(8, 4096), 'an int 8..4096'),
-    'depth': (_int(1, 64), 'an int 1..64'),
-    'num_heads': (_int(1, 64), 'an int 1..64'),
-    'mlp_ratio': (_float(0.25, 16), 'a number 0.25..16'),
-    'qkv_bias': (_bool, 'true or false'),
-    'qk_norm': (_bool, 'true or false'),
-    'proj_bias': (_bool, 'true or false'),
-    'init_values': (lambda v: v is None or _float(0, 10)(v), 'null or a number 0..10'),
-    'class_token': (_bool, 'true or false'),
-    'pos_embed': (_one_of('learn', 'none'), 'learn or none'),
-    'no_embed_class': (_bool, 'true or false'),
-    'reg_tokens': (_int(0, 64), 'an int 0..64'),
-    'pre_norm': (_bool, 'true or false'),
-    'final_norm': (_bool, 'true or false'),
-    'fc_norm': (lambda v: v is None or _bool(v), 'null, true or false'),
-    'dynamic_img_size': (_bool, 'true or false'),
-    'dynamic_img_pad': (_bool, 'true or false'),
-    'drop_rate': (_float(0, 1), 'a number 0..1'),
-    'pos_drop_rate': (_float(0, 1), 'a number 0..1'),
-    'proj_drop_rate': (_float(0, 1), 'a number 0..1'),
-    'attn_drop_rate': (_float(0, 1), 'a number 0..1'),
-    'drop_path_rate': (_float(0, 1), 'a number 0..1'),
+BACKBONE_ARGS: Dict[str, Rule] = {
+    'img_size': SIZE,
+    'patch_size': integer(1, 64),
+    'in_chans': one_of(3, says='3 (RGB)'),
+    'num_classes': integer(0, 100_000),
+    'global_pool': one_of('', 'token', 'avg', 'avgmax', 'max', 'map', says="'', token, avg, avgmax, max or map"),
+    'embed_dim': integer(8, 4096),
+    'depth': integer(1, 64),
+    'num_heads': integer(1, 64),
+    'mlp_ratio': number(0.25, 16),
+    'qkv_bias': BOOLEAN,
+    'qk_norm': BOOLEAN,
+    'proj_bias': BOOLEAN,
+    'init_values': optional(number(0, 10)),
+    'class_token': BOOLEAN,
+    'pos_embed': one_of('learn', 'none'),
+    'no_embed_class': BOOLEAN,
+    'reg_tokens': integer(0, 64),
+    'pre_norm': BOOLEAN,
+    'final_norm': BOOLEAN,
+    'fc_norm': optional(BOOLEAN, says='null, true or false'),
+    'dynamic_img_size': BOOLEAN,
+    'dynamic_img_pad': BOOLEAN,
+    'drop_rate': RATE,
+    'pos_drop_rate': RATE,
+    'proj_drop_rate': RATE,
+    'attn_drop_rate': RATE,
+    'drop_path_rate': RATE,
 }
 # The keys timm's Eva (eva.py) and Beit (beit.py) constructors add; the keys they lack are refused for them.
 _SHARED = ('img_size', 'patch_size', 'in_chans', 'num_classes', 'global_pool', 'embed_dim', 'depth', 'num_heads',
            'mlp_ratio', 'qkv_bias', 'init_values', 'drop_rate', 'pos_drop_rate', 'proj_drop_rate', 'attn_drop_rate',
            'drop_path_rate', 'dynamic_img_size')
-EVA_ARGS: Dict[str, tuple] = {
-    **{k: BACKBONE_ARGS[k] for k in _SHARED}, 'class_token': BACKBONE_ARGS['class_token'],
-    'qkv_fused': (_bool, 'true or false'),
-    'qk_norm': BACKBONE_ARGS['qk_norm'],
-    'num_reg_tokens': (_int(0, 64), 'an int 0..64'),
-    'use_abs_pos_emb': (_bool, 'true or false'),
-    'use_rot_pos_emb': (_bool, 'true or false'),
-    'attn_pool_num_heads': (lambda v: v is None or _int(1, 64)(v), 'null or an int 1..64'),
-    'attn_pool_mlp_ratio': (lambda v: v is None or _float(0.25, 16)(v), 'null or a number 0.25..16'),
+EVA_ARGS: Dict[str, Rule] = {
+    **{k: BACKBONE_ARGS[k] for k in _SHARED}, 'class_token': BOOLEAN,
+    'qkv_fused': BOOLEAN,
+    'qk_norm': BOOLEAN,
+    'num_reg_tokens': integer(0, 64),
+    'use_abs_pos_emb': BOOLEAN,
+    'use_rot_pos_emb': BOOLEAN,
+    'attn_pool_num_heads': optional(integer(1, 64)),
+    'attn_pool_mlp_ratio': optional(number(0.25, 16)),
 }
-BEIT_ARGS: Dict[str, tuple] = {
+BEIT_ARGS: Dict[str, Rule] = {
     **{k: BACKBONE_ARGS[k] for k in _SHARED if k != 'dynamic_img_size'},
-    'use_abs_pos_emb': (_bool, 'true or false'),
-    'use_rel_pos_bias': (_bool, 'true or false'),
-    'use_shared_rel_pos_bias': (_bool, 'true or false'),
+    'use_abs_pos_emb': BOOLEAN,
+    'use_rel_pos_bias': BOOLEAN,
+    'use_shared_rel_pos_bias': BOOLEAN,
 }
 FAMILY_ARGS = {'timm.models.vision_transformer': BACKBONE_ARGS, 'timm.models.deit': BACKBONE_ARGS,
                'timm.models.eva': EVA_ARGS, 'timm.models.beit': BEIT_ARGS}
@@ -123,17 +109,8 @@ class Budget:
         return cls(settings.max_params, settings.max_tokens)
 
 
-def _check_fields(where: str, values: Any, rules: Dict[str, tuple]) -> Dict[str, Any]:
-    if not isinstance(values, dict):
-        raise ConfigError(f'{where} must be an object, got {type(values).__name__}')
-    for key, value in values.items():
-        if key not in rules:
-            shown = key if isinstance(key, str) and len(key) <= 40 else '(a long key)'
-            raise ConfigError(f'{where}: {shown!r} is not an allowed key (allowed: {", ".join(sorted(rules))})')
-        check, rule = rules[key]
-        if not check(value):
-            raise ConfigError(f'{where}.{key} must be {rule}')
-    return dict(values)
+def _check_fields(where: str, values: Any, rules: Dict[str, Rule]) -> Dict[str, Any]:
+    return check_fields(where, values, rules, ConfigError)
 
 
 def check_backbone(name: Any) -> str:
@@ -167,10 +144,8 @@ def check_grouping(grouping: Any) -> Dict[str, Any]:
     variant, g = grouping.pop('variant', None), grouping.pop('num_kv_heads', None)
     if variant not in POLICIES:
         raise ConfigError(f'grouping.variant must be one of {sorted(POLICIES)}')
-    if not (g is None or _int(1, 64)(g)):
-        raise ConfigError('grouping.num_kv_heads must be null or an int 1..64')
-    rules = {key: (option.accepts, option.rule()) for key, option in POLICIES[variant].OPTIONS.items()}
-    return dict(variant=variant, num_kv_heads=g, **_check_fields('grouping', grouping, rules))
+    check('grouping.num_kv_heads', g, optional(integer(1, 64)), ConfigError)
+    return dict(variant=variant, num_kv_heads=g, **_check_fields('grouping', grouping, POLICIES[variant].OPTIONS))
 
 
 def check_preprocessing(pre: Any) -> Dict[str, Any]:
@@ -179,16 +154,15 @@ def check_preprocessing(pre: Any) -> Dict[str, Any]:
         raise ConfigError('preprocessing must be an object')
     size = pre.get('input_size')
     if not (isinstance(size, (list, tuple)) and len(size) == 3 and size[0] == 3
-            and all(_int(8, 4096)(s) for s in size[1:])):
+            and all(integer(8, 4096)(s) for s in size[1:])):
         raise ConfigError('preprocessing.input_size must be [3, height, width] with sides 8..4096')
     for key in ('mean', 'std'):
         v = pre.get(key)
-        if not (isinstance(v, (list, tuple)) and len(v) == 3 and all(_float(-1e3, 1e3)(x) for x in v)):
+        if not (isinstance(v, (list, tuple)) and len(v) == 3 and all(number(-1e3, 1e3)(x) for x in v)):
             raise ConfigError(f'preprocessing.{key} must be three numbers')
     if any(x == 0 for x in pre['std']):
         raise ConfigError('preprocessing.std must not contain 0')
-    if not _float(0.25, 1.0)(pre.get('crop_pct', 1.0)):
-        raise ConfigError('preprocessing.crop_pct must be a number 0.25..1')
+    check('preprocessing.crop_pct', pre.get('crop_pct', 1.0), number(0.25, 1), ConfigError)
     if pre.get('interpolation', 'bicubic') not in INTERPOLATIONS:
         raise ConfigError(f'preprocessing.interpolation must be one of {INTERPOLATIONS}')
     return dict(pre)
@@ -224,29 +198,23 @@ def check_budget(backbone: str, args: Dict[str, Any], budget: Budget) -> Dict[st
 
 def check_source_heads(heads: Any) -> Optional[list]:
     if heads is not None and not (isinstance(heads, list) and len(heads) <= 64 and all(
-            isinstance(p, list) and len(p) <= 64 and all(_int(0, 63)(h) for h in p) for p in heads)):
+            isinstance(p, list) and len(p) <= 64 and all(integer(0, 63)(h) for h in p) for p in heads)):
         raise ConfigError('source_heads must be null or one list of head indices per layer')
     return heads
 
 
 def check_norm_eps(eps: Any) -> Optional[float]:
-    if eps is not None and not _float(1e-12, 1e-2)(eps):
-        raise ConfigError('norm_eps must be null or a number 1e-12..0.01')
-    return eps
-
-
-def _text(limit: int) -> Callable[[Any], bool]:
-    return lambda v: isinstance(v, str) and 0 < len(v) <= limit and v.isprintable()
+    return check('norm_eps', eps, optional(number(1e-12, 1e-2, says='a number 1e-12..0.01')), ConfigError)
 
 
 # How the shared K/V heads were made (:mod:`gqa_core.core.calibrate`): shown on model cards and in the app.
-CONVERSION_FIELDS: Dict[str, tuple] = {
-    'init': (_one_of('mean', 'calibrated'), '"mean" or "calibrated"'),
-    'images': (_int(1, 10**7), 'an int 1..10000000'),
-    'data': (_text(100), 'at most 100 printable characters'),
-    'steps_per_layer': (_int(0, 100_000), 'an int 0..100000'),
-    'params': (_one_of('kv', 'all'), '"kv" or "all"'),
-    'seconds': (_float(0, 10**7), 'a number of seconds'),
+CONVERSION_FIELDS: Dict[str, Rule] = {
+    'init': one_of('mean', 'calibrated', says='"mean" or "calibrated"'),
+    'images': integer(1, 10**7),
+    'data': text(100),
+    'steps_per_layer': integer(0, 100_000),
+    'params': one_of('kv', 'all', says='"kv" or "all"'),
+    'seconds': number(0, 10**7, says='a number of seconds'),
 }
 
 
@@ -261,6 +229,5 @@ def check_conversion(conversion: Any) -> Optional[Dict[str, Any]]:
 
 
 def check_num_classes(num_classes: Any) -> int:
-    if not _int(0, 100_000)(num_classes):
-        raise ConfigError('num_classes must be an int 0..100000')
+    check('num_classes', num_classes, integer(0, 100_000), ConfigError)
     return num_classes

@@ -12,15 +12,15 @@ left over or of the wrong shape is an error naming it. Nothing is unpickled.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import timm
 import torch
 from torch import Tensor, nn
 
+from ..core.rules import BOOLEAN, Rule, check, integer, number
 from ..core.vit import set_norm_eps
 from .safe_config import Budget, ConfigError, check_backbone_args, check_budget
-from .safe_config import _bool, _float as _number, _int  # the config guard's typed rules
 
 __all__ = ['is_transformers_config', 'TransformersModel', 'read_config', 'check_size', 'to_timm_state', 'build',
            'ARCHITECTURES']
@@ -50,11 +50,8 @@ def is_transformers_config(data: Dict[str, Any]) -> bool:
     return isinstance(data, dict) and 'model_type' in data and 'backbone' not in data and 'architecture' not in data
 
 
-def _field(data: Dict[str, Any], key: str, check: Callable[[Any], bool], rule: str, default: Any = None) -> Any:
-    value = data.get(key, default)
-    if not check(value):
-        raise ConfigError(f'config.json: {key} must be {rule}')
-    return value
+def _field(data: Dict[str, Any], key: str, rule: Rule, default: Any = None) -> Any:
+    return check(f'config.json: {key}', data.get(key, default), rule, ConfigError)
 
 
 @dataclass
@@ -98,24 +95,24 @@ def read_config(data: Dict[str, Any]) -> TransformersModel:
     model_type, timm_name = ARCHITECTURES[name]
     if data.get('model_type') != model_type:
         raise ConfigError(f'config.json: model_type must be {model_type!r} for {name}')
-    _field(data, 'num_channels', lambda v: v == 3, '3 (RGB)', 3)
-    _field(data, 'hidden_act', lambda v: v == 'gelu', '"gelu" (the activation timm\'s blocks use)', 'gelu')
-    width = _field(data, 'hidden_size', _int(8, 4096), 'an int 8..4096')
-    heads = _field(data, 'num_attention_heads', _int(1, 64), 'an int 1..64')
-    depth = _field(data, 'num_hidden_layers', _int(1, 64), 'an int 1..64')
+    _field(data, 'num_channels', Rule(lambda v: v == 3, '3 (RGB)'), 3)
+    _field(data, 'hidden_act', Rule(lambda v: v == 'gelu', '"gelu" (the activation timm\'s blocks use)'), 'gelu')
+    width = _field(data, 'hidden_size', integer(8, 4096))
+    heads = _field(data, 'num_attention_heads', integer(1, 64))
+    depth = _field(data, 'num_hidden_layers', integer(1, 64))
     if model_type == 'dinov3_vit':
         return _dinov3(data, name, timm_name, width, heads, depth)
     if model_type in ('vit', 'deit'):
-        hidden = _field(data, 'intermediate_size', _int(8, 65536), 'an int 8..65536')
+        hidden = _field(data, 'intermediate_size', integer(8, 65536))
         mlp_ratio = hidden / width
     else:
-        mlp_ratio = _field(data, 'mlp_ratio', _number(0.25, 16), 'a number 0.25..16')
-        _field(data, 'use_swiglu_ffn', lambda v: v is False, 'false (SwiGLU DINOv2 is not supported)', False)
+        mlp_ratio = _field(data, 'mlp_ratio', number(0.25, 16))
+        _field(data, 'use_swiglu_ffn', Rule(lambda v: v is False, 'false (SwiGLU DINOv2 is not supported)'), False)
     args: Dict[str, Any] = dict(
-        img_size=_field(data, 'image_size', _int(8, 4096), 'an int 8..4096'),
-        patch_size=_field(data, 'patch_size', _int(1, 64), 'an int 1..64'),
+        img_size=_field(data, 'image_size', integer(8, 4096)),
+        patch_size=_field(data, 'patch_size', integer(1, 64)),
         embed_dim=width, depth=depth, num_heads=heads, mlp_ratio=mlp_ratio,
-        qkv_bias=_field(data, 'qkv_bias', _bool, 'true or false', True),
+        qkv_bias=_field(data, 'qkv_bias', BOOLEAN, True),
     )
     classified = not name.endswith('Model')  # ...ForImageClassification(WithTeacher): a classifier head
     labels = _labels(data, classified)
@@ -125,34 +122,34 @@ def read_config(data: Dict[str, Any]) -> TransformersModel:
     if model_type.startswith('dinov2'):
         args['init_values'] = 1.0  # layer scale: the value itself is a loaded weight
     if model_type == 'dinov2_with_registers':
-        args['reg_tokens'] = _field(data, 'num_register_tokens', _int(0, 64), 'an int 0..64', 4)
-    eps = _field(data, 'layer_norm_eps', _number(1e-12, 1e-2), 'a number 1e-12..0.01', 1e-12)
+        args['reg_tokens'] = _field(data, 'num_register_tokens', integer(0, 64), 4)
+    eps = _field(data, 'layer_norm_eps', number(1e-12, 1e-2, says='a number 1e-12..0.01'), 1e-12)
     return TransformersModel(name, model_type, timm_name, check_backbone_args(args, timm_name), depth, labels, eps)
 
 
 def _dinov3(data: Dict[str, Any], name: str, timm_name: str, width: int, heads: int,
             depth: int) -> TransformersModel:
     """DINOv3's ViT as timm's ``Eva`` DINOv3 (the same RoPE: equal within float error, tested)."""
-    biases = tuple(_field(data, f'{k}_bias', _bool, 'true or false', d)
+    biases = tuple(_field(data, f'{k}_bias', BOOLEAN, d)
                    for k, d in (('query', True), ('key', False), ('value', True)))
     if biases == (False, False, False):
         timm_name = 'vit_small_patch16_dinov3'
     elif biases != (True, False, True):
         raise ConfigError('config.json: DINOv3 with query_bias, key_bias, value_bias = '
                           f'{list(biases)} is not supported (timm has none or q/v biases with a zero key bias)')
-    _field(data, 'proj_bias', lambda v: v is True, 'true', True)
-    _field(data, 'mlp_bias', lambda v: v is True, 'true', True)
-    _field(data, 'use_gated_mlp', lambda v: v is False, 'false (gated-MLP DINOv3 is not supported yet)', False)
-    _field(data, 'rope_theta', lambda v: v == 100, '100 (timm\'s DINOv3 RoPE)', 100.0)
+    _field(data, 'proj_bias', Rule(lambda v: v is True, 'true'), True)
+    _field(data, 'mlp_bias', Rule(lambda v: v is True, 'true'), True)
+    _field(data, 'use_gated_mlp', Rule(lambda v: v is False, 'false (gated-MLP DINOv3 is not supported yet)'), False)
+    _field(data, 'rope_theta', Rule(lambda v: v == 100, '100 (timm\'s DINOv3 RoPE)'), 100.0)
     args: Dict[str, Any] = dict(
-        img_size=_field(data, 'image_size', _int(8, 4096), 'an int 8..4096'),
-        patch_size=_field(data, 'patch_size', _int(1, 64), 'an int 1..64'),
+        img_size=_field(data, 'image_size', integer(8, 4096)),
+        patch_size=_field(data, 'patch_size', integer(1, 64)),
         embed_dim=width, depth=depth, num_heads=heads,
-        mlp_ratio=_field(data, 'intermediate_size', _int(8, 65536), 'an int 8..65536') / width,
-        qkv_bias=biases[0], num_reg_tokens=_field(data, 'num_register_tokens', _int(0, 64), 'an int 0..64', 0),
+        mlp_ratio=_field(data, 'intermediate_size', integer(8, 65536)) / width,
+        qkv_bias=biases[0], num_reg_tokens=_field(data, 'num_register_tokens', integer(0, 64), 0),
         init_values=1.0, num_classes=0, global_pool='token',  # upstream DINOv3 pools the class token
     )
-    eps = _field(data, 'layer_norm_eps', _number(1e-12, 1e-2), 'a number 1e-12..0.01', 1e-5)
+    eps = _field(data, 'layer_norm_eps', number(1e-12, 1e-2, says='a number 1e-12..0.01'), 1e-5)
     return TransformersModel(name, 'dinov3_vit', timm_name, check_backbone_args(args, timm_name), depth, None, eps)
 
 
