@@ -184,9 +184,34 @@ class GroupedQueryAttention(nn.Module):
 
     Accepts timm ``Attention``'s constructor arguments, so it also plugs in at model construction
     (``attn_layer=gqa_attention_layer(...)``); :meth:`from_attention` converts a trained timm layer of any
-    kind in :data:`ATTENTION_KINDS` and keeps that kind's parts: EVA's q/v-only biases (``qv_bias``, the k
-    bias a fixed zero) and separate projections (``qkv_fused=False``), RoPE applied to the non-prefix queries
-    and keys exactly where timm applies it, BEiT's relative position bias kept per query head.
+    kind in :data:`ATTENTION_KINDS` and keeps that kind's parts: EVA's q/v-only biases and separate
+    projections, RoPE applied to the non-prefix queries and keys exactly where timm applies it, BEiT's relative
+    position bias kept per query head.
+
+    Args:
+        dim: input (and by default output) channels.
+        num_heads: query heads H.
+        attn_head_dim: channels per head (default ``dim // num_heads``).
+        dim_out: output channels (default ``dim``).
+        qkv_bias: whether the q/k/v projections have biases.
+        qk_norm: normalise queries and keys per head (``norm_layer``).
+        scale_norm: normalise the attention output before the projection (``norm_layer``).
+        proj_bias: whether the output projection has a bias.
+        gated: multiply the attention output by a sigmoid gate computed from the input.
+        attn_drop: dropout on the attention weights (training only).
+        proj_drop: dropout after the output projection.
+        norm_layer: the norm class for ``qk_norm`` / ``scale_norm``.
+        num_kv_heads: key/value heads G, a divisor of H (default: the policy's; ``mha``: H).
+        variant: the grouping policy (:data:`~gqa_core.core.policies.POLICIES`).
+        qkv_fused: one fused q/k/v projection (timm's ``qkv``) or three (EVA's ``q_proj``, ``k_proj``, ``v_proj``).
+        qv_bias: EVA / BEiT biases: on q and v only (the k bias a fixed zero).
+        num_prefix_tokens: leading tokens RoPE leaves unrotated (class and register tokens).
+        rotate_half: RoPE's rotate-half layout instead of interleaved pairs.
+        window_size: BEiT's patch grid, for a relative position bias per query head (None: no bias).
+        kind: which timm attention class this layer stands for (:data:`ATTENTION_KINDS`), to convert back.
+        device: where parameters are created.
+        dtype: parameter dtype.
+        **policy_options: the policy's options (``compat``, ``seed``, ``stat``, ``window``, ...).
     """
 
     def __init__(
@@ -217,7 +242,6 @@ class GroupedQueryAttention(nn.Module):
     ) -> None:
         super().__init__()
         dd = {'device': device, 'dtype': dtype}
-        head_dim = attn_head_dim or dim // num_heads
         if attn_head_dim is None and dim % num_heads:
             raise ValueError(f'dim={dim} is not divisible by num_heads={num_heads}')
         if (qk_norm or scale_norm) and norm_layer is None:
@@ -228,35 +252,15 @@ class GroupedQueryAttention(nn.Module):
         self.kind = kind
         self.num_heads = num_heads
         self.num_kv_heads = self.policy.num_kv_heads
-        self.head_dim = head_dim
-        self.attn_dim = num_heads * head_dim
-        self.scale = head_dim ** -0.5
+        self.head_dim = attn_head_dim or dim // num_heads
+        self.attn_dim = num_heads * self.head_dim
+        self.scale = self.head_dim ** -0.5
         self.num_prefix_tokens = num_prefix_tokens
         self.rotate_half = rotate_half
-        kv_dim = self.num_kv_heads * head_dim
-        self.qkv_split = (self.attn_dim, kv_dim, kv_dim)
-        self.qkv = self.q_proj = self.k_proj = self.v_proj = None
-        if qkv_fused and qkv_bias and qv_bias:  # EVA / BEiT: q and v biases, the k bias a fixed zero
-            self.q_bias = nn.Parameter(torch.zeros(self.attn_dim, **dd))
-            self.register_buffer('k_bias', torch.zeros(kv_dim, **dd), persistent=False)
-            self.v_bias = nn.Parameter(torch.zeros(kv_dim, **dd))
-        else:
-            self.q_bias = self.k_bias = self.v_bias = None
-        if qkv_fused:
-            self.qkv = nn.Linear(dim, sum(self.qkv_split), bias=qkv_bias and not qv_bias, **dd)
-        else:
-            self.q_proj = nn.Linear(dim, self.attn_dim, bias=qkv_bias, **dd)
-            self.k_proj = nn.Linear(dim, kv_dim, bias=qkv_bias and not qv_bias, **dd)
-            self.v_proj = nn.Linear(dim, kv_dim, bias=qkv_bias, **dd)
-        self.window_size = tuple(window_size) if window_size else None
-        self.relative_position_bias_table = None
-        if self.window_size:  # BEiT: one bias per query head, whatever the grouping
-            distances = (2 * self.window_size[0] - 1) * (2 * self.window_size[1] - 1) + 3
-            self.relative_position_bias_table = nn.Parameter(torch.zeros(distances, num_heads, **dd))
-            self.register_buffer('relative_position_index', gen_relative_position_index(
-                self.window_size, device=device), persistent=False)
-        self.q_norm = norm_layer(head_dim, **dd) if qk_norm else nn.Identity()
-        self.k_norm = norm_layer(head_dim, **dd) if qk_norm else nn.Identity()
+        self._init_projections(dim, qkv_bias, qv_bias, qkv_fused, dd)
+        self._init_position_bias(window_size, dd)
+        self.q_norm = norm_layer(self.head_dim, **dd) if qk_norm else nn.Identity()
+        self.k_norm = norm_layer(self.head_dim, **dd) if qk_norm else nn.Identity()
         self.attn_drop = nn.Dropout(attn_drop)
         self.norm = norm_layer(self.attn_dim, **dd) if scale_norm else nn.Identity()
         self.gate = nn.Linear(dim, self.attn_dim, bias=qkv_bias, **dd) if gated else None
@@ -266,6 +270,33 @@ class GroupedQueryAttention(nn.Module):
         self.probe: Optional[AttentionProbe] = None
         # The original MHA head at each head position when the heads were reordered before pooling (None: kept).
         self.source_heads: Optional[List[int]] = None
+
+    def _init_projections(self, dim: int, qkv_bias: bool, qv_bias: bool, qkv_fused: bool, dd: dict) -> None:
+        """q (H heads) and k / v (G heads): one fused ``qkv`` or EVA's three; EVA / BEiT's q/v-only biases."""
+        kv_dim = self.num_kv_heads * self.head_dim
+        self.qkv_split = (self.attn_dim, kv_dim, kv_dim)
+        self.qkv = self.q_proj = self.k_proj = self.v_proj = None
+        self.q_bias = self.k_bias = self.v_bias = None
+        if qkv_fused and qkv_bias and qv_bias:  # the k bias a fixed zero, not a parameter
+            self.q_bias = nn.Parameter(torch.zeros(self.attn_dim, **dd))
+            self.register_buffer('k_bias', torch.zeros(kv_dim, **dd), persistent=False)
+            self.v_bias = nn.Parameter(torch.zeros(kv_dim, **dd))
+        if qkv_fused:
+            self.qkv = nn.Linear(dim, sum(self.qkv_split), bias=qkv_bias and not qv_bias, **dd)
+        else:
+            self.q_proj = nn.Linear(dim, self.attn_dim, bias=qkv_bias, **dd)
+            self.k_proj = nn.Linear(dim, kv_dim, bias=qkv_bias and not qv_bias, **dd)
+            self.v_proj = nn.Linear(dim, kv_dim, bias=qkv_bias, **dd)
+
+    def _init_position_bias(self, window_size: Optional[Tuple[int, int]], dd: dict) -> None:
+        """BEiT's relative position bias table: one bias per query head, whatever the grouping."""
+        self.window_size = tuple(window_size) if window_size else None
+        self.relative_position_bias_table = None
+        if self.window_size:
+            distances = (2 * self.window_size[0] - 1) * (2 * self.window_size[1] - 1) + 3
+            self.relative_position_bias_table = nn.Parameter(torch.zeros(distances, self.num_heads, **dd))
+            self.register_buffer('relative_position_index', gen_relative_position_index(
+                self.window_size, device=dd['device']), persistent=False)
 
     @classmethod
     def from_attention(
