@@ -24,7 +24,7 @@ from gqa_core import VARIANTS
 from gqa_core.core.ablation import ABLATION_MODES
 from gqa_core.core.convert import INITS
 from gqa_core.core.device import DEVICE_CHOICES
-from gqa_core.core.grouping import GROUPINGS
+from gqa_core.core.head_order import HEAD_ORDERS
 from gqa_core.core.settings import Settings
 from gqa_core.io.safe_config import Budget
 from gqa_core.lens import figures
@@ -57,7 +57,7 @@ DINOv3 repo such as `hub:facebook/dinov2-small`, loaded as MHA), `local:NAME` (f
 `convert:embedded/mha:kdgqa:2` or `convert:hf-hub:timm/vit_small_patch16_224.augreg_in21k_ft_in1k:gqa:3`
 (training-free: K/V heads mean-pooled); add `:calibrated` to fit the shared K/V heads to the MHA on the shipped
 images (about a minute, no labels: `convert:embedded/mha:gqa:4:calibrated`; the view *where GQA hurts* then shows
-what it repaired); add `:output-error` to let the grouping advisor choose which MHA heads
+what it repaired); add `:output-error` to let the head-order advisor choose which MHA heads
 share a KV head (`convert:embedded/mha:gqa:4:output-error`)."""
 
 
@@ -108,10 +108,10 @@ def _fitted_controls(depth: int, heads: int, layer: float, head: str) -> List[An
     return [gr.update(maximum=max(depth - 1, 1), value=layer), gr.update(choices=_head_choices(heads), value=head)]
 
 
-def build_spec(source: str, variant: str, g: float, grouping: str = 'consecutive', init: str = 'mean') -> str:
+def build_spec(source: str, variant: str, g: float, head_order: str = 'consecutive', init: str = 'mean') -> str:
     """The conversion builder's spec, or a one-line error when its source is not a model spec."""
     try:
-        return conversion_spec(source, variant, int(g), grouping, init)
+        return conversion_spec(source, variant, int(g), head_order, init)
     except SpecError as e:
         raise gr.Error(public_message(e)) from None
 
@@ -262,7 +262,7 @@ def _seeds_section() -> None:
     if seeds is None:
         return
     gr.Markdown('**Does a key-driven variant beat GQA beyond seed noise?** Every variant was uptrained from the '
-                'MHA model with one budget and three seeds; a run is better or worse than GQA of the same grouping '
+                'MHA model with one budget and three seeds; a run is better or worse than GQA of the same head order '
                 "when Welch's two-sided t-test on the seeds' test top-1 gives p < 0.05 "
                 '(`python -m gqa_core.training.seeds`, shipped JSON).')
     gr.Plot(figures.seeds_figure(seeds), elem_id='seeds-plot')
@@ -271,11 +271,11 @@ def _seeds_section() -> None:
 
 
 def _kv_budget_tab(lens: LensApp, choices: List[str]) -> None:
-    headers = ['G', 'variant', 'grouping', 'K/V init', 'K/V bytes', 'top-1 %', 'agreement %']
+    headers = ['G', 'variant', 'head order', 'K/V init', 'K/V bytes', 'top-1 %', 'agreement %']
     try:
         shipped = shipped_kv_budget()
         gr.Markdown(f"Accuracy against K/V cache per image for `{shipped['model']}`: every G, GQA and KDGQA, "
-                    f"consecutive vs advised grouping, training-free, full CIFAR-10 {shipped['split']} split "
+                    f"consecutive vs advised head order, training-free, full CIFAR-10 {shipped['split']} split "
                     f"({shipped['n']:,} images; `python -m gqa_core.kv_budget`, shipped JSON).")
         gr.Plot(figures.kv_budget_figure(shipped), elem_id='kvb-shipped-plot')
         gr.Dataframe(kv_budget_table(shipped), headers=headers, elem_id='kvb-shipped-table', interactive=False)
@@ -317,7 +317,7 @@ def _inputs(choices: List[str], defaults: List[str]) -> dict:
                                     min_width=260),
                         gr.Dropdown(list(VARIANTS), value='kdgqa', label='variant', min_width=100),
                         gr.Number(value=2, precision=0, label='G (KV heads)', min_width=90),
-                        gr.Radio(list(GROUPINGS), value='consecutive', label='grouping', min_width=180),
+                        gr.Radio(list(HEAD_ORDERS), value='consecutive', label='head order', min_width=180),
                         gr.Radio(list(INITS), value='mean', label='K/V heads', elem_id='convert-init',
                                  min_width=160)]
                     c['use'] = gr.Button('use as model 4', elem_id='convert-use')
@@ -436,15 +436,23 @@ def create_app(settings: Optional[Settings] = None) -> LensApp:
     return lens
 
 
-def cli_settings(argv: Optional[Sequence[str]] = None) -> Settings:
-    """The environment's settings with the command line's on top."""
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description='GQA Lens app')
     parser.add_argument('--model-dir', action='append', default=[],
                         help='a folder whose model sub-folders are served as local:NAME (repeatable)')
     parser.add_argument('--device', help=f'{DEVICE_CHOICES} (default: GQA_LENS_DEVICE, else auto)')
-    args = parser.parse_args(argv)
+    parser.add_argument('--port', type=int, help='default: GRADIO_SERVER_PORT, else 7860')
+    return parser
+
+
+def _settings(args: argparse.Namespace) -> Settings:
     settings = Settings.from_env()
     return replace(settings, model_dirs=(*settings.model_dirs, *args.model_dir), device=args.device or settings.device)
+
+
+def cli_settings(argv: Optional[Sequence[str]] = None) -> Settings:
+    """The environment's settings with the command line's on top."""
+    return _settings(_parser().parse_args(argv))
 
 
 _served: Optional[LensApp] = None
@@ -469,8 +477,9 @@ def __getattr__(name: str) -> Any:
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     global _served
-    _served = create_app(cli_settings(argv)).start()
-    _served.demo.launch(server_name=os.environ.get('GRADIO_SERVER_NAME', '127.0.0.1'))
+    args = _parser().parse_args(argv)
+    _served = create_app(_settings(args)).start()
+    _served.demo.launch(server_name=os.environ.get('GRADIO_SERVER_NAME', '127.0.0.1'), server_port=args.port)
 
 
 if __name__ == '__main__':

@@ -1,4 +1,4 @@
-"""The grouping advisor against the paper's consecutive pooling, training-free, over several calibration draws:
+"""The head-order advisor against the paper's consecutive pooling, training-free, over several calibration draws:
 the advisor table in docs/analyses.md.
 
     python bench/advisor_draws.py assets/models/mha --draws 0 1 2 --threads 2
@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from gqa_core.core.convert import convert
-from gqa_core.core.grouping import advise_grouping
+from gqa_core.core.head_order import advise_head_order
 from gqa_core.io.hub import from_pretrained
 from gqa_core.io.preprocessing import model_preprocessing
 from gqa_core.lens.kv_budget import predictions, split_tensors
@@ -57,9 +57,9 @@ def main() -> None:
             calibration = splits.calibration(args.calibration_images, draw)
             for candidates in cells:
                 start = time.perf_counter()
-                advice = advise_grouping(mha, G, calibration, candidates=candidates)
+                advice = advise_head_order(mha, G, calibration, candidates=candidates)
                 seconds[candidates].append(time.perf_counter() - start)
-                cells[candidates].append(top1(convert(copy.deepcopy(mha), 'gqa', G, grouping=advice.permutations)))
+                cells[candidates].append(top1(convert(copy.deepcopy(mha), 'gqa', G, head_order=advice.permutations)))
         consecutive = top1(convert(copy.deepcopy(mha), 'gqa', G))
         row = [' / '.join(f'{v * 100:.2f}' for v in cells[c]) + ' %' for c in (1, 8)]
         print(f'| {G} | {consecutive * 100:.2f} % | {row[0]} | {row[1]} |  '

@@ -4,7 +4,7 @@
     python bench/bench_calibration.py --only embedded --limit 2000
 
 For the embedded MHA over the full CIFAR-10 test split, with the 512 shipped calibration images
-(``assets/calibration``): test top-1 of GQA at G = 4 and 2 (mean-pooled, advised grouping, calibrated,
+(``assets/calibration``): test top-1 of GQA at G = 4 and 2 (mean-pooled, advised head order, calibrated,
 advised + calibrated) and of KDGQA, DGQA and PGQA at G = 4 (mean-pooled, calibrated, advised + calibrated),
 each with the conversion's wall time on this machine (advising included, with the app's bound on its
 model-output comparison); and GQA calibrated with only the K/V projections moving (``calibrated-kv``), to
@@ -39,13 +39,13 @@ from gqa_core.lens.kv_budget import predictions, split_tensors  # noqa: E402
 from gqa_core.lens.models import LIVE_CALIBRATION, REFINE_FLOPS, live_fit_size  # noqa: E402
 from gqa_core.training.data import build_datasets  # noqa: E402
 
-# (variant, G, grouping, init)
+# (variant, G, head order, init)
 EMBEDDED_ROWS = [('mha', 8, 'consecutive', 'mean')] + [
-    (v, G, grouping, init)
+    (v, G, order, init)
     for v, G in (('gqa', 4), ('gqa', 2), ('kdgqa', 4), ('dgqa', 4), ('pgqa', 4))
-    for grouping, init in (('consecutive', 'mean'), ('output-error', 'mean'), ('consecutive', 'calibrated'),
-                           ('output-error', 'calibrated'))
-    if v == 'gqa' or (grouping, init) != ('output-error', 'mean')
+    for order, init in (('consecutive', 'mean'), ('output-error', 'mean'), ('consecutive', 'calibrated'),
+                        ('output-error', 'calibrated'))
+    if v == 'gqa' or (order, init) != ('output-error', 'mean')
 ] + [('gqa', 4, 'consecutive', 'calibrated-kv'), ('gqa', 2, 'consecutive', 'calibrated-kv')]  # only K/V move
 LARGE = {'vit_small_patch16_224': 'ViT-S/16, 224 px, 197 tokens',
          'vit_small_patch14_reg4_dinov2': 'DINOv2-S + 4 registers, 518 px, 1,374 tokens'}
@@ -55,17 +55,17 @@ def embedded_rows(data: str, limit, budget: CalibrationBudget):
     mha = from_pretrained(str(ROOT / 'assets' / 'models' / 'mha')).float().eval()
     images, labels = split_tensors(build_datasets(data, model_preprocessing(mha), seed=0, limit=limit), 'test')
     calibration = calibration_images(model_preprocessing(mha), 512)
-    for variant, G, grouping, init in EMBEDDED_ROWS:
+    for variant, G, order, init in EMBEDDED_ROWS:
         model = copy.deepcopy(mha)
         start = time.perf_counter()
         if variant != 'mha':
             kv_only = init == 'calibrated-kv'
-            convert(model, variant, G, grouping=grouping, calibration=calibration, max_refine_flops=REFINE_FLOPS,
+            convert(model, variant, G, head_order=order, calibration=calibration, max_refine_flops=REFINE_FLOPS,
                     init='calibrated' if kv_only else init, budget=replace(budget, params='kv') if kv_only else budget)
         seconds = time.perf_counter() - start
         with torch.no_grad():
             top1 = float((predictions(model.eval(), images) == labels).float().mean())
-        yield dict(model='embedded/mha', variant=variant, G=G, grouping=grouping, init=init, n=len(labels),
+        yield dict(model='embedded/mha', variant=variant, G=G, head_order=order, init=init, n=len(labels),
                    top1=round(100 * top1, 2), seconds=round(seconds, 1),
                    steps_per_layer=(model.calibration_report.steps_per_layer if init != 'mean' else None))
 
@@ -118,9 +118,9 @@ def main() -> None:
                 ['--threads', str(args.threads)] if args.threads else []), capture_output=True, text=True, check=True)
             print(out.stdout.strip().splitlines()[-1], flush=True)
     if rows:
-        print('\n| variant | G | grouping | init | test top-1 % | conversion s |\n|---|---:|---|---|---:|---:|')
+        print('\n| variant | G | head order | init | test top-1 % | conversion s |\n|---|---:|---|---|---:|---:|')
         for r in rows:
-            print(f"| {r['variant'].upper()} | {r['G']} | {r['grouping']} | {r['init']} | {r['top1']:.2f} | "
+            print(f"| {r['variant'].upper()} | {r['G']} | {r['head_order']} | {r['init']} | {r['top1']:.2f} | "
                   f"{r['seconds']:.1f} |")
 
 

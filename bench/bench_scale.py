@@ -129,16 +129,6 @@ def scale(args: argparse.Namespace) -> dict:
     return result
 
 
-SERVER = '''
-import sys, app
-app.demo.launch(server_name="127.0.0.1", server_port=int(sys.argv[1]), prevent_thread_lock=True, quiet=True)
-print("READY", flush=True)
-import time
-while True:
-    time.sleep(3600)
-'''
-
-
 def sessions(args: argparse.Namespace) -> dict:
     from gradio_client import Client, handle_file
     from gqa_core.lens.models import DEFAULT_MODELS
@@ -146,11 +136,17 @@ def sessions(args: argparse.Namespace) -> dict:
         s.bind(('127.0.0.1', 0))
         port = s.getsockname()[1]
     env = dict(os.environ, GQA_LENS_SESSION_TTL=str(args.ttl), HF_HUB_OFFLINE='1')
-    server = subprocess.Popen([sys.executable, '-c', SERVER, str(port)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                              text=True)
+    server = subprocess.Popen([sys.executable, 'app.py', '--port', str(port)], cwd=ROOT, env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        assert server.stdout.readline().strip() == 'READY', 'the app did not start'
         url = f'http://127.0.0.1:{port}'
+        import httpx
+        for _ in range(1500):  # up to 5 minutes for the app to answer
+            try:
+                if httpx.get(url, timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
 
         def one_session() -> None:
             client = Client(url, verbose=False)

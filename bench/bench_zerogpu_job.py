@@ -34,7 +34,7 @@ def main() -> None:
             size = one.preprocessing['input_size']
             x = torch.zeros(1, *size)
             t0 = time.perf_counter()
-            job = gpu.ForwardJob.of(one, x, False)
+            job = gpu.ForwardJob.of(one.config, one.model, x, False, one.labels)
             t1 = time.perf_counter()
             job = pickle.loads(pickle.dumps(job))
             t2 = time.perf_counter()

@@ -5,7 +5,7 @@ Implements "Beyond Uniform Query Distribution: Key-Driven Grouped Query Attentio
 The package has four layers, each importing only the ones before it:
 
 - :mod:`gqa_core.core` -- the attention core: grouping policies, the drop-in attention module, conversion from
-  MHA, the grouping advisor, recording and ablating what every layer decided.
+  MHA, the head-order advisor, recording and ablating what every layer decided.
 - :mod:`gqa_core.io` -- the typed model config, its validation as untrusted data, preprocessing, save / load /
   Hub.
 - :mod:`gqa_core.training` -- data, uptraining, evaluation.

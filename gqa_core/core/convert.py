@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import copy
+import warnings
 from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 from torch import Tensor, nn
 
 from .attention import ATTENTION_KINDS, GroupedQueryAttention, attention_kind, kv_bytes
 from .calibrate import CalibrationBudget, calibrate_layers, check_calibration
-from .grouping import GROUPINGS, advise_grouping, check_permutations, permute_heads
+from .head_order import HEAD_ORDERS, advise_head_order, check_permutations, permute_heads
 from .vit import check_positions, check_vit, gqa_layers, num_tokens
 
 __all__ = ['convert', 'revert', 'INITS', 'check_convertible', 'grouping_config', 'kv_cache_bytes', 'source_heads']
@@ -21,7 +22,7 @@ def convert(
         model: nn.Module,
         variant: str,
         num_kv_heads: Optional[int] = None,
-        grouping: Union[str, Sequence[Sequence[int]]] = 'consecutive',
+        head_order: Union[str, Sequence[Sequence[int]]] = 'consecutive',
         calibration: Optional[Tensor] = None,
         max_refine_flops: Optional[float] = None,
         init: str = 'mean',
@@ -38,20 +39,24 @@ def convert(
     before can change policy at the same G (weights kept) or be re-pooled from G = H. ``policy_options``
     go to the policy (``compat``, ``seed``, ``stat``, ``window``, ``beta``, ``noise_scale``, ...).
 
-    ``grouping`` decides which MHA heads share a KV head: ``"consecutive"`` (the paper's), ``"output-error"``
-    (chosen per layer on the ``calibration`` images, see :mod:`gqa_core.core.grouping`) or one head order per
-    layer. Non-consecutive groupings permute the MHA's heads (function-preserving) before pooling; each layer's
+    ``head_order`` decides which MHA heads share a KV head (the heads are pooled in this order, H/G at a time):
+    ``"consecutive"`` (the paper's), ``"output-error"`` (chosen per layer on the ``calibration`` images, see
+    :mod:`gqa_core.core.head_order`) or one order per layer. Other orders permute the MHA's heads
+    (function-preserving) before pooling; each layer's
     ``source_heads`` then records which original head sits at each position. ``max_refine_flops`` bounds the
     advisor's model-output comparison (for live requests).
 
     ``init``: ``"mean"`` (the paper's mean-pooling) or ``"calibrated"`` -- each converted layer then fitted on
     the unlabeled ``calibration`` images to the MHA layer's output (:mod:`gqa_core.core.calibrate`: a closed
     form, then ``budget`` of optimisation steps on the layer's K/V, Q and output projections); nothing outside
-    the attention layers changes, layers that share nothing (G = H, fixed grouping) are kept exactly, and the
+    the attention layers changes, layers that share nothing (G = H, a static policy) are kept exactly, and the
     :class:`~gqa_core.core.calibrate.CalibrationReport` is left on the model as ``calibration_report`` and a
     short record (saved in the config, shown on the card) as ``gqa_conversion``.
     ``progress(fraction, message)`` is called after each calibrated layer. A failure leaves the model as it was.
     """
+    if 'grouping' in policy_options:  # its name before 0.3; "grouping" is what a policy decides per forward
+        warnings.warn('convert(grouping=...) is deprecated; use head_order=...', DeprecationWarning, stacklevel=2)
+        head_order = policy_options.pop('grouping')
     vit = check_vit(model)
     attns = check_convertible(vit, num_kv_heads)
     if init not in INITS:
@@ -62,7 +67,7 @@ def convert(
         check_calibration(calibration, vit)
         budget = budget if budget is not None else CalibrationBudget()
     sources = [getattr(block.attn, 'source_heads', None) for block in vit.blocks]
-    perms = _grouping_permutations(vit, attns, grouping, calibration, num_kv_heads, max_refine_flops)
+    perms = _head_order_permutations(vit, attns, head_order, calibration, num_kv_heads, max_refine_flops)
     if perms is not None:
         attns = [copy.deepcopy(a) for a in attns]  # permute copies: a failure below leaves the model as it was
         for attn, perm in zip(attns, perms):
@@ -95,18 +100,19 @@ def check_convertible(model: nn.Module, num_kv_heads: Optional[int] = None) -> L
     return [_convertible_attention(index, block, num_kv_heads) for index, block in enumerate(vit.blocks)]
 
 
-def _grouping_permutations(vit: nn.Module, attns: list, grouping: Any, calibration: Optional[Tensor],
-                            num_kv_heads: Optional[int],
-                            max_refine_flops: Optional[float]) -> Optional[List[List[int]]]:
-    if isinstance(grouping, str):
-        if grouping == 'consecutive':
+def _head_order_permutations(vit: nn.Module, attns: list, head_order: Any, calibration: Optional[Tensor],
+                             num_kv_heads: Optional[int],
+                             max_refine_flops: Optional[float]) -> Optional[List[List[int]]]:
+    if isinstance(head_order, str):
+        if head_order == 'consecutive':
             return None
-        if grouping not in GROUPINGS:
-            raise ValueError(f'grouping must be one of {GROUPINGS} or one head order per layer, got {grouping!r}')
+        if head_order not in HEAD_ORDERS:
+            raise ValueError(f'head_order must be one of {HEAD_ORDERS} or one head order per layer, '
+                             f'got {head_order!r}')
         if calibration is None:
-            raise ValueError('grouping="output-error" needs calibration images (a tensor (N, 3, H, W))')
-        return advise_grouping(vit, num_kv_heads, calibration, max_refine_flops=max_refine_flops).permutations
-    return check_permutations(grouping, len(attns), attns[0].num_heads)
+            raise ValueError('head_order="output-error" needs calibration images (a tensor (N, 3, H, W))')
+        return advise_head_order(vit, num_kv_heads, calibration, max_refine_flops=max_refine_flops).permutations
+    return check_permutations(head_order, len(attns), attns[0].num_heads)
 
 
 def source_heads(model: nn.Module) -> Optional[List[List[int]]]:

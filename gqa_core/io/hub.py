@@ -21,9 +21,10 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..core.convert import convert
-from ..core.grouping import head_groups
+from ..core.head_order import head_groups
 from .config import FORMAT, GQALensConfig
 from .credentials import Token
+from .preprocessing import PREPROCESSING_KEYS
 from .safe_config import Budget, ConfigError, check_backbone, check_backbone_args, check_budget, check_preprocessing
 from . import transformers_format
 
@@ -121,8 +122,7 @@ def _timm_preprocessing(pretrained_cfg: Any) -> Dict[str, Any]:
     """The preprocessing fields of a timm ``pretrained_cfg``, validated; everything else in it is dropped."""
     if not isinstance(pretrained_cfg, dict):
         raise ConfigError('pretrained_cfg must be an object')
-    keys = ('input_size', 'mean', 'std', 'crop_pct', 'interpolation')
-    pre = {k: pretrained_cfg[k] for k in keys if k in pretrained_cfg}
+    pre = {k: pretrained_cfg[k] for k in PREPROCESSING_KEYS if k in pretrained_cfg}
     if 'input_size' in pre:
         check_preprocessing(dict(dict(mean=[0.5] * 3, std=[0.5] * 3), **pre))
     return pre
@@ -152,7 +152,7 @@ def save_pretrained(model: nn.Module, directory: str | os.PathLike, *, labels: O
 
 def pooled_heads(config: Dict[str, Any]) -> str:
     """Which MHA heads each KV head was mean-pooled from, in words: consecutive (the paper's), or per layer the
-    groups of the saved head order (``source_heads``, e.g. the grouping advisor's)."""
+    groups of the saved head order (``source_heads``, e.g. the head-order advisor's)."""
     heads, G = config.get('source_heads'), config['grouping']['num_kv_heads']
     if heads is None:
         return 'mean-pooled from consecutive MHA heads'

@@ -23,7 +23,7 @@ from ..core.device import model_device
 from ..core.vit import gqa_layers, num_tokens
 from ..core.settings import Settings
 
-__all__ = ['Analysis', 'analyse', 'layer_maps', 'model_input', 'prefix_attention', 'attention_rollout', 'FUSIONS']
+__all__ = ['Analysis', 'analyse', 'layer_maps', 'model_input', 'FUSIONS']
 
 HEADLESS_NOTE = 'features only (no classifier head): no prediction; every attention view is still shown'
 
@@ -39,7 +39,7 @@ class Analysis:
     history: Optional[List[Dict[str, Any]]] = None  # DGQA: per layer {'steps': [...], 'allocation': [[...]]}
     summary: str = ''  # the model's one-line description (params, G, K/V bytes)
     notes: List[str] = field(default_factory=list)
-    source_heads: Optional[List[List[int]]] = None  # advised grouping: original MHA head at each position
+    source_heads: Optional[List[List[int]]] = None  # advised head order: original MHA head at each position
     ablation: Optional[AblationResult] = None  # which heads matter (None: not computed, see deep_note)
     faithfulness: Optional[Dict[str, Dict[str, Any]]] = None  # deletion / insertion per map
     deep_note: str = ''
@@ -96,7 +96,7 @@ def analyse(loaded: LoadedModel, image: Image.Image, deep: bool = False) -> Anal
     run_deep = deep and tokens <= deep_max
     with loaded.lock:
         if on_zerogpu():
-            out = forwards_in_a_gpu_call(ForwardJob.of(loaded, x, run_deep))
+            out = forwards_in_a_gpu_call(ForwardJob.of(loaded.config, loaded.model, x, run_deep, loaded.labels))
         else:
             out = run_forwards(loaded.model, x, run_deep, loaded.labels)
         analysis = _summarise(loaded, view, out.recording)
@@ -149,31 +149,3 @@ def layer_maps(loaded: LoadedModel, analysis: Analysis, layer: int) -> np.ndarra
     with loaded.lock, torch.inference_mode(), record(loaded.model, attention='none', full_layers=[layer]) as rec:
         loaded.model(x)
     return rec.result.layers[layer].full[0].numpy()
-
-
-def prefix_attention(maps: np.ndarray, num_prefix_tokens: int, has_class_token: bool = True) -> np.ndarray:
-    """Attention of the summary row to every patch: ``(..., T, T) -> (..., patches)``.
-
-    The class token's row; with no class token, the mean over all query rows stands in for it.
-    """
-    rows = maps[..., 0, :] if has_class_token and num_prefix_tokens > 0 else maps.mean(-2)
-    return rows[..., num_prefix_tokens:]
-
-
-def attention_rollout(maps: np.ndarray, num_prefix_tokens: int, fusion: str = 'mean',
-                      has_class_token: bool = True) -> np.ndarray:
-    """Abnar & Zuidema's rollout from all layers' maps at once (the reference the recorder's layer-by-layer
-    accumulation is tested against): fuse heads, 0.5 A + 0.5 I, renormalise, multiply layers.
-
-    maps: ``(L, H, T, T)``. Returns ``(patches,)``.
-    """
-    if fusion not in FUSIONS:
-        raise ValueError(f'fusion must be one of {FUSIONS}, got {fusion!r}')
-    fused = getattr(maps, fusion)(axis=1)  # (L, T, T)
-    T = fused.shape[-1]
-    joint = np.eye(T)
-    for layer in fused:
-        a = 0.5 * layer + 0.5 * np.eye(T)
-        a = a / a.sum(-1, keepdims=True)
-        joint = a @ joint
-    return prefix_attention(joint[None], num_prefix_tokens, has_class_token)[0]

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from ..core.calibrate import CALIBRATED_PARAMS, CalibrationBudget, layer_errors
 from ..core.convert import INITS, convert, grouping_config
-from ..core.grouping import GROUPINGS, advise_grouping
+from ..core.head_order import HEAD_ORDERS, advise_head_order
 from ..core.policies import POLICIES
 from ..io.hub import ModelLoadError, from_pretrained, from_timm, save_pretrained
 from ..io.preprocessing import model_preprocessing
@@ -56,19 +56,19 @@ def _top1(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> float
 
 
 def convert_and_report(model: nn.Module, variant: str, num_kv_heads: int, calibration: torch.Tensor, *,
-                       grouping: str = 'consecutive', init: str = 'calibrated',
+                       head_order: str = 'consecutive', init: str = 'calibrated',
                        budget: CalibrationBudget = CalibrationBudget(),
                        evaluation: Optional[tuple] = None, held_out: Optional[torch.Tensor] = None,
                        progress: bool = True, **policy_options: Any) -> tuple:
-    """``(converted model, report dict)``. The advisor (``grouping="output-error"``) runs once; the mean-pooled
+    """``(converted model, report dict)``. The advisor (``head_order="output-error"``) runs once; the mean-pooled
     baseline of the report pools the same heads. ``evaluation``: ``(images, labels)`` for top-1."""
     mha = model
     start = time.perf_counter()
-    order: Any = grouping
-    if grouping != 'consecutive':
-        order = advise_grouping(mha, num_kv_heads, calibration).permutations
+    order: Any = head_order
+    if head_order != 'consecutive':
+        order = advise_head_order(mha, num_kv_heads, calibration).permutations
     advised_s = time.perf_counter() - start
-    mean_pooled = convert(copy.deepcopy(mha), variant, num_kv_heads, grouping=order, **policy_options)
+    mean_pooled = convert(copy.deepcopy(mha), variant, num_kv_heads, head_order=order, **policy_options)
     result = mean_pooled
     calibration_report = None
     if init == 'calibrated':
@@ -77,11 +77,11 @@ def convert_and_report(model: nn.Module, variant: str, num_kv_heads: int, calibr
         def step(fraction: float, what: str) -> None:
             bar.update(round(fraction * len(mha.blocks)) - bar.n)
 
-        result = convert(copy.deepcopy(mha), variant, num_kv_heads, grouping=order, calibration=calibration,
+        result = convert(copy.deepcopy(mha), variant, num_kv_heads, head_order=order, calibration=calibration,
                          init='calibrated', budget=budget, progress=step, **policy_options)
         bar.close()
         calibration_report = result.calibration_report.as_dict()
-    report: Dict[str, Any] = dict(variant=variant, num_kv_heads=num_kv_heads, grouping=grouping, init=init,
+    report: Dict[str, Any] = dict(variant=variant, num_kv_heads=num_kv_heads, head_order=head_order, init=init,
                                   calibration_images=int(calibration.shape[0]), budget=vars(budget) if init ==
                                   'calibrated' else None, advise_seconds=round(advised_s, 1),
                                   seconds=round(time.perf_counter() - start, 1), calibration=calibration_report)
@@ -98,9 +98,9 @@ def convert_and_report(model: nn.Module, variant: str, num_kv_heads: int, calibr
 
 def format_report(report: Dict[str, Any]) -> str:
     """The report as text: one line per layer (mean-pooled vs calibrated), then accuracy and time."""
-    lines = [f"{report['variant'].upper()} G={report['num_kv_heads']} ({report['grouping']} grouping, "
+    lines = [f"{report['variant'].upper()} G={report['num_kv_heads']} ({report['head_order']} head order, "
              f"{report['init']}), {report['calibration_images']} calibration images, {report['seconds']:.1f} s"
-             + (f" (advisor {report['advise_seconds']:.1f} s)" if report['grouping'] != 'consecutive' else '')]
+             + (f" (advisor {report['advise_seconds']:.1f} s)" if report['head_order'] != 'consecutive' else '')]
     cal = report.get('calibration')
     if cal:
         lines += ['', f"per layer, how far the tokens are from the MHA model's ({min(cal['images'], 32)} calibration "
@@ -144,7 +144,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument('source', help='a GQA Lens MHA folder or Hub repo, hf-hub:ORG/NAME or timm:NAME')
     parser.add_argument('--variant', choices=sorted(p for p in POLICIES if p != 'mha'), default='gqa')
     parser.add_argument('--kv-heads', type=_count(1), required=True, help='G, a divisor of the heads')
-    parser.add_argument('--grouping', choices=GROUPINGS, default='consecutive')
+    parser.add_argument('--head-order', '--grouping', dest='head_order', choices=HEAD_ORDERS, default='consecutive',
+                        help='which MHA heads share a KV head (--grouping: its deprecated spelling)')
     parser.add_argument('--init', choices=INITS, default='calibrated')
     parser.add_argument('--calibration', help='folder, .tar.gz or Hub dataset (default: the shipped 512 images)')
     parser.add_argument('--images', type=_count(2), default=512, help='calibration images')
@@ -170,7 +171,7 @@ def main(argv: Optional[List[str]] = None) -> None:
             evaluation = split_tensors(splits, 'test' if splits.test is not None else 'val')
             held_out = evaluation[0][:args.held_out] if args.held_out else None
         budget = CalibrationBudget(steps=args.steps, params=args.params, max_flops=args.max_flops, seed=args.seed)
-        result, report = convert_and_report(model, args.variant, args.kv_heads, calibration, grouping=args.grouping,
+        result, report = convert_and_report(model, args.variant, args.kv_heads, calibration, head_order=args.head_order,
                                             init=args.init, budget=budget, evaluation=evaluation, held_out=held_out)
     except (ValueError, ModelLoadError, FileNotFoundError) as e:
         raise SystemExit(f'error: {e}') from None

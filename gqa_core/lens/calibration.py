@@ -1,5 +1,5 @@
-"""The calibration images the app's grouping advisor uses: 512 CIFAR-10 training images shipped as one
-uint8 array (``assets/calibration/cifar10-train-512.npz``, 1.5 MB), so "convert with an advised grouping" works
+"""The calibration images the app's head-order advisor uses: 512 CIFAR-10 training images shipped as one
+uint8 array (``assets/calibration/cifar10-train-512.npz``, 1.5 MB), so "convert with an advised head order" works
 offline. Each model sees them through its own preprocessing.
 
     python -m gqa_core.lens.calibration ../shared/data/cifar10-jpeg.tar.gz    # regenerates the file

@@ -43,8 +43,8 @@ def seeds_table(result: Dict[str, Any]) -> list:
 
 
 def kv_budget_table(result: Dict[str, Any]) -> list:
-    """Rows for a table: G, variant, grouping, K/V init, K/V bytes, top-1 (or blank), agreement with MHA."""
-    return [[r['num_kv_heads'], r['variant'], r['grouping'], r.get('init', 'mean'), r['kv_bytes'],
+    """Rows for a table: G, variant, head order, K/V init, K/V bytes, top-1 (or blank), agreement with MHA."""
+    return [[r['num_kv_heads'], r['variant'], r['head_order'], r.get('init', 'mean'), r['kv_bytes'],
              '' if r['top1'] is None else round(100 * r['top1'], 2), round(100 * r['agreement'], 2)]
             for r in result['rows']]
 
@@ -70,8 +70,9 @@ def live_kv_budget(registry: ModelRegistry, spec: str, n: int,
         calibration = images[:live_calibration_size(loaded.model, most=LIVE_CALIBRATION)]  # bounded work
         labels = labels if same_classes else None
         if on_zerogpu():  # one GPU call; progress cannot cross the process boundary
-            rows = kv_budget_in_a_gpu_call(KVBudgetJob.of(loaded, images[LIVE_CALIBRATION:], labels, calibration,
-                                                          REFINE_FLOPS))
+            job = KVBudgetJob.of(loaded.config, loaded.model, images[LIVE_CALIBRATION:], labels, calibration,
+                                 REFINE_FLOPS)
+            rows = kv_budget_in_a_gpu_call(job)
         else:
             rows = kv_budget_rows(loaded.model, images[LIVE_CALIBRATION:], labels, calibration, progress=progress,
                                   batch_size=64, max_refine_flops=REFINE_FLOPS)

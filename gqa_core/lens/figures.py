@@ -13,10 +13,10 @@ from plotly.colors import qualitative, sample_colorscale
 from plotly.subplots import make_subplots
 
 from ..core.apportion import largest_remainder, min_max_shares
-from ..core.grouping import head_groups
+from ..core.head_order import head_groups
 
 __all__ = ['Fit', 'pixelated', 'idle_heads', 'total_variation', 'patch_grid', 'overlay', 'colorize', 'heads_layers_figure', 'key_norm_figure', 'assignment_figure',
-           'allocation_history_figure', 'difference_figure', 'kv_colors', 'message_figure',
+           'allocation_history_figure', 'difference_figure', 'kv_colors',
            'ablation_figure', 'diversity_figure', 'faithfulness_figure', 'kv_budget_figure', 'stats_figures',
            'seeds_figure']
 
@@ -178,7 +178,7 @@ def assignment_figure(query_to_kv: np.ndarray, allocation: np.ndarray, fit: Fit 
     """Which KV head serves each query head, layers (rows) × query heads (columns), coloured by KV head.
 
     query_to_kv: ``(L, H)``; allocation: ``(L, G)``. KV heads serving no query have no cell; the view names
-    them (:func:`idle_heads`). source_heads: ``(L, H)`` original MHA head at each position (an advised grouping);
+    them (:func:`idle_heads`). source_heads: ``(L, H)`` original MHA head at each position (an advised head order);
     the hover then names the MHA heads each KV head pooled.
     """
     L, H = query_to_kv.shape
@@ -259,13 +259,6 @@ def difference_figure(variant_prefix: np.ndarray, reference_prefix: np.ndarray, 
                                 fit.plot_px(colorbar=True)))
     fig.update_yaxes(autorange='reversed', tickvals=[r * (rows + 1) + rows / 2 - 0.5 for r in range(lines)],
                      ticktext=[f'L{r * per_row}' for r in range(lines)], showticklabels=lines > 1)
-    return fig
-
-
-def message_figure(reason: str) -> go.Figure:
-    fig = _figure()
-    fig.add_annotation(text=reason, showarrow=False, x=0.5, y=0.5, xref='paper', yref='paper')
-    fig.update_layout(xaxis_visible=False, yaxis_visible=False)
     return fig
 
 
@@ -355,7 +348,7 @@ def faithfulness_figure(curves: dict, score: str, fit: Fit = Fit(), title: str =
 
 
 def kv_budget_figure(result: dict, metric: str = 'auto') -> go.Figure:
-    """Accuracy (or agreement with MHA) against K/V cache bytes per image, one line per variant × grouping (×
+    """Accuracy (or agreement with MHA) against K/V cache bytes per image, one line per variant × head order (×
     K/V init when mean-pooled and calibrated rows are both present)."""
     rows = result['rows']
     if metric == 'auto':
@@ -365,18 +358,18 @@ def kv_budget_figure(result: dict, metric: str = 'auto') -> go.Figure:
     styles = {('consecutive', 'mean'): 'dash', ('output-error', 'mean'): 'solid',
               ('consecutive', 'calibrated'): 'dot', ('output-error', 'calibrated'): 'dashdot'}
     colors = dict(gqa=qualitative.Plotly[0], kdgqa=qualitative.Plotly[1])
-    keys = sorted({(r['variant'], r['grouping'], r.get('init', 'mean')) for r in rows if r['variant'] != 'mha'})
+    keys = sorted({(r['variant'], r['head_order'], r.get('init', 'mean')) for r in rows if r['variant'] != 'mha'})
     inits = {k[2] for k in keys}
-    for variant, grouping, init in keys:
+    for variant, order, init in keys:
         same = [r for r in rows if r['variant'] == variant and r.get('init', 'mean') == init]
-        line = sorted((r for r in same if r['grouping'] == grouping), key=lambda r: r['kv_bytes'])
-        if grouping == 'output-error':  # G = 1 has one grouping only: share its point
-            line = sorted(line + [r for r in same if r['num_kv_heads'] == 1 and r['grouping'] == 'consecutive'],
+        line = sorted((r for r in same if r['head_order'] == order), key=lambda r: r['kv_bytes'])
+        if order == 'output-error':  # G = 1 has one head order only: share its point
+            line = sorted(line + [r for r in same if r['num_kv_heads'] == 1 and r['head_order'] == 'consecutive'],
                           key=lambda r: r['kv_bytes'])
-        name = f'{variant.upper()} · {grouping}' + (f' · {init}' if len(inits) > 1 else '')
+        name = f'{variant.upper()} · {order}' + (f' · {init}' if len(inits) > 1 else '')
         fig.add_trace(go.Scatter(
             x=[r['kv_bytes'] for r in line], y=[r[metric] for r in line], mode='lines+markers',
-            name=name, line=dict(dash=styles.get((grouping, init), 'dot'), color=colors.get(variant)),
+            name=name, line=dict(dash=styles.get((order, init), 'dot'), color=colors.get(variant)),
             marker=dict(symbol='diamond' if init == 'calibrated' else 'circle'),
             text=[f"G={r['num_kv_heads']}" for r in line],
             hovertemplate='%{text}: %{x:,} B, %{y:.2%}<extra>%{fullData.name}</extra>'))

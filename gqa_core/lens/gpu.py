@@ -10,7 +10,7 @@ unset) the decorator returns the function unchanged.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 from torch import Tensor, nn
@@ -19,9 +19,6 @@ from ..core.device import full_fp32
 from ..core.record import FUSIONS, Recording, record
 from ..io.config import GQALensConfig
 from .heads import AblationResult, ablation_study, faithfulness
-
-if TYPE_CHECKING:
-    from .models import LoadedModel
 
 __all__ = ['ForwardJob', 'Forwards', 'run_forwards', 'forwards_in_a_gpu_call', 'on_zerogpu', 'GPU_DURATION_S',
            'KVBudgetJob', 'kv_budget_in_a_gpu_call', 'cpu_state', 'job_model']
@@ -80,8 +77,8 @@ class ForwardJob:
     labels: List[str]
 
     @classmethod
-    def of(cls, loaded: 'LoadedModel', x: Tensor, deep: bool) -> 'ForwardJob':
-        return cls(loaded.config, cpu_state(loaded.model), x.cpu(), deep, list(loaded.labels))
+    def of(cls, config: GQALensConfig, model: nn.Module, x: Tensor, deep: bool, labels: List[str]) -> 'ForwardJob':
+        return cls(config, cpu_state(model), x.cpu(), deep, list(labels))
 
 
 def cpu_state(model: nn.Module) -> Dict[str, Tensor]:
@@ -120,10 +117,10 @@ class KVBudgetJob:
     max_refine_flops: Optional[float]
 
     @classmethod
-    def of(cls, loaded: 'LoadedModel', images: Tensor, labels: Optional[Tensor], calibration: Tensor,
-           max_refine_flops: Optional[float]) -> 'KVBudgetJob':
-        return cls(loaded.config, cpu_state(loaded.model), images.cpu(), None if labels is None else labels.cpu(),
-                   calibration.cpu(), max_refine_flops)
+    def of(cls, config: GQALensConfig, model: nn.Module, images: Tensor, labels: Optional[Tensor],
+           calibration: Tensor, max_refine_flops: Optional[float]) -> 'KVBudgetJob':
+        return cls(config, cpu_state(model), images.cpu(), None if labels is None else labels.cpu(), calibration.cpu(),
+                   max_refine_flops)
 
 
 @_gpu(GPU_DURATION_S)

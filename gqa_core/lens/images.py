@@ -28,8 +28,6 @@ class ImageInputError(ValueError):
 class LoadedImage:
     image: Image.Image  # RGB
     notes: List[str] = field(default_factory=list)
-    source_mode: str = 'RGB'
-    source_size: tuple = (0, 0)
 
 
 def _to_rgb(img: Image.Image, notes: List[str]) -> Image.Image:
@@ -81,7 +79,6 @@ def load_image(path: Optional[str], max_pixels: int = MAX_PIXELS, max_bytes: int
                 if frames > 1:
                     img.seek(0)
                     notes.append(f'animated image with {frames} frames: using the first frame')
-                mode = img.mode
                 img.load()
                 rotated = ImageOps.exif_transpose(img)
                 if rotated is not img and rotated.size != img.size:
@@ -98,4 +95,4 @@ def load_image(path: Optional[str], max_pixels: int = MAX_PIXELS, max_bytes: int
         raise ImageInputError(f'{name} is truncated or corrupt: {e}') from None
     if min(width, height) < 8:
         notes.append(f'very small image ({width}x{height}): it is upsampled to the model input')
-    return LoadedImage(rgb, notes, mode, (width, height))
+    return LoadedImage(rgb, notes)

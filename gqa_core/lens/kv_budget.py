@@ -4,7 +4,7 @@
         --out runs/kv-budget
 
 From one multi-head model: for every divisor G of its H heads, GQA and KDGQA with consecutive and advised
-(``output-error``) grouping, each evaluated on the split (top-1 against the labels, and agreement with the MHA
+(``output-error``) head order, each evaluated on the split (top-1 against the labels, and agreement with the MHA
 model's own top-1, which needs no labels). Writes ``kv_budget.json``, ``kv_budget.csv`` and a standalone
 ``kv_budget.html`` with the plotly figure.
 """
@@ -25,15 +25,15 @@ from tqdm.auto import tqdm
 from ..core.calibrate import CalibrationBudget
 from ..core.convert import INITS, convert, grouping_config, kv_cache_bytes
 from ..core.device import DEVICE_CHOICES, model_device, resolve_device
-from ..core.grouping import GROUPINGS, advise_grouping
+from ..core.head_order import HEAD_ORDERS, advise_head_order
 from ..io.hub import from_pretrained
 from ..io.preprocessing import model_preprocessing
 from ..training.data import DataSplits, build_datasets
 from .figures import kv_budget_figure
 
-__all__ = ['kv_budget', 'kv_budget_rows', 'predictions', 'split_tensors', 'main', 'VARIANTS', 'GROUPINGS']
+__all__ = ['kv_budget', 'kv_budget_rows', 'predictions', 'split_tensors', 'main', 'EXPLORED_VARIANTS', 'HEAD_ORDERS']
 
-VARIANTS = ('gqa', 'kdgqa')
+EXPLORED_VARIANTS = ('gqa', 'kdgqa')  # the explorer's variants at each G (the static and the key-driven one)
 
 
 @torch.inference_mode()
@@ -44,7 +44,7 @@ def predictions(model: nn.Module, images: Tensor, batch_size: int = 256) -> Tens
 
 def split_tensors(splits: DataSplits, split: str, batch_size: int = 256) -> Tuple[Tensor, Tensor]:
     """One split's images and labels as two tensors: every model of the explorer sees the same decoded batch."""
-    dataset = {'test': splits.test, 'val': splits.val}[split]
+    dataset = splits.split(split)
     xs, ys = [], []
     for x, y in tqdm(DataLoader(dataset, batch_size=batch_size), desc=f'loading {split}', leave=False):
         xs.append(x)
@@ -53,12 +53,13 @@ def split_tensors(splits: DataSplits, split: str, batch_size: int = 256) -> Tupl
 
 
 def kv_budget_rows(mha: nn.Module, images: Tensor, labels: Optional[Tensor], calibration: Tensor, *,
-                   variants: Sequence[str] = VARIANTS, groupings: Sequence[str] = GROUPINGS, batch_size: int = 256,
+                   variants: Sequence[str] = EXPLORED_VARIANTS, head_orders: Sequence[str] = HEAD_ORDERS,
+                   batch_size: int = 256,
                    progress: Optional[Callable[[float, str], None]] = None,
                    max_refine_flops: Optional[float] = None, inits: Sequence[str] = ('mean',),
                    budget: Optional[CalibrationBudget] = None) -> List[Dict[str, Any]]:
-    """One row per (G, variant, grouping, init), plus the MHA row; ``labels`` None: agreement only.
-    ``max_refine_flops`` bounds the grouping advisor's model-output comparison (live requests); ``inits``:
+    """One row per (G, variant, head order, init), plus the MHA row; ``labels`` None: agreement only.
+    ``max_refine_flops`` bounds the head-order advisor's model-output comparison (live requests); ``inits``:
     mean-pooled and / or calibrated (on ``calibration``, with ``budget``) K/V heads."""
     mha = mha.eval()
     device = model_device(mha)
@@ -66,25 +67,25 @@ def kv_budget_rows(mha: nn.Module, images: Tensor, labels: Optional[Tensor], cal
     labels = labels.to(device) if labels is not None else None
     H = mha.blocks[0].attn.num_heads
     reference = predictions(mha, images, batch_size)
-    rows = [dict(num_kv_heads=H, variant='mha', grouping='consecutive', init='mean', kv_bytes=kv_cache_bytes(mha),
+    rows = [dict(num_kv_heads=H, variant='mha', head_order='consecutive', init='mean', kv_bytes=kv_cache_bytes(mha),
                  top1=float((reference == labels).float().mean()) if labels is not None else None, agreement=1.0)]
     divisors = [g for g in range(1, H) if H % g == 0]
-    jobs = [(g, v, grouping, init) for g in divisors for v in variants for grouping in groupings for init in inits
-            if not (grouping != 'consecutive' and g == 1)]  # one group: nothing to choose
+    jobs = [(g, v, order, init) for g in divisors for v in variants for order in head_orders for init in inits
+            if not (order != 'consecutive' and g == 1)]  # one group: nothing to choose
     advice: Dict[int, List[List[int]]] = {}
-    for i, (g, variant, grouping, init) in enumerate(jobs):
+    for i, (g, variant, order, init) in enumerate(jobs):
         if progress is not None:
-            progress(i / len(jobs), f'G={g} {variant} {grouping} {init}')
+            progress(i / len(jobs), f'G={g} {variant} {order} {init}')
         model = copy.deepcopy(mha)
         perms: Any = 'consecutive'
-        if grouping == 'output-error':
+        if order == 'output-error':
             if g not in advice:
-                advice[g] = advise_grouping(mha, g, calibration, max_refine_flops=max_refine_flops).permutations
+                advice[g] = advise_head_order(mha, g, calibration, max_refine_flops=max_refine_flops).permutations
             perms = advice[g]
-        convert(model, variant, g, grouping=perms, init=init, calibration=calibration if init != 'mean' else None,
+        convert(model, variant, g, head_order=perms, init=init, calibration=calibration if init != 'mean' else None,
                 budget=budget)
         predicted = predictions(model.eval(), images, batch_size)
-        rows.append(dict(num_kv_heads=g, variant=variant, grouping=grouping, init=init,
+        rows.append(dict(num_kv_heads=g, variant=variant, head_order=order, init=init,
                          kv_bytes=kv_cache_bytes(model),
                          top1=float((predicted == labels).float().mean()) if labels is not None else None,
                          agreement=float((predicted == reference).float().mean())))
@@ -144,7 +145,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     write_outputs(result, Path(args.out))
     for row in result['rows']:
         top1 = f"{row['top1'] * 100:6.2f} %" if row['top1'] is not None else '   n/a'
-        print(f"G={row['num_kv_heads']:<3} {row['variant']:<6} {row['grouping']:<12} {row.get('init', 'mean'):<10} "
+        print(f"G={row['num_kv_heads']:<3} {row['variant']:<6} {row['head_order']:<12} {row.get('init', 'mean'):<10} "
               f"{row['kv_bytes']:>9,} B  "
               f"top-1 {top1}  agreement {row['agreement'] * 100:6.2f} %")
 

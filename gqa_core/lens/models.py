@@ -19,7 +19,7 @@ from torch import nn
 
 from ..core.calibrate import CalibrationBudget, CalibrationReport, block_flops
 from ..core.convert import check_convertible, convert, kv_cache_bytes
-from ..core.grouping import advise_grouping
+from ..core.head_order import advise_head_order
 from ..core.device import full_fp32, resolve_device
 from ..core.policies import POLICIES
 from ..core.settings import EMBEDDED_DIR
@@ -61,7 +61,7 @@ HUB_TIMEOUT = 3.0  # seconds the reachability check waits for the Hub
 
 
 def live_calibration_size(model: nn.Module, most: int = 512) -> int:
-    """How many calibration images the grouping advisor scores for one live request (bounded work)."""
+    """How many calibration images the head-order advisor scores for one live request (bounded work)."""
     return max(8, min(most, CALIBRATION_TOKENS // num_tokens(model)))
 
 
@@ -117,7 +117,7 @@ class LoadedModel:
     def summary(self) -> str:
         g = self.grouping
         head = ' · features only (no classifier head)' if self.model.num_classes == 0 else ''
-        head += ' · advised head grouping (hover the assignment for source heads)' if self.source_heads else ''
+        head += ' · advised head order (hover the assignment for source heads)' if self.source_heads else ''
         calibrated = self.conversion is not None and self.conversion.get('init') == 'calibrated'
         head += f' · {calibrated_words(self.conversion)}' if calibrated else ''
         return (f"**{short_name(self.spec)}** — {g['variant'].upper()}, G = {g['num_kv_heads']} of "
@@ -238,7 +238,7 @@ class ModelRegistry:
         """``spec``'s conversion of ``model``, within the live budgets (the advisor's, calibration's): the shipped
         images through the model's own preprocessing."""
         check_convertible(model, spec.num_kv_heads)
-        advised, calibrated = spec.grouping != 'consecutive', spec.init == 'calibrated'
+        advised, calibrated = spec.head_order != 'consecutive', spec.init == 'calibrated'
         fit_size = live_fit_size(model) if calibrated else 0
         if calibrated:  # refused before any image is decoded or any head is advised
             passes = fit_size * forward_flops(model) * CALIBRATION_PASSES
@@ -249,13 +249,13 @@ class ModelRegistry:
         advise_size = live_calibration_size(model) if advised else 0
         images = calibration_images(model_preprocessing(model), max(advise_size, fit_size)) \
             if advised or calibrated else None  # both sets are prefixes of the shipped images: decoded once
-        grouping: Any = spec.grouping
+        order: Any = spec.head_order
         if advised:  # the advisor on its own bounded image set
-            grouping = advise_grouping(model, spec.num_kv_heads, images[:advise_size],
+            order = advise_head_order(model, spec.num_kv_heads, images[:advise_size],
                                        max_refine_flops=REFINE_FLOPS).permutations
         fit = images[:fit_size] if calibrated else None
         report = None if progress is None else (lambda f, what: progress(f'{spec}: {what}'))
-        convert(model, spec.variant, spec.num_kv_heads, grouping=grouping, calibration=fit, init=spec.init,
+        convert(model, spec.variant, spec.num_kv_heads, head_order=order, calibration=fit, init=spec.init,
                 budget=LIVE_CALIBRATION, progress=report)
         if model.gqa_conversion is not None:
             model.gqa_conversion['data'] = CALIBRATION_DATA

@@ -4,10 +4,11 @@
     local:NAME                         a model folder in a directory the operator allowed
                                        (``GQA_LENS_MODEL_DIRS``, or ``python app.py --model-dir DIR``)
     hub:ORG/NAME[@REVISION]            a saved GQA Lens model on the Hugging Face Hub
-    convert:SOURCE:VARIANT:G[:GROUPING][:INIT]
+    convert:SOURCE:VARIANT:G[:ORDER][:INIT]
                                        training-free conversion of SOURCE, one of the above, ``hf-hub:ORG/NAME``
-                                       (a timm-format repo) or a timm ViT name with Hub weights; GROUPING is
-                                       ``consecutive`` (default) or ``output-error`` (the grouping advisor);
+                                       (a timm-format repo) or a timm ViT name with Hub weights; ORDER (which
+                                       heads share a KV head) is ``consecutive`` (default) or
+                                       ``output-error`` (the head-order advisor);
                                        INIT is ``mean`` (default: K/V heads mean-pooled) or ``calibrated``
                                        (fitted to the MHA on the shipped images, :mod:`gqa_core.core.calibrate`)
 
@@ -22,19 +23,18 @@ from pathlib import Path
 from typing import List, Optional, Sequence
 
 from ..core.convert import INITS
-from ..core.grouping import GROUPINGS
+from ..core.head_order import HEAD_ORDERS
 from ..core.settings import Settings
+from ..io.safe_config import BACKBONE_NAME
 
 __all__ = ['Spec', 'SpecError', 'parse_spec', 'conversion_spec', 'shown', 'resolve_in', 'allowed_model_dirs', 'MAX_SPEC_CHARS',
            'public_message']
 
 MAX_SPEC_CHARS = 200
 MAX_G = 64
-NAME = re.compile(r'^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$')
-REPO_PART = re.compile(r'^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$')
+NAME = re.compile(r'^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$')  # a folder name, or each half of a Hub repo id
 REVISION = re.compile(r'^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$')
-TIMM_NAME = re.compile(r'^[a-z0-9_]{1,80}(\.[a-z0-9_]{1,80})?$')
-KINDS_HELP = 'use embedded/NAME, local:NAME, hub:ORG/NAME[@REVISION] or convert:SOURCE:VARIANT:G[:GROUPING][:INIT]'
+KINDS_HELP = 'use embedded/NAME, local:NAME, hub:ORG/NAME[@REVISION] or convert:SOURCE:VARIANT:G[:ORDER][:INIT]'
 
 
 class SpecError(ValueError):
@@ -55,12 +55,12 @@ class Spec:
     source: Optional['Spec'] = None  # convert only
     variant: str = ''
     num_kv_heads: int = 0
-    grouping: str = 'consecutive'
+    head_order: str = 'consecutive'  # convert only: gqa_core.core.head_order.HEAD_ORDERS
     init: str = 'mean'  # convert only: how the shared K/V heads are made (gqa_core.core.convert.INITS)
 
     def __str__(self) -> str:
         if self.kind == 'convert':
-            suffix = '' if self.grouping == 'consecutive' else f':{self.grouping}'
+            suffix = '' if self.head_order == 'consecutive' else f':{self.head_order}'
             suffix += '' if self.init == 'mean' else f':{self.init}'
             return f'convert:{self.source}:{self.variant}:{self.num_kv_heads}{suffix}'
         rev = f'@{self.revision}' if self.revision else ''
@@ -77,7 +77,7 @@ def _name(value: str, what: str) -> str:
 def _repo(value: str, prefix: str) -> tuple:
     repo, at, revision = value.partition('@')
     parts = repo.split('/')
-    if (len(parts) != 2 or not all(REPO_PART.match(p) for p in parts) or '--' in repo or '..' in repo
+    if (len(parts) != 2 or not all(NAME.match(p) for p in parts) or '--' in repo or '..' in repo
             or any(p.endswith('.') or p.endswith('-') for p in parts)):
         raise SpecError(f'{prefix}ORG/NAME needs a Hub repo id (ORG/NAME: letters, digits, _ . -), got {shown(value)}')
     if at and (not REVISION.match(revision) or '..' in revision):
@@ -92,7 +92,7 @@ def _source(text: str, variants: Sequence[str]) -> Spec:
     spec = parse_spec(text, variants, allow_convert=False) if ':' in text or '/' in text else None
     if spec is not None:
         return spec
-    if not TIMM_NAME.match(text):
+    if not BACKBONE_NAME.match(text):  # a timm model name, as configs name backbones
         raise SpecError(f'convert source {shown(text)} is not embedded/NAME, local:NAME, hub:ORG/NAME, '
                         'hf-hub:ORG/NAME or a timm model name')
     return Spec('timm', text)
@@ -115,13 +115,13 @@ def parse_spec(spec: Optional[str], variants: Sequence[str] = (), allow_convert:
         repo, revision = _repo(spec[len('hub:'):], 'hub:')
         return Spec('hub', repo, revision)
     if spec.startswith('convert:') and allow_convert:
-        body, grouping, init = spec[len('convert:'):], 'consecutive', 'mean'
+        body, head_order, init = spec[len('convert:'):], 'consecutive', 'mean'
         for name in INITS:
             if body.endswith(':' + name):
                 body, init = body[:-len(name) - 1], name
-        for name in GROUPINGS:
+        for name in HEAD_ORDERS:
             if body.endswith(':' + name):
-                body, grouping = body[:-len(name) - 1], name
+                body, head_order = body[:-len(name) - 1], name
         parts = body.rsplit(':', 2)
         if len(parts) != 3:
             raise SpecError(f'{shown(spec)}: expected convert:SOURCE:VARIANT:G')
@@ -131,7 +131,7 @@ def parse_spec(spec: Optional[str], variants: Sequence[str] = (), allow_convert:
         if not re.fullmatch(r'[0-9]{1,2}', g) or not 1 <= int(g) <= MAX_G:
             raise SpecError(f'G must be an integer 1..{MAX_G}, got {shown(g)}')
         return Spec('convert', source=_source(source, variants), variant=variant, num_kv_heads=int(g),
-                    grouping=grouping, init=init)
+                    head_order=head_order, init=init)
     raise SpecError(f'unknown model spec {shown(spec)}: {KINDS_HELP}')
 
 
@@ -161,8 +161,8 @@ def public_message(message: str, limit: int = 400) -> str:
     return text if len(text) <= limit else text[:limit - 1] + '…'
 
 
-def conversion_spec(source: str, variant: str, num_kv_heads: int, grouping: str = 'consecutive',
+def conversion_spec(source: str, variant: str, num_kv_heads: int, head_order: str = 'consecutive',
                     init: str = 'mean') -> str:
     """The canonical ``convert:`` spec of ``source`` (a spec itself, checked) and the conversion's parts."""
     return str(parse_spec(str(Spec('convert', source=_source(str(source).strip(), ()), variant=variant,
-                                   num_kv_heads=int(num_kv_heads), grouping=grouping, init=init))))
+                                   num_kv_heads=int(num_kv_heads), head_order=head_order, init=init))))

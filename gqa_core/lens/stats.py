@@ -75,7 +75,7 @@ def dataset_stats(models: Sequence[str], data: str, split: str = 'test', limit: 
     for source in tqdm(models, desc='models'):
         model = from_pretrained(source).float().to(device)
         splits = build_datasets(data, model_preprocessing(model), seed=seed, limit=limit)
-        dataset = {'test': splits.test, 'val': splits.val}[split]
+        dataset = splits.split(split)
         name = Path(source).name if Path(source).is_dir() else source
         stats = model_stats(model, DataLoader(dataset, batch_size=batch_size), len(splits.classes), desc=name)
         predictions[name] = torch.tensor(stats.pop('predictions'))

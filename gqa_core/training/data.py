@@ -45,9 +45,18 @@ class DataSplits:
     classes: List[str]
     train_eval: Optional[Dataset] = None  # the train split with the evaluation transform (calibration)
 
+    def split(self, name: str) -> Dataset:
+        """The ``'test'`` or ``'val'`` split; a ``ValueError`` when the data has no such split."""
+        if name not in ('test', 'val'):
+            raise ValueError(f'split must be test or val, got {name!r}')
+        dataset = self.test if name == 'test' else self.val
+        if dataset is None:
+            raise ValueError(f'the data has no {name} split')
+        return dataset
+
     def calibration(self, n: int, seed: int = 0) -> torch.Tensor:
         """``(n, 3, H, W)``: ``n`` training images (never val or test) drawn with ``seed``, preprocessed as at
-        evaluation -- the calibration set of the grouping advisor."""
+        evaluation -- the calibration set of the head-order advisor."""
         source = self.train_eval if self.train_eval is not None else self.train
         order = torch.randperm(len(source), generator=torch.Generator().manual_seed(seed))[:n].tolist()
         return torch.stack([source[i][0] for i in order])

@@ -19,6 +19,7 @@ from ..core.record import record
 from ..core.vit import gqa_layers
 from ..io.hub import ModelLoadError, from_pretrained
 from ..io.preprocessing import model_preprocessing
+from .accuracy import Accuracy
 from .data import build_datasets
 
 __all__ = ['evaluate', 'main']
@@ -32,35 +33,25 @@ def evaluate(model_source: str, data: str, split: str = 'test', batch_size: int 
     device = resolve_device(device)
     model = from_pretrained(model_source).to(device).eval()
     splits = build_datasets(data, model_preprocessing(model), val_fraction=val_fraction, seed=seed, limit=limit)
-    dataset = {'test': splits.test, 'val': splits.val}[split]
-    if dataset is None:
-        raise ValueError(f'{data} has no {split} split')
+    dataset = splits.split(split)
     labels = model.pretrained_cfg.get('label_names') or splits.classes
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers)
     keyed = gqa_layers(model)[0].policy.uses_key_norms
-    hits1 = hits5 = total = 0
-    per_class_hit = torch.zeros(len(labels))
-    per_class_n = torch.zeros(len(labels))
+    accuracy = Accuracy(len(labels))
     alloc_sum: Optional[torch.Tensor] = None
     with record(model, attention='none') as rec:
         for images, targets in tqdm(loader, desc=f'{split}', leave=False):
-            logits = model(images.to(device)).float().cpu()
-            top = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
-            hit = top[:, 0] == targets
-            hits1 += int(hit.sum())
-            hits5 += int((top == targets[:, None]).any(-1).sum())
-            total += len(targets)
-            per_class_hit.index_add_(0, targets, hit.float())
-            per_class_n.index_add_(0, targets, torch.ones(len(targets)))
+            accuracy.update(model(images.to(device)), targets)
             allocation = torch.stack([layer.allocation for layer in rec.result.layers]).float().sum(1)
             alloc_sum = allocation if alloc_sum is None else alloc_sum + allocation
+    counted = accuracy.result()
     result: Dict[str, Any] = dict(
-        model=model_source, data=data, split=split, n=total, top1=hits1 / max(total, 1), top5=hits5 / max(total, 1),
-        per_class={label: float(per_class_hit[i] / per_class_n[i].clamp_min(1)) for i, label in enumerate(labels)},
+        model=model_source, data=data, split=split, n=counted['n'], top1=counted['top1'], top5=counted['top5'],
+        per_class={label: counted['per_class'][i] for i, label in enumerate(labels)},
         grouping=grouping_config(model),
     )
     if alloc_sum is not None:
-        result['mean_allocation'] = (alloc_sum / max(total, 1)).tolist()
+        result['mean_allocation'] = (alloc_sum / max(counted['n'], 1)).tolist()
     result['key_driven'] = keyed
     return result
 

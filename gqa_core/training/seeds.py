@@ -88,10 +88,10 @@ def seed_table(summaries: Sequence[Dict[str, Any]], verdicts: Sequence[Dict[str,
 
 
 def _label(folder: Path) -> str:
-    """A run folder's grouping, as a suffix of its rows' labels (``gqa (output-error)``)."""
+    """A run folder's head order, as a suffix of its rows' labels (``gqa (output-error)``)."""
     data = json.loads((folder / SEEDS_FILE).read_text())
-    grouping = data.get('grouping', 'consecutive')
-    return '' if grouping == 'consecutive' else f' ({grouping})'
+    order = data.get('head_order', data.get('grouping', 'consecutive'))  # 'grouping': files written before 0.3
+    return '' if order == 'consecutive' else f' ({order})'
 
 
 def main(argv: Optional[List[str]] = None) -> None:
@@ -112,7 +112,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         if s['variant'] in (args.reference, 'mha') or 'test_top1_mean' not in s:
             continue
         same = next((r for r in references if r['label'].removeprefix(args.reference) ==
-                     s['label'].removeprefix(s['variant'])), references[0])  # the reference of the same grouping
+                     s['label'].removeprefix(s['variant'])), references[0])  # the reference of the same head order
         verdicts.append(verdict(s, same))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -18,6 +18,7 @@ import json
 import math
 import random
 import shutil
+import sys
 import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -35,16 +36,17 @@ from tqdm.auto import tqdm
 from ..core.calibrate import CalibrationBudget
 from ..core.convert import INITS, convert, grouping_config, kv_cache_bytes
 from ..core.device import resolve_device
-from ..core.grouping import advise_grouping
+from ..core.head_order import HEAD_ORDERS, advise_head_order
 from ..core.policies import POLICIES, start_epoch
 from ..io.hub import ModelLoadError, create_model, from_pretrained, save_pretrained
 from ..io.preprocessing import model_preprocessing
+from .accuracy import Accuracy
 from .data import build_datasets
 
-__all__ = ['TrainConfig', 'PRESETS', 'VARIANT_SPECS', 'train_variant', 'run', 'main', 'evaluate_loader']
+__all__ = ['TrainConfig', 'PRESETS', 'RECIPES', 'train_variant', 'run', 'main', 'evaluate_loader']
 
-# Variant names on the command line -> (policy, options).
-VARIANT_SPECS: Dict[str, Tuple[str, Dict[str, Any]]] = {
+# Training recipes (what --variants names) -> (variant, its options).
+RECIPES: Dict[str, Tuple[str, Dict[str, Any]]] = {
     'mha': ('mha', {}), 'gqa': ('gqa', {}), 'kdgqa': ('kdgqa', {}),
     'dgqa-diff': ('dgqa', {'stat': 'diff'}), 'dgqa-ema': ('dgqa', {'stat': 'ema'}), 'pgqa': ('pgqa', {}),
 }
@@ -57,8 +59,8 @@ class TrainConfig:
     out: str = 'runs/train'
     variants: List[str] = field(default_factory=lambda: ['gqa'])
     num_kv_heads: Optional[int] = None  # default H / 2
-    grouping: str = 'consecutive'  # or 'output-error': heads grouped by the advisor (gqa_core.core.grouping)
-    calibration_images: int = 512  # training images the advisor scores groupings on (and calibration fits on)
+    head_order: str = 'consecutive'  # which MHA heads share a KV head; 'output-error': the advisor's (core/head_order)
+    calibration_images: int = 512  # training images the advisor scores head orders on (and calibration fits on)
     init: str = 'mean'  # the shared K/V heads: 'mean' (the paper's pooling) or 'calibrated' (gqa_core.core.calibrate)
     calibration_steps: int = 300  # with init 'calibrated': optimisation steps a layer after the closed form
     compat: str = 'paper'
@@ -141,13 +143,13 @@ def build_start_model(cfg: TrainConfig) -> Tuple[nn.Module, Dict[str, Any], Opti
     return model, preprocessing, list(labels) if labels is not None else None
 
 
-def start_grouping(start: nn.Module, splits: Any, cfg: TrainConfig) -> Any:
-    """Which MHA heads every variant of the run pools together: ``"consecutive"``, or the grouping advisor's
-    head orders on ``cfg.calibration_images`` training images (one advice for all variants: they share G)."""
-    if cfg.grouping == 'consecutive' or all(VARIANT_SPECS.get(v, ('',))[0] == 'mha' for v in cfg.variants):
+def start_head_order(start: nn.Module, splits: Any, cfg: TrainConfig) -> Any:
+    """Which MHA heads every variant of the run pools together: ``"consecutive"``, or the head-order advisor's
+    orders on ``cfg.calibration_images`` training images (one advice for all variants: they share G)."""
+    if cfg.head_order == 'consecutive' or all(RECIPES.get(v, ('',))[0] == 'mha' for v in cfg.variants):
         return 'consecutive'  # nothing to pool
     G = cfg.num_kv_heads or start.blocks[0].attn.num_heads // 2
-    return advise_grouping(start, G, calibration_draw(splits, cfg)).permutations
+    return advise_head_order(start, G, calibration_draw(splits, cfg)).permutations
 
 
 def calibration_draw(splits: Any, cfg: TrainConfig) -> torch.Tensor:
@@ -156,15 +158,15 @@ def calibration_draw(splits: Any, cfg: TrainConfig) -> torch.Tensor:
     return splits.calibration(cfg.calibration_images, cfg.seed if cfg.split_seed is None else cfg.split_seed)
 
 
-def make_variant(start: nn.Module, name: str, cfg: TrainConfig, grouping: Any = 'consecutive',
+def make_variant(start: nn.Module, name: str, cfg: TrainConfig, head_order: Any = 'consecutive',
                  calibration: Optional[torch.Tensor] = None) -> nn.Module:
     """A copy of ``start`` converted to the variant ``name``; the run's policy settings (``window``, ``beta``,
     ``noise_scale``, ...) go to the policies that declare them. With ``cfg.init == "calibrated"`` the shared K/V
     heads are calibrated on ``calibration`` (unlabeled training images) before training."""
-    if name not in VARIANT_SPECS:
-        raise ValueError(f'unknown variant {name!r}; choose from {sorted(VARIANT_SPECS)}')
+    if name not in RECIPES:
+        raise ValueError(f'unknown variant {name!r}; choose from {sorted(RECIPES)}')
     import copy
-    policy, options = VARIANT_SPECS[name]
+    policy, options = RECIPES[name]
     declared = POLICIES[policy].OPTIONS
     run_settings = dict(compat=cfg.compat, seed=cfg.seed, window=cfg.window, beta=cfg.beta,
                         noise_scale=cfg.noise_scale)
@@ -175,7 +177,7 @@ def make_variant(start: nn.Module, name: str, cfg: TrainConfig, grouping: Any = 
     model = copy.deepcopy(start)
     init = 'mean' if multi_head else cfg.init
     budget = CalibrationBudget(steps=cfg.calibration_steps, seed=cfg.seed) if init == 'calibrated' else None
-    convert(model, policy, G, grouping='consecutive' if multi_head else grouping, calibration=calibration,
+    convert(model, policy, G, head_order='consecutive' if multi_head else head_order, calibration=calibration,
             init=init, budget=budget, **options)
     if model.gqa_conversion is not None:
         model.gqa_conversion['data'] = f'{dataset_name(cfg)} (training split)'[:100]
@@ -187,23 +189,13 @@ def evaluate_loader(model: nn.Module, loader: DataLoader, num_classes: int, acce
                     desc: str = 'eval') -> Dict[str, Any]:
     """top-1, top-5 and per-class accuracy over a loader."""
     model.eval()
-    correct1 = correct5 = total = 0
-    per_class_hit = torch.zeros(num_classes, dtype=torch.long)
-    per_class_n = torch.zeros(num_classes, dtype=torch.long)
+    accuracy = Accuracy(num_classes)
     for images, labels in tqdm(loader, desc=desc, leave=False):
         logits = model(images)
         if accelerator is not None:
             logits, labels = accelerator.gather_for_metrics((logits, labels))
-        top = logits.float().topk(min(5, num_classes), dim=-1).indices.cpu()
-        labels = labels.cpu()
-        hit1 = top[:, 0] == labels
-        correct1 += int(hit1.sum())
-        correct5 += int((top == labels[:, None]).any(-1).sum())
-        total += len(labels)
-        per_class_hit.index_add_(0, labels, hit1.long())
-        per_class_n.index_add_(0, labels, torch.ones_like(labels))
-    return dict(top1=correct1 / max(total, 1), top5=correct5 / max(total, 1), n=total,
-                per_class=(per_class_hit.float() / per_class_n.clamp_min(1)).tolist())
+        accuracy.update(logits, labels)
+    return accuracy.result()
 
 
 @torch.no_grad()
@@ -446,14 +438,14 @@ def finished_summary(out: Path) -> Optional[Dict[str, Any]]:
 
 
 def train_variant(name: str, start: nn.Module, splits: Any, preprocessing: Dict[str, Any], labels: List[str],
-                  cfg: TrainConfig, grouping: Any = None) -> Dict[str, Any]:
+                  cfg: TrainConfig, head_order: Any = None) -> Dict[str, Any]:
     """Convert, train, keep the best-on-validation model, evaluate it on test. Returns its summary row.
-    ``grouping``: from :func:`start_grouping` (computed here when None)."""
+    ``head_order``: from :func:`start_head_order` (computed here when None)."""
     seed_everything(cfg.seed)
-    if grouping is None:
-        grouping = start_grouping(start, splits, cfg)
+    if head_order is None:
+        head_order = start_head_order(start, splits, cfg)
     calibration = calibration_draw(splits, cfg) if cfg.init == 'calibrated' else None
-    run = _prepare(name, make_variant(start, name, cfg, grouping, calibration), splits, cfg)
+    run = _prepare(name, make_variant(start, name, cfg, head_order, calibration), splits, cfg)
     if cfg.resume and (run.checkpoint / 'model.safetensors').exists():
         _resume(run, name)
     start_time = time.perf_counter()
@@ -499,7 +491,7 @@ def run_seeds(cfg: TrainConfig) -> List[Dict[str, Any]]:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     summaries = summarise(rows)
-    (out / SEEDS_FILE).write_text(json.dumps(dict(grouping=cfg.grouping, seeds=list(cfg.seeds), rows=rows,
+    (out / SEEDS_FILE).write_text(json.dumps(dict(head_order=cfg.head_order, seeds=list(cfg.seeds), rows=rows,
                                                   summary=summaries), indent=2))
     (out / 'comparison_seeds.md').write_text(seed_table(summaries, []))
     return rows
@@ -522,8 +514,8 @@ def run(cfg: TrainConfig) -> List[Dict[str, Any]]:
         labels = labels or splits.classes
         if start.num_classes != len(labels):
             start.reset_classifier(len(labels))
-        grouping = start_grouping(start, splits, cfg)
-        rows = [done or train_variant(name, start, splits, preprocessing, labels, cfg, grouping)
+        head_order = start_head_order(start, splits, cfg)
+        rows = [done or train_variant(name, start, splits, preprocessing, labels, cfg, head_order)
                 for name, done in zip(cfg.variants, finished)]
     (out / 'comparison.md').write_text(comparison_table(rows))
     (out / 'comparison.json').write_text(json.dumps(rows, indent=2))
@@ -546,9 +538,12 @@ def parse_args(argv: Optional[List[str]] = None) -> TrainConfig:
         if isinstance(value, bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
         elif f.name == 'variants':
-            parser.add_argument(flag, nargs='+', default=None, choices=sorted(VARIANT_SPECS))
+            parser.add_argument(flag, nargs='+', default=None, choices=sorted(RECIPES))
         elif f.name == 'init':
             parser.add_argument(flag, choices=INITS, default=None)
+        elif f.name == 'head_order':
+            parser.add_argument(flag, '--grouping', dest='head_order', choices=HEAD_ORDERS, default=None,
+                                help='which MHA heads share a KV head (--grouping: its deprecated spelling)')
         elif f.name == 'seeds':
             parser.add_argument(flag, nargs='+', type=int, default=None)
         elif f.name in ('model_args', 'preprocessing'):
@@ -564,6 +559,9 @@ def parse_args(argv: Optional[List[str]] = None) -> TrainConfig:
         merged.update(PRESETS[args.preset])
     if args.config:
         merged.update(yaml.safe_load(Path(args.config).read_text()) or {})
+    if 'grouping' in merged:  # a config written before 0.3
+        print('warning: the config key "grouping" is deprecated; call it "head_order"', file=sys.stderr)
+        merged['head_order'] = merged.pop('grouping')
     merged.update({k: v for k, v in vars(args).items() if v is not None and k not in ('config', 'preset')})
     unknown = set(merged) - {f.name for f in fields(TrainConfig)}
     if unknown:

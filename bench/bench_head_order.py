@@ -1,8 +1,8 @@
-"""How long the grouping advisor takes on random-weight ViTs, and whether it beats consecutive pooling.
+"""How long the head-order advisor takes on random-weight ViTs, and whether it beats consecutive pooling.
 
-    python bench/bench_grouping.py --threads 2 --images 8
+    python bench/bench_head_order.py --threads 2 --images 8
 
-For each model: seconds for ``advise_grouping`` at G = H/2 on N random images at 224 px, the search used per
+For each model: seconds for ``advise_head_order`` at G = H/2 on N random images at 224 px, the search used per
 layer, and the advised / consecutive output-error ratio per layer (≤ 1 everywhere by construction).
 """
 from __future__ import annotations
@@ -23,7 +23,7 @@ def main() -> None:
     args = parser.parse_args()
     import timm
     import torch
-    from gqa_core.core.grouping import advise_grouping
+    from gqa_core.core.head_order import advise_head_order
     torch.set_num_threads(args.threads)
     for name in args.models:
         torch.manual_seed(0)
@@ -31,7 +31,7 @@ def main() -> None:
         H = model.blocks[0].attn.num_heads
         x = torch.randn(args.images, 3, 224, 224)
         start = time.perf_counter()
-        advice = advise_grouping(model, H // 2, x, batch=args.images)
+        advice = advise_head_order(model, H // 2, x, batch=args.images)
         seconds = time.perf_counter() - start
         ratios = [a / c for a, c in zip(advice.error_advised, advice.error_consecutive)]
         print(f'{name}: H={H} G={H // 2} {args.images} images, {seconds:.1f} s, search {sorted(set(advice.search))}, '

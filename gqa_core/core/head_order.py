@@ -1,6 +1,6 @@
-"""Which MHA heads share a KV head: the grouping advisor.
+"""Which MHA heads share a KV head: the head-order advisor.
 
-The paper mean-pools *consecutive* heads. Any other grouping is a function-preserving permutation of the MHA's
+The paper mean-pools *consecutive* heads. Any other head order is a function-preserving permutation of the MHA's
 heads (q / k / v rows, output-projection columns) followed by the same consecutive pooling, so every variant
 -- KDGQA's contiguous runs included -- composes with it. ``"output-error"`` chooses, per layer, the partition
 of heads into equal groups whose mean-pooled K/V change the model's output least on calibration images, in
@@ -13,7 +13,7 @@ two stages:
    scored by the layer's full output error; otherwise groups are scored on their own (the sum over groups
    bounds the error without cross-group terms) and the best partition is found exactly by dynamic
    programming over head subsets when that is cheap, or by best-improvement pairwise swaps from the
-   consecutive grouping. Candidates are scored in batches (one fused attention call for many groups or
+   consecutive order. Candidates are scored in batches (one fused attention call for many groups or
    partitions).
 2. *Model output.* When the partitions were scored exhaustively, the ``candidates`` partitions with the
    least layer error are run through the rest of the model, layer by layer with the layers below already
@@ -21,8 +21,8 @@ two stages:
    the features for a headless model) is kept. The layer error ranks well but is a proxy: on the embedded
    model this second stage added 1.3 - 2.5 points at G = 4 and 0.7 - 3.6 at G = 2 (docs/analyses.md).
 
-A candidate must not have a larger layer error than the consecutive grouping, so a layer keeps the paper's
-grouping whenever nothing beats it. Each layer is ranked on the inputs of the MHA model.
+A candidate must not have a larger layer error than the consecutive order, so a layer keeps the paper's
+order whenever nothing beats it. Each layer is ranked on the inputs of the MHA model.
 """
 from __future__ import annotations
 
@@ -40,17 +40,17 @@ from torch import Tensor, nn
 from .attention import GroupedQueryAttention, apply_rope, attention_kind, permute_heads
 from .vit import block_context, block_inputs, check_vit, model_output, output_rows, run_blocks
 
-__all__ = ['GroupingAdvice', 'advise_grouping', 'permute_heads', 'check_permutations', 'head_groups', 'GROUPINGS']
+__all__ = ['HeadOrderAdvice', 'advise_head_order', 'permute_heads', 'check_permutations', 'head_groups', 'HEAD_ORDERS']
 
-GROUPINGS = ('consecutive', 'output-error')
+HEAD_ORDERS = ('consecutive', 'output-error')
 MAX_EXHAUSTIVE_PARTITIONS = 2_000  # up to this many partitions, each is scored by the layer's full error
 MAX_EXACT_PARTITIONS = 20_000  # up to this (or pairs), exact DP on the per-group bound; beyond, pairwise swaps
 TRANSIENT_VALUES = 8_000_000  # floats per scoring call (32 MB): bounds memory for any model and batch
 
 
 @dataclass
-class GroupingAdvice:
-    """Per layer: the head order to pool consecutively, and the output error of both groupings."""
+class HeadOrderAdvice:
+    """Per layer: the head order to pool consecutively, and the output error of both orders."""
     permutations: List[List[int]]
     error_consecutive: List[float]
     error_advised: List[float]
@@ -62,7 +62,7 @@ class GroupingAdvice:
 def check_permutations(perms: Sequence[Sequence[int]], depth: int, num_heads: int) -> List[List[int]]:
     """Validate explicit per-layer head permutations (data from users or configs)."""
     if not isinstance(perms, (list, tuple)) or len(perms) != depth:
-        raise ValueError(f'grouping needs one head permutation per layer ({depth})')
+        raise ValueError(f'head_order needs one head permutation per layer ({depth})')
     out = []
     for i, perm in enumerate(perms):
         if not isinstance(perm, (list, tuple)) or sorted(int(h) for h in perm if type(h) is int) != list(range(num_heads)) \
@@ -227,7 +227,7 @@ def _exact(H: int, s: int, cost: Dict[Tuple[int, ...], float]) -> List[Tuple[int
 
 def _swap_search(layer: _Layer, inputs: Tensor, H: int, G: int, batch: int, rows: Optional[slice] = None,
                  max_rounds: int = 64) -> List[Tuple[int, ...]]:
-    """Best-improvement pairwise swaps between groups, from the consecutive grouping; each round scores all
+    """Best-improvement pairwise swaps between groups, from the consecutive order; each round scores all
     candidate groups of all swaps in one batch."""
     s = H // G
     groups = [tuple(range(g * s, (g + 1) * s)) for g in range(G)]
@@ -308,7 +308,7 @@ def _ranked_partitions(layer: _Layer, x: Tensor, G: int, rows: Optional[slice], 
         groups, how = _swap_search(layer, x, H, G, batch, rows), 'swap'
     perm = [h for group in groups for h in group]
     err_c, err_a = _layer_errors(layer, x, [consecutive, perm], G, batch, rows)
-    if err_a > err_c:  # the search minimised a per-group bound; never worse than the paper's grouping
+    if err_a > err_c:  # the search minimised a per-group bound; never worse than the paper's order
         return [(consecutive, err_c)], err_c, 'kept'
     return [(perm, err_a)], err_c, how
 
@@ -330,9 +330,9 @@ def _choose_by_output(vit: nn.Module, index: int, attn: GroupedQueryAttention, r
 
 
 @torch.no_grad()
-def advise_grouping(model: nn.Module, num_kv_heads: int, images: Tensor, *, candidates: int = 8,
-                    max_refine_flops: Optional[float] = None, batch: int = 64) -> GroupingAdvice:
-    """Choose each layer's head grouping for pooling an MHA ViT to ``num_kv_heads`` KV heads (see module doc).
+def advise_head_order(model: nn.Module, num_kv_heads: int, images: Tensor, *, candidates: int = 8,
+                    max_refine_flops: Optional[float] = None, batch: int = 64) -> HeadOrderAdvice:
+    """Choose each layer's head order for pooling an MHA ViT to ``num_kv_heads`` KV heads (see module doc).
 
     ``images``: calibration inputs ``(N, 3, H, W)``, already preprocessed. The model is not changed.
     ``candidates``: how many of the best-ranked partitions of a layer are compared on the model's output when
@@ -355,7 +355,7 @@ def advise_grouping(model: nn.Module, num_kv_heads: int, images: Tensor, *, cand
     refine = candidates > 1 and 1 < G < H and _num_partitions(H, G) <= MAX_EXHAUSTIVE_PARTITIONS
     converted_tokens = mha_tokens  # what the layers chosen so far produce (tracked when stage 2 runs)
     reference = model_output(vit, mha_tokens, 0, batch, context) if refine else None
-    advice = GroupingAdvice([], [], [])
+    advice = HeadOrderAdvice([], [], [])
     for index, block in enumerate(vit.blocks):
         attn = _multi_head(block.attn, index)
         ranked, err_c, how = _ranked_partitions(_Layer.of(attn, context), block.norm1(mha_tokens), G,
@@ -381,7 +381,7 @@ def _multi_head(attn: nn.Module, index: int) -> GroupedQueryAttention:
     if attention_kind(attn) is not None and getattr(attn, 'num_kv_heads', attn.num_heads) == attn.num_heads:
         attn = GroupedQueryAttention.from_attention(attn, 'mha')
     if not (isinstance(attn, GroupedQueryAttention) and attn.num_kv_heads == attn.num_heads):
-        raise ValueError(f'block {index}: the grouping advisor needs the multi-head model (G = H), '
+        raise ValueError(f'block {index}: the head-order advisor needs the multi-head model (G = H), '
                          f'got {type(attn).__name__}' + (f' with G={attn.num_kv_heads}'
                                                          if hasattr(attn, 'num_kv_heads') else ''))
     return attn
