@@ -1,9 +1,8 @@
+"""The tests' fixtures, for every folder below (shared helpers that are not fixtures: ``support``)."""
 import os
-import socket
-import tempfile
 
-# A folder the app is allowed to serve models from (local:NAME); tests write hostile model folders into it.
-ALLOWED_MODELS = __import__('pathlib').Path(tempfile.mkdtemp(prefix='gqa-lens-allowed-'))
+from support import ALLOWED_MODELS, EXAMPLES_DIR, free_port
+
 os.environ['GQA_LENS_MODEL_DIRS'] = str(ALLOWED_MODELS)
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
 os.environ.setdefault('HF_HUB_DISABLE_TELEMETRY', '1')
@@ -12,16 +11,6 @@ os.environ.setdefault('GRADIO_ANALYTICS_ENABLED', 'False')
 import pytest
 import torch
 import timm
-from timm.models.vision_transformer import VisionTransformer
-
-
-def tiny_vit(num_heads: int = 6, depth: int = 2, head_dim: int = 8, **kwargs) -> VisionTransformer:
-    """A real timm VisionTransformer small enough for exhaustive tests (32 px, patch 8 -> 16 patches)."""
-    torch.manual_seed(kwargs.pop('seed', 0))
-    args = dict(img_size=32, patch_size=8, embed_dim=num_heads * head_dim, depth=depth, num_heads=num_heads,
-                mlp_ratio=2.0, num_classes=10)
-    args.update(kwargs)
-    return VisionTransformer(**args).eval()
 
 
 @pytest.fixture(scope='session')
@@ -64,10 +53,6 @@ def cifar_subset(tmp_path_factory, cifar10):
     return root
 
 
-ROOT = __import__('pathlib').Path(__file__).resolve().parents[1]
-EXAMPLES_DIR = ROOT / 'assets' / 'examples'
-
-
 @pytest.fixture(scope='session')
 def registry():
     """The embedded model family (assets/models); GQA_LENS_MODELS may point elsewhere during development."""
@@ -85,12 +70,6 @@ def analyses(registry):
     from gqa_core.lens.images import load_image
     image = load_image(str(EXAMPLES_DIR / 'cifar10_ship.jpg')).image
     return {spec: analyse(registry.get(spec), image, deep=True) for spec in registry.embedded()}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope='session')

@@ -1,0 +1,304 @@
+"""The ViT families beyond timm's VisionTransformer, with random weights: EVA-style attention with RoPE (DINOv3,
+EVA-02, Perception Encoder), BEiT's relative position bias, and SigLIP's attention-pooling ViT."""
+import copy
+
+import pytest
+import timm
+import torch
+
+from gqa_core import GroupedQueryAttention, convert, record, revert
+from gqa_core.core.vit import block_context, block_inputs, model_output
+
+SMALL = dict(embed_dim=64, depth=2, num_heads=4)
+# (timm name, constructor arguments beyond SMALL): every attention layout GQA Lens converts
+FAMILIES = {
+    'dinov3': ('vit_small_patch16_dinov3', dict(img_size=64)),  # EvaAttention, 4 registers, rotate-half RoPE
+    'dinov3-qkvb': ('vit_small_patch16_dinov3_qkvb', dict(img_size=64)),  # + q/v biases, the k bias a fixed zero
+    'eva02': ('eva02_tiny_patch14_224', dict(img_size=56)),  # RoPE (cat), SwiGLU, q/v biases
+    'eva02-unfused': ('eva02_tiny_patch14_224', dict(img_size=56, qkv_fused=False)),  # separate q/k/v projections
+    'eva02-qknorm': ('eva02_tiny_patch14_224', dict(img_size=56, qk_norm=True)),  # q/k LayerNorms per head
+    'pe': ('vit_pe_core_tiny_patch16_384', dict(img_size=64, attn_pool_num_heads=4)),  # AttentionRope, map pool
+    'beit': ('beit_base_patch16_224', dict(img_size=64)),  # a relative position bias table per layer
+    'beit-shared': ('beit_base_patch16_224', dict(img_size=64, use_rel_pos_bias=False,
+                                                  use_shared_rel_pos_bias=True)),  # one table for all layers
+    'siglip': ('vit_base_patch16_siglip_224', dict(img_size=64)),  # timm ViT with an attention-pooling head
+}
+
+
+def family_model(key: str) -> torch.nn.Module:
+    """The family's model, small, with every parameter perturbed (biases and position tables are zero at
+    init; the test must see them)."""
+    return perturbed_model(*FAMILIES[key])
+
+
+def perturbed_model(name: str, extra: dict) -> torch.nn.Module:
+    """timm's ``name`` at SMALL size with ``extra`` arguments, every parameter perturbed (seeded)."""
+    torch.manual_seed(0)
+    model = timm.create_model(name, **SMALL, **extra).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return model
+
+
+def images(model, n: int = 2) -> torch.Tensor:
+    return torch.randn(n, 3, *model.patch_embed.img_size, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize('key', sorted(FAMILIES))
+def test_mha_conversion_equals_timms_model(key):
+    model = family_model(key)
+    x = images(model)
+    converted = convert(copy.deepcopy(model), 'gqa', model.blocks[0].attn.num_heads)
+    assert all(isinstance(b.attn, GroupedQueryAttention) for b in converted.blocks)
+    with torch.no_grad():
+        assert (converted(x) - model(x)).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize('key', sorted(FAMILIES))
+def test_pooled_model_reverts_to_timms_own_layer_with_the_same_output(key):
+    model = family_model(key)
+    x = images(model)
+    kind = type(model.blocks[0].attn)
+    converted = convert(copy.deepcopy(model), 'gqa', model.blocks[0].attn.num_heads // 2)
+    with torch.no_grad():
+        pooled = converted(x)
+        reverted = revert(converted)
+        assert all(type(b.attn) is kind for b in reverted.blocks)
+        assert (reverted(x) - pooled).abs().max() <= 1e-5
+        assert (pooled - model(x)).abs().max() > 1e-3, 'pooling K/V changed the model (the test sees the weights)'
+
+
+@pytest.mark.parametrize('key', sorted(FAMILIES))
+def test_every_variant_runs_and_records(key):
+    model = family_model(key)
+    x = images(model)
+    H = model.blocks[0].attn.num_heads
+    tokens = model.patch_embed.num_patches + model.num_prefix_tokens
+    for variant, options in (('gqa', {}), ('kdgqa', {}), ('dgqa', {'stat': 'ema', 'window': 1}), ('pgqa', {})):
+        converted = convert(copy.deepcopy(model), variant, H // 2, **options)
+        converted.train()
+        converted(x).sum().backward()  # a training step's forward and backward
+        converted.eval()
+        with torch.no_grad(), record(converted, attention='full') as rec:
+            out = converted(x)
+        assert torch.isfinite(out).all()
+        maps = rec.result.layers[0].attention
+        assert maps.shape[-1] == tokens
+        assert torch.allclose(torch.as_tensor(maps).sum(-1), torch.ones(()), atol=1e-4), variant
+
+
+@pytest.mark.parametrize('key', sorted(FAMILIES))
+def test_block_inputs_and_context_rebuild_the_forward(key):
+    """What the advisor and ablation run block by block is the model's own forward."""
+    model = convert(family_model(key), 'kdgqa', 2)
+    x = images(model)
+    with torch.no_grad():
+        rebuilt = model_output(model, block_inputs(model, x), 0, batch=8, context=block_context(model, x))
+        assert (rebuilt - model(x)).abs().max() <= 1e-5
+
+
+def test_learned_per_head_rope_is_refused_and_the_model_left_as_it_was():
+    torch.manual_seed(0)
+    model = timm.create_model('vit_small_patch16_rope_mixed_224', img_size=64, **SMALL).eval()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match='per-head frequencies'):
+        convert(model, 'gqa', 2)
+    assert all(type(b.attn).__name__ == 'AttentionRope' for b in model.blocks)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_qv_bias_layout_keeps_the_key_bias_a_fixed_zero():
+    """EVA / BEiT hold no key bias (a zero buffer); the grouped layer keeps it so, and pools q/v biases."""
+    model = family_model('dinov3-qkvb')
+    attn = model.blocks[0].attn
+    new = GroupedQueryAttention.from_attention(attn, 'gqa', 2)
+    assert 'k_bias' not in dict(new.named_parameters()) and torch.count_nonzero(new.k_bias) == 0
+    assert torch.equal(new.q_bias, attn.q_bias)
+    assert torch.allclose(new.v_bias, attn.v_bias.view(2, 2, -1).mean(1).flatten())
+
+
+VARIANTS = (('gqa', {}), ('kdgqa', {}), ('dgqa', {'stat': 'diff', 'window': 1}), ('dgqa', {'stat': 'ema', 'window': 1}),
+            ('pgqa', {}))
+
+
+@pytest.mark.parametrize('key', sorted(FAMILIES))
+def test_save_and_load_every_variant_bit_identical(tmp_path, key):
+    """timm.create_model -> convert -> save_pretrained -> from_pretrained with no GQA Lens constructor: the
+    config (timm name and the geometry read from the modules, checked on the meta device) rebuilds the model."""
+    import json
+    from gqa_core import from_pretrained, grouping_config, save_pretrained
+    model = family_model(key)
+    x = images(model)
+    H = model.blocks[0].attn.num_heads
+    for i, (variant, options) in enumerate(VARIANTS):
+        converted = convert(copy.deepcopy(model), variant, H // 2, **options)
+        converted.train()
+        converted(x)  # DGQA decides an allocation in training; it must travel with the weights
+        converted.eval()
+        folder = tmp_path / str(i)
+        save_pretrained(converted, folder)
+        assert json.loads((folder / 'config.json').read_text())['backbone'] == FAMILIES[key][0]
+        loaded = from_pretrained(str(folder)).eval()
+        assert grouping_config(loaded) == grouping_config(converted)
+        with torch.no_grad():
+            assert torch.equal(loaded(x), converted(x)), variant
+        mine, theirs = converted.state_dict(), loaded.state_dict()
+        assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
+
+
+def _orders(H: int, depth: int) -> list:
+    return [[(h * 3 + i) % H for h in range(H)] if H % 3 else list(reversed(range(H))) for i in range(depth)]
+
+
+@pytest.mark.parametrize('key', sorted(set(FAMILIES) - {'beit-shared'}))  # its bias is shared by all layers
+def test_permuting_heads_keeps_timms_layer_the_same_function(key):
+    from gqa_core.core.attention import permute_heads
+    model = family_model(key)
+    x = images(model)
+    H = model.blocks[0].attn.num_heads
+    permuted = copy.deepcopy(model)
+    for block, order in zip(permuted.blocks, _orders(H, len(model.blocks))):
+        permute_heads(block.attn, order)
+    with torch.no_grad():
+        assert (permuted(x) - model(x)).abs().max() <= 1e-5
+        assert not torch.equal(permuted.blocks[0].attn.proj.weight, model.blocks[0].attn.proj.weight)
+
+
+@pytest.mark.parametrize('key', sorted(FAMILIES))
+def test_any_head_order_at_g_equal_h_is_the_model_and_reverts_to_it(key):
+    """Heads reordered per layer before pooling (what the advisor's groupings do) keep the function at G = H --
+    BEiT's model-wide shared bias follows each layer's order -- and revert gives timm's layers in the original
+    order."""
+    model = family_model(key)
+    x = images(model)
+    H = model.blocks[0].attn.num_heads
+    converted = convert(copy.deepcopy(model), 'gqa', H, head_order=_orders(H, len(model.blocks)))
+    with torch.no_grad():
+        assert (converted(x) - model(x)).abs().max() <= 1e-4
+        reverted = revert(converted)
+        assert (reverted(x) - model(x)).abs().max() <= 1e-4
+    assert torch.allclose(reverted.blocks[0].attn.proj.weight, model.blocks[0].attn.proj.weight, atol=1e-6)
+
+
+@pytest.mark.parametrize('key', sorted(FAMILIES))
+def test_advisor_scores_the_layer_the_model_runs(key):
+    """The advisor's error of the consecutive grouping is the layer's real output error (RoPE and position
+    bias included), its advice is never worse, and the advised model converts."""
+    from gqa_core.core.head_order import advise_head_order
+    model = family_model(key)
+    x = images(model, 4)
+    H = model.blocks[0].attn.num_heads
+    advice = advise_head_order(model, H // 2, x)
+    assert all(a <= c for a, c in zip(advice.error_advised, advice.error_consecutive))
+    block = model.blocks[0]
+    with torch.no_grad():
+        inputs = block.norm1(block_inputs(model, x))
+        context = block_context(model, x)
+        pooled = GroupedQueryAttention.from_attention(block.attn, 'gqa', H // 2)
+        real = (pooled(inputs, **context) - block.attn(inputs, **context)).double().square().sum()
+    assert float(real) == pytest.approx(advice.error_consecutive[0], rel=1e-3)
+    converted = convert(copy.deepcopy(model), 'kdgqa', H // 2, head_order='output-error', calibration=x)
+    assert [b.attn.source_heads for b in converted.blocks] == advice.permutations
+
+
+@pytest.mark.parametrize('key', sorted(FAMILIES))
+def test_removing_a_kv_head_changes_the_output_in_one_batched_forward(key):
+    from gqa_core.core.ablation import ablate
+    model = convert(family_model(key), 'gqa', 2)
+    x = images(model, 1).expand(3, -1, -1, -1)
+    L = len(model.blocks)
+    kv = torch.zeros(3, L, 2, dtype=torch.bool)
+    kv[1, 0, 0] = kv[2, L - 1, 1] = True
+    with torch.no_grad(), ablate(model, kv_heads=kv):
+        out = model(x)
+    assert not torch.allclose(out[1], out[0]) and not torch.allclose(out[2], out[0])
+    with torch.no_grad():
+        assert torch.allclose(out[0], model(x[:1])[0], atol=1e-5)
+
+
+@pytest.mark.parametrize('key', ['siglip', 'pe'])
+def test_attention_pooling_query_is_recorded_as_the_pool_computes_it(key):
+    """The pooling query's recorded attention, applied to the pool's values, gives the pool's own output; the
+    rollout is seen from that query (what the pooled output reads), not from the mean over queries."""
+    from gqa_core.core.vit import POOL_QUERY
+    model = convert(family_model(key), 'kdgqa', 2)
+    x = images(model)
+    pool = model.attn_pool
+    seen = {}
+    hook = pool.register_forward_pre_hook(lambda m, args: seen.update(tokens=args[0]))
+    with torch.no_grad(), record(model, attention='full', rollout=('mean',)) as rec:
+        model(x)
+    hook.remove()
+    r = rec.result
+    tokens = seen['tokens']
+    B, T, C = tokens.shape
+    attn = r.pool_attention  # (B, P, T)
+    assert attn.shape == (B, pool.num_heads, T) and torch.allclose(attn.sum(-1), torch.ones(()), atol=1e-5)
+    with torch.no_grad():
+        v = pool.kv(tokens).reshape(B, T, 2, pool.num_heads, pool.head_dim)[:, :, 1].transpose(1, 2)
+        out = pool.proj((attn[:, :, None] @ v).transpose(1, 2).reshape(B, 1, C))
+        out = (out + pool.mlp(pool.norm(out)))[:, 0]
+        assert torch.allclose(out, pool(tokens), atol=1e-5)
+    assert r.rollout_label == POOL_QUERY
+    full = torch.stack([layer.attention[0].mean(0) for layer in r.layers])
+    product = torch.eye(T)
+    for a in full:
+        a = 0.5 * a + 0.5 * torch.eye(T)
+        product = (a / a.sum(-1, keepdim=True)) @ product
+    expected = attn[0].mean(0) @ product
+    assert torch.allclose(r.rollout['mean'][0], expected, atol=1e-5)
+    assert not torch.allclose(r.rollout['mean'][0], product.mean(0), atol=1e-4), 'not the mean over queries'
+
+
+def test_the_app_shows_every_view_of_every_family_over_http(app_server):
+    """Each family saved as a local model folder, served by the real app: every view of /run answers with a
+    picture or a figure, or one line saying why it does not apply -- never an error."""
+    import zipfile
+    import numpy as np
+    from gradio_client import Client, handle_file
+    from support.answers import columns, unwrap
+    from support import ALLOWED_MODELS, EXAMPLES_DIR
+    from gqa_core import save_pretrained
+    from gqa_core.lens.views import VIEWS
+    client = Client(app_server[0], verbose=False)
+    image = handle_file(str(EXAMPLES_DIR / 'grace_hopper.jpg'))
+    for key in sorted(FAMILIES):
+        model = family_model(key)
+        H = model.blocks[0].attn.num_heads
+        save_pretrained(convert(copy.deepcopy(model), 'mha'), ALLOWED_MODELS / f'family-{key}-mha')
+        save_pretrained(convert(model, 'kdgqa', H // 2), ALLOWED_MODELS / f'family-{key}-kdgqa')
+        specs = [f'local:family-{key}-mha', f'local:family-{key}-kdgqa', '(none)', '(none)']
+        for view in VIEWS.values():
+            out = client.predict(image, *specs, view.label, 0, 'mean', 'mean', 'zero', True, api_name='/run')
+            status = out[0]
+            assert '⚠️' not in status or 'shrunk' in status, (key, view.label, status)
+            for column in columns(out)[:2]:
+                drawn = column['picture'] is not None or column['figure'] is not None
+                assert drawn or (column['caption'].startswith('*') and len(column['caption']) > 10), \
+                    (key, view.label, column['caption'])
+                assert 'Traceback' not in column['caption'] and '/tmp' not in column['caption']
+        pooled = client.predict(image, *specs, 'attention pool', 0, 'mean', 'mean', 'zero', False, api_name='/run')
+        has_pool = key in ('siglip', 'pe')
+        assert (columns(pooled)[1]['picture'] is not None) == has_pool, key
+        archive = unwrap(client.predict(0, 'mean', 'mean', api_name='/export'))
+        with zipfile.ZipFile(archive) as zf, np.load(zf.open(f'1_local_family-{key}-kdgqa/arrays.npz')) as arrays:
+            assert arrays['full_layer0'].shape[-1] == arrays['full_layer0'].shape[-2] > 1
+            assert ('pool_attention' in arrays.files) == has_pool, key
+
+
+@pytest.mark.parametrize('name,match', [
+    ('vit_pwee_patch16_reg1_gap_256', r'block 0 \(ParallelScalingBlock\) has no single `attn` module'),
+    ('vit_dwee_patch16_reg1_gap_256', r'block 0 \(Block\): attention DiffAttention is not one of'),
+    ('vit_small_patch16_rope_mixed_224', 'learned per-head frequencies'),
+])
+def test_what_is_still_refused_is_named_and_the_model_left_whole(name, match):
+    """What bench/coverage.py counts as refused: a ValueError naming the block (or the model) and the reason."""
+    torch.manual_seed(0)
+    model = timm.create_model(name, depth=2, img_size=64).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    kinds = [type(m) for m in model.modules()]
+    with pytest.raises(ValueError, match=match):
+        convert(model, 'gqa', 2)
+    assert [type(m) for m in model.modules()] == kinds
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
