@@ -276,11 +276,12 @@ class GroupedQueryAttention(nn.Module):
         kv_dim = self.num_kv_heads * self.head_dim
         self.qkv_split = (self.attn_dim, kv_dim, kv_dim)
         self.qkv = self.q_proj = self.k_proj = self.v_proj = None
-        self.q_bias = self.k_bias = self.v_bias = None
         if qkv_fused and qkv_bias and qv_bias:  # the k bias a fixed zero, not a parameter
             self.q_bias = nn.Parameter(torch.zeros(self.attn_dim, **dd))
             self.register_buffer('k_bias', torch.zeros(kv_dim, **dd), persistent=False)
             self.v_bias = nn.Parameter(torch.zeros(kv_dim, **dd))
+        else:
+            self.q_bias = self.k_bias = self.v_bias = None
         if qkv_fused:
             self.qkv = nn.Linear(dim, sum(self.qkv_split), bias=qkv_bias and not qv_bias, **dd)
         else:
