@@ -35,6 +35,7 @@ from gqa_core.lens.export import export_zip
 from gqa_core.lens.hosting import cpu_cores, fit_torch_threads
 from gqa_core.lens.images import ImageInputError, load_image
 from gqa_core.lens.models import DEFAULT_MODELS, HUB_SOURCES, ModelLoadError, ModelRegistry, hub_note
+from gqa_core.lens.pick import parse_query, picked_maps
 from gqa_core.lens.sessions import SessionReaper
 from gqa_core.lens.specs import SpecError, conversion_spec, public_message
 from gqa_core.lens.tempfiles import ExpiringFiles
@@ -68,7 +69,7 @@ def _raw_path(payload: Any) -> Optional[str]:
 
 COLUMN = ('summary', 'top5', 'seen', 'picture', 'figure', 'caption')  # what a result column returns, in order
 VIEW_PART = ('picture', 'figure', 'caption')  # what a new view changes
-CONTROLS = ('layer', 'head', 'fusion', 'mode')  # the view controls, in the order the handlers take them
+CONTROLS = ('layer', 'head', 'fusion', 'mode', 'query')  # the view controls, in the order the handlers take them
 
 
 def _hidden_column(message: str = '') -> Dict[str, Any]:
@@ -94,6 +95,11 @@ def _controls_shown(label: str) -> List[Any]:
     """Only the controls the chosen view reads are shown."""
     used = VIEWS[_view_name(label)].controls
     return [gr.update(visible=name in used) for name in CONTROLS]
+
+
+def _query_text(query: Any) -> str:
+    """The query control's text, at most a line (a hostile client may send anything)."""
+    return str(query or '')[:200]
 
 
 def _head_choices(num_heads: int) -> List[str]:
@@ -163,8 +169,9 @@ class LensApp:
         return out
 
     def run(self, image: Optional[str], m0: str, m1: str, m2: str, m3: str, view: str, layer: float, head: str,
-            fusion: str, mode: str = 'zero', deep: bool = False, progress: gr.Progress = gr.Progress()) -> List[Any]:
-        choice = Choice(_view_name(view), int(layer), head, fusion, mode)
+            fusion: str, mode: str = 'zero', deep: bool = False, query: str = '',
+            progress: gr.Progress = gr.Progress()) -> List[Any]:
+        choice = Choice(_view_name(view), int(layer), head, fusion, mode, query=_query_text(query))
         try:
             analyses, errors, notes = run_models(self.registry, image, [m0, m1, m2, m3], progress, deep=bool(deep))
         except (ImageInputError, ValueError) as e:
@@ -182,12 +189,49 @@ class LensApp:
         return [analyses, status, *controls] + self._columns(analyses, errors, choice)
 
     def rerender(self, state: Optional[List[Any]], view: str, layer: float, head: str, fusion: str,
-                 mode: str) -> List[Any]:
+                 mode: str, query: str = '') -> List[Any]:
         """A new view or control of the results kept in the session: no model runs again."""
         if not state:
             return _column_outputs(_hidden_column(), VIEW_PART) * MAX_MODELS
-        return self._columns(state, [None] * len(state), Choice(_view_name(view), int(layer), head, fusion, mode),
+        return self._columns(state, [None] * len(state),
+                             Choice(_view_name(view), int(layer), head, fusion, mode, query=_query_text(query)),
                              view_only=True)
+
+    def clicked(self, index: int) -> Callable[..., List[Any]]:
+        """The handler of a click on column ``index``'s picture: the clicked place as fractions of that picture,
+        and the picked-query view."""
+        def handler(state: Optional[List[Any]], evt: gr.SelectData) -> List[Any]:
+            analysis = state[index] if state and index < len(state) else None
+            if analysis is None or not isinstance(evt.index, (list, tuple)) or len(evt.index) != 2:
+                return [gr.update(), gr.update()]
+            height, width = figures.pixelated(analysis.view).shape[:2]  # the picture shown, in its own pixels
+            x, y = ((float(p) + 0.5) / size for p, size in zip(evt.index, (width, height)))
+            return [f'{min(max(x, 0.0), 1.0):.4f}, {min(max(y, 0.0), 1.0):.4f}', VIEWS['pick'].label]
+        return handler
+
+    def pick(self, state: Optional[List[Any]], query: str, layer: float) -> Dict[str, Any]:
+        """API: the picked token of every model of this session's last run, and its maps at ``layer``."""
+        if not state or not any(a is not None for a in state):
+            raise gr.Error('no results in this session: call /run first (the same client), then /pick')
+        try:
+            number = float(layer)
+        except (TypeError, ValueError):
+            raise gr.Error('layer must be an integer') from None
+        if not (np.isfinite(number) and number == int(number) and number >= 0):
+            raise gr.Error(f'layer must be an integer from 0, got {str(layer)[:20]}')
+        models = []
+        for analysis in state:
+            if analysis is None:
+                continue
+            rec = analysis.recording
+            if int(number) >= len(rec.layers):
+                raise gr.Error(f'layer {int(number)} does not exist: {analysis.spec} has {len(rec.layers)} layers')
+            try:
+                maps = picked_maps(rec, int(number), parse_query(_query_text(query), rec))
+            except ValueError as e:
+                raise gr.Error(f'{analysis.spec}: {public_message(e)}') from None
+            models.append(dict(spec=analysis.spec, grid=list(rec.grid_size), **maps.as_dict()))
+        return dict(models=models)
 
     def controls_for(self, layer: float, head: str, *specs: str) -> List[Any]:
         """Layer and head choices that follow the chosen models before a run, from the geometry the registry
@@ -198,13 +242,14 @@ class LensApp:
             return [gr.update(), gr.update()]
         return _fitted_controls(max(d for d, _ in shapes), max(h for _, h in shapes), layer, head)
 
-    def export(self, state: Optional[List[Any]], layer: float, head: str, fusion: str) -> Any:
+    def export(self, state: Optional[List[Any]], layer: float, head: str, fusion: str, query: str = '') -> Any:
         if not state or not any(state):
             raise gr.Error('run the models on an image first')
         folder = self.files.new_path('')
         folder.mkdir()
         try:
-            path = export_zip(state, int(layer), head, fusion, folder / 'gqa-lens-analysis.zip', self.registry)
+            path = export_zip(state, int(layer), head, fusion, folder / 'gqa-lens-analysis.zip', self.registry,
+                              _query_text(query))
             return gr.update(visible=True, value=str(path))
         except (ValueError, OSError, RuntimeError) as e:
             raise gr.Error(f'export failed: {public_message(e)}') from None
@@ -344,6 +389,9 @@ def _view_controls(geometry: Tuple[int, int]) -> dict:
                                visible='fusion' in first.controls)
         c['mode'] = gr.Radio(list(ABLATION_MODES), value='zero', label='ablation', elem_id='ablation-mode',
                              visible='mode' in first.controls)
+        c['query'] = gr.Textbox(value='', label='query: click a patch on what a model saw, or type class token, '
+                                'register 0, … or x, y (fractions of the picture; Enter)', elem_id='query',
+                                max_lines=1, visible='query' in first.controls)
     return c
 
 
@@ -396,20 +444,38 @@ def _image_tab(lens: LensApp, choices: List[str], defaults: List[str]) -> None:
         export_button = gr.Button('Download everything (zip: JSON, CSV, PNG, figures)', elem_id='export')
         export_file = gr.File(label='analysis', elem_id='export-file', visible=False)
     controls = [v[name] for name in CONTROLS]
-    c['run'].click(lens.run, [c['image'], *c['models'], v['view'], *controls, c['deep']],
+    c['run'].click(lens.run, [c['image'], *c['models'], v['view'], *controls[:4], c['deep'], v['query']],
                    [state, c['status'], v['layer'], v['head'], *outputs], api_name='run')
     view_outputs = [out for column in columns for out in _column_outputs(column, VIEW_PART)]
-    for control in (v['view'], *controls):
+    for control in (v['view'], *controls[:4]):
         control.change(lens.rerender, [state, v['view'], *controls], view_outputs, api_name=False,
                        show_progress='hidden')
+    v['query'].submit(lens.rerender, [state, v['view'], *controls], view_outputs, api_name=False,
+                      show_progress='hidden')
+    for i, column in enumerate(columns):  # a click on what a model saw picks that place in every model
+        column['seen'].select(lens.clicked(i), state, [v['query'], v['view']], api_name=False,
+                              show_progress='hidden').then(lens.rerender, [state, v['view'], *controls],
+                                                           view_outputs, api_name=False, show_progress='hidden')
     v['view'].change(_controls_shown, v['view'], controls, api_name=False, show_progress='hidden')
     for model in c['models']:
         model.change(lens.controls_for, [v['layer'], v['head'], *c['models']], [v['layer'], v['head']],
                      api_name=False, show_progress='hidden')
-    export_button.click(lens.export, [state, *controls[:3]], export_file, api_name='export')
+    export_button.click(lens.export, [state, *controls[:3], v['query']], export_file, api_name='export')
     c['use'].click(build_spec, c['convert'], c['models'][-1], api_name=False)
     c['convert'][0].change(hub_note, c['convert'][0], c['source_note'], api_name=False, show_progress='hidden')
     _predict_api(lens)
+    _pick_api(lens, state)
+
+
+def _pick_api(lens: LensApp, state: gr.State) -> None:
+    """API-only endpoint: /pick (query, layer) -> each model's picked token and its maps, from the last /run of
+    this session (no model runs)."""
+    with gr.Row(visible=False):
+        query = gr.Textbox()
+        layer = gr.Number(value=0, precision=0)
+        out = gr.JSON()
+        button = gr.Button()
+    button.click(lens.pick, [state, query, layer], out, api_name='pick')
 
 
 def create_app(settings: Optional[Settings] = None) -> LensApp:

@@ -44,6 +44,10 @@ class LayerRecord:
     allocation: ``(B, G)`` query heads per KV head. query_to_kv: ``(B, H)`` KV head of each query head.
     full: ``(B, H, T, T)`` maps of this layer when it was named in ``full_layers`` (else None), whatever
         ``attention`` says: the one layer a view asks for, without holding T x T for every layer.
+    queries, keys: with ``keep_qk``, the scaled queries ``(B, H, T, d)`` and the keys ``(B, G, T, d)`` in float16
+        (what any token's row or column of the maps is recomputed from: :func:`query_row`, :func:`key_column`),
+        ``log_norm``: ``(B, H, T)`` each row's softmax normaliser (log-sum-exp) in float32, and ``bias``: the
+        additive attention bias ``(H, T, T)`` in float16 when the layer has one (BEiT), else None.
     """
     attention: Optional[Tensor]
     key_norms: Tensor
@@ -51,6 +55,28 @@ class LayerRecord:
     allocation: Tensor
     query_to_kv: Tensor
     full: Optional[Tensor] = None
+    queries: Optional[Tensor] = None
+    keys: Optional[Tensor] = None
+    log_norm: Optional[Tensor] = None
+    bias: Optional[Tensor] = None
+
+    def query_row(self, token: int, sample: int = 0) -> Tensor:
+        """``(H, T)``: where ``token`` looks, per query head (post-softmax), recomputed from the kept q and k."""
+        q = self.queries[sample, :, token].float()  # (H, d)
+        k = self.keys[sample][self.query_to_kv[sample]].float()  # (H, T, d): each head's KV head
+        scores = (k @ q[:, :, None])[..., 0]
+        if self.bias is not None:
+            scores = scores + self.bias[:, token].float()
+        return (scores - self.log_norm[sample, :, token, None]).exp()
+
+    def key_column(self, token: int, sample: int = 0) -> Tensor:
+        """``(H, T)``: how much every query attends to ``token``, per query head (its column of the maps)."""
+        q = self.queries[sample].float()  # (H, T, d)
+        k = self.keys[sample, self.query_to_kv[sample], token].float()  # (H, d)
+        scores = (q @ k[:, :, None])[..., 0]
+        if self.bias is not None:
+            scores = scores + self.bias[:, :, token].float()
+        return (scores - self.log_norm[sample]).exp()
 
 
 @dataclass
@@ -143,11 +169,14 @@ class record:
     attention: ``"prefix"`` (class-token / register rows, plus the mean over queries when there is no class
     token; cheap), ``"full"`` (all T x T) or ``"none"``. full_layers: layers whose full ``(B, H, T, T)`` maps
     are kept besides. rollout: head fusions (of :data:`FUSIONS`) whose attention rollout is accumulated layer
-    by layer, so no T x T map outlives its layer. The last forward inside the block is kept in :attr:`result`.
+    by layer, so no T x T map outlives its layer. keep_qk: keep every layer's queries and keys (float16) and
+    row normalisers, so that any token's row or column of any layer's maps can be recomputed later without the
+    model (:meth:`LayerRecord.query_row`); L x (H + G) x T x d half floats. The last forward inside the block is
+    kept in :attr:`result`.
     """
 
     def __init__(self, model: nn.Module, attention: str = 'prefix', full_layers: Sequence[int] = (),
-                 rollout: Sequence[str] = ()) -> None:
+                 rollout: Sequence[str] = (), keep_qk: bool = False) -> None:
         if attention not in ATTENTION_ROWS:
             raise ValueError(f'attention must be one of {ATTENTION_ROWS}, got {attention!r}')
         unknown = [f for f in rollout if f not in FUSIONS]
@@ -164,6 +193,7 @@ class record:
             raise ValueError(f'full_layers {bad} out of range for {depth} layers')
         self.full_layers = {int(i) % depth for i in full_layers}
         self.fusions = tuple(dict.fromkeys(rollout))
+        self.keep_qk = bool(keep_qk)
         self.num_prefix_tokens = int(getattr(model, 'num_prefix_tokens', 0))
         self.row_labels = prefix_labels(model)
         self.summary_row = summary_row(model)
@@ -217,8 +247,9 @@ class record:
         index = len(self._layers)
         keep_full = self.attention == 'full' or index in self.full_layers
         mean_row = self.attention == 'prefix' and not self.has_class_token
-        n_rows = T if keep_full or self.fusions or mean_row else self.num_prefix_tokens
+        n_rows = T if keep_full or self.fusions or mean_row or self.keep_qk else self.num_prefix_tokens
         maps = _RowMaps(B, H, T, self.num_prefix_tokens, keep_full, mean_row, self.fusions, q.device)
+        kept = _KeptQK(q.float() * layer.scale, k, grouping.query_to_kv) if self.keep_qk else None
         if n_rows:
             queries = q.float() * layer.scale
             keys = route_kv(k.float(), grouping.query_to_kv).transpose(-2, -1)  # (B, H, d, T)
@@ -229,11 +260,18 @@ class record:
                 block = queries[:, :, start:stop] @ keys  # (B, H, rows, T)
                 if bias is not None:
                     block = block + bias[..., start:stop, :]
+                if kept is not None:
+                    kept.normalise(start, stop, bias)
                 maps.add(start, _softmax_(block))
                 del block
+            if kept is not None and bias is not None:
+                kept.bias = bias.expand(B, H, T, T)[0].half().cpu()
         if maps.fused:
             self._accumulate_rollout(maps.fused)
-        self._layers.append(self._layer_record(layer, maps, key_norms, grouping, index))
+        record = self._layer_record(layer, maps, key_norms, grouping, index)
+        if kept is not None:
+            record.queries, record.keys, record.log_norm, record.bias = kept.result()
+        self._layers.append(record)
 
     def _layer_record(self, layer: GroupedQueryAttention, maps: '_RowMaps', key_norms: Tensor,
                       grouping: Grouping, index: int) -> LayerRecord:
@@ -293,6 +331,26 @@ def pool_query_attention(pool: nn.Module, x: Tensor) -> Tensor:
     q, k = pool.q_norm(q.transpose(1, 2)), pool.k_norm(k.transpose(1, 2))
     scores = (q.float() * pool.scale) @ k.float().transpose(-2, -1)  # (B, P, latents, T)
     return scores.softmax(-1).mean(2)
+
+
+class _KeptQK:
+    """One layer's queries and keys rounded to float16, and the row normalisers of the maps those rounded values
+    give (so rows recomputed from them later sum to 1)."""
+
+    def __init__(self, scaled_q: Tensor, k: Tensor, query_to_kv: Tensor) -> None:
+        self.queries, self.keys = scaled_q.half(), k.half()
+        self.routed = route_kv(self.keys.float(), query_to_kv).transpose(-2, -1)  # (B, H, d, T)
+        self.log_norm = torch.empty(scaled_q.shape[:3], device=scaled_q.device)
+        self.bias: Optional[Tensor] = None
+
+    def normalise(self, start: int, stop: int, bias: Optional[Tensor]) -> None:
+        scores = self.queries[:, :, start:stop].float() @ self.routed
+        if bias is not None:
+            scores = scores + bias[..., start:stop, :]
+        self.log_norm[:, :, start:stop] = scores.logsumexp(-1)
+
+    def result(self) -> tuple:
+        return self.queries.cpu(), self.keys.cpu(), self.log_norm.cpu(), self.bias
 
 
 def _softmax_(scores: Tensor) -> Tensor:

@@ -72,7 +72,8 @@ class Analysis:
         tensors = [rec.logits, *rec.rollout.values()] + ([rec.pool_attention] if rec.pool_attention is not None else [])
         for layer in rec.layers:
             tensors += [t for t in (layer.attention, layer.key_norms, layer.shares, layer.allocation,
-                                    layer.query_to_kv, layer.full) if t is not None]
+                                    layer.query_to_kv, layer.full, layer.queries, layer.keys, layer.log_norm,
+                                    layer.bias) if t is not None]
         return self.view.nbytes + sum(t.numel() * t.element_size() for t in tensors)
 
 

@@ -22,6 +22,7 @@ import numpy as np
 from PIL import Image
 
 from .analysis import Analysis, layer_maps
+from .pick import parse_query, picked_maps
 from .views import VIEWS, Choice, head_label, layer_index, reference_for, render
 from .models import ModelRegistry
 
@@ -77,9 +78,10 @@ def _meta(analysis: Analysis, layer: int, head: str, fusion: str) -> Dict:
 
 
 def export_zip(analyses: Sequence[Optional[Analysis]], layer: int, head: str, fusion: str, path: Path,
-               registry: Optional[ModelRegistry] = None) -> Path:
+               registry: Optional[ModelRegistry] = None, query: str = '') -> Path:
     """Write the zip to ``path``. With ``registry``, each model's full maps of ``layer`` are recomputed and
-    included as ``full_layer{layer}``."""
+    included as ``full_layer{layer}``; ``pick.json`` holds the picked ``query``'s maps at ``layer`` (its row and
+    column per head, by KV head)."""
     reference = reference_for(analyses)
     with zipfile.ZipFile(path, 'w', compression=zipfile.ZIP_DEFLATED, compresslevel=1) as zf:
         from plotly.offline import get_plotlyjs
@@ -108,7 +110,13 @@ def export_zip(analyses: Sequence[Optional[Analysis]], layer: int, head: str, fu
                 for g in range(alloc.shape[1]):
                     writer.writerow([li, g, int(alloc[li, g]), float(shares[li, g]), float(norms[li, g])])
             zf.writestr(f'{folder}/allocations.csv', rows.getvalue())
-            _write_views(zf, folder, analysis, Choice(layer=layer_i, head=head, fusion=fusion), reference)
+            try:
+                picked = picked_maps(rec, layer_i, parse_query(query, rec)).as_dict()
+            except ValueError as e:
+                picked = dict(error=str(e))
+            zf.writestr(f'{folder}/pick.json', json.dumps(picked))
+            _write_views(zf, folder, analysis, Choice(layer=layer_i, head=head, fusion=fusion, query=query),
+                         reference)
     return path
 
 

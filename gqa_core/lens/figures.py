@@ -71,7 +71,7 @@ def _figure(data=None) -> go.Figure:
     return go.Figure(data, layout=LAYOUT)
 
 
-def _fitted(fit: Fit, height: int, data=None, **extra) -> go.Figure:
+def fitted(fit: Fit, height: int, data=None, **extra) -> go.Figure:
     return go.Figure(data, layout=fit.layout(height, **extra))
 
 
@@ -79,7 +79,7 @@ def _colorbar(fit: Fit, **extra) -> dict:
     return dict(thickness=10, tickfont=dict(size=fit.font), **extra)
 
 
-def _height(fit: Fit, rows: float, cols: float, extra: int = 40, low: int = 160, high: int = 520) -> int:
+def cell_height(fit: Fit, rows: float, cols: float, extra: int = 40, low: int = 160, high: int = 520) -> int:
     """A height that keeps heat-map cells about square for ``rows`` × ``cols`` cells."""
     return int(np.clip(fit.plot_px() * rows / max(cols, 1) + extra, low, high))
 
@@ -129,7 +129,7 @@ def pixelated(view: np.ndarray, least: int = 128) -> np.ndarray:
     return np.repeat(np.repeat(view, k, axis=0), k, axis=1) if k > 1 else view
 
 
-def _mosaic(tiles: np.ndarray, per_row: int) -> np.ndarray:
+def tile_mosaic(tiles: np.ndarray, per_row: int) -> np.ndarray:
     """``(N, rows, cols)`` tiles laid out ``per_row`` to a row, one NaN line between neighbours."""
     n, rows, cols = tiles.shape
     lines = -(-n // per_row)
@@ -152,8 +152,8 @@ def heads_layers_figure(prefix_maps: np.ndarray, grid_size: Sequence[int], fit: 
     lo = tiles.min(axis=(-2, -1), keepdims=True)
     span = tiles.max(axis=(-2, -1), keepdims=True) - lo
     tiles = (tiles - lo) / np.where(span > 0, span, 1)
-    mosaic = _mosaic(tiles.reshape(L * H, rows, cols), H)
-    fig = _fitted(fit, _height(fit, mosaic.shape[0], mosaic.shape[1]),
+    mosaic = tile_mosaic(tiles.reshape(L * H, rows, cols), H)
+    fig = fitted(fit, cell_height(fit, mosaic.shape[0], mosaic.shape[1]),
                   go.Heatmap(z=mosaic, colorscale='Inferno', showscale=False, hoverinfo='skip'), title=title)
     fig.update_xaxes(**fit.thin([h * (cols + 1) + cols / 2 - 0.5 for h in range(H)], _axis_labels('h', H),
                                 fit.plot_px()))
@@ -188,9 +188,9 @@ def assignment_figure(query_to_kv: np.ndarray, allocation: np.ndarray, fit: Fit 
     for g in range(G):  # a discrete colour scale: band g -> colour g
         scale += [[g / G, colors[g]], [(g + 1) / G, colors[g]]]
     span = fit.plot_px(colorbar=True)
-    height = _height(fit, L, H)
+    height = cell_height(fit, L, H)
     text = [[f'kv{g}' for g in row] for row in query_to_kv]
-    fig = _fitted(fit, height, go.Heatmap(
+    fig = fitted(fit, height, go.Heatmap(
         z=query_to_kv, x=_axis_labels('q', H), y=_axis_labels('L', L), zmin=-0.5, zmax=G - 0.5, colorscale=scale,
         text=text, texttemplate='%{text}' if fit.cell_text(H, L, span, height - 40, f'kv{G - 1}') else None,
         xgap=1, ygap=1,
@@ -220,12 +220,15 @@ def allocation_history_figure(steps: Sequence[int], allocation: np.ndarray, laye
     """
     allocation = np.asarray(allocation)
     colors = kv_colors(allocation.shape[1])
-    fig = _fitted(fit, 300, title=title, legend=dict(orientation='h', x=0, y=1.02, yanchor='bottom'), top=30)
+    fig = fitted(fit, 300, title=title, legend=dict(orientation='h', x=0, y=1.02, yanchor='bottom'), top=30)
     for g in range(allocation.shape[1]):
         fig.add_trace(go.Scatter(x=list(steps), y=allocation[:, g], mode='lines+markers', name=f'kv{g}',
                                  line=dict(shape='hv', color=colors[g]), stackgroup='a'))
     fig.update_xaxes(title='training step', nticks=max(2, int(fit.plot_px() // 70)))
-    fig.update_yaxes(title='query heads')
+    heads = int(allocation.sum(1).max()) if allocation.size else 1
+    step = max(1, heads // 4)
+    # no 0 on the y axis: it would print on top of the x axis's 0 at the corner (the stack starts at 0 anyway)
+    fig.update_yaxes(title='query heads', range=[0, heads], tickmode='array', tickvals=list(range(step, heads + 1, step)))
     return fig
 
 
@@ -245,12 +248,12 @@ def difference_figure(variant_prefix: np.ndarray, reference_prefix: np.ndarray, 
     L, rows, cols = diff.shape
     per_row = int(np.clip(fit.plot_px(colorbar=True) // 40, 1, L))
     per_row = -(-L // -(-L // per_row))  # the same number of tiles on every line
-    mosaic = _mosaic(diff, per_row)
+    mosaic = tile_mosaic(diff, per_row)
     tv = total_variation(variant_prefix, reference_prefix)
-    where = _mosaic(np.broadcast_to(np.arange(L, dtype=float)[:, None, None], diff.shape), per_row)
+    where = tile_mosaic(np.broadcast_to(np.arange(L, dtype=float)[:, None, None], diff.shape), per_row)
     hover = [[f'L{int(v)} · TV {tv[int(v)]:.2f}' if v == v else '' for v in line] for line in where]
     bound = float(np.nanmax(np.abs(mosaic))) or 1.0
-    fig = _fitted(fit, _height(fit, mosaic.shape[0], mosaic.shape[1], low=120), go.Heatmap(
+    fig = fitted(fit, cell_height(fit, mosaic.shape[0], mosaic.shape[1], low=120), go.Heatmap(
         z=mosaic, colorscale='RdBu', zmid=0, zmin=-bound, zmax=bound, reversescale=True, customdata=hover,
         hovertemplate='%{customdata}: Δ %{z:.4f}<extra></extra>', colorbar=_colorbar(fit, nticks=4)), title=title)
     lines = -(-L // per_row)
@@ -275,7 +278,7 @@ def key_norm_figure(key_norms: np.ndarray, allocation: np.ndarray, fit: Fit = Fi
     would = largest_remainder(torch.as_tensor(shares), H).numpy()
     x, y = _axis_labels('kv', G), _axis_labels('L', L)
     span = fit.plot_px(colorbar=True)
-    panel = _height(fit, L, G, extra=0, low=90, high=260)
+    panel = cell_height(fit, L, G, extra=0, low=90, high=260)
     text = '%{text}' if fit.cell_text(G, L, span, panel, str(H)) else None
     fig = make_subplots(rows=2, cols=1, vertical_spacing=0.1, shared_xaxes=True,
                         subplot_titles=('key-norm shares → KDGQA', 'allocation used'))
@@ -301,7 +304,7 @@ def ablation_figure(kv_drop: np.ndarray, query_drop: np.ndarray, score: str, fit
     H = query_drop.shape[1]
     bound = float(max(np.abs(kv_drop).max(), np.abs(query_drop).max())) or 1.0
     span = fit.plot_px(colorbar=True)
-    panel = _height(fit, L, H, extra=0, low=90, high=260)
+    panel = cell_height(fit, L, H, extra=0, low=90, high=260)
     fig = make_subplots(rows=2, cols=1, vertical_spacing=0.16,
                         subplot_titles=('remove one KV head', 'remove one query head'))
     fig.update_layout(**fit.layout(2 * panel + 90, title=title, top=24))
@@ -322,7 +325,7 @@ def diversity_figure(diversity: np.ndarray, fit: Fit = Fit(), title: str = '') -
     layers (rows) × KV heads (columns); blank where a KV head serves fewer than two query heads."""
     L, G = diversity.shape
     span = fit.plot_px(colorbar=True)
-    fig = _fitted(fit, _height(fit, L, G, high=360), go.Heatmap(
+    fig = fitted(fit, cell_height(fit, L, G, high=360), go.Heatmap(
         z=diversity, x=_axis_labels('kv', G), y=_axis_labels('L', L), zmin=0, colorscale='Magma',
         colorbar=_colorbar(fit, nticks=4), hovertemplate='%{y} %{x}: JSD %{z:.3f}<extra></extra>'), title=title)
     fig.update_xaxes(**fit.thin(list(range(G)), _axis_labels('kv', G), span))
@@ -333,7 +336,7 @@ def diversity_figure(diversity: np.ndarray, fit: Fit = Fit(), title: str = '') -
 def faithfulness_figure(curves: dict, score: str, fit: Fit = Fit(), title: str = '') -> go.Figure:
     """Deletion (solid) and insertion (dashed) curves per map; the legend names the maps (AUCs in the hover
     and in the view's caption)."""
-    fig = _fitted(fit, 300, title=title, legend=dict(orientation='h', x=0, y=1.02, yanchor='bottom'), top=30)
+    fig = fitted(fit, 300, title=title, legend=dict(orientation='h', x=0, y=1.02, yanchor='bottom'), top=30)
     colors = qualitative.Plotly
     for i, (name, c) in enumerate(curves.items()):
         fig.add_trace(go.Scatter(x=c['fractions'], y=c['deletion'], mode='lines', line=dict(color=colors[i]),

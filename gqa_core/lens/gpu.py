@@ -53,7 +53,7 @@ class Forwards:
 def run_forwards(model: nn.Module, x: Tensor, deep: bool, labels: List[str]) -> Forwards:
     """The recorded forward of ``x`` (one image) and, when ``deep``, every head ablation and the faithfulness
     curves of the summary map and the rollout -- all the forwards an analysis needs, on ``x``'s device."""
-    with torch.inference_mode(), record(model, attention='prefix', rollout=FUSIONS) as rec:
+    with torch.inference_mode(), record(model, attention='prefix', rollout=FUSIONS, keep_qk=True) as rec:
         model(x)
     result = rec.result
     if not deep:

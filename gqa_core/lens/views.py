@@ -15,6 +15,7 @@ from .conversion_error import conversion_error_caption, conversion_error_figure
 from .heads import group_diversity
 from .images import load_image
 from .models import ModelRegistry, short_name
+from .pick import parse_query, pick_caption, pick_figure, picked_maps
 from .specs import public_message, shown
 
 __all__ = ['MAX_MODELS', 'NO_MODEL', 'View', 'VIEWS', 'VIEW_LABELS', 'Choice', 'Rendered', 'Header', 'run_models',
@@ -51,6 +52,7 @@ VIEWS: Dict[str, View] = {v.name: v for v in (
     View('diversity', 'within-group diversity'),
     View('faithfulness', 'faithfulness'),
     View('conversion', 'where GQA hurts'),
+    View('pick', 'picked query', controls=('layer', 'query')),
 )}
 VIEW_LABELS = {v.label: v.name for v in VIEWS.values()}
 
@@ -64,6 +66,7 @@ class Choice:
     fusion: str = 'mean'
     mode: str = 'zero'
     width: int = 640
+    query: str = ''  # the picked query: 'x, y' (fractions of the picture), a prefix token's name, or '' (default)
 
     def __post_init__(self) -> None:
         if self.view not in VIEWS:
@@ -294,10 +297,20 @@ def _conversion_view(analysis: Analysis, choice: Choice, reference: Optional[Ana
                     figure=conversion_error_figure(analysis.calibration, fit))
 
 
+def _pick_view(analysis: Analysis, choice: Choice, reference: Optional[Analysis], fit: figures.Fit) -> Rendered:
+    rec = analysis.recording
+    layer = layer_index(analysis, choice.layer)
+    try:
+        maps = picked_maps(rec, layer, parse_query(choice.query, rec))
+    except ValueError as e:
+        return Rendered(public_message(e))
+    return Rendered(pick_caption(maps), figure=pick_figure(maps, rec.grid_size, fit))
+
+
 _RENDERERS = dict(overlay=_overlay_view, rollout=_rollout_view, pool=_pool_view, grid=_grid_view, key_norms=_key_norms_view,
                   assignment=_assignment_view, history=_history_view, difference=_difference_view,
                   ablation=_ablation_view, diversity=_diversity_view, faithfulness=_faithfulness_view,
-                  conversion=_conversion_view)
+                  conversion=_conversion_view, pick=_pick_view)
 assert set(_RENDERERS) == set(VIEWS)
 
 

@@ -186,3 +186,28 @@ def test_closed_and_idle_sessions_free_their_state_and_files(server):
         client.predict(0, 'mean', 'mean', api_name='/export')  # its results went with the session
     app.lens.files.sweep(now=time.time() + app.lens.files.ttl + 1)
     assert app.lens.files.count() == 0, ('overlays and exports are deleted once old', app.lens.files.count())
+
+
+def test_pick_endpoint_maps_one_place_into_every_model_and_refuses_bad_input(server):
+    from gradio_client.exceptions import AppError
+    stale = Client(server[0], verbose=False)
+    with pytest.raises(AppError, match='no results in this session: call /run first'):
+        stale.predict('0.5, 0.5', 1, api_name='/pick')
+    client = Client(server[0], verbose=False)
+    specs = ['embedded/mha', 'embedded/kdgqa']
+    client.predict(*run_args(EXAMPLES_DIR / 'cifar10_ship.jpg', *specs, deep=False), api_name='/run')
+    got = client.predict('0.99, 0.01', 2, api_name='/pick')
+    assert [m['spec'] for m in got['models']] == specs
+    for model in got['models']:
+        assert model['grid'] == [8, 8] and model['layer'] == 2
+        assert model['picked'] == dict(token=1 + 7, row=0, col=7, label='patch (row 0, column 7)')
+        assert len(model['rows']) == 8 and len(model['rows'][0]) == 64 and len(model['columns'][0]) == 64
+        assert len(model['query_to_kv']) == 8 and len(model['key_norms'][0]) == 64
+    assert client.predict('class token', 0, api_name='/pick')['models'][0]['picked']['token'] == 0
+    for query, layer, message in (('1.5, 0.2', 0, 'x must be a number 0..1'), ('0.2, -1', 0, 'y must be'),
+                                  ('left, top', 0, 'x must be a number'), ('0.5, 0.5', 99, 'layer 99 does not exist'),
+                                  ('0.5, 0.5', -1, 'layer must be an integer from 0'),
+                                  ('register 3', 0, "no 'register 3' token"), ('x' * 500, 0, 'query is 200 characters')):
+        with pytest.raises(AppError, match=message):
+            client.predict(query, layer, api_name='/pick')
+    assert client.predict('0.5, 0.5', 1, api_name='/pick')['models'], 'still serving after the refusals'

@@ -138,6 +138,8 @@ def test_allocation_history_traces_are_the_saved_history(analyses):
     fig = figures.allocation_history_figure(hist['steps'], alloc, 1)
     for g, trace in enumerate(fig.data):
         assert list(trace.y) == list(alloc[:, g]) and list(trace.x) == hist['steps']
+    assert 0 not in fig.layout.yaxis.tickvals, 'a y zero tick prints on top of the x zero tick at the corner'
+    assert max(fig.layout.yaxis.tickvals) == alloc.sum(1).max()
 
 
 def test_views_and_zip_export(analyses, registry, tmp_path):

@@ -1,0 +1,85 @@
+"""The picked query: a place on the picture maps to the right token in each model's own grid (never transposed,
+registers counted), and its maps recomputed from the kept queries and keys are the recorded ones."""
+import numpy as np
+import pytest
+import timm
+import torch
+
+from gqa_core import convert, record
+from gqa_core.lens.pick import parse_query, pick_figure, pick_place, picked_maps, prefix_names
+from gqa_core.lens.views import Choice, render
+from support import tiny_vit
+
+
+def recorded(model, size):
+    x = torch.randn(1, 3, *size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), record(model, attention='full', keep_qk=True) as rec:
+        model(x)
+    return rec.result
+
+
+@pytest.fixture(scope='module')
+def registers_non_square():
+    """4 registers + a class token, a 2 x 4 patch grid (32 x 64 px input, 16 px patches)."""
+    torch.manual_seed(0)
+    model = timm.create_model('vit_small_patch16_224', img_size=(32, 64), patch_size=16, embed_dim=48,
+                              num_heads=6, depth=2, reg_tokens=4, num_classes=5).eval()
+    return recorded(convert(model, 'kdgqa', 3), (32, 64))
+
+
+def test_a_place_picks_its_row_and_column_never_the_transpose(registers_non_square):
+    rec = registers_non_square
+    assert tuple(rec.grid_size) == (2, 4) and rec.num_prefix_tokens == 5
+    top_right = pick_place(rec, (0.99, 0.01))
+    assert (top_right.row, top_right.col, top_right.token) == (0, 3, 5 + 3), 'row 0, the last column'
+    bottom_left = pick_place(rec, (0.0, 0.99))
+    assert (bottom_left.row, bottom_left.col, bottom_left.token) == (1, 0, 5 + 4)
+    assert pick_place(rec, (1.0, 1.0)).token == 5 + 7, 'the far edge belongs to the last cell'
+    assert prefix_names(rec) == ['class token', 'register 0', 'register 1', 'register 2', 'register 3']
+    assert pick_place(rec, 'register 2').token == 3 and pick_place(rec, 'register 2').row is None
+
+
+@pytest.mark.parametrize('bad,message', [((1.5, 0.2), 'x must be a number 0..1'), ((0.2, -0.1), 'y must be'),
+                                         (('left', 0.2), 'x must be a number'), ((float('nan'), 0), 'x must be'),
+                                         ('register 9', "no 'register 9' token"), ((0.1,), 'a pick is')])
+def test_bad_places_are_refused_with_one_line(registers_non_square, bad, message):
+    with pytest.raises(ValueError, match=message):
+        pick_place(registers_non_square, bad)
+
+
+def test_one_place_maps_into_each_models_own_grid(registers_non_square):
+    square = recorded(convert(tiny_vit(num_heads=6, depth=2), 'gqa', 3), (32, 32))  # 4 x 4, one class token
+    place = (0.6, 0.3)
+    a, b = pick_place(square, place), pick_place(registers_non_square, place)
+    assert (a.row, a.col, a.token) == (1, 2, 1 + 1 * 4 + 2)
+    assert (b.row, b.col, b.token) == (0, 2, 5 + 2)
+
+
+@pytest.mark.parametrize('variant,G', [('gqa', 3), ('kdgqa', 3), ('mha', None)])
+def test_rows_and_columns_from_kept_qk_are_the_recorded_maps(variant, G):
+    rec = recorded(convert(tiny_vit(num_heads=6, depth=2), variant, G), (32, 32))
+    full = rec.layers[1].attention[0].numpy()  # (H, T, T)
+    for place in ((0.1, 0.9), 'class token'):
+        maps = picked_maps(rec, 1, place)
+        t = maps.picked.token
+        assert np.allclose(maps.rows, full[:, t, 1:], atol=1e-5)
+        assert np.allclose(maps.columns, full[:, 1:, t], atol=1e-5)
+        assert sorted(h for g in maps.groups for h in g) == list(range(6))
+        assert maps.key_norms.shape == (rec.layers[1].keys.shape[1], 16)
+
+
+def test_the_view_arranges_heads_by_kv_group_and_reports_bad_queries(registers_non_square):
+    from gqa_core.lens.analysis import Analysis
+    rec = registers_non_square
+    analysis = Analysis('x', np.zeros((32, 64, 3), np.uint8), rec, [], dict(variant='kdgqa', num_kv_heads=3))
+    shown = render(analysis, Choice('pick', 1, query='0.99, 0.01', width=375))
+    assert shown.applies and 'patch (row 0, column 3)' in shown.caption
+    maps = picked_maps(rec, 1, parse_query('0.99, 0.01', rec))
+    labels = [a.text for a in shown.figure.layout.annotations]
+    assert labels.count('mean') == 1 and [f'K{g} norm' for g in range(3)] == [t for t in labels if 'norm' in t]
+    assert sorted(int(t[1:]) for t in labels if t.startswith('q')) == list(range(6))
+    assert len(shown.figure.data[1].x) == len(labels), 'the picked patch is ringed in every tile'
+    assert pick_figure(maps, rec.grid_size).data[0].z.shape[0] == 4 * 3 - 1, 'three KV heads and the mean'
+    for query, message in (('2, 3', 'x must be'), ('register 7', "no 'register 7'"), ('a, b, c', 'give x, y')):
+        refused = render(analysis, Choice('pick', 1, query=query))
+        assert not refused.applies and message in refused.caption
