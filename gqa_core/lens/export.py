@@ -80,8 +80,8 @@ def _meta(analysis: Analysis, layer: int, head: str, fusion: str) -> Dict:
 def export_zip(analyses: Sequence[Optional[Analysis]], layer: int, head: str, fusion: str, path: Path,
                registry: Optional[ModelRegistry] = None, query: str = '') -> Path:
     """Write the zip to ``path``. With ``registry``, each model's full maps of ``layer`` are recomputed and
-    included as ``full_layer{layer}``; ``pick.json`` holds the picked ``query``'s maps at ``layer`` (its row and
-    column per head, by KV head)."""
+    included as ``full_layer{layer}``; ``picked_maps.json`` holds the picked ``query``'s maps at ``layer``
+    (its row and column per head, by KV head)."""
     reference = reference_for(analyses)
     with zipfile.ZipFile(path, 'w', compression=zipfile.ZIP_DEFLATED, compresslevel=1) as zf:
         from plotly.offline import get_plotlyjs
@@ -114,7 +114,7 @@ def export_zip(analyses: Sequence[Optional[Analysis]], layer: int, head: str, fu
                 picked = picked_maps(rec, layer_i, parse_query(query, rec)).as_dict()
             except ValueError as e:
                 picked = dict(error=str(e))
-            zf.writestr(f'{folder}/pick.json', json.dumps(picked))
+            zf.writestr(f'{folder}/picked_maps.json', json.dumps(picked))  # (pick.json: the view's figure)
             _write_views(zf, folder, analysis, Choice(layer=layer_i, head=head, fusion=fusion, query=query),
                          reference)
     return path

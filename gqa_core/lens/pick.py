@@ -20,8 +20,8 @@ from ..core.record import MEAN_ROW, Recording
 from .figures import Fit, cell_height, fitted, patch_grid, tile_mosaic
 from .heads import jensen_shannon
 
-__all__ = ['Picked', 'PickedMaps', 'parse_query', 'pick_place', 'picked_maps', 'pick_figure', 'pick_caption', 'prefix_names',
-           'PICK_PREFIX']
+__all__ = ['Picked', 'PickedMaps', 'parse_query', 'pick_place', 'picked_maps', 'pick_figure', 'pick_caption',
+           'prefix_names', 'PICK_PREFIX']
 
 PICK_PREFIX = 'class token'  # what a run shows before anyone picks: the token the other views show
 
@@ -134,40 +134,40 @@ def _scaled(tiles: np.ndarray) -> np.ndarray:
     return (tiles - lo) / np.where(span > 0, span, 1)
 
 
+TILES_PER_LINE = 8  # groups narrower than this share a line (MHA: four heads with their keys a line)
+
+
 def pick_figure(maps: PickedMaps, grid_size: Sequence[int], fit: Fit = Fit()) -> go.Figure:
-    """One line per KV head: where the picked token looks in each query head sharing it, then that key head's
-    norm at every patch; the head mean last. Each tile is scaled on its own; the picked patch is ringed."""
+    """Per KV head, where the picked token looks in each query head sharing it, then that key head's norm at every
+    patch; groups narrower than a line share one; the head mean last. Each tile is scaled on its own; the picked
+    patch is outlined in every tile."""
     rows, cols = int(grid_size[0]), int(grid_size[1])
     groups = maps.groups
     width = max(max((len(g) for g in groups), default=0), 1) + 1  # the widest group, then its key norms
+    per_line = max(1, TILES_PER_LINE // width)
     heads = patch_grid(maps.rows, grid_size)
     norms = patch_grid(maps.key_norms, grid_size)
     blank = np.full((rows, cols), np.nan)
     tiles, labels = [], []
     for g, members in enumerate(groups):
-        line = [heads[h] for h in members] + [blank] * (width - 1 - len(members)) + [norms[g]]
-        tiles += line
+        tiles += [heads[h] for h in members] + [blank] * (width - 1 - len(members)) + [norms[g]]
         labels += [f'q{h}' for h in members] + [''] * (width - 1 - len(members)) + [f'K{g} norm']
-    tiles += [heads.mean(0)] + [blank] * (width - 1)
-    labels += ['mean'] + [''] * (width - 1)
+    line = width * per_line
+    pad = -len(tiles) % line
+    tiles += [blank] * pad + [heads.mean(0)] + [blank] * (line - 1)
+    labels += [''] * pad + ['mean'] + [''] * (line - 1)
     stack = np.stack(tiles).astype(np.float64)
-    mosaic = tile_mosaic(np.where(np.isnan(stack), np.nan, _scaled(np.nan_to_num(stack))), width)
+    mosaic = tile_mosaic(np.where(np.isnan(stack), np.nan, _scaled(np.nan_to_num(stack))), line)
     font = dict(size=fit.font - 1, color='white')
-    notes = [dict(x=(i % width) * (cols + 1) - 0.5, y=(i // width) * (rows + 1) - 0.5, text=label, showarrow=False,
-                  xanchor='left', yanchor='top', font=font, bgcolor='rgba(0,0,0,0.55)')
-             for i, label in enumerate(labels) if label]  # set at once: plotly re-validates on every add
+    placed = [((i // line) * (rows + 1), (i % line) * (cols + 1), label) for i, label in enumerate(labels) if label]
+    notes = [dict(x=x - 0.5, y=y - 0.5, text=label, showarrow=False, xanchor='left', yanchor='top', font=font,
+                  bgcolor='rgba(0,0,0,0.55)') for y, x, label in placed]  # set at once: plotly re-validates each add
+    rings = [] if maps.picked.row is None else [
+        dict(type='rect', x0=x + maps.picked.col - 0.5, x1=x + maps.picked.col + 0.5, y0=y + maps.picked.row - 0.5,
+             y1=y + maps.picked.row + 0.5, line=dict(color='#00e5ff', width=2)) for y, x, _ in placed]
     fig = fitted(fit, cell_height(fit, mosaic.shape[0], mosaic.shape[1], extra=20, high=900),
-                 go.Heatmap(z=mosaic, colorscale='Inferno', showscale=False, hoverinfo='skip'), annotations=notes)
-    if maps.picked.row is not None:
-        marks_x, marks_y = [], []
-        for i, label in enumerate(labels):
-            if label:
-                r, c = divmod(i, width)
-                marks_x.append(c * (cols + 1) + maps.picked.col)
-                marks_y.append(r * (rows + 1) + maps.picked.row)
-        fig.add_trace(go.Scatter(x=marks_x, y=marks_y, mode='markers', hoverinfo='skip', showlegend=False,
-                                 marker=dict(symbol='square-open', size=max(6, fit.plot_px() / mosaic.shape[1]),
-                                             color='#00e5ff', line=dict(width=2))))
+                 go.Heatmap(z=mosaic, colorscale='Inferno', showscale=False, hoverinfo='skip'), annotations=notes,
+                 shapes=rings)
     fig.update_xaxes(visible=False)
     fig.update_yaxes(visible=False, autorange='reversed', scaleanchor='x')
     return fig
@@ -177,5 +177,5 @@ def pick_caption(maps: PickedMaps) -> str:
     shared = [f'K{g}: {d:.2f}' for g, d in enumerate(maps.divergence) if not np.isnan(d)]
     spread = ('; divergence between the query heads sharing a key head (mean JSD, bits): ' + ', '.join(shared)
               if shared else '; no key head is shared by two query heads here')
-    return (f'where the {maps.picked.label} looks in layer {maps.layer}: one line per KV head, its query heads '
+    return (f'where the {maps.picked.label} looks in layer {maps.layer}: per KV head, the query heads sharing it '
             f'side by side, then its key norms; the head mean last{spread}')

@@ -148,6 +148,7 @@ def _column_outputs(out):
     return result
 
 
+@pytest.mark.slow
 def test_sixteen_concurrent_clients_same_image_four_models(server):
     """Identical images from many sessions never share a file: 0 errors, no empty image, same answers."""
     url = server[0]

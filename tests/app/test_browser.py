@@ -128,6 +128,7 @@ def _table_rows(page, elem_id, columns):
     return [body[i:i + columns] for i in range(0, len(body) - columns + 1, columns)]
 
 
+@pytest.mark.slow
 def test_heads_panels_and_dataset_tabs_show_the_apis_numbers(app_url, tmp_path):
     import json
     from playwright.sync_api import expect, sync_playwright
@@ -282,6 +283,7 @@ def show_view(page, label: str) -> None:
     settle(page)
 
 
+@pytest.mark.slow
 def test_every_view_reads_cleanly_with_one_two_and_four_models(app_url, tmp_path):
     """1, 2 and 4 models at 1280 and 1920 px, every view: no text clipped by its figure or box, no two texts
     overlapping, no empty frame, and a view that does not apply says so in one line instead of a frame."""
@@ -329,6 +331,7 @@ def test_four_models_fit_about_two_screens(app_url, request):
 
 
 
+@pytest.mark.slow
 def test_a_calibrated_conversion_shows_where_gqa_hurts_legibly(app_url, tmp_path):
     """The builder offers the K/V init and real Hub ViTs (saying at once that the Hub cannot be reached here);
     a calibrated conversion's summary says how it was made and its "where GQA hurts" figure reads cleanly at
@@ -364,3 +367,46 @@ def test_a_calibrated_conversion_shows_where_gqa_hurts_legibly(app_url, tmp_path
                 page.screenshot(path=str(tmp_path / f'calibrated-{width}-{n}.png'), full_page=True)
             browser.close()
     assert not found, '\n'.join(found)
+
+
+def click_on_picture(page, selector: str, x: float, y: float) -> None:
+    """Click at fractions ``(x, y)`` of the picture itself: gradio draws it ``object-fit: scale-down`` (never
+    enlarged, centred), so the element's box may be larger than the picture."""
+    picture = page.locator(selector)
+    picture.scroll_into_view_if_needed()  # a click lands only on screen
+    box = picture.bounding_box()
+    natural_w, natural_h = picture.evaluate('i => [i.naturalWidth, i.naturalHeight]')
+    scale = min(1.0, box['width'] / natural_w, box['height'] / natural_h)
+    w, h = natural_w * scale, natural_h * scale
+    page.mouse.click(box['x'] + (box['width'] - w) / 2 + x * w, box['y'] + (box['height'] - h) / 2 + y * h)
+
+
+def test_a_click_picks_the_same_place_in_models_with_different_grids(app_url):
+    """A click on what a model saw picks that place in every column, each in its own grid: the embedded model
+    (8 x 8 patches, a class token) beside a non-square model with four registers (4 x 8 patches); a click near
+    the top-right corner is row 0 and the last column in both, never a transposed grid."""
+    import timm
+    from playwright.sync_api import expect, sync_playwright
+    from gqa_core import convert, save_pretrained
+    from support import ALLOWED_MODELS
+    model = timm.create_model('vit_small_patch16_224', pretrained=False, img_size=(32, 64), patch_size=8,
+                              embed_dim=48, num_heads=6, depth=2, reg_tokens=4, num_classes=10)
+    save_pretrained(convert(model, 'gqa', 3), ALLOWED_MODELS / 'wide-registers')
+    with sync_playwright() as p:
+        browser, page = open_with_image(p, app_url, EXAMPLES_DIR / 'cifar10_ship.jpg', width=1600)
+        run_models_in_page(page, ['embedded/kdgqa', 'local:wide-registers'], deep=False)
+        for column, (x, y), expected in ((1, (0.97, 0.03), ['row 0, column 7', 'row 0, column 7']),
+                                         (0, (0.3, 0.6), ['row 4, column 2', 'row 2, column 2'])):
+            before = page.locator('#caption-0').inner_text()
+            click_on_picture(page, f'#seen-{column} img', x, y)
+            page.wait_for_function('([t]) => document.querySelector("#caption-0").innerText !== t', arg=[before],
+                                   timeout=30_000)
+            settle(page)
+            expect(page.locator('#view').get_by_label('picked query', exact=True)).to_be_checked()
+            for i, cell in enumerate(expected):
+                assert f'patch ({cell})' in page.locator(f'#caption-{i}').inner_text(), (column, i)
+        page.locator('#query textarea, #query input').first.fill('register 2')
+        page.locator('#query textarea, #query input').first.press('Enter')
+        expect(page.locator('#caption-1')).to_contain_text('where the register 2 looks')
+        expect(page.locator('#caption-0')).to_contain_text("no 'register 2' token in this model")
+        browser.close()

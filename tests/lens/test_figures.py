@@ -168,6 +168,10 @@ def test_views_and_zip_export(analyses, registry, tmp_path):
         assert Image.open(io.BytesIO(png)).size == rollout.shape[1::-1]
         assert '0_embedded_mha/history.json' not in names, 'a view that does not apply to a model is not exported'
         assert '3_embedded_gqa/history.json' not in names and '1_embedded_kdgqa/difference.html' in names
+        assert len(names) == len(set(names)), 'no file is written twice'
+        picked = json.loads(zf.read('1_embedded_kdgqa/picked_maps.json'))  # the default query: the class token
+        assert picked['picked']['token'] == 0 and picked['layer'] == 2 and len(picked['rows']) == 8
+        assert '1_embedded_kdgqa/pick.html' in names, "the picked-query view's figure"
 
 
 def test_exported_attention_png_is_named_for_the_head_it_shows(analyses, tmp_path):
