@@ -135,6 +135,7 @@ def _scaled(tiles: np.ndarray) -> np.ndarray:
 
 
 TILES_PER_LINE = 8  # groups narrower than this share a line (MHA: four heads with their keys a line)
+MIN_TILE_PX = 48  # fewer tiles a line in narrow columns, so that a tile holds its label
 
 
 def pick_figure(maps: PickedMaps, grid_size: Sequence[int], fit: Fit = Fit()) -> go.Figure:
@@ -144,14 +145,16 @@ def pick_figure(maps: PickedMaps, grid_size: Sequence[int], fit: Fit = Fit()) ->
     rows, cols = int(grid_size[0]), int(grid_size[1])
     groups = maps.groups
     width = max(max((len(g) for g in groups), default=0), 1) + 1  # the widest group, then its key norms
-    per_line = max(1, TILES_PER_LINE // width)
+    per_line = max(1, min(TILES_PER_LINE, int(fit.plot_px() // MIN_TILE_PX)) // width)
+    tile_px = fit.plot_px() / (width * per_line)
+    key_label = 'K{} norm' if fit.text_px('K0 norm') <= tile_px else 'K{}'  # narrow tiles: the short name
     heads = patch_grid(maps.rows, grid_size)
     norms = patch_grid(maps.key_norms, grid_size)
     blank = np.full((rows, cols), np.nan)
     tiles, labels = [], []
     for g, members in enumerate(groups):
         tiles += [heads[h] for h in members] + [blank] * (width - 1 - len(members)) + [norms[g]]
-        labels += [f'q{h}' for h in members] + [''] * (width - 1 - len(members)) + [f'K{g} norm']
+        labels += [f'q{h}' for h in members] + [''] * (width - 1 - len(members)) + [key_label.format(g)]
     line = width * per_line
     pad = -len(tiles) % line
     tiles += [blank] * pad + [heads.mean(0)] + [blank] * (line - 1)
