@@ -1,5 +1,5 @@
-"""Server time of a pick: after a run, picking another query re-renders every column's "picked query" view from
-the session's state (the kept queries and keys), with no model running again. Also the state a pick needs.
+"""Server time of a pick: after a run, picking another query re-renders every column's "picked query" (and
+"query-key geometry") view from the session's state (the kept queries and keys), with no model running again. Also the state a pick needs.
 
     python bench/bench_pick.py --repeat 20
 
@@ -36,14 +36,14 @@ def kept_bytes(analysis) -> int:
                for t in (layer.queries, layer.keys, layer.log_norm, layer.bias) if t is not None)
 
 
-def time_picks(analyses, repeat: int, layer: int) -> list:
+def time_picks(analyses, repeat: int, layer: int, view: str = 'pick') -> list:
     width = column_width(len(analyses))
     rng = random.Random(0)
     times = []
     for _ in range(repeat):
         query = f'{rng.random():.3f}, {rng.random():.3f}'
         start = time.perf_counter()
-        shown = [render(a, Choice('pick', layer, query=query, width=width)) for a in analyses]
+        shown = [render(a, Choice(view, layer, query=query, width=width)) for a in analyses]
         times.append(time.perf_counter() - start)
         assert all(s.applies for s in shown), [s.caption for s in shown]
     return times
@@ -62,14 +62,16 @@ def main() -> None:
             save_pretrained(convert(timm.create_model(arch, pretrained=False, **extra), 'gqa', 3), Path(tmp) / name)
         registry = ModelRegistry(model_dirs=[tmp])
         cases = {'4 embedded models': list(DEFAULT_MODELS)} | {name: [f'local:{name}'] for name in LARGE}
-        print(f'| case | tokens | kept q/k per model | pick min ms | median | max |\n|---|---:|---:|---:|---:|---:|')
+        print('| case | view | tokens | kept q/k per model | min ms | median | max |\n|---|---|---:|---:|---:|---:|---:|')
         for case, specs in cases.items():
             analyses, errors, _ = run_models(registry, args.image, specs)
             assert not any(errors), errors
             tokens = analyses[0].recording.layers[0].queries.shape[2]
-            ms = [t * 1e3 for t in time_picks(analyses, args.repeat, layer=len(analyses[0].recording.layers) // 2)]
-            print(f'| {case} | {tokens:,} | {kept_bytes(analyses[0]) / 2**20:.2f} MiB | {min(ms):.0f} | '
-                  f'{statistics.median(ms):.0f} | {max(ms):.0f} |', flush=True)
+            for view in ('pick', 'geometry'):
+                layer = len(analyses[0].recording.layers) // 2
+                ms = [t * 1e3 for t in time_picks(analyses, args.repeat, layer, view)]
+                print(f'| {case} | {view} | {tokens:,} | {kept_bytes(analyses[0]) / 2**20:.2f} MiB | {min(ms):.0f} | '
+                      f'{statistics.median(ms):.0f} | {max(ms):.0f} |', flush=True)
 
 
 if __name__ == '__main__':

@@ -15,6 +15,7 @@ from .conversion_error import conversion_error_caption, conversion_error_figure
 from .heads import group_diversity
 from .images import load_image
 from .models import ModelRegistry, short_name
+from .geometry import geometry_caption, geometry_figure, group_geometry
 from .pick import parse_query, pick_caption, pick_figure, picked_maps
 from .specs import public_message, shown
 
@@ -53,6 +54,7 @@ VIEWS: Dict[str, View] = {v.name: v for v in (
     View('faithfulness', 'faithfulness'),
     View('conversion', 'where GQA hurts'),
     View('pick', 'picked query', controls=('layer', 'query')),
+    View('geometry', 'query–key geometry', controls=('layer', 'head', 'query')),
 )}
 VIEW_LABELS = {v.label: v.name for v in VIEWS.values()}
 
@@ -307,10 +309,22 @@ def _pick_view(analysis: Analysis, choice: Choice, reference: Optional[Analysis]
     return Rendered(pick_caption(maps), figure=pick_figure(maps, rec.grid_size, fit))
 
 
+def _geometry_view(analysis: Analysis, choice: Choice, reference: Optional[Analysis],
+                   fit: figures.Fit) -> Rendered:
+    rec = analysis.recording
+    head = head_label(analysis, choice.head)
+    try:
+        geo = group_geometry(rec, layer_index(analysis, choice.layer), 0 if head == 'mean' else int(head),
+                             parse_query(choice.query, rec))
+    except ValueError as e:
+        return Rendered(public_message(e))
+    return Rendered(geometry_caption(geo), figure=geometry_figure(geo, fit))
+
+
 _RENDERERS = dict(overlay=_overlay_view, rollout=_rollout_view, pool=_pool_view, grid=_grid_view, key_norms=_key_norms_view,
                   assignment=_assignment_view, history=_history_view, difference=_difference_view,
                   ablation=_ablation_view, diversity=_diversity_view, faithfulness=_faithfulness_view,
-                  conversion=_conversion_view, pick=_pick_view)
+                  conversion=_conversion_view, pick=_pick_view, geometry=_geometry_view)
 assert set(_RENDERERS) == set(VIEWS)
 
 

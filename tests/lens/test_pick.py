@@ -85,3 +85,26 @@ def test_the_view_arranges_heads_by_kv_group_and_reports_bad_queries(registers_n
     for query, message in (('2, 3', 'x must be'), ('register 7', "no 'register 7'"), ('a, b, c', 'give x, y')):
         refused = render(analysis, Choice('pick', 1, query=query))
         assert not refused.applies and message in refused.caption
+
+
+def test_the_geometry_view_projects_one_kv_groups_queries_and_keys(registers_non_square):
+    from gqa_core.lens.analysis import Analysis
+    from gqa_core.lens.geometry import group_geometry
+    rec = registers_non_square
+    geo = group_geometry(rec, 1, 4, (0.99, 0.01))
+    route = rec.layers[1].query_to_kv[0]
+    assert geo.kv_head == int(route[4]) and geo.heads == [h for h in range(6) if route[h] == geo.kv_head]
+    T = 5 + 8
+    assert geo.keys.shape == (T, 2) and all(q.shape == (T, 2) for q in geo.queries) and 0 < geo.explained <= 1
+    assert geo.token_labels[:5] == ['class token'] + [f'register {i}' for i in range(4)]
+    assert geo.token_labels[geo.picked.token] == 'patch (0, 3)'
+    # the plane is the top-2 principal plane: no other 2-D projection keeps more of the centred points' spread
+    points = torch.cat([rec.layers[1].queries[0, geo.heads].float().reshape(-1, 8), rec.layers[1].keys[0, geo.kv_head]
+                        .float()])
+    kept = np.concatenate(geo.queries + [geo.keys])
+    centred = (points - points.mean(0)).numpy()
+    assert (kept ** 2).sum() >= (centred[:, :2] ** 2).sum() - 1e-4
+    analysis = Analysis('x', np.zeros((32, 64, 3), np.uint8), rec, [], dict(variant='kdgqa', num_kv_heads=3))
+    shown = render(analysis, Choice('geometry', 1, head='4', query='register 1', width=375))
+    assert shown.applies and 'ringed: the register 1' in shown.caption
+    assert [t.name for t in shown.figure.data] == [f'K{geo.kv_head} keys'] + [f'q{h}' for h in geo.heads] + ['picked']
