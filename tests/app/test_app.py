@@ -181,7 +181,11 @@ def test_closed_and_idle_sessions_free_their_state_and_files(server):
     holder = app.lens.demo.state_holder
     before = (len(holder.session_data), len(holder.time_last_used))
     assert app.lens.reaper.reap(now=later) >= 1, before
-    assert app.lens.reaper.sessions() == 0, ('every idle session is gone, with gradio’s per-session copies', before,
+    mine = client.session_hash
+    assert mine not in holder.session_data and mine not in holder.time_last_used, 'this idle session is gone'
+    # every other idle session went too; a client still connected (this module's shared one) may open a new
+    # session at once through its heartbeat, so at most one is back
+    assert app.lens.reaper.sessions() <= 1, ('every idle session is gone, with gradio’s per-session copies', before,
                                              sorted(holder.session_data), sorted(holder.time_last_used))
     with pytest.raises(AppError, match='run the models on an image first'):
         client.predict(0, 'mean', 'mean', api_name='/export')  # its results went with the session

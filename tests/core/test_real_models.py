@@ -39,7 +39,10 @@ def test_dinov2_register_model_at_518_headless(tmp_path):
     assert rec.layers[0].attention.shape == (1, 6, 5, 1374)
     for fusion in ('mean', 'max', 'min'):
         assert a.rollout(fusion).shape == (37 * 37,)
-    assert a.nbytes() < 20 * 2**20, 'a session keeps summary rows and rollouts, not 12 layers of T x T maps'
+    kept = sum(t.numel() * t.element_size() for layer in rec.layers
+               for t in (layer.queries, layer.keys, layer.log_norm))
+    assert kept <= 12 * (6 + 3) * 1374 * (64 * 2 + 4), 'picks keep float16 q and k and a float32 normaliser per row'
+    assert a.nbytes() - kept < 20 * 2**20, 'a session keeps summary rows and rollouts, not 12 layers of T x T maps'
     top = header(a)
     assert top.top5 == {} and 'no classifier head' in top.summary and 'register 3' in top.summary
     assert render(a, Choice('overlay', 11, '2')).picture.shape == (224, 224, 3)
