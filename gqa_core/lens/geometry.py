@@ -64,16 +64,16 @@ def group_geometry(recording: Recording, layer: int, head: int, place: Union[str
 def geometry_figure(geo: GroupGeometry, fit: Fit = Fit()) -> go.Figure:
     """Each sibling head's queries in its own colour, the shared keys in grey, the picked token ringed."""
     colors = kv_colors(len(geo.heads))
-    traces = [go.Scattergl(x=geo.keys[:, 0], y=geo.keys[:, 1], mode='markers', name=f'K{geo.kv_head} keys',
+    traces = [go.Scatter(x=geo.keys[:, 0], y=geo.keys[:, 1], mode='markers', name=f'K{geo.kv_head} keys',
                            text=geo.token_labels, hovertemplate='%{text}<extra>key</extra>',
                            marker=dict(size=5, color='#9aa0a6', symbol='x'))]
     for h, points, color in zip(geo.heads, geo.queries, colors):
-        traces.append(go.Scattergl(x=points[:, 0], y=points[:, 1], mode='markers', name=f'q{h}', text=geo.token_labels,
+        traces.append(go.Scatter(x=points[:, 0], y=points[:, 1], mode='markers', name=f'q{h}', text=geo.token_labels,
                                    hovertemplate='%{text}<extra>q' + str(h) + '</extra>',
                                    marker=dict(size=5, color=color, opacity=0.7)))
     t = geo.picked.token
     picked = np.stack([p[t] for p in geo.queries] + [geo.keys[t]])
-    traces.append(go.Scattergl(x=picked[:, 0], y=picked[:, 1], mode='markers', name='picked', hoverinfo='skip',
+    traces.append(go.Scatter(x=picked[:, 0], y=picked[:, 1], mode='markers', name='picked', hoverinfo='skip',
                                marker=dict(size=13, color='rgba(0,0,0,0)', line=dict(color='#00b8d4', width=2))))
     fig = fitted(fit, 340, traces, legend=dict(orientation='h', x=0, y=1.0, yanchor='bottom'), top=40)
     fig.update_xaxes(title='component 1', zeroline=False)
