@@ -249,9 +249,9 @@ class record:
         mean_row = self.attention == 'prefix' and not self.has_class_token
         n_rows = T if keep_full or self.fusions or mean_row or self.keep_qk else self.num_prefix_tokens
         maps = _RowMaps(B, H, T, self.num_prefix_tokens, keep_full, mean_row, self.fusions, q.device)
-        kept = _KeptQK(q.float() * layer.scale, k, grouping.query_to_kv) if self.keep_qk else None
+        queries = q.float() * layer.scale
+        kept = _KeptQK(queries, k, grouping.query_to_kv) if self.keep_qk else None
         if n_rows:
-            queries = q.float() * layer.scale
             keys = route_kv(k.float(), grouping.query_to_kv).transpose(-2, -1)  # (B, H, d, T)
             bias = resolve_self_attn_mask(T, queries, attn_mask)
             step = max(1, ROW_BLOCK_BYTES // max(1, B * H * T * 4))

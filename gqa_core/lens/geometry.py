@@ -15,7 +15,7 @@ import torch
 
 from ..core.record import Recording
 from .figures import Fit, fitted, kv_colors
-from .pick import Picked, pick_place
+from .pick import Picked, pick_place, prefix_names
 
 __all__ = ['GroupGeometry', 'group_geometry', 'geometry_figure', 'geometry_caption']
 
@@ -34,7 +34,7 @@ class GroupGeometry:
 
 
 def _token_labels(recording: Recording) -> List[str]:
-    prefix = [label for label in recording.row_labels if label != 'mean over queries'][:recording.num_prefix_tokens]
+    prefix = prefix_names(recording)[:recording.num_prefix_tokens]
     rows, cols = int(recording.grid_size[0]), int(recording.grid_size[1])
     return prefix + [f'patch ({r}, {c})' for r in range(rows) for c in range(cols)]
 

@@ -18,7 +18,7 @@ import plotly.graph_objects as go
 
 from ..core.record import MEAN_ROW, Recording
 from .figures import Fit, cell_height, fitted, patch_grid, tile_mosaic
-from .heads import jensen_shannon
+from .heads import group_diversity
 
 __all__ = ['Picked', 'PickedMaps', 'parse_query', 'pick_place', 'picked_maps', 'pick_figure', 'pick_caption',
            'prefix_names', 'PICK_PREFIX']
@@ -119,12 +119,7 @@ def picked_maps(recording: Recording, layer: int, place: Union[str, Sequence[Any
     columns = record.key_column(picked.token).numpy()[:, first:]
     query_to_kv = record.query_to_kv[0].numpy()
     norms = record.keys[0].float().norm(dim=-1).numpy()[:, first:]  # (G, patches)
-    divergence = np.full(norms.shape[0], np.nan)
-    for g in range(norms.shape[0]):  # at most H heads: recorded data, not the forward pass
-        heads = np.flatnonzero(query_to_kv == g)
-        if len(heads) >= 2:
-            a, b = np.triu_indices(len(heads), 1)
-            divergence[g] = float(jensen_shannon(rows[heads[a]], rows[heads[b]]).mean())
+    divergence = group_diversity(rows[None], query_to_kv[None], norms.shape[0])[0]
     return PickedMaps(picked, layer, rows, columns, query_to_kv, norms, divergence)
 
 
