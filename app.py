@@ -447,7 +447,9 @@ def _image_tab(lens: LensApp, choices: List[str], defaults: List[str]) -> None:
     c['run'].click(lens.run, [c['image'], *c['models'], v['view'], *controls[:4], c['deep'], v['query']],
                    [state, c['status'], v['layer'], v['head'], *outputs], api_name='run')
     view_outputs = [out for column in columns for out in _column_outputs(column, VIEW_PART)]
-    for control in (v['view'], *controls[:4]):
+    # the view re-renders on a visitor's choice only (.input): a click that switches it re-renders once, below
+    v['view'].input(lens.rerender, [state, v['view'], *controls], view_outputs, api_name=False, show_progress='hidden')
+    for control in controls[:4]:
         control.change(lens.rerender, [state, v['view'], *controls], view_outputs, api_name=False,
                        show_progress='hidden')
     v['query'].submit(lens.rerender, [state, v['view'], *controls], view_outputs, api_name=False,
