@@ -18,14 +18,28 @@ from ..io.preprocessing import eval_geometry, normalisation
 from .gpu import ForwardJob, forwards_in_a_gpu_call, on_zerogpu, run_forwards
 from .heads import AblationResult
 from .models import LoadedModel
+from ..core.head_order import head_groups
 from ..core.record import FUSIONS, Recording, record
 from ..core.device import model_device
 from ..core.vit import gqa_layers, num_tokens
 from ..core.settings import Settings
 
-__all__ = ['Analysis', 'analyse', 'layer_maps', 'model_input', 'FUSIONS']
+__all__ = ['Analysis', 'Pooling', 'analyse', 'layer_maps', 'model_input', 'FUSIONS']
 
 HEADLESS_NOTE = 'features only (no classifier head): no prediction; every attention view is still shown'
+
+
+@dataclass(frozen=True)
+class Pooling:
+    """How a conversion would share an MHA's key heads: ``num_kv_heads`` groups of heads per layer, each the
+    original heads ``source_heads[layer]`` lists consecutively (the advisor's order), or consecutive heads when
+    ``source_heads`` is None (the paper's mean-pooling); ``by`` names where the order comes from."""
+    num_kv_heads: int
+    by: str
+    source_heads: Optional[List[List[int]]] = None
+
+    def groups(self, layer: int, num_heads: int) -> List[List[int]]:
+        return head_groups(self.source_heads[layer] if self.source_heads else range(num_heads), self.num_kv_heads)
 
 
 @dataclass
@@ -44,6 +58,7 @@ class Analysis:
     faithfulness: Optional[Dict[str, Dict[str, Any]]] = None  # deletion / insertion per map
     deep_note: str = ''
     calibration: Optional[Dict[str, Any]] = None  # what calibration did, when the model was calibrated here
+    pooling: Optional['Pooling'] = None  # an MHA's heads as a conversion of this run pools them (picked view)
 
     @property
     def summary_label(self) -> str:

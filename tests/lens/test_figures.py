@@ -170,7 +170,7 @@ def test_views_and_zip_export(analyses, registry, tmp_path):
         assert '3_embedded_gqa/history.json' not in names and '1_embedded_kdgqa/difference.html' in names
         assert len(names) == len(set(names)), 'no file is written twice'
         picked = json.loads(zf.read('1_embedded_kdgqa/picked_maps.json'))  # the default query: the class token
-        assert picked['picked']['token'] == 0 and picked['layer'] == 2 and len(picked['rows']) == 8
+        assert picked['picked'][0]['token'] == 0 and picked['layer'] == 2 and len(picked['rows']) == 8
         assert '1_embedded_kdgqa/pick.html' in names, "the picked-query view's figure"
 
 

@@ -60,8 +60,8 @@ def test_rows_and_columns_from_kept_qk_are_the_recorded_maps(variant, G):
     rec = recorded(convert(tiny_vit(num_heads=6, depth=2), variant, G), (32, 32))
     full = rec.layers[1].attention[0].numpy()  # (H, T, T)
     for place in ((0.1, 0.9), 'class token'):
-        maps = picked_maps(rec, 1, place)
-        t = maps.picked.token
+        maps = picked_maps(rec, 1, [place])
+        t = maps.picks[0].token
         assert np.allclose(maps.rows, full[:, t, 1:], atol=1e-5)
         assert np.allclose(maps.columns, full[:, 1:, t], atol=1e-5)
         assert sorted(h for g in maps.groups for h in g) == list(range(6))
@@ -91,13 +91,13 @@ def test_the_geometry_view_projects_one_kv_groups_queries_and_keys(registers_non
     from gqa_core.lens.analysis import Analysis
     from gqa_core.lens.geometry import group_geometry
     rec = registers_non_square
-    geo = group_geometry(rec, 1, 4, (0.99, 0.01))
+    geo = group_geometry(rec, 1, 4, [(0.99, 0.01)])
     route = rec.layers[1].query_to_kv[0]
     assert geo.kv_head == int(route[4]) and geo.heads == [h for h in range(6) if route[h] == geo.kv_head]
     T = 5 + 8
     assert geo.keys.shape == (T, 2) and all(q.shape == (T, 2) for q in geo.queries) and 0 < geo.explained <= 1
     assert geo.token_labels[:5] == ['class token'] + [f'register {i}' for i in range(4)]
-    assert geo.token_labels[geo.picked.token] == 'patch (0, 3)'
+    assert geo.token_labels[geo.picks[0].token] == 'patch (0, 3)'
     # the plane is the top-2 principal plane: no other 2-D projection keeps more of the centred points' spread
     points = torch.cat([rec.layers[1].queries[0, geo.heads].float().reshape(-1, 8), rec.layers[1].keys[0, geo.kv_head]
                         .float()])
@@ -108,3 +108,92 @@ def test_the_geometry_view_projects_one_kv_groups_queries_and_keys(registers_non
     shown = render(analysis, Choice('geometry', 1, head='4', query='register 1', width=375))
     assert shown.applies and 'ringed: the register 1' in shown.caption
     assert [t.name for t in shown.figure.data] == [f'K{geo.kv_head} keys'] + [f'q{h}' for h in geo.heads] + ['picked']
+
+
+def test_several_places_average_their_maps_once_each(registers_non_square):
+    rec = registers_non_square
+    places = parse_query('0.99, 0.01; 0.0, 0.99 ;0.99,0.01', rec)
+    assert places == [('0.99', '0.01'), ('0.0', '0.99'), ('0.99', '0.01')]
+    both = picked_maps(rec, 1, places)
+    assert [p.token for p in both.picks] == [5 + 3, 5 + 4], 'the same token picked twice counts once'
+    one, other = (picked_maps(rec, 1, [p]) for p in places[:2])
+    assert np.allclose(both.rows, (one.rows + other.rows) / 2) and np.allclose(both.columns,
+                                                                                (one.columns + other.columns) / 2)
+    assert both.label == '2 picked tokens (maps averaged)'
+    assert len(pick_figure(both, rec.grid_size).layout.shapes) == 2 * len(pick_figure(one, rec.grid_size).layout.shapes)
+    with pytest.raises(ValueError, match='at most 16'):
+        parse_query('; '.join(['0.5, 0.5'] * 17), rec)
+    with pytest.raises(ValueError, match='characters'):
+        parse_query('0.5, 0.5; ' * 60, rec)
+
+
+def test_every_token_has_a_place_that_picks_it(registers_non_square):
+    from gqa_core.lens.pick import token_places
+    rec = registers_non_square
+    places = token_places(rec)
+    assert len(places) == 5 + 8
+    assert [pick_place(rec, parse_query(text, rec)[0]).token for text in places] == list(range(13))
+
+
+@pytest.fixture(scope='module')
+def attention_pooled():
+    """A model whose head reads an attention-pooling query (timm's AttentionPoolLatent, global_pool='map')."""
+    torch.manual_seed(0)
+    model = timm.create_model('vit_small_patch16_224', img_size=32, patch_size=8, embed_dim=48, num_heads=6, depth=2,
+                              class_token=False, global_pool='map', num_classes=5).eval()
+    return recorded(convert(model, 'gqa', 2), (32, 32))
+
+
+def test_the_attention_pool_query_is_picked_alone_and_shows_the_pools_map(attention_pooled):
+    from gqa_core.lens.geometry import group_geometry
+    from gqa_core.lens.pick import POOL_QUERY, pick_caption, pick_names
+    rec = attention_pooled
+    assert POOL_QUERY in pick_names(rec) and POOL_QUERY not in prefix_names(rec)
+    maps = picked_maps(rec, 0, [POOL_QUERY])
+    assert maps.picks[0].token is None and maps.columns is None and maps.key_norms is None
+    assert np.allclose(maps.rows, rec.pool_attention[0].numpy()) and np.allclose(maps.rows.sum(-1), 1, atol=1e-5)
+    assert 'the layer does not apply' in pick_caption(maps)
+    labels = [a.text for a in pick_figure(maps, rec.grid_size).layout.annotations]
+    assert not [t for t in labels if t.startswith('K')], 'the pool has no shared key head to show'
+    with pytest.raises(ValueError, match='picked alone'):
+        picked_maps(rec, 0, [POOL_QUERY, (0.5, 0.5)])
+    with pytest.raises(ValueError, match='not a token of the blocks'):
+        group_geometry(rec, 0, 0, [POOL_QUERY])
+
+
+def test_the_geometry_points_carry_the_place_that_picks_their_token(registers_non_square):
+    from gqa_core.lens.geometry import geometry_figure, group_geometry
+    rec = registers_non_square
+    geo = group_geometry(rec, 1, 0, [(0.99, 0.01), 'register 1'])
+    fig = geometry_figure(geo)
+    for trace in fig.data[:-1]:
+        for t in (0, 3, 5 + 3):
+            assert pick_place(rec, parse_query(trace.customdata[t], rec)[0]).token == t
+    assert len(fig.data[-1].x) == 2 * (len(geo.heads) + 1), 'each pick ringed in every head and in the keys'
+
+
+def test_an_mha_groups_its_heads_as_a_conversion_of_the_run_would_share_keys():
+    from gqa_core.lens.analysis import Analysis, Pooling
+    from gqa_core.lens.views import plan_pooling
+    rec = recorded(convert(tiny_vit(num_heads=6, depth=2), 'mha', None), (32, 32))
+    order = [[4, 1, 0, 3, 2, 5], [0, 1, 2, 3, 4, 5]]
+    maps = picked_maps(rec, 0, [(0.3, 0.3)], Pooling(3, 'x', order).groups(0, 6))
+    assert maps.groups == [[1, 4], [0, 3], [2, 5]] and maps.pooled
+    keys = rec.layers[0].keys[0].float()
+    assert np.allclose(maps.key_norms[0], ((keys[4] + keys[1]) / 2).norm(dim=-1)[1:].numpy(), atol=1e-5)
+    assert np.allclose(maps.rows, picked_maps(rec, 0, [(0.3, 0.3)]).rows), 'grouping moves tiles, not maps'
+    mha = Analysis('embedded/mha', np.zeros((32, 32, 3), np.uint8), rec, [], dict(variant='mha', num_kv_heads=6))
+    gqa = Analysis('embedded/gqa', np.zeros((32, 32, 3), np.uint8), rec, [], dict(variant='gqa', num_kv_heads=2))
+    advised = Analysis('a', np.zeros((32, 32, 3), np.uint8), rec, [], dict(variant='gqa', num_kv_heads=3),
+                       source_heads=order)
+    plan_pooling([mha, gqa, advised])
+    assert mha.pooling == Pooling(3, 'a (advised head order)', order) and gqa.pooling is None
+    plan_pooling([mha, gqa])
+    assert mha.pooling == Pooling(2, 'embedded/gqa (consecutive heads)') and mha.pooling.groups(1, 6) == [[0, 1, 2],
+                                                                                                         [3, 4, 5]]
+    plan_pooling([mha])
+    assert mha.pooling.num_kv_heads == 3
+    shown = render(mha, Choice('pick', 0, query='0.3, 0.3', width=570))
+    assert 'grouped as pairs of consecutive heads' in shown.caption
+    assert [a.text for a in shown.figure.layout.annotations if a.text.startswith('K')] == [f'K{g} pooled'
+                                                                                         for g in range(3)]
