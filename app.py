@@ -33,9 +33,10 @@ from gqa_core.lens.explorer import (LIVE_MAX_IMAGES, kv_budget_table, live_kv_bu
                                     shipped_dataset_stats, shipped_kv_budget, shipped_seeds)
 from gqa_core.lens.export import export_zip
 from gqa_core.lens.hosting import cpu_cores, fit_torch_threads
+from gqa_core.lens.hover import HOVER_PANEL_SCRIPT, HOVER_SCRIPT
 from gqa_core.lens.images import ImageInputError, load_image
 from gqa_core.lens.models import DEFAULT_MODELS, HUB_SOURCES, ModelLoadError, ModelRegistry, hub_note
-from gqa_core.lens.pick import parse_query, picked_maps
+from gqa_core.lens.pick import MAX_QUERY_CHARS, cell_place, parse_query, pick_place, picked_maps
 from gqa_core.lens.sessions import SessionReaper
 from gqa_core.lens.specs import SpecError, conversion_spec, public_message
 from gqa_core.lens.tempfiles import ExpiringFiles
@@ -67,8 +68,8 @@ def _raw_path(payload: Any) -> Optional[str]:
     return None if payload is None else payload.path
 
 
-COLUMN = ('summary', 'top5', 'seen', 'picture', 'figure', 'caption')  # what a result column returns, in order
-VIEW_PART = ('picture', 'figure', 'caption')  # what a new view changes
+COLUMN = ('summary', 'top5', 'seen', 'picture', 'figure', 'hover', 'caption')  # a result column's outputs, in order
+VIEW_PART = ('picture', 'figure', 'hover', 'caption')  # what a new view changes
 CONTROLS = ('layer', 'head', 'fusion', 'mode', 'query')  # the view controls, in the order the handlers take them
 
 
@@ -76,7 +77,7 @@ def _hidden_column(message: str = '') -> Dict[str, Any]:
     """A column with no model: hidden, unless it holds the message saying why its model did not run."""
     hidden = gr.update(visible=False, value=None)
     return dict(column=gr.Column(visible=bool(message)), summary=message, top5=hidden, seen=hidden, picture=hidden,
-                figure=hidden, caption='')
+                figure=hidden, hover=gr.update(visible=False, value=''), caption='')
 
 
 def _column_outputs(column: Dict[str, Any], names: Sequence[str] = ('column', *COLUMN)) -> List[Any]:
@@ -92,14 +93,18 @@ def _view_name(label: str) -> str:
 
 
 def _controls_shown(label: str) -> List[Any]:
-    """Only the controls the chosen view reads are shown."""
+    """Only the controls the chosen view reads are shown (the pick tools with the query)."""
     used = VIEWS[_view_name(label)].controls
-    return [gr.update(visible=name in used) for name in CONTROLS]
+    return [gr.update(visible=name in used) for name in CONTROLS] + [gr.update(visible='query' in used)]
 
 
 def _query_text(query: Any) -> str:
-    """The query control's text, at most a line (a hostile client may send anything)."""
-    return str(query or '')[:200]
+    """The query control's text, cut to a bound (a hostile client may send anything; the parser refuses what is
+    longer than a query can be)."""
+    return str(query or '')[:MAX_QUERY_CHARS + 1]
+
+
+STEPS = {'left': (0, -1), 'up': (-1, 0), 'down': (1, 0), 'right': (0, 1)}  # the pick tools' moves: (rows, cols)
 
 
 def _head_choices(num_heads: int) -> List[str]:
@@ -159,6 +164,7 @@ class LensApp:
                 picture = None if shown.picture is None else self.files.write_png(shown.picture)
                 column = dict(picture=gr.update(visible=picture is not None, value=picture),
                               figure=gr.update(visible=shown.figure is not None, value=shown.figure),
+                              hover=gr.update(visible=shown.html is not None, value=shown.html or ''),
                               caption=shown.caption if shown.applies else f'*{shown.caption}*')
                 if not view_only:
                     top = header(analysis)
@@ -198,15 +204,38 @@ class LensApp:
                              view_only=True)
 
     def clicked(self, index: int) -> Callable[..., List[Any]]:
-        """The handler of a click on column ``index``'s picture: the clicked place as fractions of that picture,
-        and the picked-query view."""
-        def handler(state: Optional[List[Any]], evt: gr.SelectData) -> List[Any]:
+        """The handler of a click on column ``index``'s picture: the clicked place as fractions of that picture
+        (added to the query when ``add``), and the picked-query view."""
+        def handler(state: Optional[List[Any]], query: str, add: bool, evt: gr.SelectData) -> List[Any]:
             analysis = state[index] if state and index < len(state) else None
             if analysis is None or not isinstance(evt.index, (list, tuple)) or len(evt.index) != 2:
                 return [gr.update(), gr.update()]
             height, width = figures.pixelated(analysis.view).shape[:2]  # the picture shown, in its own pixels
             x, y = ((float(p) + 0.5) / size for p, size in zip(evt.index, (width, height)))
-            return [f'{min(max(x, 0.0), 1.0):.4f}, {min(max(y, 0.0), 1.0):.4f}', VIEWS['pick'].label]
+            place = f'{min(max(x, 0.0), 1.0):.4f}, {min(max(y, 0.0), 1.0):.4f}'
+            old = _query_text(query).strip()
+            return [f'{old}; {place}' if add and old else place, VIEWS['pick'].label]
+        return handler
+
+    def step(self, direction: str) -> Callable[..., Any]:
+        """The handler of a move (a pick tool or an arrow key): the last picked place moved by one patch of the
+        first model's grid, kept inside it; a prefix token (or an unreadable query) starts from the centre patch."""
+        d_row, d_col = STEPS[direction]
+
+        def handler(state: Optional[List[Any]], query: str) -> Any:
+            analysis = next((a for a in state or [] if a is not None), None)
+            if analysis is None:
+                return gr.update()
+            rec = analysis.recording
+            rows, cols = int(rec.grid_size[0]), int(rec.grid_size[1])
+            kept = [p.strip() for p in _query_text(query).split(';') if p.strip()]
+            try:
+                last = pick_place(rec, parse_query(kept[-1], rec)[0]) if kept else None
+            except ValueError:
+                last = None
+            row, col = (rows // 2, cols // 2) if last is None or last.row is None else (
+                min(max(last.row + d_row, 0), rows - 1), min(max(last.col + d_col, 0), cols - 1))
+            return '; '.join(kept[:-1] + [cell_place((rows, cols), row, col)])
         return handler
 
     def pick(self, state: Optional[List[Any]], query: str, layer: float) -> Dict[str, Any]:
@@ -390,8 +419,16 @@ def _view_controls(geometry: Tuple[int, int]) -> dict:
         c['mode'] = gr.Radio(list(ABLATION_MODES), value='zero', label='ablation', elem_id='ablation-mode',
                              visible='mode' in first.controls)
         c['query'] = gr.Textbox(value='', label='query: click a patch on what a model saw, or type class token, '
-                                'register 0, … or x, y (fractions of the picture; Enter)', elem_id='query',
-                                max_lines=1, visible='query' in first.controls)
+                                'register 0, … or x, y (fractions of the picture; several separated by ;, Enter)',
+                                elem_id='query', max_lines=1, visible='query' in first.controls)
+    with gr.Row(visible='query' in first.controls, elem_id='pick-tools') as c['pick_tools']:
+        c['pick_add'] = gr.Checkbox(False, label='clicks add to the pick (their maps averaged)', elem_id='pick-add',
+                                    min_width=200)
+        for name, arrow in (('left', '◀'), ('up', '▲'), ('down', '▼'), ('right', '▶')):
+            c[f'pick_{name}'] = gr.Button(arrow, elem_id=f'pick-{name}', size='sm', scale=0, min_width=44)
+        gr.Markdown('<small>move the pick one patch (or the arrow keys)</small>', elem_id='pick-keys-note')
+    # the page script: hover drawing, arrow keys, clicks on geometry points (in the DOM, not shown)
+    gr.HTML('', js_on_load=HOVER_SCRIPT, visible='hidden', elem_id='pick-script')
     return c
 
 
@@ -414,9 +451,11 @@ def _result_columns() -> List[Dict[str, Any]]:
                 picture = gr.Image(label='view', show_label=False, elem_id=f'picture-{i}', interactive=False,
                                    height=300, visible=False)
                 figure = gr.Plot(show_label=False, elem_id=f'figure-{i}', visible=False)
+                hover = gr.HTML('', elem_id=f'hover-{i}', visible=False, js_on_load=HOVER_PANEL_SCRIPT,
+                                elem_classes=['hover-panel'])
                 caption = gr.Markdown(elem_id=f'caption-{i}', elem_classes=['caption'])
             columns.append(dict(column=column, summary=summary, top5=top5, seen=seen, picture=picture,
-                                figure=figure, caption=caption))
+                                figure=figure, hover=hover, caption=caption))
     return columns
 
 
@@ -455,10 +494,15 @@ def _image_tab(lens: LensApp, choices: List[str], defaults: List[str]) -> None:
     v['query'].submit(lens.rerender, [state, v['view'], *controls], view_outputs, api_name=False,
                       show_progress='hidden')
     for i, column in enumerate(columns):  # a click on what a model saw picks that place in every model
-        column['seen'].select(lens.clicked(i), state, [v['query'], v['view']], api_name=False,
-                              show_progress='hidden').then(lens.rerender, [state, v['view'], *controls],
-                                                           view_outputs, api_name=False, show_progress='hidden')
-    v['view'].change(_controls_shown, v['view'], controls, api_name=False, show_progress='hidden')
+        column['seen'].select(lens.clicked(i), [state, v['query'], v['pick_add']], [v['query'], v['view']],
+                              api_name=False, show_progress='hidden').then(
+            lens.rerender, [state, v['view'], *controls], view_outputs, api_name=False, show_progress='hidden')
+    for name in STEPS:
+        v[f'pick_{name}'].click(lens.step(name), [state, v['query']], v['query'], api_name=False,
+                                show_progress='hidden').then(
+            lens.rerender, [state, v['view'], *controls], view_outputs, api_name=False, show_progress='hidden')
+    v['view'].change(_controls_shown, v['view'], [*controls, v['pick_tools']], api_name=False,
+                     show_progress='hidden')
     for model in c['models']:
         model.change(lens.controls_for, [v['layer'], v['head'], *c['models']], [v['layer'], v['head']],
                      api_name=False, show_progress='hidden')

@@ -10,12 +10,13 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from . import figures
-from .analysis import Analysis, analyse
+from .analysis import Analysis, Pooling, analyse
 from .conversion_error import conversion_error_caption, conversion_error_figure
 from .heads import group_diversity
 from .images import load_image
 from .models import ModelRegistry, short_name
 from .geometry import geometry_caption, geometry_figure, group_geometry
+from .hover import HOVER_MAX_BYTES, hover_html, hover_maps
 from .pick import parse_query, pick_caption, pick_figure, picked_maps
 from .specs import public_message, shown
 
@@ -82,6 +83,7 @@ class Rendered:
     caption: str
     picture: Optional[np.ndarray] = None
     figure: Any = None
+    html: Optional[str] = None  # a panel the page's script draws (the picked view's instant hover)
 
     @property
     def applies(self) -> bool:
@@ -136,7 +138,28 @@ def run_models(registry: ModelRegistry, image_path: Optional[str], specs: Sequen
             analyses.append(None)
             errors.append(public_message(f'{shown(spec)}: {e}' if not isinstance(e, ValueError)
                                          else f'{shown(spec, 40)}: {e}'))
+    plan_pooling(analyses)
     return analyses, errors, loaded_image.notes
+
+
+def plan_pooling(analyses: Sequence[Optional[Analysis]]) -> None:
+    """Give each MHA of a run the pooling its picked view groups heads by: the advised head order of a converted
+    model of the run with its depth and heads, else the first such model's G with consecutive heads, else G = H/2
+    (pairs, as the paper pools)."""
+    for a in analyses:
+        if a is None or a.grouping['variant'] != 'mha':
+            continue
+        heads, depth = a.num_heads, len(a.recording.layers)
+        alike = [b for b in analyses if b is not None and b.grouping['variant'] != 'mha' and b.num_heads == heads
+                 and len(b.recording.layers) == depth]
+        advised = next((b for b in alike if b.source_heads), None)
+        if advised is not None:
+            a.pooling = Pooling(advised.grouping['num_kv_heads'], f'{advised.spec} (advised head order)',
+                                advised.source_heads)
+        elif alike:
+            a.pooling = Pooling(alike[0].grouping['num_kv_heads'], f'{alike[0].spec} (consecutive heads)')
+        elif heads % 2 == 0:
+            a.pooling = Pooling(heads // 2, 'pairs of consecutive heads, as the paper mean-pools')
 
 
 def reference_for(analyses: Sequence[Optional[Analysis]]) -> Optional[Analysis]:
@@ -302,11 +325,24 @@ def _conversion_view(analysis: Analysis, choice: Choice, reference: Optional[Ana
 def _pick_view(analysis: Analysis, choice: Choice, reference: Optional[Analysis], fit: figures.Fit) -> Rendered:
     rec = analysis.recording
     layer = layer_index(analysis, choice.layer)
+    pooling = analysis.pooling if analysis.grouping['variant'] == 'mha' else None
     try:
-        maps = picked_maps(rec, layer, parse_query(choice.query, rec))
+        maps = picked_maps(rec, layer, parse_query(choice.query, rec),
+                           None if pooling is None else pooling.groups(layer, analysis.num_heads))
     except ValueError as e:
         return Rendered(public_message(e))
-    return Rendered(pick_caption(maps), figure=pick_figure(maps, rec.grid_size, fit))
+    caption = pick_caption(maps) + ('' if pooling is None or maps.key_norms is None else
+                                    f'; MHA heads grouped as {pooling.by} shares a key head at G = '
+                                    f'{pooling.num_kv_heads}, each group\'s mean-pooled key norms beside them')
+    hover = hover_maps(rec, layer)
+    first = next((p for p in maps.picks if p.row is not None), None)
+    panel = None if hover is None else hover_html(hover, analysis.view, choice.width,
+                                                   (first.row, first.col) if first else (-1, -1))
+    heads, patches = rec.layers[layer].query_to_kv.shape[1], rec.grid_size[0] * rec.grid_size[1]
+    note = '' if hover is not None else (f'; click to pick (hover is drawn in the browser up to '
+                                         f'{HOVER_MAX_BYTES / 2 ** 20:.0f} MiB of maps a layer, this model\'s are '
+                                         f'{heads * patches ** 2 / 2 ** 20:.1f} MiB)')
+    return Rendered(caption + note, figure=pick_figure(maps, rec.grid_size, fit), html=panel)
 
 
 def _geometry_view(analysis: Analysis, choice: Choice, reference: Optional[Analysis],

@@ -205,14 +205,17 @@ def test_pick_endpoint_maps_one_place_into_every_model_and_refuses_bad_input(ser
     assert [m['spec'] for m in got['models']] == specs
     for model in got['models']:
         assert model['grid'] == [8, 8] and model['layer'] == 2
-        assert model['picked'] == dict(token=1 + 7, row=0, col=7, label='patch (row 0, column 7)')
+        assert model['picked'] == [dict(token=1 + 7, row=0, col=7, label='patch (row 0, column 7)')]
         assert len(model['rows']) == 8 and len(model['rows'][0]) == 64 and len(model['columns'][0]) == 64
         assert len(model['query_to_kv']) == 8 and len(model['key_norms'][0]) == 64
-    assert client.predict('class token', 0, api_name='/pick')['models'][0]['picked']['token'] == 0
+    assert client.predict('class token', 0, api_name='/pick')['models'][0]['picked'][0]['token'] == 0
+    several = client.predict('0.99, 0.01; 0.01, 0.99', 0, api_name='/pick')['models'][1]['picked']
+    assert [(p['row'], p['col']) for p in several] == [(0, 7), (7, 0)]
     for query, layer, message in (('1.5, 0.2', 0, 'x must be a number 0..1'), ('0.2, -1', 0, 'y must be'),
                                   ('left, top', 0, 'x must be a number'), ('0.5, 0.5', 99, 'layer 99 does not exist'),
                                   ('0.5, 0.5', -1, 'layer must be an integer from 0'),
-                                  ('register 3', 0, "no 'register 3' token"), ('x' * 500, 0, 'query is 200 characters')):
+                                  ('register 3', 0, "no 'register 3' token"), ('x' * 5000, 0, 'query is 401 characters'),
+                                  ('; '.join(['0.5, 0.5'] * 17), 0, 'at most 16 at once')):
         with pytest.raises(AppError, match=message):
             client.predict(query, layer, api_name='/pick')
     assert client.predict('0.5, 0.5', 1, api_name='/pick')['models'], 'still serving after the refusals'

@@ -410,3 +410,72 @@ def test_a_click_picks_the_same_place_in_models_with_different_grids(app_url):
         expect(page.locator('#caption-1')).to_contain_text('where the register 2 looks')
         expect(page.locator('#caption-0')).to_contain_text("no 'register 2' token in this model")
         browser.close()
+
+
+def hover_on(page, column: int, x: float, y: float) -> str:
+    """Move the pointer to fractions ``(x, y)`` of column ``column``'s hover picture; its readout after."""
+    picture = page.locator(f'#hover-{column} .gqa-hover-picture')
+    picture.scroll_into_view_if_needed()
+    box = picture.bounding_box()
+    page.mouse.move(box['x'] + x * box['width'], box['y'] + y * box['height'])
+    return page.locator(f'#hover-{column} .gqa-hover-readout').inner_text()
+
+
+def caption_changes(page, action, column: int = 0) -> None:
+    before = page.locator(f'#caption-{column}').inner_text()
+    action()
+    page.wait_for_function('([c, t]) => document.querySelector(`#caption-${c}`).innerText !== t',
+                           arg=[column, before], timeout=30_000)
+    settle(page)
+
+
+def test_hover_draws_in_the_browser_and_keys_boxes_and_points_move_the_pick(app_url):
+    """The picked view's hover panel redraws with no request to the server, in each model's own grid (a register
+    model with 4 x 8 patches: the top-right corner is row 0, column 7); a click on it, an arrow key and a click on
+    a geometry point each pick a token in every model; with "clicks add" ticked, two clicks average two patches."""
+    import timm
+    from playwright.sync_api import expect, sync_playwright
+    from gqa_core import convert, save_pretrained
+    from support import ALLOWED_MODELS
+    model = timm.create_model('vit_small_patch16_224', pretrained=False, img_size=(32, 64), patch_size=8,
+                              embed_dim=48, num_heads=6, depth=2, reg_tokens=4, num_classes=10)
+    save_pretrained(convert(model, 'kdgqa', 3), ALLOWED_MODELS / 'wide-registers-kdgqa')
+    query = '#query textarea, #query input'
+    with sync_playwright() as p:
+        browser, page = open_with_image(p, app_url, EXAMPLES_DIR / 'cifar10_ship.jpg', width=1600)
+        run_models_in_page(page, ['embedded/gqa', 'local:wide-registers-kdgqa'], deep=False)
+        show_view(page, 'picked query')
+        expect(page.locator('#hover-1 .gqa-hover-readout')).to_contain_text('centre patch: patch (row 2, column 4)')
+        requests = []
+        page.on('request', lambda r: requests.append(r.url))
+        drawn = page.locator('#hover-1 canvas').evaluate('c => c.toDataURL()')
+        assert 'hovered: patch (row 0, column 7)' in hover_on(page, 1, 0.98, 0.04), 'row 0, the last column'
+        assert page.locator('#hover-1 canvas').evaluate('c => c.toDataURL()') != drawn, 'the maps were redrawn'
+        assert 'hovered: patch (row 3, column 0)' in hover_on(page, 1, 0.02, 0.96)
+        assert 'hovered: patch (row 7, column 0)' in hover_on(page, 0, 0.02, 0.96), 'the square model: 8 x 8'
+        page.wait_for_timeout(500)
+        assert requests == [], f'hovering asked the server for {requests}'
+        caption_changes(page, lambda: page.locator('#hover-1 .gqa-hover-picture').click(
+            position=dict(x=2, y=2)))  # a click on the hover picture picks that patch in every model
+        x, y = map(float, page.locator(query).first.input_value().split(','))
+        assert 0 < x < 0.06 and 0 < y < 0.06, (x, y)
+        expect(page.locator('#caption-0')).to_contain_text('patch (row 0, column 0)')
+        expect(page.locator('#caption-1')).to_contain_text('patch (row 0, column 0)')
+        page.locator('h1').first.click()  # the keys move the pick when no text box has the focus
+        caption_changes(page, lambda: page.keyboard.press('ArrowRight'))
+        caption_changes(page, lambda: page.keyboard.press('ArrowDown'))
+        # a move is one patch of the first model's grid (8 x 8): its cell (1, 1), centre (0.1875, 0.1875)
+        assert page.locator(query).first.input_value() == '0.1875, 0.1875'
+        expect(page.locator('#caption-0')).to_contain_text('patch (row 1, column 1)')
+        expect(page.locator('#caption-1')).to_contain_text('patch (row 0, column 1)')
+        page.locator('#pick-add input').check()
+        caption_changes(page, lambda: click_on_picture(page, '#seen-0 img', 0.97, 0.97))
+        expect(page.locator('#caption-0')).to_contain_text('2 picked tokens (maps averaged)')
+        page.locator('#pick-add input').uncheck()
+        show_view(page, 'query–key geometry')
+        plot = page.locator('#figure-1 .js-plotly-plot')
+        page.wait_for_function('() => !!document.querySelector("#figure-1 .js-plotly-plot")._gqaBound')
+        caption_changes(page, lambda: plot.evaluate("""gd => gd.emit('plotly_click',
+            {points: [{customdata: gd.data[1].customdata[2], curveNumber: 1, pointNumber: 2}]})"""), column=1)
+        expect(page.locator('#caption-1')).to_contain_text('ringed: the register 1')  # token 2: register 1
+        browser.close()
