@@ -302,3 +302,39 @@ def test_what_is_still_refused_is_named_and_the_model_left_whole(name, match):
         convert(model, 'gqa', 2)
     assert [type(m) for m in model.modules()] == kinds
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+POOLS = [(family, cls, reg, pool) for family in ('vit', 'eva') for cls in (True, False) for reg in (0, 4)
+         for pool in ('map', 'avg', 'token') if cls or pool != 'token']
+
+
+@pytest.mark.parametrize('family,class_token,registers,pool', POOLS)
+def test_every_pooling_head_with_every_prefix_is_recorded_whole(family, class_token, registers, pool):
+    """Every combination of pooling head and prefix tokens timm builds (ViT and Eva): the rollout and the pooling
+    query's map cover all T tokens, rows sum to 1, the prefix tokens get no pooling weight where the pool skips
+    them, and the picked view shows the pool's query."""
+    import numpy as np
+    from gqa_core.lens.pick import POOL_QUERY, pick_names, picked_maps
+    torch.manual_seed(0)
+    prefix = dict(class_token=class_token, reg_tokens=registers) if family == 'vit' else dict(
+        class_token=class_token, num_reg_tokens=registers)
+    name = 'vit_small_patch16_224' if family == 'vit' else 'eva02_tiny_patch14_224'
+    model = timm.create_model(name, img_size=32, patch_size=8, embed_dim=48, num_heads=6, depth=2, num_classes=5,
+                              global_pool=pool, **prefix).eval()
+    model = convert(model, 'kdgqa', 3)
+    x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), record(model, attention='prefix', rollout=('mean', 'max'), keep_qk=True) as rec:
+        logits = model(x)
+    r = rec.result
+    T = int(class_token) + registers + 16
+    assert r.num_prefix_tokens == T - 16 and torch.allclose(r.logits, logits)
+    assert all(rollout.shape == (1, T) for rollout in r.rollout.values())
+    assert torch.allclose(r.rollout['mean'].sum(-1), torch.ones(()), atol=1e-4)
+    if pool != 'map':
+        assert r.pool_attention is None and POOL_QUERY not in pick_names(r)
+        return
+    assert r.pool_attention.shape == (1, 6, T) and torch.allclose(r.pool_attention.sum(-1), torch.ones(()), atol=1e-5)
+    if family == 'vit' and not model.pool_include_prefix and T > 16:
+        assert r.pool_attention[..., :T - 16].abs().max() == 0, 'timm pools the patches only'
+    maps = picked_maps(r, 1, [POOL_QUERY])
+    assert maps.rows.shape == (6, 16) and np.all(np.isfinite(maps.rows))
