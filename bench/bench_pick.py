@@ -6,7 +6,8 @@
 Cases: the four default embedded models; ViT-S/16 at 224 px (197 tokens) and DINOv2-S with 4 registers at
 518 px (1,374 tokens), both timm architectures with random weights converted to GQA (speed and memory do not
 depend on the weights), served as local models. Prints min / median / max milliseconds over ``--repeat``
-picks at random places, and the bytes of kept queries and keys per model.
+picks at random places, the bytes of kept queries and keys per model, and the hover panel a pick sends per model
+(the layer's patch-to-patch maps as uint8 in base64, the picture; "click only" above ``HOVER_MAX_BYTES``).
 """
 from __future__ import annotations
 
@@ -39,14 +40,14 @@ def kept_bytes(analysis) -> int:
 def time_picks(analyses, repeat: int, layer: int, view: str = 'pick') -> list:
     width = column_width(len(analyses))
     rng = random.Random(0)
-    times = []
+    times, shown = [], []
     for _ in range(repeat):
         query = f'{rng.random():.3f}, {rng.random():.3f}'
         start = time.perf_counter()
         shown = [render(a, Choice(view, layer, query=query, width=width)) for a in analyses]
         times.append(time.perf_counter() - start)
         assert all(s.applies for s in shown), [s.caption for s in shown]
-    return times
+    return times, shown
 
 
 def main() -> None:
@@ -62,16 +63,20 @@ def main() -> None:
             save_pretrained(convert(timm.create_model(arch, pretrained=False, **extra), 'gqa', 3), Path(tmp) / name)
         registry = ModelRegistry(model_dirs=[tmp])
         cases = {'4 embedded models': list(DEFAULT_MODELS)} | {name: [f'local:{name}'] for name in LARGE}
-        print('| case | view | tokens | kept q/k per model | min ms | median | max |\n|---|---|---:|---:|---:|---:|---:|')
+        print('| case | view | tokens | kept q/k per model | hover panel per model | min ms | median | max |\n'
+              '|---|---|---:|---:|---:|---:|---:|---:|')
         for case, specs in cases.items():
             analyses, errors, _ = run_models(registry, args.image, specs)
             assert not any(errors), errors
             tokens = analyses[0].recording.layers[0].queries.shape[2]
             for view in ('pick', 'geometry'):
                 layer = len(analyses[0].recording.layers) // 2
-                ms = [t * 1e3 for t in time_picks(analyses, args.repeat, layer, view)]
-                print(f'| {case} | {view} | {tokens:,} | {kept_bytes(analyses[0]) / 2**20:.2f} MiB | {min(ms):.0f} | '
-                      f'{statistics.median(ms):.0f} | {max(ms):.0f} |', flush=True)
+                times, shown = time_picks(analyses, args.repeat, layer, view)
+                ms = [t * 1e3 for t in times]
+                panel = shown[0].html
+                hover = '-' if view != 'pick' else 'click only' if panel is None else f'{len(panel) / 2**10:.0f} KiB'
+                print(f'| {case} | {view} | {tokens:,} | {kept_bytes(analyses[0]) / 2**20:.2f} MiB | {hover} | '
+                      f'{min(ms):.0f} | {statistics.median(ms):.0f} | {max(ms):.0f} |', flush=True)
 
 
 if __name__ == '__main__':
