@@ -36,7 +36,7 @@ from gqa_core.lens.hosting import cpu_cores, fit_torch_threads
 from gqa_core.lens.hover import HOVER_PANEL_SCRIPT, HOVER_SCRIPT
 from gqa_core.lens.images import ImageInputError, load_image
 from gqa_core.lens.models import DEFAULT_MODELS, HUB_SOURCES, ModelLoadError, ModelRegistry, hub_note
-from gqa_core.lens.pick import MAX_QUERY_CHARS, cell_place, parse_query, pick_place, picked_maps
+from gqa_core.lens.pick import MAX_QUERY_CHARS, SIDES, cell_place, parse_query, pick_names, pick_place, picked_maps
 from gqa_core.lens.sessions import SessionReaper
 from gqa_core.lens.specs import SpecError, conversion_spec, public_message
 from gqa_core.lens.tempfiles import ExpiringFiles
@@ -70,7 +70,7 @@ def _raw_path(payload: Any) -> Optional[str]:
 
 COLUMN = ('summary', 'top5', 'seen', 'picture', 'figure', 'hover', 'caption')  # a result column's outputs, in order
 VIEW_PART = ('picture', 'figure', 'hover', 'caption')  # what a new view changes
-CONTROLS = ('layer', 'head', 'fusion', 'mode', 'query')  # the view controls, in the order the handlers take them
+CONTROLS = ('layer', 'head', 'fusion', 'mode', 'query', 'side')  # the view controls, in the handlers' order
 
 
 def _hidden_column(message: str = '') -> Dict[str, Any]:
@@ -102,6 +102,14 @@ def _query_text(query: Any) -> str:
     """The query control's text, cut to a bound (a hostile client may send anything; the parser refuses what is
     longer than a query can be)."""
     return str(query or '')[:MAX_QUERY_CHARS + 1]
+
+
+DEFAULT_SIDE = next(iter(SIDES))
+
+
+def _side(label: Any) -> str:
+    """The picked view's side for the radio's label (a hostile client may send anything: the default)."""
+    return SIDES.get(str(label), 'rows')
 
 
 STEPS = {'left': (0, -1), 'up': (-1, 0), 'down': (1, 0), 'right': (0, 1)}  # the pick tools' moves: (rows, cols)
@@ -175,9 +183,9 @@ class LensApp:
         return out
 
     def run(self, image: Optional[str], m0: str, m1: str, m2: str, m3: str, view: str, layer: float, head: str,
-            fusion: str, mode: str = 'zero', deep: bool = False, query: str = '',
+            fusion: str, mode: str = 'zero', deep: bool = False, query: str = '', side: str = DEFAULT_SIDE,
             progress: gr.Progress = gr.Progress()) -> List[Any]:
-        choice = Choice(_view_name(view), int(layer), head, fusion, mode, query=_query_text(query))
+        choice = Choice(_view_name(view), int(layer), head, fusion, mode, query=_query_text(query), side=_side(side))
         try:
             analyses, errors, notes = run_models(self.registry, image, [m0, m1, m2, m3], progress, deep=bool(deep))
         except (ImageInputError, ValueError) as e:
@@ -195,13 +203,27 @@ class LensApp:
         return [analyses, status, *controls] + self._columns(analyses, errors, choice)
 
     def rerender(self, state: Optional[List[Any]], view: str, layer: float, head: str, fusion: str,
-                 mode: str, query: str = '') -> List[Any]:
+                 mode: str, query: str = '', side: str = DEFAULT_SIDE) -> List[Any]:
         """A new view or control of the results kept in the session: no model runs again."""
         if not state:
             return _column_outputs(_hidden_column(), VIEW_PART) * MAX_MODELS
         return self._columns(state, [None] * len(state),
-                             Choice(_view_name(view), int(layer), head, fusion, mode, query=_query_text(query)),
-                             view_only=True)
+                             Choice(_view_name(view), int(layer), head, fusion, mode, query=_query_text(query),
+                                    side=_side(side)), view_only=True)
+
+    @staticmethod
+    def prefix_choices(state: Optional[List[Any]]) -> Any:
+        """The named tokens a pick may give in any model of the run (class token, registers, the pool's query)."""
+        names = dict.fromkeys(n for a in state or [] if a is not None for n in pick_names(a.recording))
+        return gr.update(choices=list(names), value=None)
+
+    @staticmethod
+    def named(name: Optional[str], query: str, add: bool) -> Any:
+        """The query after choosing a named token (added to it when ``add``)."""
+        old = _query_text(query).strip()
+        if not name:
+            return gr.update()
+        return f'{old}; {name}' if add and old else str(name)[:MAX_QUERY_CHARS]
 
     def clicked(self, index: int) -> Callable[..., List[Any]]:
         """The handler of a click on column ``index``'s picture: the clicked place as fractions of that picture
@@ -421,7 +443,11 @@ def _view_controls(geometry: Tuple[int, int]) -> dict:
         c['query'] = gr.Textbox(value='', label='query: click a patch on what a model saw, or type class token, '
                                 'register 0, … or x, y (fractions of the picture; several separated by ;, Enter)',
                                 elem_id='query', max_lines=1, visible='query' in first.controls)
+        c['side'] = gr.Radio(list(SIDES), value=DEFAULT_SIDE, label='the picked token\'s', elem_id='pick-side',
+                             visible='side' in first.controls)
     with gr.Row(visible='query' in first.controls, elem_id='pick-tools') as c['pick_tools']:
+        c['prefix'] = gr.Dropdown([], value=None, label='or a named token', elem_id='pick-prefix', min_width=160,
+                                  scale=0)
         c['pick_add'] = gr.Checkbox(False, label='clicks add to the pick (their maps averaged)', elem_id='pick-add',
                                     min_width=200)
         for name, arrow in (('left', '◀'), ('up', '▲'), ('down', '▼'), ('right', '▶')):
@@ -483,12 +509,13 @@ def _image_tab(lens: LensApp, choices: List[str], defaults: List[str]) -> None:
         export_button = gr.Button('Download everything (zip: JSON, CSV, PNG, figures)', elem_id='export')
         export_file = gr.File(label='analysis', elem_id='export-file', visible=False)
     controls = [v[name] for name in CONTROLS]
-    c['run'].click(lens.run, [c['image'], *c['models'], v['view'], *controls[:4], c['deep'], v['query']],
-                   [state, c['status'], v['layer'], v['head'], *outputs], api_name='run')
+    c['run'].click(lens.run, [c['image'], *c['models'], v['view'], *controls[:4], c['deep'], v['query'], v['side']],
+                   [state, c['status'], v['layer'], v['head'], *outputs], api_name='run').then(
+        lens.prefix_choices, state, v['prefix'], api_name=False, show_progress='hidden')
     view_outputs = [out for column in columns for out in _column_outputs(column, VIEW_PART)]
     # the view re-renders on a visitor's choice only (.input): a click that switches it re-renders once, below
     v['view'].input(lens.rerender, [state, v['view'], *controls], view_outputs, api_name=False, show_progress='hidden')
-    for control in controls[:4]:
+    for control in (*controls[:4], v['side']):
         control.change(lens.rerender, [state, v['view'], *controls], view_outputs, api_name=False,
                        show_progress='hidden')
     v['query'].submit(lens.rerender, [state, v['view'], *controls], view_outputs, api_name=False,
@@ -497,6 +524,9 @@ def _image_tab(lens: LensApp, choices: List[str], defaults: List[str]) -> None:
         column['seen'].select(lens.clicked(i), [state, v['query'], v['pick_add']], [v['query'], v['view']],
                               api_name=False, show_progress='hidden').then(
             lens.rerender, [state, v['view'], *controls], view_outputs, api_name=False, show_progress='hidden')
+    v['prefix'].input(lens.named, [v['prefix'], v['query'], v['pick_add']], v['query'], api_name=False,
+                      show_progress='hidden').then(lens.rerender, [state, v['view'], *controls], view_outputs,
+                                                   api_name=False, show_progress='hidden')
     for name in STEPS:
         v[f'pick_{name}'].click(lens.step(name), [state, v['query']], v['query'], api_name=False,
                                 show_progress='hidden').then(

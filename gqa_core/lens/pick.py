@@ -24,7 +24,7 @@ from .figures import Fit, cell_height, fitted, patch_grid, tile_mosaic
 from .heads import group_diversity
 
 __all__ = ['Picked', 'PickedMaps', 'parse_query', 'pick_place', 'pick_places', 'picked_maps', 'pick_figure',
-           'pick_caption', 'prefix_names', 'pick_names', 'cell_place', 'token_places', 'PICK_PREFIX', 'POOL_QUERY', 'MAX_PLACES']
+           'pick_caption', 'SIDES', 'prefix_names', 'pick_names', 'cell_place', 'token_places', 'PICK_PREFIX', 'POOL_QUERY', 'MAX_PLACES']
 
 PICK_PREFIX = 'class token'  # what a run shows before anyone picks: the token the other views show
 POOL_QUERY = 'attention-pool query'  # the pooling head's latent query: not a token of the blocks
@@ -206,10 +206,14 @@ TILES_PER_LINE = 8  # groups narrower than this share a line (MHA: four heads wi
 MIN_TILE_PX = 48  # fewer tiles a line in narrow columns, so that a tile holds its label
 
 
-def pick_figure(maps: PickedMaps, grid_size: Sequence[int], fit: Fit = Fit()) -> go.Figure:
-    """Per KV head, where the picked token looks in each query head sharing it, then that key head's norm at every
-    patch; groups narrower than a line share one; the head mean last. Each tile is scaled on its own; the picked
-    patch is outlined in every tile."""
+SIDES = {'where it looks': 'rows', 'who looks at it': 'columns'}  # the picked token's row or column of the maps
+
+
+def pick_figure(maps: PickedMaps, grid_size: Sequence[int], fit: Fit = Fit(), side: str = 'rows') -> go.Figure:
+    """Per KV head, where the picked token looks (``side='rows'``) or how much each patch looks at it
+    (``'columns'``) in each query head sharing it, then that key head's norm at every patch; groups narrower than
+    a line share one; the head mean last. Each tile is scaled on its own; the picked patch is outlined in every
+    tile."""
     rows, cols = int(grid_size[0]), int(grid_size[1])
     groups = maps.groups
     keyed = maps.key_norms is not None
@@ -218,7 +222,7 @@ def pick_figure(maps: PickedMaps, grid_size: Sequence[int], fit: Fit = Fit()) ->
     tile_px = fit.plot_px() / (width * per_line)
     long, short = ('K{} pooled', 'K{}') if maps.pooled else ('K{} norm', 'K{}')
     key_label = long if fit.text_px(long.format(0)) <= tile_px else short  # narrow tiles: the short name
-    heads = patch_grid(maps.rows, grid_size)
+    heads = patch_grid(maps.rows if side == 'rows' else maps.columns, grid_size)
     blank = np.full((rows, cols), np.nan)
     norms = patch_grid(maps.key_norms, grid_size) if keyed else [None] * len(groups)
     tiles, labels = [], []
@@ -246,7 +250,7 @@ def pick_figure(maps: PickedMaps, grid_size: Sequence[int], fit: Fit = Fit()) ->
     return fig
 
 
-def pick_caption(maps: PickedMaps) -> str:
+def pick_caption(maps: PickedMaps, side: str = 'rows') -> str:
     if maps.key_norms is None:
         spread = maps.divergence[0]
         return (f'where the {POOL_QUERY} looks: the pooling head after the last block (the layer does not apply), '
@@ -255,5 +259,6 @@ def pick_caption(maps: PickedMaps) -> str:
     shared = [f'K{g}: {d:.2f}' for g, d in enumerate(maps.divergence) if not np.isnan(d)]
     spread = ('; divergence between the query heads sharing a key head (mean JSD, bits): ' + ', '.join(shared)
               if shared else '; no key head is shared by two query heads here')
-    return (f'where the {maps.label} looks in layer {maps.layer}: per KV head, the query heads sharing it '
-            f'side by side, then its key norms; the head mean last{spread}')
+    what = f'where the {maps.label} looks' if side == 'rows' else f'how much each patch looks at the {maps.label}'
+    return (f'{what} in layer {maps.layer}: per KV head, the query heads sharing it side by side, then its key '
+            f'norms; the head mean last{spread}')

@@ -17,7 +17,7 @@ from .images import load_image
 from .models import ModelRegistry, short_name
 from .geometry import geometry_caption, geometry_figure, group_geometry
 from .hover import HOVER_MAX_BYTES, hover_html, hover_maps
-from .pick import parse_query, pick_caption, pick_figure, picked_maps
+from .pick import SIDES, parse_query, pick_caption, pick_figure, picked_maps
 from .specs import public_message, shown
 
 __all__ = ['MAX_MODELS', 'NO_MODEL', 'View', 'VIEWS', 'VIEW_LABELS', 'Choice', 'Rendered', 'Header', 'run_models',
@@ -54,7 +54,7 @@ VIEWS: Dict[str, View] = {v.name: v for v in (
     View('diversity', 'within-group diversity'),
     View('faithfulness', 'faithfulness'),
     View('conversion', 'where GQA hurts'),
-    View('pick', 'picked query', controls=('layer', 'query')),
+    View('pick', 'picked query', controls=('layer', 'query', 'side')),
     View('geometry', 'query–key geometry', controls=('layer', 'head', 'query')),
 )}
 VIEW_LABELS = {v.label: v.name for v in VIEWS.values()}
@@ -70,10 +70,13 @@ class Choice:
     mode: str = 'zero'
     width: int = 640
     query: str = ''  # the picked query: 'x, y' (fractions of the picture), a prefix token's name, or '' (default)
+    side: str = 'rows'  # the picked view: where the picked token looks ('rows') or who looks at it ('columns')
 
     def __post_init__(self) -> None:
         if self.view not in VIEWS:
             raise ValueError(f'view must be one of {tuple(VIEWS)}, got {self.view!r}')
+        if self.side not in SIDES.values():
+            raise ValueError(f'side must be one of {tuple(SIDES.values())}, got {str(self.side)[:20]!r}')
 
 
 @dataclass
@@ -331,7 +334,9 @@ def _pick_view(analysis: Analysis, choice: Choice, reference: Optional[Analysis]
                            None if pooling is None else pooling.groups(layer, analysis.num_heads))
     except ValueError as e:
         return Rendered(public_message(e))
-    caption = pick_caption(maps) + ('' if pooling is None or maps.key_norms is None else
+    if choice.side == 'columns' and maps.columns is None:
+        return Rendered('no token looks at the attention-pool query: it reads the tokens after the last block')
+    caption = pick_caption(maps, choice.side) + ('' if pooling is None or maps.key_norms is None else
                                     f'; MHA heads grouped as {pooling.by} shares a key head at G = '
                                     f'{pooling.num_kv_heads}, each group\'s mean-pooled key norms beside them')
     hover = hover_maps(rec, layer)
@@ -342,7 +347,7 @@ def _pick_view(analysis: Analysis, choice: Choice, reference: Optional[Analysis]
     note = '' if hover is not None else (f'; click to pick (hover is drawn in the browser up to '
                                          f'{HOVER_MAX_BYTES / 2 ** 20:.0f} MiB of maps a layer, this model\'s are '
                                          f'{heads * patches ** 2 / 2 ** 20:.1f} MiB)')
-    return Rendered(caption + note, figure=pick_figure(maps, rec.grid_size, fit), html=panel)
+    return Rendered(caption + note, figure=pick_figure(maps, rec.grid_size, fit, choice.side), html=panel)
 
 
 def _geometry_view(analysis: Analysis, choice: Choice, reference: Optional[Analysis],

@@ -472,6 +472,15 @@ def test_hover_draws_in_the_browser_and_keys_boxes_and_points_move_the_pick(app_
         caption_changes(page, lambda: click_on_picture(page, '#seen-0 img', 0.97, 0.97))
         expect(page.locator('#caption-0')).to_contain_text('2 picked tokens (maps averaged)')
         page.locator('#pick-add input').uncheck()
+        caption_changes(page, lambda: page.locator('#pick-side').get_by_label('who looks at it').check())
+        expect(page.locator('#caption-0')).to_contain_text('how much each patch looks at the 2 picked tokens')
+        chooser = page.locator('#pick-prefix input')  # the named tokens of the run's models
+        chooser.click()
+        options = page.get_by_role('option').all_inner_texts()
+        assert options == ['class token'] + [f'register {i}' for i in range(4)], options
+        caption_changes(page, lambda: page.get_by_role('option', name='register 1').click(), column=1)
+        expect(page.locator('#caption-1')).to_contain_text('how much each patch looks at the register 1')
+        expect(page.locator('#caption-0')).to_contain_text("no 'register 1' token in this model")
         show_view(page, 'query–key geometry')
         plot = page.locator('#figure-1 .js-plotly-plot')
         page.wait_for_function('() => !!document.querySelector("#figure-1 .js-plotly-plot")._gqaBound')

@@ -197,3 +197,19 @@ def test_an_mha_groups_its_heads_as_a_conversion_of_the_run_would_share_keys():
     assert 'grouped as pairs of consecutive heads' in shown.caption
     assert [a.text for a in shown.figure.layout.annotations if a.text.startswith('K')] == [f'K{g} pooled'
                                                                                          for g in range(3)]
+
+
+def test_the_view_shows_who_looks_at_the_picked_token_on_request(registers_non_square):
+    from gqa_core.lens.analysis import Analysis
+    rec = registers_non_square
+    analysis = Analysis('x', np.zeros((32, 64, 3), np.uint8), rec, [], dict(variant='kdgqa', num_kv_heads=3))
+    looks, looked_at = (render(analysis, Choice('pick', 1, query='0.99, 0.01', side=side, width=570))
+                        for side in ('rows', 'columns'))
+    assert looked_at.caption.startswith('how much each patch looks at the patch (row 0, column 3)')
+    maps = picked_maps(rec, 1, [(0.99, 0.01)])
+    from gqa_core.lens.figures import Fit
+    assert not np.array_equal(looks.figure.data[0].z, looked_at.figure.data[0].z, equal_nan=True)
+    assert np.array_equal(looked_at.figure.data[0].z,
+                          pick_figure(maps, rec.grid_size, Fit(570), side='columns').data[0].z, equal_nan=True)
+    with pytest.raises(ValueError, match='side must be one of'):
+        Choice('pick', side='diagonal')
