@@ -36,10 +36,11 @@ class ablate:
         self.query_heads, self.kv_heads, self.mode = query_heads, kv_heads, mode
 
     def __enter__(self) -> 'ablate':
-        def layer_mask(mask: Optional[Tensor], i: int) -> Optional[Tensor]:
-            return mask[:, i] if mask is not None else None
-        attach(self.layers, [HeadAblation(layer_mask(self.query_heads, i), layer_mask(self.kv_heads, i), self.mode)
-                             for i in range(len(self.layers))])
+        def layer_mask(mask: Optional[Tensor], i: int, width: int) -> Optional[Tensor]:
+            return mask[:, i, :width] if mask is not None else None  # layers may have fewer KV heads than the mask
+        attach(self.layers, [HeadAblation(layer_mask(self.query_heads, i, layer.num_heads),
+                                          layer_mask(self.kv_heads, i, layer.num_kv_heads), self.mode)
+                             for i, layer in enumerate(self.layers)])
         return self
 
     def __exit__(self, *exc: Any) -> None:

@@ -270,6 +270,9 @@ class GroupedQueryAttention(nn.Module):
         self.probe: Optional[AttentionProbe] = None
         # The original MHA head at each head position when the heads were reordered before pooling (None: kept).
         self.source_heads: Optional[List[int]] = None
+        # The KV heads of the timm layer this one was made from (H for multi-head attention; fewer for timm's own
+        # GQA layers): what the backbone is rebuilt with before conversion.
+        self.native_kv_heads: int = num_heads
 
     def _init_projections(self, dim: int, qkv_bias: bool, qv_bias: bool, qkv_fused: bool, dd: dict) -> None:
         """q (H heads) and k / v (G heads): one fused ``qkv`` or EVA's three; EVA / BEiT's q/v-only biases."""
@@ -309,16 +312,26 @@ class GroupedQueryAttention(nn.Module):
     ) -> 'GroupedQueryAttention':
         """Convert a timm attention layer (:data:`ATTENTION_KINDS`), or a multi-head (G = H) grouped layer:
         consecutive blocks of H/G key and value heads are mean-pooled (weights and biases), everything else
-        is copied."""
+        is copied.
+
+        A layer that already shares K/V heads (timm's ``AttentionRope`` with ``num_kv_heads`` = G0 < H: query
+        head h reads KV head h // (H / G0)) keeps them as they are when ``num_kv_heads`` is None or G0; another
+        G repeats each KV head for its H / G0 query heads, then pools as above (G = H: the multi-head layer that
+        computes the same function; a divisor of G0: its KV heads pooled in consecutive blocks of G0 / G).
+        """
         kind = attn.kind if isinstance(attn, GroupedQueryAttention) and attn.num_kv_heads == attn.num_heads \
             else attention_kind(attn)
         if kind is None:
             raise ValueError(f'{type(attn).__name__} is not one of the timm attention layers GQA Lens converts '
                              f'({", ".join(c.__name__ for c in ATTENTION_KINDS.values())})')
         H = attn.num_heads
+        G0 = int(getattr(attn, 'num_kv_heads', None) or H)  # the KV heads the layer has now
         weights, biases = _qkv_tensors(attn)
         d = weights[0].shape[0] // H
-        G = H if num_kv_heads is None and variant == 'mha' else num_kv_heads
+        if num_kv_heads is None:
+            G = H if variant == 'mha' else G0 if G0 != H else None
+        else:
+            G = num_kv_heads
         if G is None or G < 1 or H % G:
             raise ValueError(f'{variant}: num_kv_heads={G} must be a positive divisor of the {H} heads')
         qv_bias = getattr(attn, 'q_bias', None) is not None or (
@@ -339,9 +352,16 @@ class GroupedQueryAttention(nn.Module):
             with torch.no_grad():
                 new.relative_position_bias_table.copy_(attn.relative_position_bias_table)
         new.source_heads = getattr(attn, 'source_heads', None)
+        new.native_kv_heads = int(getattr(attn, 'native_kv_heads', None) or G0)
 
-        def pool(t: Optional[Tensor]) -> Optional[Tensor]:  # (H d, ...) -> (G d, ...): blocks of H / G averaged
-            return None if t is None else t.reshape(G, H // G, d, *t.shape[1:]).mean(1).reshape(G * d, *t.shape[1:])
+        def pool(t: Optional[Tensor]) -> Optional[Tensor]:  # (G0 d, ...) -> (G d, ...)
+            if t is None or G == G0:
+                return t
+            rest = t.shape[1:]
+            heads = t.reshape(G0, d, *rest)
+            if G0 % G:  # each KV head repeated for the query heads it serves: the multi-head layer's K/V
+                heads = heads.repeat_interleave(H // G0, 0)
+            return heads.reshape(G, -1, d, *rest).mean(1).reshape(G * d, *rest)  # consecutive blocks averaged
 
         _load_qkv(new, [weights[0], pool(weights[1]), pool(weights[2])], [biases[0], pool(biases[1]), pool(biases[2])])
         return new.train(attn.training)

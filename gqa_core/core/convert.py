@@ -12,7 +12,8 @@ from .calibrate import CalibrationBudget, calibrate_layers, check_calibration
 from .head_order import HEAD_ORDERS, advise_head_order, check_permutations, permute_heads
 from .vit import check_positions, check_vit, gqa_layers, num_tokens
 
-__all__ = ['convert', 'revert', 'INITS', 'check_convertible', 'grouping_config', 'kv_cache_bytes', 'source_heads']
+__all__ = ['convert', 'revert', 'INITS', 'check_convertible', 'grouping_config', 'kv_cache_bytes', 'source_heads',
+           'block_kv_heads', 'native_kv_heads', 'kv_heads_label']
 
 
 INITS = ('mean', 'calibrated')  # how the shared K/V heads are initialised from the MHA's
@@ -21,7 +22,7 @@ INITS = ('mean', 'calibrated')  # how the shared K/V heads are initialised from 
 def convert(
         model: nn.Module,
         variant: str,
-        num_kv_heads: Optional[int] = None,
+        num_kv_heads: Optional[Union[int, Sequence[int]]] = None,
         head_order: Union[str, Sequence[Sequence[int]]] = 'consecutive',
         calibration: Optional[Tensor] = None,
         max_refine_flops: Optional[float] = None,
@@ -38,6 +39,10 @@ def convert(
     (RoPE, BEiT's position bias) are kept; no other weight is touched (the final norm included). A model converted
     before can change policy at the same G (weights kept) or be re-pooled from G = H. ``policy_options``
     go to the policy (``compat``, ``seed``, ``stat``, ``window``, ``beta``, ``noise_scale``, ...).
+
+    ``num_kv_heads``: one G for every block, one per block (a sequence), or None for the G each block has now --
+    a model that already shares K/V heads (timm's Sapiens2, ``Eva`` / ``NaFlexVit`` with ``num_kv_heads``) then
+    keeps them as they are under the chosen policy; ``"mha"`` with None expands every block to H KV heads.
 
     ``head_order`` decides which MHA heads share a KV head (the heads are pooled in this order, H/G at a time):
     ``"consecutive"`` (the paper's), ``"output-error"`` (chosen per layer on the ``calibration`` images, see
@@ -58,6 +63,12 @@ def convert(
         warnings.warn('convert(grouping=...) is deprecated; use head_order=...', DeprecationWarning, stacklevel=2)
         head_order = policy_options.pop('grouping')
     vit = check_vit(model)
+    if num_kv_heads is None and variant != 'mha':
+        native = native_kv_heads(vit)
+        if all(g == b.attn.num_heads for g, b in zip(native, vit.blocks)):
+            raise ValueError(f'{variant}: num_kv_heads is required (every block has all {native[0]} KV heads)')
+        num_kv_heads = native  # each block keeps the KV heads it has
+    per_block = block_kv_heads(vit, num_kv_heads)
     attns = check_convertible(vit, num_kv_heads)
     if init not in INITS:
         raise ValueError(f'init must be one of {INITS}, got {init!r}')
@@ -68,6 +79,9 @@ def convert(
         budget = budget if budget is not None else CalibrationBudget()
     sources = [getattr(block.attn, 'source_heads', None) for block in vit.blocks]
     perms = _head_order_permutations(vit, attns, head_order, calibration, num_kv_heads, max_refine_flops)
+    if perms is not None and any(getattr(a, 'num_kv_heads', None) not in (None, a.num_heads) for a in attns):
+        raise ValueError('a head order permutes multi-head layers (G = H) before pooling: expand the model to '
+                         'MHA first (variant "mha"), then convert with a head order')
     if perms is not None:
         attns = [copy.deepcopy(a) for a in attns]  # permute copies: a failure below leaves the model as it was
         for attn, perm in zip(attns, perms):
@@ -75,8 +89,8 @@ def convert(
         sources = perms
     # Build every new layer before touching the model: a failure (bad G, bad option) leaves it as it was.
     new_layers = []
-    for index, attn in enumerate(attns):
-        new = GroupedQueryAttention.from_attention(attn, variant, num_kv_heads, **policy_options)
+    for index, (attn, g) in enumerate(zip(attns, per_block)):
+        new = GroupedQueryAttention.from_attention(attn, variant, g, **policy_options)
         new.policy.stream = index
         new.source_heads = list(sources[index]) if sources[index] is not None else None
         new_layers.append(new)
@@ -92,12 +106,40 @@ def convert(
     return vit
 
 
-def check_convertible(model: nn.Module, num_kv_heads: Optional[int] = None) -> List[nn.Module]:
-    """Every block's multi-head attention layer of a ViT :func:`convert` takes, or a ``ValueError`` naming the
-    first block that cannot be converted (nothing is changed either way)."""
+def block_kv_heads(model: nn.Module, num_kv_heads: Optional[Union[int, Sequence[int]]]) -> List[Optional[int]]:
+    """``num_kv_heads`` as one entry per block (None: the block keeps the KV heads it has)."""
+    vit = check_vit(model)
+    depth = len(vit.blocks)
+    if num_kv_heads is None or isinstance(num_kv_heads, int):
+        return [num_kv_heads] * depth
+    per_block = list(num_kv_heads)
+    if len(per_block) != depth or not all(isinstance(g, int) for g in per_block):
+        raise ValueError(f'num_kv_heads: give one integer, or one per block ({depth}), got {str(num_kv_heads)[:60]}')
+    return per_block
+
+
+def kv_heads_label(num_kv_heads: Union[int, Sequence[int], None]) -> str:
+    """G as people read it: ``4``, or ``2-4 by block (4, 2, 2, 4)`` for a model whose blocks differ."""
+    if num_kv_heads is None or isinstance(num_kv_heads, int):
+        return str(num_kv_heads)
+    per_block = list(num_kv_heads)
+    if len(set(per_block)) == 1:
+        return str(per_block[0])
+    return f'{min(per_block)}–{max(per_block)} by block ({", ".join(map(str, per_block))})'
+
+
+def native_kv_heads(model: nn.Module) -> List[int]:
+    """The KV heads each block's attention has now (H for multi-head layers)."""
+    return [int(getattr(b.attn, 'num_kv_heads', None) or b.attn.num_heads) for b in check_vit(model).blocks]
+
+
+def check_convertible(model: nn.Module, num_kv_heads: Optional[Union[int, Sequence[int]]] = None) -> List[nn.Module]:
+    """Every block's attention layer of a ViT :func:`convert` takes, or a ``ValueError`` naming the first block
+    that cannot be converted (nothing is changed either way)."""
     vit = check_vit(model)
     check_positions(vit)
-    return [_convertible_attention(index, block, num_kv_heads) for index, block in enumerate(vit.blocks)]
+    return [_convertible_attention(index, block, g)
+            for index, (block, g) in enumerate(zip(vit.blocks, block_kv_heads(vit, num_kv_heads)))]
 
 
 def _head_order_permutations(vit: nn.Module, attns: list, head_order: Any, calibration: Optional[Tensor],
@@ -140,8 +182,6 @@ def _convertible_attention(index: int, block: nn.Module, num_kv_heads: Optional[
         known = ', '.join(f'{cls.__module__.split(".")[-1]}.{cls.__name__}' for cls in ATTENTION_KINDS.values())
         raise ValueError(f'block {index} ({type(block).__name__}): attention {type(attn).__name__} is not one of '
                          f'timm\'s {known}; the model was not changed')
-    if getattr(attn, 'num_kv_heads', attn.num_heads) != attn.num_heads:
-        raise ValueError(f'block {index}: {type(attn).__name__} already shares K/V heads; the model was not changed')
     return attn
 
 
@@ -159,14 +199,16 @@ def revert(model: nn.Module) -> nn.Module:
 
 
 def grouping_config(model: nn.Module) -> Dict[str, Any]:
-    """The grouping every layer of ``model`` uses (variant, G, compat, policy options); layers must agree."""
+    """The grouping every layer of ``model`` uses (variant, G, compat, policy options); layers must agree but
+    for G, which is one integer, or a list with one per layer where blocks differ (a native GQA model)."""
     layers = gqa_layers(model)
     if not layers:
         raise ValueError(f'{type(model).__name__} has no grouped-query attention layers; call convert() first')
-    configs = [layer.grouping_config() for layer in layers]
+    configs = [dict(layer.grouping_config()) for layer in layers]
+    kv_heads = [c.pop('num_kv_heads') for c in configs]
     if any(c != configs[0] for c in configs):
         raise ValueError('layers of this model use different groupings: ' + str(configs))
-    return configs[0]
+    return dict(configs[0], num_kv_heads=kv_heads[0] if len(set(kv_heads)) == 1 else kv_heads)
 
 
 def kv_cache_bytes(model: nn.Module, bytes_per_value: int = 2) -> int:

@@ -127,8 +127,16 @@ class Recording:
         return self.rollout[fusion][sample, self.num_prefix_tokens:].numpy()
 
     def stacked(self, name: str) -> np.ndarray:
-        """One recorded quantity for all layers, layer-first: e.g. ``allocation`` -> ``(L, B, G)``."""
-        return np.stack([getattr(layer, name).numpy() for layer in self.layers])
+        """One recorded quantity for all layers, layer-first: e.g. ``allocation`` -> ``(L, B, G)``. Where layers
+        have different G (a model whose blocks share K/V heads differently), per-KV-head quantities are padded to
+        the largest G with NaN (as floats): a KV head a layer does not have is no value, not an idle head."""
+        arrays = [getattr(layer, name).numpy() for layer in self.layers]
+        widths = {a.shape[-1] for a in arrays}
+        if len(widths) > 1 and name in ('key_norms', 'shares', 'allocation'):
+            width = max(widths)
+            arrays = [np.pad(a.astype(np.float64), [(0, 0)] * (a.ndim - 1) + [(0, width - a.shape[-1])],
+                             constant_values=np.nan) for a in arrays]
+        return np.stack(arrays)
 
     def to_numpy(self) -> Dict[str, Any]:
         """Every array, layer-first; per-layer full maps as ``full_layer{i}``; rollouts as ``rollout_{fusion}``."""

@@ -10,7 +10,8 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Mapping, Optional, Type
 
-__all__ = ['Rule', 'integer', 'number', 'BOOLEAN', 'one_of', 'optional', 'text', 'check', 'check_fields']
+__all__ = ['Rule', 'integer', 'number', 'BOOLEAN', 'one_of', 'optional', 'list_of', 'either', 'text', 'check',
+           'check_fields']
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,17 @@ def one_of(*choices: Any, says: Optional[str] = None) -> Rule:
     """One of ``choices``, of the same type (``1`` is not ``True``)."""
     return Rule(lambda v: any(v is c or (type(v) is type(c) and v == c) for c in choices),
                 says or ' or '.join(str(c) for c in choices))
+
+
+def list_of(rule: Rule, low: int, high: int) -> Rule:
+    """A ``list`` of ``low..high`` items, each accepted by ``rule``."""
+    return Rule(lambda v: type(v) is list and low <= len(v) <= high and all(rule(x) for x in v),
+                f'a list of {low}..{high} items, each {rule.says}')
+
+
+def either(first: Rule, second: Rule) -> Rule:
+    """What ``first`` or ``second`` accepts."""
+    return Rule(lambda v: first(v) or second(v), f'{first.says}, or {second.says}')
 
 
 def optional(rule: Rule, says: Optional[str] = None) -> Rule:

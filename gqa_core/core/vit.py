@@ -214,6 +214,13 @@ def _eva_geometry(vit: Eva) -> Dict[str, Any]:
         use_rot_pos_emb=vit.rope is not None,
         dynamic_img_size=bool(vit.dynamic_img_size),
     )
+    # the KV heads timm builds each block with (its own GQA: Sapiens2, num_kv_heads); a converted layer remembers
+    # the heads of the layer it was made from, so the rebuilt backbone takes the same weights before conversion
+    native = [int(getattr(b.attn, 'native_kv_heads', None) or getattr(b.attn, 'num_kv_heads', None) or b.attn.num_heads)
+              for b in vit.blocks]
+    geometry['num_kv_heads'] = None if all(g == b.attn.num_heads for g, b in zip(native, vit.blocks)) else native
+    geometry['attn_type'] = 'rope' if getattr(attn, 'kind', None) == 'rope' or type(attn).__name__ == 'AttentionRope' \
+        else 'eva'  # timm's AttentionRope (the only Eva attention with num_kv_heads) or EvaAttention
     if vit.attn_pool is not None:
         geometry['attn_pool_num_heads'] = int(vit.attn_pool.num_heads)
         geometry['attn_pool_mlp_ratio'] = vit.attn_pool.mlp.fc1.out_features / vit.embed_dim

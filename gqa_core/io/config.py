@@ -11,7 +11,7 @@ conversion or a model made with ``timm.create_model`` is always described truthf
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Union
 
 import timm
 import torch
@@ -34,9 +34,10 @@ DATASET = optional(text(100), says='null or a name of at most 100 printable char
 
 @dataclass(frozen=True)
 class GroupingSpec:
-    """Which policy every layer uses: its name, G, and its options (each checked by the policy's schema)."""
+    """Which policy every layer uses: its name, G (one for every block, or one per block), and its options (each
+    checked by the policy's schema)."""
     variant: str
-    num_kv_heads: Optional[int]
+    num_kv_heads: Optional[Union[int, List[int]]]
     options: Dict[str, Any] = field(default_factory=dict)
 
     @classmethod

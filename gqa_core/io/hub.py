@@ -20,7 +20,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..core.convert import convert
+from ..core.convert import convert, kv_heads_label
 from ..core.head_order import head_groups
 from .config import FORMAT, GQALensConfig
 from .credentials import Token
@@ -154,8 +154,9 @@ def pooled_heads(config: Dict[str, Any]) -> str:
     """Which MHA heads each KV head was mean-pooled from, in words: consecutive (the paper's), or per layer the
     groups of the saved head order (``source_heads``, e.g. the head-order advisor's)."""
     heads, G = config.get('source_heads'), config['grouping']['num_kv_heads']
-    if heads is None:
-        return 'mean-pooled from consecutive MHA heads'
+    if heads is None or not isinstance(G, int):  # a head order applies to one G for every block
+        return 'mean-pooled from consecutive MHA heads' if isinstance(G, int) else \
+            'each block\'s own K/V heads (repeated, or pooled in consecutive blocks, to its G)'
     layers = '; '.join(f'layer {i}: ' + ''.join('(' + ' '.join(map(str, group)) + ')' for group in head_groups(order, G))
                        for i, order in enumerate(heads))
     return f'mean-pooled from the MHA heads grouped per layer as {layers}'
@@ -188,9 +189,9 @@ tags:
 - {g['variant']}
 ---
 
-# {g['variant'].upper()} ViT ({config['backbone']}, G={g['num_kv_heads']})
+# {g['variant'].upper()} ViT ({config['backbone']}, G={kv_heads_label(g['num_kv_heads'])})
 
-A timm `{config['backbone']}` whose attention is **{g['variant']}** with {g['num_kv_heads']} key/value heads
+A timm `{config['backbone']}` whose attention is **{g['variant']}** with {kv_heads_label(g['num_kv_heads'])} key/value heads
 ({options}), from GQA Lens: "Beyond Uniform Query Distribution: Key-Driven Grouped Query Attention"
 (arXiv 2408.08454).
 

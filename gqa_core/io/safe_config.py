@@ -18,7 +18,7 @@ import timm
 import torch
 
 from ..core.policies import POLICIES
-from ..core.rules import BOOLEAN, Rule, check, check_fields, integer, number, one_of, optional, text
+from ..core.rules import BOOLEAN, Rule, check, check_fields, either, integer, list_of, number, one_of, optional, text
 from ..core.vit import num_tokens
 from ..core.settings import Settings
 
@@ -83,6 +83,8 @@ EVA_ARGS: Dict[str, Rule] = {
     'use_rot_pos_emb': BOOLEAN,
     'attn_pool_num_heads': optional(integer(1, 64)),
     'attn_pool_mlp_ratio': optional(number(0.25, 16)),
+    'num_kv_heads': optional(either(integer(1, 64), list_of(integer(1, 64), 1, 256))),  # timm's own GQA blocks
+    'attn_type': one_of('eva', 'rope'),
 }
 BEIT_ARGS: Dict[str, Rule] = {
     **{k: BACKBONE_ARGS[k] for k in _SHARED if k != 'dynamic_img_size'},
@@ -144,7 +146,8 @@ def check_grouping(grouping: Any) -> Dict[str, Any]:
     variant, g = grouping.pop('variant', None), grouping.pop('num_kv_heads', None)
     if variant not in POLICIES:
         raise ConfigError(f'grouping.variant must be one of {sorted(POLICIES)}')
-    check('grouping.num_kv_heads', g, optional(integer(1, 64)), ConfigError)
+    # one G for every block, or one per block (a model whose blocks share K/V heads differently: Sapiens2)
+    check('grouping.num_kv_heads', g, optional(either(integer(1, 64), list_of(integer(1, 64), 1, 256))), ConfigError)
     return dict(variant=variant, num_kv_heads=g, **_check_fields('grouping', grouping, POLICIES[variant].OPTIONS))
 
 

@@ -204,7 +204,8 @@ def assignment_figure(query_to_kv: np.ndarray, allocation: np.ndarray, fit: Fit 
 
 def _assignment_hover(allocation: np.ndarray, source_heads: Optional[Sequence[Sequence[int]]], layer: int,
                       h: int) -> str:
-    text = f'allocation {list(int(a) for a in allocation[layer])}'
+    kept = [int(a) for a in allocation[layer] if not np.isnan(a)]  # NaN: a KV head this layer does not have
+    text = f'allocation {kept}' + (f' (G = {len(kept)} in this layer)' if len(kept) < allocation.shape[1] else '')
     if source_heads is not None:
         src = list(source_heads[layer])
         pooled = ' '.join(f'kv{g}←{group}' for g, group in enumerate(head_groups(src, allocation.shape[1])))
@@ -273,9 +274,18 @@ def key_norm_figure(key_norms: np.ndarray, allocation: np.ndarray, fit: Fit = Fi
     key_norms, allocation: ``(L, G)`` for one image.
     """
     L, G = key_norms.shape
-    H = int(allocation[0].sum())
-    shares = min_max_shares(torch.as_tensor(key_norms)).numpy()
-    would = largest_remainder(torch.as_tensor(shares), H).numpy()
+    H = int(np.nansum(allocation[0]))
+    if not np.isnan(key_norms).any():
+        shares = min_max_shares(torch.as_tensor(key_norms)).numpy()
+        would = largest_remainder(torch.as_tensor(shares), H).numpy()
+    else:  # layers with fewer KV heads (NaN beyond them): each apportioned over its own heads
+        shares, would = np.full((L, G), np.nan), np.full((L, G), np.nan)
+        for layer in range(L):
+            own = ~np.isnan(key_norms[layer])
+            shares[layer, own] = min_max_shares(torch.as_tensor(key_norms[layer, own])[None]).numpy()[0]
+            would[layer, own] = largest_remainder(torch.as_tensor(shares[layer, own])[None], H).numpy()[0]
+        would = np.where(np.isnan(would), '', np.nan_to_num(would).astype(int).astype(str))
+        allocation = np.where(np.isnan(allocation), None, allocation)
     x, y = _axis_labels('kv', G), _axis_labels('L', L)
     span = fit.plot_px(colorbar=True)
     panel = cell_height(fit, L, G, extra=0, low=90, high=260)

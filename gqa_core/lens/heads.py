@@ -77,12 +77,14 @@ def ablation_study(model: nn.Module, x: Tensor, target: Optional[int], target_na
     """Every single KV-head and query-head removal of ``model`` on the one image ``x`` ``(1, 3, H, W)``, both
     modes. Rows: for each layer l and KV head g one removal, then for each (l, h) one; all in batched forwards."""
     layers = gqa_layers(model)
-    L, H, G = len(layers), layers[0].num_heads, layers[0].num_kv_heads
-    n_kv, n_q = L * G, L * H
+    L, H, G = len(layers), layers[0].num_heads, max(layer.num_kv_heads for layer in layers)
+    # one removal per KV head each layer has (a model's own blocks may have different G: NaN beyond them)
+    kv_layer, kv_head = (torch.tensor(t, dtype=torch.long, device=x.device) for t in zip(
+        *[(i, g) for i, layer in enumerate(layers) for g in range(layer.num_kv_heads)]))
+    n_kv, n_q = len(kv_layer), L * H
     kv_mask = torch.zeros(n_kv + n_q, L, G, dtype=torch.bool, device=x.device)
     q_mask = torch.zeros(n_kv + n_q, L, H, dtype=torch.bool, device=x.device)
-    rows = torch.arange(n_kv, device=x.device)
-    kv_mask[rows, rows // G, rows % G] = True
+    kv_mask[torch.arange(n_kv, device=x.device), kv_layer, kv_head] = True
     rows = torch.arange(n_q, device=x.device)
     q_mask[n_kv + rows, rows // H, rows % H] = True
     batch = x.expand(n_kv + n_q, *x.shape[1:])
@@ -93,7 +95,8 @@ def ablation_study(model: nn.Module, x: Tensor, target: Optional[int], target_na
     for mode in ABLATION_MODES:
         out = _batched(model, batch, q_mask, kv_mask, mode)
         drop = base_score - _score(out, base, target).double().cpu().numpy()
-        kv_out[mode] = drop[:n_kv].reshape(L, G)
+        kv_out[mode] = np.full((L, G), np.nan)
+        kv_out[mode][kv_layer.cpu().numpy(), kv_head.cpu().numpy()] = drop[:n_kv]
         q_out[mode] = drop[n_kv:].reshape(L, H)
     return AblationResult(kv_out, q_out, f'p({target_name})' if target is not None else 'feature cosine',
                           base_score)

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ..core.calibrate import CalibrationBudget, CalibrationReport, block_flops
-from ..core.convert import check_convertible, convert, kv_cache_bytes
+from ..core.convert import check_convertible, convert, kv_cache_bytes, kv_heads_label
 from ..core.head_order import advise_head_order
 from ..core.device import full_fp32, resolve_device
 from ..core.policies import POLICIES
@@ -120,7 +120,7 @@ class LoadedModel:
         head += ' · advised head order (hover the assignment for source heads)' if self.source_heads else ''
         calibrated = self.conversion is not None and self.conversion.get('init') == 'calibrated'
         head += f' · {calibrated_words(self.conversion)}' if calibrated else ''
-        return (f"**{short_name(self.spec)}** — {g['variant'].upper()}, G = {g['num_kv_heads']} of "
+        return (f"**{short_name(self.spec)}** — {g['variant'].upper()}, G = {kv_heads_label(g['num_kv_heads'])} of "
                 f"{self.model.blocks[0].attn.num_heads} heads · {self.params:,} params · "
                 f"K/V cache {self.kv_cache_bytes / 1024:.0f} KiB / image (fp16){head}\n\n{self.knows()}")
 
@@ -237,7 +237,7 @@ class ModelRegistry:
     def _convert(model: nn.Module, spec: Spec, progress: Optional[Callable[[str], None]]) -> None:
         """``spec``'s conversion of ``model``, within the live budgets (the advisor's, calibration's): the shipped
         images through the model's own preprocessing."""
-        check_convertible(model, spec.num_kv_heads)
+        check_convertible(model, spec.kv_heads)
         advised, calibrated = spec.head_order != 'consecutive', spec.init == 'calibrated'
         fit_size = live_fit_size(model) if calibrated else 0
         if calibrated:  # refused before any image is decoded or any head is advised
@@ -251,11 +251,11 @@ class ModelRegistry:
             if advised or calibrated else None  # both sets are prefixes of the shipped images: decoded once
         order: Any = spec.head_order
         if advised:  # the advisor on its own bounded image set
-            order = advise_head_order(model, spec.num_kv_heads, images[:advise_size],
+            order = advise_head_order(model, spec.kv_heads, images[:advise_size],
                                        max_refine_flops=REFINE_FLOPS).permutations
         fit = images[:fit_size] if calibrated else None
         report = None if progress is None else (lambda f, what: progress(f'{spec}: {what}'))
-        convert(model, spec.variant, spec.num_kv_heads, head_order=order, calibration=fit, init=spec.init,
+        convert(model, spec.variant, spec.kv_heads, head_order=order, calibration=fit, init=spec.init,
                 budget=LIVE_CALIBRATION, progress=report)
         if model.gqa_conversion is not None:
             model.gqa_conversion['data'] = CALIBRATION_DATA

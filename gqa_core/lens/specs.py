@@ -6,6 +6,8 @@
     hub:ORG/NAME[@REVISION]            a saved GQA Lens model on the Hugging Face Hub
     convert:SOURCE:VARIANT:G[:ORDER][:INIT]
                                        training-free conversion of SOURCE, one of the above, ``hf-hub:ORG/NAME``
+                                       G is 1..64, or ``native``: each block keeps the K/V heads it has (a
+                                       model that shares them already, e.g. timm's Sapiens2);
                                        (a timm-format repo) or a timm ViT name with Hub weights; ORDER (which
                                        heads share a KV head) is ``consecutive`` (default) or
                                        ``output-error`` (the head-order advisor);
@@ -27,11 +29,12 @@ from ..core.head_order import HEAD_ORDERS
 from ..core.settings import Settings
 from ..io.safe_config import BACKBONE_NAME
 
-__all__ = ['Spec', 'SpecError', 'parse_spec', 'conversion_spec', 'shown', 'resolve_in', 'allowed_model_dirs', 'MAX_SPEC_CHARS',
+__all__ = ['Spec', 'SpecError', 'parse_spec', 'NATIVE_G', 'conversion_spec', 'shown', 'resolve_in', 'allowed_model_dirs', 'MAX_SPEC_CHARS',
            'public_message']
 
 MAX_SPEC_CHARS = 200
 MAX_G = 64
+NATIVE_G = 0  # Spec.num_kv_heads of ``convert:SOURCE:VARIANT:native``
 NAME = re.compile(r'^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$')  # a folder name, or each half of a Hub repo id
 REVISION = re.compile(r'^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$')
 KINDS_HELP = 'use embedded/NAME, local:NAME, hub:ORG/NAME[@REVISION] or convert:SOURCE:VARIANT:G[:ORDER][:INIT]'
@@ -54,7 +57,7 @@ class Spec:
     revision: Optional[str] = None
     source: Optional['Spec'] = None  # convert only
     variant: str = ''
-    num_kv_heads: int = 0
+    num_kv_heads: int = 0  # convert only; NATIVE_G: each block keeps the K/V heads it has
     head_order: str = 'consecutive'  # convert only: gqa_core.core.head_order.HEAD_ORDERS
     init: str = 'mean'  # convert only: how the shared K/V heads are made (gqa_core.core.convert.INITS)
 
@@ -62,10 +65,16 @@ class Spec:
         if self.kind == 'convert':
             suffix = '' if self.head_order == 'consecutive' else f':{self.head_order}'
             suffix += '' if self.init == 'mean' else f':{self.init}'
-            return f'convert:{self.source}:{self.variant}:{self.num_kv_heads}{suffix}'
+            g = 'native' if self.num_kv_heads == NATIVE_G else self.num_kv_heads
+            return f'convert:{self.source}:{self.variant}:{g}{suffix}'
         rev = f'@{self.revision}' if self.revision else ''
         return {'embedded': f'embedded/{self.name}', 'local': f'local:{self.name}', 'hub': f'hub:{self.name}{rev}',
                 'hf-hub': f'hf-hub:{self.name}{rev}', 'timm': self.name}[self.kind]
+
+    @property
+    def kv_heads(self) -> Optional[int]:
+        """G as :func:`~gqa_core.core.convert.convert` takes it (None: each block keeps its own)."""
+        return None if self.num_kv_heads == NATIVE_G else self.num_kv_heads
 
 
 def _name(value: str, what: str) -> str:
@@ -128,10 +137,10 @@ def parse_spec(spec: Optional[str], variants: Sequence[str] = (), allow_convert:
         source, variant, g = parts
         if variants and variant not in variants:
             raise SpecError(f'unknown variant {shown(variant)}; choose one of {", ".join(variants)}')
-        if not re.fullmatch(r'[0-9]{1,2}', g) or not 1 <= int(g) <= MAX_G:
-            raise SpecError(f'G must be an integer 1..{MAX_G}, got {shown(g)}')
-        return Spec('convert', source=_source(source, variants), variant=variant, num_kv_heads=int(g),
-                    head_order=head_order, init=init)
+        if g != 'native' and (not re.fullmatch(r'[0-9]{1,2}', g) or not 1 <= int(g) <= MAX_G):
+            raise SpecError(f'G must be an integer 1..{MAX_G} or native, got {shown(g)}')
+        return Spec('convert', source=_source(source, variants), variant=variant,
+                    num_kv_heads=NATIVE_G if g == 'native' else int(g), head_order=head_order, init=init)
     raise SpecError(f'unknown model spec {shown(spec)}: {KINDS_HELP}')
 
 
@@ -163,6 +172,7 @@ def public_message(message: str, limit: int = 400) -> str:
 
 def conversion_spec(source: str, variant: str, num_kv_heads: int, head_order: str = 'consecutive',
                     init: str = 'mean') -> str:
-    """The canonical ``convert:`` spec of ``source`` (a spec itself, checked) and the conversion's parts."""
+    """The canonical ``convert:`` spec of ``source`` (a spec itself, checked) and the conversion's parts
+    (``num_kv_heads`` :data:`NATIVE_G`: each block keeps its own)."""
     return str(parse_spec(str(Spec('convert', source=_source(str(source).strip(), ()), variant=variant,
                                    num_kv_heads=int(num_kv_heads), head_order=head_order, init=init))))

@@ -250,6 +250,9 @@ def _assignment_view(analysis: Analysis, choice: Choice, reference: Optional[Ana
     idle = figures.idle_heads(allocation)
     caption = 'the KV head serving each query head, layer by layer; ' + (
         f'idle (serving no query): {", ".join(idle)}' if idle else 'every KV head serves at least one query')
+    per_layer = [layer.key_norms.shape[1] for layer in rec.layers]
+    if len(set(per_layer)) > 1:
+        caption += f'; KV heads by layer: {", ".join(map(str, per_layer))} (the model\'s own blocks differ)'
     return Rendered(caption, figure=figures.assignment_figure(rec.stacked('query_to_kv')[:, 0], allocation, fit,
                                                               source_heads=analysis.source_heads))
 
@@ -297,7 +300,7 @@ def _diversity_view(analysis: Analysis, choice: Choice, reference: Optional[Anal
                     fit: figures.Fit) -> Rendered:
     rec = analysis.recording
     diversity = group_diversity(analysis.summary_rows, rec.stacked('query_to_kv')[:, 0],
-                                int(analysis.grouping['num_kv_heads']))
+                                max(layer.key_norms.shape[1] for layer in rec.layers))
     if np.isnan(diversity).all():
         return Rendered('no within-group diversity: every KV head serves one query head')
     return Rendered(f'mean Jensen-Shannon divergence (bits) between the {analysis.summary_label} attention of the '

@@ -1,0 +1,182 @@
+"""ViTs that already share K/V heads (timm's own GQA: Sapiens2, Eva with per-block ``num_kv_heads``,
+``AttentionRope``): loaded as they are, regrouped, expanded to MHA, saved and loaded, with random weights."""
+import copy
+
+import pytest
+import timm
+import torch
+
+from gqa_core import GroupedQueryAttention, convert, record
+from gqa_core.core.convert import grouping_config, kv_heads_label, native_kv_heads
+
+# (timm name, constructor arguments): every timm layout that shares K/V heads itself
+NATIVE = {
+    # Sapiens2's geometry, depth-reduced: multi-head blocks first and last, H/2 KV heads between
+    'sapiens2': ('vit_base_patch16_sapiens2', dict(img_size=(64, 48), embed_dim=64, depth=4, num_heads=4,
+                                                   num_kv_heads=(4, 2, 2, 4), num_classes=5)),
+    # EVA-02 with timm's AttentionRope and one G for every block
+    'eva02-rope': ('eva02_tiny_patch14_224', dict(img_size=56, embed_dim=64, depth=2, num_heads=4, attn_type='rope',
+                                                  qkv_fused=False, num_kv_heads=2, num_classes=5)),
+    # Perception Encoder (AttentionRope, attention-pooling head) with a G per block
+    'pe-rope': ('vit_pe_core_tiny_patch16_384', dict(img_size=64, embed_dim=64, depth=2, num_heads=4,
+                                                     attn_pool_num_heads=4, qkv_fused=False, num_kv_heads=(1, 2))),
+}
+
+
+def native_model(key: str) -> torch.nn.Module:
+    """The layout, small, every parameter perturbed (biases are zero at init; the tests must see them)."""
+    name, args = NATIVE[key]
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False, **args).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return model
+
+
+def images(model, n: int = 2) -> torch.Tensor:
+    return torch.randn(n, 3, *model.patch_embed.img_size, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize('key', sorted(NATIVE))
+def test_a_native_model_loads_as_it_is_and_expands_to_mha_exactly(key):
+    model = native_model(key)
+    x = images(model)
+    native = native_kv_heads(model)
+    assert any(g < model.blocks[0].attn.num_heads for g in native), 'the layout shares K/V heads'
+    with torch.no_grad():
+        expected = model(x)
+    as_is = convert(copy.deepcopy(model), 'gqa')  # each block keeps its own G
+    assert [layer.attn.num_kv_heads for layer in as_is.blocks] == native
+    g = grouping_config(as_is)['num_kv_heads']
+    assert g == (native if len(set(native)) > 1 else native[0])
+    mha = convert(copy.deepcopy(model), 'mha')
+    assert all(b.attn.num_kv_heads == b.attn.num_heads for b in mha.blocks)
+    with torch.no_grad():
+        assert (as_is(x) - expected).abs().max() <= 1e-5
+        assert (mha(x) - expected).abs().max() <= 1e-5, 'each KV head repeated for the heads it serves'
+    with torch.no_grad(), record(as_is, attention='full', keep_qk=True) as rec:
+        as_is(x[:1])
+    for layer, g in zip(rec.result.layers, native):
+        assert layer.key_norms.shape == (1, g) and layer.allocation.sum() == layer.query_to_kv.shape[1]
+        assert torch.allclose(layer.attention.sum(-1), torch.ones(()), atol=1e-5)
+
+
+@pytest.mark.parametrize('key', sorted(NATIVE))
+@pytest.mark.parametrize('variant,g', [('gqa', 1), ('kdgqa', None), ('dgqa', None), ('pgqa', None)])
+def test_a_native_model_regroups_and_round_trips(key, variant, g, tmp_path):
+    from gqa_core.io.hub import load_pretrained, save_pretrained
+    model = native_model(key)
+    x = images(model)
+    regrouped = convert(copy.deepcopy(model), variant, g)
+    expected_g = [g] * len(model.blocks) if g is not None else native_kv_heads(model)
+    assert [b.attn.num_kv_heads for b in regrouped.blocks] == expected_g
+    assert all(isinstance(b.attn, GroupedQueryAttention) and b.attn.policy.name == variant for b in regrouped.blocks)
+    save_pretrained(regrouped, tmp_path / 'm')
+    loaded, config = load_pretrained(str(tmp_path / 'm'))
+    loaded.eval()
+    assert config.grouping.variant == variant
+    with torch.no_grad():
+        assert torch.equal(loaded(x), regrouped(x))
+
+
+def test_pooling_a_native_layer_to_a_divisor_of_its_g_pools_its_kv_heads():
+    """G = 1 from a block with two KV heads: the one shared K/V is the mean of the two (what pooling the block's
+    multi-head expansion gives too)."""
+    model = native_model('eva02-rope')
+    attn = model.blocks[0].attn
+    pooled = GroupedQueryAttention.from_attention(attn, 'gqa', 1)
+    assert torch.allclose(pooled.k_proj.weight, attn.k_proj.weight.view(2, -1, 64).mean(0))
+    assert torch.allclose(pooled.v_proj.bias, attn.v_proj.bias.view(2, -1).mean(0))
+    via_mha = GroupedQueryAttention.from_attention(convert(copy.deepcopy(model), 'mha').blocks[0].attn.to_attention(),
+                                                   'gqa', 1)
+    assert torch.allclose(pooled.k_proj.weight, via_mha.k_proj.weight, atol=1e-7)
+
+
+def test_g_per_block_is_checked_and_said():
+    model = native_model('sapiens2')
+    with pytest.raises(ValueError, match=r'one per block \(4\)'):
+        convert(copy.deepcopy(model), 'gqa', [2, 2])
+    with pytest.raises(ValueError, match='must be a positive divisor'):
+        convert(copy.deepcopy(model), 'gqa', [4, 3, 2, 4])
+    with pytest.raises(ValueError, match='expand the model to MHA first'):
+        convert(copy.deepcopy(model), 'gqa', 2, head_order=[[0, 1, 2, 3]] * 4)
+    assert kv_heads_label([4, 2, 2, 4]) == '2–4 by block (4, 2, 2, 4)' and kv_heads_label(3) == '3'
+    with pytest.raises(ValueError, match='num_kv_heads is required'):
+        convert(timm.create_model('vit_small_patch16_224', depth=1, img_size=32), 'kdgqa')
+
+
+def test_the_app_shows_every_view_of_a_native_model_over_http(app_server):
+    """Sapiens2's layout saved as it is (G per block) and as KDGQA at its G, served by the real app: every view
+    answers with a picture or a figure, or one line saying why it does not apply; the summary names G by block."""
+    from gradio_client import Client, handle_file
+    from support.answers import columns
+    from support import ALLOWED_MODELS, EXAMPLES_DIR
+    from gqa_core.io.hub import save_pretrained
+    from gqa_core.lens.views import VIEWS
+    model = native_model('sapiens2')
+    save_pretrained(convert(copy.deepcopy(model), 'gqa'), ALLOWED_MODELS / 'native-sapiens2')
+    save_pretrained(convert(model, 'kdgqa'), ALLOWED_MODELS / 'native-sapiens2-kdgqa')
+    client = Client(app_server[0], verbose=False)
+    image = handle_file(str(EXAMPLES_DIR / 'grace_hopper.jpg'))
+    specs = ['local:native-sapiens2', 'local:native-sapiens2-kdgqa', '(none)', '(none)']
+    for view in VIEWS.values():
+        out = client.predict(image, *specs, view.label, 1, 'mean', 'mean', 'zero', True, api_name='/run')
+        assert '⚠️' not in out[0] or 'shrunk' in out[0], (view.label, out[0])
+        for column in columns(out)[:2]:
+            drawn = column['picture'] is not None or column['figure'] is not None
+            assert drawn or (column['caption'].startswith('*') and len(column['caption']) > 10), \
+                (view.label, column['caption'])
+            assert 'Traceback' not in column['caption'] and 'nan' not in column['caption'].lower().split()
+            assert 'G = 2–4 by block (4, 2, 2, 4)' in column['summary'], column['summary']
+
+
+EXPORT_CHECK = r'''
+import json, sys
+sys.modules['gqa_core'] = None  # plain timm: any import of GQA Lens fails
+import timm, torch
+folder, inputs = sys.argv[1], sys.argv[2]
+spec = json.load(open(folder + '/timm_args.json'))
+overlay = dict(spec['pretrained_cfg_overlay'], file=folder + '/model.safetensors')
+model = timm.create_model(spec['architecture'], pretrained=True, pretrained_cfg_overlay=overlay,
+                          **spec['model_args']).eval()
+x = torch.load(inputs)
+with torch.no_grad():
+    torch.save(model(x), inputs + '.out')
+'''
+
+
+@pytest.mark.parametrize('case', ['sapiens2', 'pe-rope', 'eva02-pooled'])
+def test_a_static_gqa_eva_model_exports_to_timms_own_format(case, tmp_path):
+    """Saved for plain timm (AttentionRope with num_kv_heads per block), loaded by ``timm.create_model(...,
+    pretrained_cfg_overlay=dict(file=...))`` in a process where GQA Lens cannot be imported: the same outputs."""
+    import subprocess
+    import sys
+    from gqa_core.io.timm_native import save_timm_native
+    if case == 'eva02-pooled':  # timm's EVA-02 (EvaAttention, one fused qkv) pooled here to G = 2
+        torch.manual_seed(0)
+        source = timm.create_model('eva02_tiny_patch14_224', img_size=56, embed_dim=64, depth=2, num_heads=4,
+                                   num_classes=5).eval()
+        with torch.no_grad():
+            for p in source.parameters():
+                p.add_(torch.randn_like(p) * 0.05)
+        model = convert(source, 'gqa', 2)
+    else:
+        model = convert(native_model(case), 'gqa')
+    x = images(model)
+    save_timm_native(model, tmp_path / 'timm')
+    torch.save(x, tmp_path / 'x.pt')
+    subprocess.run([sys.executable, '-c', EXPORT_CHECK, str(tmp_path / 'timm'), str(tmp_path / 'x.pt')], check=True,
+                   cwd=tmp_path, timeout=300)
+    with torch.no_grad():
+        assert (torch.load(tmp_path / 'x.pt.out') - model(x)).abs().max() <= 1e-5
+
+
+def test_what_timm_cannot_express_is_refused_by_name(tmp_path):
+    from gqa_core.io.timm_native import save_timm_native
+    with pytest.raises(ValueError, match='chooses its groups per image'):
+        save_timm_native(convert(native_model('sapiens2'), 'kdgqa'), tmp_path / 'a')
+    vit = convert(timm.create_model('vit_small_patch16_224', depth=1, img_size=32, num_classes=5), 'gqa', 3)
+    with pytest.raises(ValueError, match='only in its Eva family'):
+        save_timm_native(vit, tmp_path / 'b')
+    assert not (tmp_path / 'a').exists() and not (tmp_path / 'b').exists()
