@@ -413,6 +413,7 @@ class GroupedQueryAttention(nn.Module):
 
         _load_qkv(attn, [weights[0], expand(weights[1]), expand(weights[2])],
                   [biases[0], expand(biases[1]), expand(biases[2])])
+        attn.native_kv_heads = self.native_kv_heads  # what the backbone is rebuilt with, through re-conversions
         return attn.train(self.training)
 
     def project(self, x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:

@@ -218,7 +218,10 @@ def _eva_geometry(vit: Eva) -> Dict[str, Any]:
     # the heads of the layer it was made from, so the rebuilt backbone takes the same weights before conversion
     native = [int(getattr(b.attn, 'native_kv_heads', None) or getattr(b.attn, 'num_kv_heads', None) or b.attn.num_heads)
               for b in vit.blocks]
-    geometry['num_kv_heads'] = None if all(g == b.attn.num_heads for g, b in zip(native, vit.blocks)) else native
+    # all multi-head: H said explicitly (an architecture whose default is per-block GQA, Sapiens2, is overridden),
+    # but post-norm blocks take no num_kv_heads at all
+    post_norm = type(block).__name__ == 'EvaBlockPostNorm'
+    geometry['num_kv_heads'] = None if post_norm else native[0] if len(set(native)) == 1 else native
     geometry['attn_type'] = 'rope' if getattr(attn, 'kind', None) == 'rope' or type(attn).__name__ == 'AttentionRope' \
         else 'eva'  # timm's AttentionRope (the only Eva attention with num_kv_heads) or EvaAttention
     if vit.attn_pool is not None:

@@ -180,3 +180,19 @@ def test_what_timm_cannot_express_is_refused_by_name(tmp_path):
     with pytest.raises(ValueError, match='only in its Eva family'):
         save_timm_native(vit, tmp_path / 'b')
     assert not (tmp_path / 'a').exists() and not (tmp_path / 'b').exists()
+
+
+def test_the_native_spec_reads_and_prints_back(tmp_path):
+    """``convert:SOURCE:VARIANT:native`` keeps each block's G; the registry converts a local native model so."""
+    from gqa_core.io.hub import save_pretrained
+    from gqa_core.lens.models import ModelRegistry
+    from gqa_core.lens.specs import NATIVE_G, SpecError, parse_spec
+    spec = parse_spec('convert:local:sapiens:kdgqa:native', ('gqa', 'kdgqa'))
+    assert spec.num_kv_heads == NATIVE_G and spec.kv_heads is None and str(spec) == 'convert:local:sapiens:kdgqa:native'
+    with pytest.raises(SpecError, match='G must be an integer 1..64 or native'):
+        parse_spec('convert:local:sapiens:kdgqa:nativ', ('gqa', 'kdgqa'))
+    save_pretrained(convert(native_model('sapiens2'), 'gqa'), tmp_path / 'sapiens')
+    registry = ModelRegistry(model_dirs=[str(tmp_path)])
+    loaded = registry.get('convert:local:sapiens:kdgqa:native')
+    assert [b.attn.num_kv_heads for b in loaded.model.blocks] == [4, 2, 2, 4]
+    assert loaded.grouping['variant'] == 'kdgqa' and loaded.grouping['num_kv_heads'] == [4, 2, 2, 4]
