@@ -81,6 +81,13 @@ def with_args(**args: Any) -> Dict[str, Any]:
     return config
 
 
+def without_arg(key: str, **args: Any) -> Dict[str, Any]:
+    """The shipped config with ``args`` changed and ``key`` left to timm's default."""
+    config = with_args(**args)
+    del config['backbone_args'][key]
+    return config
+
+
 def with_grouping(**grouping: Any) -> Dict[str, Any]:
     config = base_config()
     config['grouping'].update(grouping)
@@ -118,6 +125,8 @@ def _config_cases() -> List[HostileRepo]:
         'not-utf8': ('\udcff', 'config.json is not valid JSON'),
         'deep-nesting': ('{"backbone": "vit_tiny_patch16_224", "backbone_args": ' + deep + '}',
                          'config.json is nested too deeply'),
+        'nested-33-levels': ('{"backbone": "vit_tiny_patch16_224", "backbone_args": ' + '[' * 33 + ']' * 33 + '}',
+                             'config.json is nested too deeply'),
         'enormous-integer': (json.dumps(base_config()).replace('"depth": 6', '"depth": ' + huge_int),
                              'config.json is not valid JSON'),
         'duplicate-keys': (json.dumps(base_config())[:-1] + ', "backbone": "resnet50"}',
@@ -139,8 +148,9 @@ def _config_cases() -> List[HostileRepo]:
         'negative-embed-dim': (with_args(embed_dim=-128), 'backbone_args.embed_dim must be an int'),
         'unknown-backbone': (with_field('backbone', 'vit_does_not_exist_224'), 'is not a timm model'),
         'not-a-vit': (with_field('backbone', 'resnet50'), 'is not a timm Vision Transformer'),
-        'patch-larger-than-image': (with_args(img_size=8, patch_size=64), 'cannot be built'),
-        'heads-not-dividing-width': (with_args(num_heads=7), 'cannot be built'),
+        'patch-larger-than-image': (with_args(img_size=8, patch_size=64), 'the patches are larger than the image'),
+        'heads-not-dividing-width': (with_args(num_heads=7), 'num_heads (7) must divide embed_dim (128)'),
+        'heads-not-dividing-timm-width': (without_arg('embed_dim', num_heads=7), 'cannot be built'),
         'kv-heads-not-dividing': (with_grouping(variant='gqa', num_kv_heads=3), 'num_kv_heads'),
         'kv-heads-over-heads': (with_grouping(variant='gqa', num_kv_heads=16), 'num_kv_heads'),
         'labels-wrong-length': (with_field('labels', ['cat', 'dog']), 'labels must be null or 10 strings'),
@@ -191,10 +201,8 @@ def _weights_cases(sentinel: Path) -> List[HostileRepo]:
     def inf(state):
         state['norm.bias'][3] = float('inf')
 
-    def overflow(state):  # every weight finite, the logits are not
-        for key in ('blocks.0.mlp.fc1.weight', 'blocks.0.mlp.fc2.weight', 'blocks.1.mlp.fc1.weight',
-                    'blocks.1.mlp.fc2.weight'):
-            state[key] = torch.full_like(state[key], 60000.0)
+    def overflow(state):  # every weight finite (fp32 may hold 3e38), the logits are not
+        state[head] = torch.full((10, 128), 3e38)
 
     good = (MHA / WEIGHTS).read_bytes()
     header = b'{"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}'
@@ -223,12 +231,14 @@ def _weights_cases(sentinel: Path) -> List[HostileRepo]:
     cases.append(HostileRepo('pickle-and-safetensors', {'config.json': config, WEIGHTS: good,
                                                         PICKLE: malicious_pickle(sentinel)}, None))
     timm_cfg = json.dumps(timm_config()).encode()
-    timm_state = {k: v for k, v in base_state().items()}
+    timm_state = base_state()  # the same names as timm's own ViT
     cases.append(HostileRepo('timm-only-pickle', {'config.json': timm_cfg, PICKLE: malicious_pickle(sentinel)},
                              'never unpickles', timm_format=True))
-    reshaped = dict(timm_state, pos_embed=torch.zeros(1, 17, 128, dtype=torch.float16))
+    # not pos_embed: timm resamples a position table made for another grid, as it should
+    reshaped = dict(timm_state, **{'blocks.0.mlp.fc1.weight': torch.zeros(100, 128, dtype=torch.float16)})
     cases.append(HostileRepo('timm-wrong-shape', {'config.json': timm_cfg, WEIGHTS: weights(reshaped)},
-                             'pos_embed', timm_format=True))
+                             'blocks.0.mlp.fc1.weight has shape [100, 128], the model needs [256, 128]',
+                             timm_format=True))
     nan_state = dict(timm_state, **{head: torch.full((10, 128), float('nan'), dtype=torch.float16)})
     cases.append(HostileRepo('timm-nan', {'config.json': timm_cfg, WEIGHTS: weights(nan_state)}, 'not finite',
                              timm_format=True))
