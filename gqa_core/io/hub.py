@@ -446,6 +446,8 @@ def load_pretrained(source: str, revision: Optional[str] = None, map_location: s
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
         raise ModelLoadError(f'{source}: the weights do not fit the config: {load_error_words(e)}') from None
+    except ValueError as e:  # a module refused what it was given (a DGQA allocation that is not one)
+        raise ModelLoadError(f'{source}: {WEIGHTS_NAME}: {_short(e)}') from None
     return model, config
 
 

@@ -24,6 +24,7 @@ from support import ROOT
 
 ORG = 'hostile'
 MHA = ROOT / 'assets' / 'models' / 'mha'
+DGQA = ROOT / 'assets' / 'models' / 'dgqa-diff'  # DGQA: its allocation (KV groups' sizes) is in the weights
 WEIGHTS = 'model.safetensors'
 PICKLE = 'pytorch_model.bin'
 # Small budgets for the app under test, so that the budget cases stay cheap to describe (GQA_LENS_MAX_*).
@@ -230,6 +231,13 @@ def _weights_cases(sentinel: Path) -> List[HostileRepo]:
                              'never unpickles'))
     cases.append(HostileRepo('pickle-and-safetensors', {'config.json': config, WEIGHTS: good,
                                                         PICKLE: malicious_pickle(sentinel)}, None))
+    dgqa_config = (DGQA / 'config.json').read_bytes()
+    for name, allocation, expected in (
+            ('dgqa-allocation-negative', [-1, 5, 2, 2], 'allocation must give each of the 4 KV heads 0..8'),
+            ('dgqa-allocation-over-heads', [100, 3, 1, 2], 'allocation must give each of the 4 KV heads 0..8')):
+        state = load_file(DGQA / WEIGHTS)
+        state['blocks.0.attn.policy.allocation'] = torch.tensor(allocation)
+        cases.append(HostileRepo(name, {'config.json': dgqa_config, WEIGHTS: weights(state)}, expected))
     timm_cfg = json.dumps(timm_config()).encode()
     timm_state = base_state()  # the same names as timm's own ViT
     cases.append(HostileRepo('timm-only-pickle', {'config.json': timm_cfg, PICKLE: malicious_pickle(sentinel)},
