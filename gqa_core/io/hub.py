@@ -77,12 +77,13 @@ def from_timm(name: str, variant: str, num_kv_heads: Optional[int] = None, pretr
             return convert(model, variant, num_kv_heads, **policy_options)
         try:
             backbone = check_backbone(cfg.get('architecture'))
-            args = check_backbone_args(cfg.get('model_args', {}), backbone)
-            num_classes = cfg.get('num_classes', cfg.get('pretrained_cfg', {}).get('num_classes'))
+            pretrained_cfg = cfg.get('pretrained_cfg', {})
+            overlay = _timm_preprocessing(pretrained_cfg)  # first: an object, before num_classes is read from it
+            args = check_backbone_args(cfg.get('model_args', {}), backbone, where='model_args')
+            num_classes = cfg.get('num_classes', pretrained_cfg.get('num_classes'))
             if num_classes is not None:
                 args.setdefault('num_classes', num_classes)
-            args = check_backbone_args(args, backbone)
-            overlay = _timm_preprocessing(cfg.get('pretrained_cfg', {}))
+            args = check_backbone_args(args, backbone, where='model_args')
             if budget is not None:
                 check_budget(backbone, args, budget)
         except ConfigError as e:

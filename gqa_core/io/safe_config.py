@@ -127,12 +127,13 @@ def check_backbone(name: Any) -> str:
     return name
 
 
-def check_backbone_args(args: Any, backbone: Optional[str] = None) -> Dict[str, Any]:
-    """``args`` against the allow-list of ``backbone``'s family (timm's VisionTransformer when not given)."""
+def check_backbone_args(args: Any, backbone: Optional[str] = None, where: str = 'backbone_args') -> Dict[str, Any]:
+    """``args`` against the allow-list of ``backbone``'s family (timm's VisionTransformer when not given);
+    ``where``: the field's name in refusals (a timm config calls it ``model_args``)."""
     rules = BACKBONE_ARGS
     if backbone is not None:
         rules = FAMILY_ARGS[timm.models.model_entrypoint(check_backbone(backbone).split('.')[0]).__module__]
-    return _check_fields('backbone_args', args, rules)
+    return _check_fields(where, args, rules)
 
 
 def check_grouping(grouping: Any) -> Dict[str, Any]:

@@ -172,6 +172,23 @@ def _config_cases() -> List[HostileRepo]:
     timm_over['model_args'].update(embed_dim=512, depth=12)
     cases.append(HostileRepo('timm-over-param-budget', {'config.json': json.dumps(timm_over).encode(), WEIGHTS: b''},
                              f'this server allows {MAX_PARAMS:,}', config_refused=True, timm_format=True))
+    timm_broken = {  # name -> (timm-format config, expected fragment)
+        'timm-pretrained-cfg-a-list': ({**timm_config(), 'pretrained_cfg': [3, 32, 32]},
+                                       'pretrained_cfg must be an object'),
+        'timm-model-args-a-list': ({**timm_config(), 'model_args': [32, 4]}, 'model_args must be an object'),
+        'timm-architecture-a-number': ({**timm_config(), 'architecture': 7}, 'backbone must be a timm model name'),
+    }
+    cases += [HostileRepo(name, {'config.json': json.dumps(config).encode(), WEIGHTS: b''}, expected,
+                          config_refused=True, timm_format=True) for name, (config, expected) in timm_broken.items()]
+    transformers = dict(model_type='vit', architectures=['ViTModel'], hidden_size=128, num_hidden_layers=2,
+                        num_attention_heads=8, intermediate_size=256, image_size=32, patch_size=4)
+    transformers_broken = {  # name -> (transformers-format config, expected fragment)
+        'transformers-architectures-an-object': ({**transformers, 'architectures': {'ViTModel': 1}},
+                                                 'architectures must name one transformers class'),
+        'transformers-hidden-size-a-string': ({**transformers, 'hidden_size': '128'}, 'hidden_size must be an int'),
+    }
+    cases += [HostileRepo(name, {'config.json': json.dumps(config).encode(), WEIGHTS: b''}, expected,
+                          config_refused=True) for name, (config, expected) in transformers_broken.items()]
     # the weights files above are empty: a fetch would be seen in the Hub's request log, never needed
     return cases
 
