@@ -9,6 +9,7 @@ and no request carries the operator's token.
 from __future__ import annotations
 
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Tuple
@@ -18,7 +19,7 @@ from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 
 from support import EXAMPLES_DIR, ROOT, free_port, serve_app
-from support.hostile_repos import MAX_PARAMS, MAX_TOKENS, ORG, PICKLE, WEIGHTS, HostileRepo, corpus, write_corpus
+from support.hostile_repos import MAX_PARAMS, MAX_TOKENS, ORG, PICKLES, WEIGHTS, HostileRepo, corpus, write_corpus
 from support.hub_server import HubServer
 
 OPERATOR_TOKEN = 'hf_operator_secret_token'
@@ -28,8 +29,9 @@ GENERIC = 'The upstream Gradio app has raised an exception'
 RAW_PYTHON = ('Traceback', 'not supported between instances', 'unhashable type', 'object has no attribute',
               'NoneType', 'maximum recursion', 'Exceeds the limit', 'Error(s) in loading', 'torch.Size',
               'AssertionError', 'KeyError', 'IndexError')
-SENTINEL_NAME = 'unpickled'
-REPOS = corpus(Path('/nonexistent') / SENTINEL_NAME)  # names and expectations only; the fixture writes the files
+# The folder the corpus's pickles create if anything unpickles them (it must never exist).
+SENTINEL = Path(tempfile.mkdtemp(prefix='gqa-lens-hostile-')) / 'unpickled'
+REPOS = corpus(SENTINEL)
 
 
 @dataclass
@@ -46,8 +48,7 @@ class HostileHub:
 @pytest.fixture(scope='module')
 def hostile_hub(tmp_path_factory) -> HostileHub:
     tmp = tmp_path_factory.mktemp('hostile-hub')
-    sentinel = tmp / SENTINEL_NAME
-    write_corpus(tmp / 'hub', corpus(sentinel))
+    write_corpus(tmp / 'hub', REPOS)
     with HubServer(tmp / 'hub') as hub:
         port = free_port()
         env = dict(os.environ, HF_ENDPOINT=hub.url, HF_TOKEN=OPERATOR_TOKEN, HF_HUB_OFFLINE='0',
@@ -60,7 +61,7 @@ def hostile_hub(tmp_path_factory) -> HostileHub:
                 url = f'http://127.0.0.1:{port}'
                 client = Client(url, verbose=False)
                 baseline = client.predict(handle_file(str(IMAGE)), 'embedded/mha', api_name='/predict')
-                yield HostileHub(url, hub, client, sentinel, baseline, tmp)
+                yield HostileHub(url, hub, client, SENTINEL, baseline, tmp)
             finally:
                 proc.kill()
                 proc.wait()
@@ -118,7 +119,7 @@ def test_each_hostile_repo_gets_one_line_and_the_app_keeps_serving(hostile_hub, 
     seen = requests_for(h.hub, start, repo)
     assert seen, 'the app asked the Hub'
     assert all(auth is None for _, auth in seen), f'a visitor request carried a token: {seen}'
-    assert not any(path.endswith('/' + PICKLE) for path, _ in seen), f'a pickle was fetched: {seen}'
+    assert not any(path.endswith(PICKLES) for path, _ in seen), f'a pickle was fetched: {seen}'
     if repo.config_refused:
-        assert not any(path.endswith('/' + WEIGHTS) for path, _ in seen), f'weights fetched: {seen}'
+        assert not any(path.endswith((WEIGHTS, *PICKLES)) for path, _ in seen), f'weights fetched: {seen}'
     assert not h.sentinel.exists(), 'a pickle was unpickled'

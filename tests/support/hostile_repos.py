@@ -27,6 +27,7 @@ MHA = ROOT / 'assets' / 'models' / 'mha'
 DGQA = ROOT / 'assets' / 'models' / 'dgqa-diff'  # DGQA: its allocation (KV groups' sizes) is in the weights
 WEIGHTS = 'model.safetensors'
 PICKLE = 'pytorch_model.bin'
+PICKLES = (PICKLE, 'model.pth', 'model.pt', 'pytorch_model.pkl')  # names pickled weights go by
 # Small budgets for the app under test, so that the budget cases stay cheap to describe (GQA_LENS_MAX_*).
 MAX_PARAMS = 5_000_000
 MAX_TOKENS = 300
@@ -244,10 +245,9 @@ def _weights_cases(sentinel: Path) -> List[HostileRepo]:
     }
     cases = [HostileRepo(name, {'config.json': config, WEIGHTS: data}, expected) for name, (data, expected) in
              files.items()]
-    cases.append(HostileRepo('only-pickle', {'config.json': config, PICKLE: malicious_pickle(sentinel)},
-                             'never unpickles'))
-    cases.append(HostileRepo('pickle-and-safetensors', {'config.json': config, WEIGHTS: good,
-                                                        PICKLE: malicious_pickle(sentinel)}, None))
+    pickles = {name: malicious_pickle(sentinel) for name in PICKLES}
+    cases.append(HostileRepo('only-pickle', {'config.json': config, **pickles}, 'never unpickles'))
+    cases.append(HostileRepo('pickle-and-safetensors', {'config.json': config, WEIGHTS: good, **pickles}, None))
     dgqa_config = (DGQA / 'config.json').read_bytes()
     for name, allocation, expected in (
             ('dgqa-allocation-negative', [-1, 5, 2, 2], 'allocation must give each of the 4 KV heads 0..8'),
