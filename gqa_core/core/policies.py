@@ -349,8 +349,22 @@ class DGQAPolicy(GroupingPolicy):
                 setattr(self, name, torch.empty_like(saved, device=getattr(self, name).device))
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
+        self._check_loaded(prefix)
         self._step = int(self.step)
         self._eval_grouping = None
+
+    def _check_loaded(self, prefix: str) -> None:
+        """Saved allocations are data (a Hub repo's weights): ``ValueError`` naming the buffer unless every
+        allocation gives each KV head 0..H query heads, H in all, and the history has one step per change."""
+        heads, groups = self.num_heads, self.num_kv_heads
+        for name, rows in (('allocation', self.allocation[None]), ('history', self.history)):
+            if (rows.ndim != 2 or rows.shape[1] != groups or bool((rows < 0).any())
+                    or bool((rows.sum(dim=1) != heads).any())):
+                raise ValueError(f'{prefix}{name} must give each of the {groups} KV heads 0..{heads} query heads, '
+                                 f'{heads} in all')
+        steps = self.history_steps
+        if steps.ndim != 1 or steps.shape[0] != self.history.shape[0] or bool((steps < 0).any()):
+            raise ValueError(f'{prefix}history_steps must hold one step (0 or more) per row of history')
 
 
 class PGQAPolicy(GroupingPolicy):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Union
@@ -76,29 +77,32 @@ def from_timm(name: str, variant: str, num_kv_heads: Optional[int] = None, pretr
             return convert(model, variant, num_kv_heads, **policy_options)
         try:
             backbone = check_backbone(cfg.get('architecture'))
-            args = check_backbone_args(cfg.get('model_args', {}), backbone)
-            num_classes = cfg.get('num_classes', cfg.get('pretrained_cfg', {}).get('num_classes'))
+            pretrained_cfg = cfg.get('pretrained_cfg', {})
+            overlay = _timm_preprocessing(pretrained_cfg)  # first: an object, before num_classes is read from it
+            args = check_backbone_args(cfg.get('model_args', {}), backbone, where='model_args')
+            num_classes = cfg.get('num_classes', pretrained_cfg.get('num_classes'))
             if num_classes is not None:
                 args.setdefault('num_classes', num_classes)
-            args = check_backbone_args(args, backbone)
-            overlay = _timm_preprocessing(cfg.get('pretrained_cfg', {}))
+            args = check_backbone_args(args, backbone, where='model_args')
             if budget is not None:
                 check_budget(backbone, args, budget)
         except ConfigError as e:
             raise ModelLoadError(f'{repo}: {CONFIG_NAME}: {e}') from None
         weights = _fetch(repo, WEIGHTS_NAME, revision, local=False, token=token)
+        _read_weights(repo, weights, floating_only=True)  # finite, floating: timm's loader would cast silently
         try:
             model = timm.create_model(backbone, pretrained=True, pretrained_cfg_overlay=dict(
                 overlay, file=str(weights), source='file', custom_load=False, hf_hub_id=None, url=None), **args)
         except Exception as e:  # timm's loader raises many types; the user needs the repo and the cause
-            raise ModelLoadError(f'{repo}: the weights could not be loaded into {backbone} '
-                                 f'({type(e).__name__}: {_short(e)})') from None
+            raise ModelLoadError(f'{repo}: the weights could not be loaded into {backbone}: '
+                                 f'{load_error_words(e)}') from None
     convert(model, variant, num_kv_heads, **policy_options)
     return model
 
 
-def _short(e: BaseException, limit: int = 200) -> str:
-    text = str(e)
+def _short(e: Any, limit: int = 200) -> str:
+    """``e``'s text on one line (every run of whitespace one space), cut to ``limit`` characters."""
+    text = ' '.join(str(e).split())
     return text if len(text) <= limit else text[:limit] + '…'
 
 
@@ -246,13 +250,56 @@ def _fetch(source: str, filename: str, revision: Optional[str], local: bool = Tr
         raise ModelLoadError(f'{source}: not ' + ('a folder or ' if local else '') + 'a valid Hub repo id') from None
 
 
+MAX_JSON_DEPTH = 32  # nesting a config.json may have: ours and timm's need 4, transformers' 3
+
+
+class _DuplicateKey(ValueError):
+    """An object in the JSON names one key twice (parsers disagree on which value wins)."""
+
+
+def _unique_keys(pairs: Sequence[Tuple[str, Any]]) -> Dict[str, Any]:
+    seen: Dict[str, Any] = {}
+    for key, value in pairs:
+        if key in seen:
+            raise _DuplicateKey(key)
+        seen[key] = value
+    return seen
+
+
+def json_depth(value: Any) -> int:
+    """How deeply lists and objects nest in a parsed JSON value (a scalar: 0), counted without recursion."""
+    deepest, stack = 0, [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (dict, list)):
+            deepest = max(deepest, depth + 1)
+            stack.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return deepest
+
+
 def _read_json(source: str, path: Path, limit: int = 4 * 2**20) -> Dict[str, Any]:
+    """``config.json`` parsed as untrusted data: bounded in size and nesting, every key once, an object; every
+    refusal is one line naming the problem."""
     if path.stat().st_size > limit:
         raise ModelLoadError(f'{source}: {CONFIG_NAME} is over {limit // 2**20} MiB')
     try:
-        config = json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ModelLoadError(f'{source}: {CONFIG_NAME} is not valid JSON ({e.__class__.__name__})') from None
+        config = json.loads(path.read_text(), object_pairs_hook=_unique_keys)
+    except _DuplicateKey as e:
+        key = str(e)
+        raise ModelLoadError(f'{source}: {CONFIG_NAME} has the key {key if len(key) <= 40 else key[:39] + "…"!r} '
+                             'twice') from None
+    except RecursionError:
+        raise ModelLoadError(f'{source}: {CONFIG_NAME} is nested too deeply (the limit is {MAX_JSON_DEPTH} '
+                             'levels)') from None
+    except UnicodeDecodeError:
+        raise ModelLoadError(f'{source}: {CONFIG_NAME} is not valid JSON (not UTF-8 text)') from None
+    except json.JSONDecodeError as e:
+        raise ModelLoadError(f'{source}: {CONFIG_NAME} is not valid JSON ({e.msg} at line {e.lineno} column '
+                             f'{e.colno})') from None
+    except ValueError:  # an integer literal longer than Python converts (sys.get_int_max_str_digits)
+        raise ModelLoadError(f'{source}: {CONFIG_NAME} is not valid JSON (a number with too many digits)') from None
+    if json_depth(config) > MAX_JSON_DEPTH:
+        raise ModelLoadError(f'{source}: {CONFIG_NAME} is nested too deeply (the limit is {MAX_JSON_DEPTH} levels)')
     if not isinstance(config, dict):
         raise ModelLoadError(f'{source}: {CONFIG_NAME} does not hold an object')
     return config
@@ -271,12 +318,87 @@ def _gqa_lens_config(source: str, data: Dict[str, Any], budget: Optional[Budget]
         raise ModelLoadError(f'{source}: {CONFIG_NAME}: {e}') from None
 
 
-def _weights(source: str, revision: Optional[str], local: bool, token: Token, map_location: str = 'cpu') -> Dict:
-    path = _fetch(source, WEIGHTS_NAME, revision, local, token)
+def _read_weights(source: str, path: Path, map_location: str = 'cpu', floating_only: bool = False) -> Dict:
+    """The tensors of a safetensors file, every floating one finite (NaN or Inf weights compute nothing a person
+    could read); ``floating_only``: no tensor of another dtype (formats whose models hold no integer state)."""
     try:
-        return load_file(path, device=map_location)
+        state = load_file(path, device=map_location)
     except (SafetensorError, OSError) as e:
         raise ModelLoadError(f'{source}: {WEIGHTS_NAME} is corrupt or truncated ({type(e).__name__})') from None
+    for name, tensor in state.items():
+        if not tensor.is_floating_point():
+            if floating_only:
+                raise ModelLoadError(f'{source}: the weights in {WEIGHTS_NAME} do not fit the model: '
+                                     f'{_short(name, 80)} is {_dtype(tensor)}, not floating point')
+        elif not bool(torch.isfinite(tensor).all()):
+            raise ModelLoadError(f'{source}: {WEIGHTS_NAME} holds values that are not finite (NaN or Inf) in '
+                                 f'{_short(name, 80)}')
+    return state
+
+
+def _weights(source: str, revision: Optional[str], local: bool, token: Token, map_location: str = 'cpu',
+             floating_only: bool = False) -> Dict:
+    return _read_weights(source, _fetch(source, WEIGHTS_NAME, revision, local, token), map_location, floating_only)
+
+
+def _dtype(tensor: torch.Tensor) -> str:
+    return str(tensor.dtype).removeprefix('torch.')
+
+
+def _names(keys: Sequence[str], most: int = 3) -> str:
+    shown = ', '.join(_short(k, 80) for k in keys[:most])
+    return shown + (f' and {len(keys) - most} more' if len(keys) > most else '')
+
+
+_SIZE_MISMATCH = re.compile(r'size mismatch for (\S+): copying a param with shape torch\.Size\((\[[^\]]*\])\) from '
+                            r'checkpoint, the shape in current model is torch\.Size\((\[[^\]]*\])\)')
+_KEYS = re.compile(r'(Missing|Unexpected) key\(s\) in state_dict: ((?:"[^"]*"(?:, )?)+)')
+_QUOTED = re.compile(r'"([^"]*)"')
+
+
+def load_error_words(error: BaseException) -> str:
+    """What torch's ``load_state_dict`` error says, in the words :func:`check_fit` uses, on one line (timm's
+    loader raises it for timm-format repos); other errors: their own text on one line."""
+    text = str(error)
+    problems = [f'{kind.lower()} {_names(_QUOTED.findall(keys))}' for kind, keys in _KEYS.findall(text)]
+    problems += [f'{_short(name, 80)} has shape {got}, the model needs {want}'
+                 for name, got, want in _SIZE_MISMATCH.findall(text)]
+    if not problems:
+        return f'{type(error).__name__}: {_short(error)}'
+    more = f' (and {len(problems) - 3} more problems)' if len(problems) > 3 else ''
+    return '; '.join(problems[:3]) + more
+
+
+def check_fit(source: str, model: nn.Module, state: Dict[str, torch.Tensor]) -> None:
+    """Refuse weights that do not fit ``model`` exactly, in one line naming the tensors: missing or unexpected
+    names, other shapes, or another kind of dtype (an integer or boolean tensor where the model holds floating
+    point would be cast silently by ``load_state_dict``). Shapes are compared for parameters only: buffers may
+    be resized by their module when loaded (DGQA's allocation history grows), and ``load_state_dict`` checks
+    them."""
+    expected = model.state_dict()
+    parameters = {name for name, _ in model.named_parameters()}
+    problems = []
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    if missing:
+        problems.append(f'missing {_names(missing)}')
+    if unexpected:
+        problems.append(f'unexpected {_names(unexpected)}')
+    for name, tensor in state.items():
+        want = expected.get(name)
+        if want is None:
+            continue
+        if want.is_floating_point() and not tensor.is_floating_point():
+            problems.append(f'{_short(name, 80)} is {_dtype(tensor)}, not floating point')
+        elif not want.is_floating_point() and tensor.dtype != want.dtype:
+            problems.append(f'{_short(name, 80)} is {_dtype(tensor)}, not {_dtype(want)}')
+        elif name in parameters and tuple(tensor.shape) != tuple(want.shape):
+            problems.append(f'{_short(name, 80)} has shape {list(tensor.shape)}, the config needs '
+                            f'{list(want.shape)}')
+    if problems:
+        more = f' (and {len(problems) - 3} more problems)' if len(problems) > 3 else ''
+        raise ModelLoadError(f'{source}: the weights in {WEIGHTS_NAME} do not fit the config: '
+                             + '; '.join(problems[:3]) + more)
 
 
 def _from_transformers(source: str, data: Dict[str, Any], revision: Optional[str], local: bool,
@@ -287,7 +409,7 @@ def _from_transformers(source: str, data: Dict[str, Any], revision: Optional[str
         described = transformers_format.read_config(data)
         if budget is not None:
             transformers_format.check_size(described, budget)
-        return transformers_format.build(described, _weights(source, revision, local, token))
+        return transformers_format.build(described, _weights(source, revision, local, token, floating_only=True))
     except ConfigError as e:
         raise ModelLoadError(f'{source}: {e}') from None
 
@@ -321,10 +443,13 @@ def load_pretrained(source: str, revision: Optional[str] = None, map_location: s
     except (ValueError, RuntimeError, TypeError, KeyError) as e:
         raise ModelLoadError(f'{source}: bad config: {_short(e)}') from None
     state = _weights(source, revision, local, token, map_location)
+    check_fit(source, model, state)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
-        raise ModelLoadError(f'{source}: weights do not fit the config: {_short(e, 600)}') from None
+        raise ModelLoadError(f'{source}: the weights do not fit the config: {load_error_words(e)}') from None
+    except ValueError as e:  # a module refused what it was given (a DGQA allocation that is not one)
+        raise ModelLoadError(f'{source}: {WEIGHTS_NAME}: {_short(e)}') from None
     return model, config
 
 

@@ -129,12 +129,13 @@ def check_backbone(name: Any) -> str:
     return name
 
 
-def check_backbone_args(args: Any, backbone: Optional[str] = None) -> Dict[str, Any]:
-    """``args`` against the allow-list of ``backbone``'s family (timm's VisionTransformer when not given)."""
+def check_backbone_args(args: Any, backbone: Optional[str] = None, where: str = 'backbone_args') -> Dict[str, Any]:
+    """``args`` against the allow-list of ``backbone``'s family (timm's VisionTransformer when not given);
+    ``where``: the field's name in refusals (a timm config calls it ``model_args``)."""
     rules = BACKBONE_ARGS
     if backbone is not None:
         rules = FAMILY_ARGS[timm.models.model_entrypoint(check_backbone(backbone).split('.')[0]).__module__]
-    return _check_fields('backbone_args', args, rules)
+    return _check_fields(where, args, rules)
 
 
 def check_grouping(grouping: Any) -> Dict[str, Any]:
@@ -144,7 +145,7 @@ def check_grouping(grouping: Any) -> Dict[str, Any]:
         raise ConfigError('grouping must be an object')
     grouping = dict(grouping)
     variant, g = grouping.pop('variant', None), grouping.pop('num_kv_heads', None)
-    if variant not in POLICIES:
+    if not isinstance(variant, str) or variant not in POLICIES:  # a list or an object is unhashable
         raise ConfigError(f'grouping.variant must be one of {sorted(POLICIES)}')
     # one G for every block, or one per block (a model whose blocks share K/V heads differently: Sapiens2)
     check('grouping.num_kv_heads', g, optional(either(integer(1, 64), list_of(integer(1, 64), 1, 256))), ConfigError)
@@ -183,12 +184,18 @@ def check_labels(labels: Any, num_classes: int) -> Optional[list]:
 def check_budget(backbone: str, args: Dict[str, Any], budget: Budget) -> Dict[str, int]:
     """Count the model's parameters and tokens without allocating it (``meta`` device); refuse it when over
     ``budget``. Returns ``{'params': ..., 'tokens': ...}``."""
+    width, heads = args.get('embed_dim'), args.get('num_heads')
+    if width is not None and heads is not None and width % heads:
+        raise ConfigError(f'backbone_args.num_heads ({heads}) must divide embed_dim ({width})')
     try:
         with torch.device('meta'):
             model = timm.create_model(backbone.split('.')[0], pretrained=False, **args)
-    except Exception as e:  # timm validates geometry with many exception types
-        raise ConfigError(f'backbone {backbone!r} cannot be built with these backbone_args '
-                          f'({type(e).__name__}: {str(e)[:200]})') from None
+    except Exception as e:  # timm validates geometry with many exception types: its words, on one line
+        reason = ' '.join(str(e).split())[:200] or type(e).__name__
+        raise ConfigError(f'backbone {backbone!r} cannot be built with these backbone_args ({reason})') from None
+    grid = tuple(getattr(getattr(model, 'patch_embed', None), 'grid_size', None) or ())
+    if grid and min(grid) < 1:
+        raise ConfigError(f'backbone_args: the patches are larger than the image (a {grid[0]}x{grid[1]} patch grid)')
     params = sum(p.numel() for p in model.parameters())
     tokens = num_tokens(model)
     if params > budget.max_params:

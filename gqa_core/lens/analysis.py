@@ -115,6 +115,7 @@ def analyse(loaded: LoadedModel, image: Image.Image, deep: bool = False) -> Anal
             out = forwards_in_a_gpu_call(ForwardJob.of(loaded.config, loaded.model, x, run_deep, loaded.labels))
         else:
             out = run_forwards(loaded.model, x, run_deep, loaded.labels)
+        check_finite(out.recording)
         analysis = _summarise(loaded, view, out.recording)
     analysis.ablation, analysis.faithfulness = out.ablation, out.faithfulness
     shrunk = shrink_note(image.size, loaded.preprocessing['input_size'][1:])
@@ -126,6 +127,17 @@ def analyse(loaded: LoadedModel, image: Image.Image, deep: bool = False) -> Anal
         analysis.deep_note = (f'head ablation and faithfulness need {tokens:,} tokens x many forwards; this server '
                               f'computes them live up to {deep_max:,} tokens (GQA_LENS_DEEP_MAX_TOKENS)')
     return analysis
+
+
+class NonFiniteOutput(ValueError):
+    """A model computed NaN or Inf: nothing it shows could be read (finite weights can still overflow)."""
+
+
+def check_finite(recording: Recording) -> None:
+    """Refuse a forward whose output (logits, or a headless model's features) holds NaN or Inf."""
+    if not bool(torch.isfinite(recording.logits).all()):
+        raise NonFiniteOutput("the model's outputs are not finite (NaN or Inf) on this image: its weights "
+                              'overflow or are broken')
 
 
 SHRINK_NOTE_FACTOR = 4  # a side this many times the model's input: say how little of the image it sees

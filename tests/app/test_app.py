@@ -75,6 +75,7 @@ def test_bad_images_get_a_message_and_the_app_keeps_serving(client, bad_files, k
     out = client.predict(*run_args(bad_files[kind], 'embedded/mha'), api_name='/run')
     expected = REJECTED.get(kind) or ACCEPTED[kind]
     assert expected in out[0], out[0]
+    assert '\n' not in out[0], 'one line'
     assert (not columns(out)[0]['top5']) == (kind in REJECTED), 'no prediction for rejected files, one for accepted ones'
     # still serving
     ok = client.predict(handle_file(str(EXAMPLES_DIR / 'cifar10_dog.jpg')), 'embedded/mha', api_name='/predict')

@@ -37,6 +37,23 @@ def test_bomb_is_refused_from_the_header_without_decoding(files):
     assert peak < 20 * 2**20, f'{peak / 2**20:.0f} MiB allocated: the pixels were decoded'
 
 
+def test_an_image_only_the_apps_own_limit_refuses_is_refused_in_one_line(files):
+    """Between the app's MAX_PIXELS and Pillow's own limit (where Pillow would decode it without a word): the
+    app's header check is all that stands between it and 56 M decoded pixels."""
+    from PIL import Image
+    from gqa_core.lens.images import MAX_PIXELS
+    from support.bad_images import OVER_APP_LIMIT
+    width, height = OVER_APP_LIMIT
+    assert MAX_PIXELS < width * height < Image.MAX_IMAGE_PIXELS
+    with Image.open(files['over_app_limit']) as img:
+        assert img.size == OVER_APP_LIMIT
+    with pytest.raises(ImageInputError) as refused:
+        load_image(str(files['over_app_limit']))
+    message = str(refused.value)
+    assert message == ('large.png is 8000x7000 = 56,000,000 pixels, over the 50,000,000-pixel limit '
+                       '(decompression-bomb guard); downscale it first'), message
+
+
 def test_missing_inputs():
     with pytest.raises(ImageInputError, match='no image given'):
         load_image(None)

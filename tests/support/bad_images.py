@@ -7,14 +7,16 @@ import numpy as np
 from PIL import Image
 
 
-def png_bomb(path: Path, side: int = 20000) -> Path:
-    """A valid 1-bit PNG of side x side pixels (400 M pixels for 20000) that compresses to a few kB."""
+def png_bomb(path: Path, side: int = 20000, height: int = 0) -> Path:
+    """A valid 1-bit PNG of side x side pixels (400 M pixels for 20000; ``height`` rows when given) that
+    compresses to a few kB."""
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack('>I', len(data)) + kind + data + struct.pack('>I', zlib.crc32(kind + data) & 0xFFFFFFFF)
+    height = height or side
     row = b'\x00' + b'\x00' * ((side + 7) // 8)
     comp = zlib.compressobj(9)
-    idat = b''.join(comp.compress(row) for _ in range(side)) + comp.flush()
-    ihdr = struct.pack('>IIBBBBB', side, side, 1, 0, 0, 0, 0)
+    idat = b''.join(comp.compress(row) for _ in range(height)) + comp.flush()
+    ihdr = struct.pack('>IIBBBBB', side, height, 1, 0, 0, 0, 0)
     path.write_bytes(b'\x89PNG\r\n\x1a\n' + chunk(b'IHDR', ihdr) + chunk(b'IDAT', idat) + chunk(b'IEND', b''))
     return path
 
@@ -31,6 +33,8 @@ def write_all(folder: Path, source_jpeg: Path) -> dict:
     files['truncated_jpeg'] = folder / 'truncated.jpg'
     files['truncated_jpeg'].write_bytes(data[: len(data) // 2])
     files['bomb'] = png_bomb(folder / 'bomb.png')
+    # over the app's own pixel limit (MAX_PIXELS, 50 M) and under Pillow's (about 89.5 M): only the app refuses it
+    files['over_app_limit'] = png_bomb(folder / 'large.png', *OVER_APP_LIMIT)
     rgb = Image.open(source_jpeg).convert('RGB').resize((64, 48))
     gradient = (np.linspace(0, 65535, 64 * 48).reshape(48, 64)).astype(np.uint16)
     files['16bit'] = folder / 'deep.png'
@@ -51,11 +55,13 @@ def write_all(folder: Path, source_jpeg: Path) -> dict:
     return files
 
 
+OVER_APP_LIMIT = (8000, 7000)  # 56 M pixels
 REJECTED = {
     'text_as_png': 'not an image file',
     'empty': 'empty (0 bytes)',
     'truncated_jpeg': 'truncated or corrupt',
     'bomb': 'decompression-bomb',
+    'over_app_limit': 'large.png is 8000x7000 = 56,000,000 pixels, over the 50,000,000-pixel limit',
 }
 ACCEPTED = {
     '16bit': 'high bit depth',
