@@ -38,7 +38,7 @@ from gqa_core.lens.images import ImageInputError, load_image
 from gqa_core.lens.models import DEFAULT_MODELS, HUB_SOURCES, ModelLoadError, ModelRegistry, hub_note
 from gqa_core.lens.pick import MAX_QUERY_CHARS, SIDES, cell_place, parse_query, pick_names, pick_place, picked_maps
 from gqa_core.lens.sessions import SessionReaper
-from gqa_core.lens.specs import SpecError, conversion_spec, public_message
+from gqa_core.lens.specs import SpecError, conversion_spec, public_message, shown
 from gqa_core.lens.tempfiles import ExpiringFiles
 from gqa_core.lens.views import (MAX_MODELS, NO_MODEL, VIEW_LABELS, VIEWS, Choice, column_width, header,
                                  reference_for, render, run_models)
@@ -311,6 +311,10 @@ class LensApp:
             analysis = analyse(self.registry.get(model), load_image(image).image)
         except (ImageInputError, ModelLoadError, ValueError) as e:
             raise gr.Error(public_message(e)) from None
+        except (OSError, RuntimeError, TypeError, IndexError, KeyError, AttributeError) as e:
+            # what a model's own code raises: named in one line, as /run names it (never gradio's generic error)
+            raise gr.Error(public_message(f'{shown(str(model), 40)}: {type(e).__name__}: {e}'.splitlines()[0])) \
+                from None
         if not analysis.top5:
             raise gr.Error(f'{analysis.spec} has no classifier head (features only): nothing to predict')
         return {label: p for label, p in analysis.top5}
