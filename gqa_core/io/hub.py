@@ -83,6 +83,8 @@ def from_timm(name: str, variant: str, num_kv_heads: Optional[int] = None, pretr
             num_classes = cfg.get('num_classes', pretrained_cfg.get('num_classes'))
             if num_classes is not None:
                 args.setdefault('num_classes', num_classes)
+                # the repo's classifier size: timm drops a classifier whose size differs from its own cfg's
+                overlay['num_classes'] = args['num_classes']
             args = check_backbone_args(args, backbone, where='model_args')
             if budget is not None:
                 check_budget(backbone, args, budget)

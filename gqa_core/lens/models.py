@@ -273,7 +273,8 @@ class ModelRegistry:
             else:
                 name = f'hf-hub:{source.name}' + (f'@{source.revision}' if source.revision else '') \
                     if source.kind == 'hf-hub' else source.name
-                model = from_timm(name, 'mha', budget=self.budget,
+                # as multi-head layers, or for ``:native`` with the KV heads timm built each block with
+                model = from_timm(name, 'mha' if spec.kv_heads is not None else 'gqa', budget=self.budget,
                                   token=lambda repo: visitor_token(repo, self.token_repos))
             self._convert(model, spec, progress)
             config = GQALensConfig.of(model, dataset=trained_on)  # once per conversion, then carried

@@ -196,3 +196,54 @@ def test_the_native_spec_reads_and_prints_back(tmp_path):
     loaded = registry.get('convert:local:sapiens:kdgqa:native')
     assert [b.attn.num_kv_heads for b in loaded.model.blocks] == [4, 2, 2, 4]
     assert loaded.grouping['variant'] == 'kdgqa' and loaded.grouping['num_kv_heads'] == [4, 2, 2, 4]
+
+
+NATIVE_HUB_SCRIPT = '''
+import json, sys, torch
+from gqa_core.lens.models import ModelRegistry
+registry = ModelRegistry()
+x = torch.load(sys.argv[1], weights_only=True)
+out = {}
+for spec in ('convert:hf-hub:meta/sapiens-tiny:gqa:native', 'convert:hf-hub:meta/sapiens-tiny:kdgqa:native',
+             'convert:hf-hub:meta/sapiens-tiny:gqa:1'):
+    loaded = registry.get(spec)
+    with torch.no_grad():
+        out[spec] = dict(kv=[b.attn.num_kv_heads for b in loaded.model.blocks], summary=loaded.summary(),
+                         out=loaded.model(x).tolist())
+print('RESULT' + json.dumps(out))
+'''
+
+
+def test_a_timm_format_hub_repo_of_a_native_model_loads_as_it_is(tmp_path):
+    """timm's own config.json and weights of Sapiens2's layout, served by the local HTTP Hub: the app's registry
+    loads it with each block's KV heads (``:native``), as KDGQA at that G, or regrouped, outputs as timm's."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from safetensors.torch import save_file
+    from support.hub_server import HubServer
+    model = native_model('sapiens2')
+    name, args = NATIVE['sapiens2']
+    repo = tmp_path / 'hub' / 'meta' / 'sapiens-tiny'
+    repo.mkdir(parents=True)
+    model_args = {k: list(v) if isinstance(v, tuple) else v for k, v in args.items()}
+    (repo / 'config.json').write_text(json.dumps(dict(
+        architecture=name, num_classes=5, model_args=model_args,
+        pretrained_cfg=dict(input_size=[3, 64, 48], mean=[0.5] * 3, std=[0.5] * 3, num_classes=5))))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, repo / 'model.safetensors')
+    x = images(model)
+    torch.save(x, tmp_path / 'x.pt')
+    env = dict(os.environ, HF_HUB_OFFLINE='0', HF_HOME=str(tmp_path / 'hf-home'), HF_HUB_DISABLE_XET='1')
+    with HubServer(tmp_path / 'hub') as server:
+        env['HF_ENDPOINT'] = server.url
+        proc = subprocess.run([sys.executable, '-c', NATIVE_HUB_SCRIPT, str(tmp_path / 'x.pt')], env=env,
+                              capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.split('RESULT', 1)[1])
+    native = result['convert:hf-hub:meta/sapiens-tiny:gqa:native']
+    assert native['kv'] == [4, 2, 2, 4] and 'G = 2–4 by block (4, 2, 2, 4)' in native['summary']
+    with torch.no_grad():
+        assert (torch.tensor(native['out']) - model(x)).abs().max() <= 1e-5
+    assert result['convert:hf-hub:meta/sapiens-tiny:kdgqa:native']['kv'] == [4, 2, 2, 4]
+    assert result['convert:hf-hub:meta/sapiens-tiny:gqa:1']['kv'] == [1, 1, 1, 1]

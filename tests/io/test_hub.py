@@ -127,6 +127,8 @@ HUB_SCRIPT = textwrap.dedent('''
         out["logits"] = model(x).tolist()
     conv = from_timm("hf-hub:timmorg/tiny-vit", "gqa", 3)
     out["timm_heads"] = conv.blocks[0].attn.num_kv_heads
+    with torch.no_grad():  # the repo's own 10-class head, not one timm re-made for its 1000-class default
+        out["timm_mha_logits"] = from_timm("hf-hub:timmorg/tiny-vit", "mha").eval()(x).tolist()
     out["timm_norm"] = conv.norm.weight.tolist()
     for repo in ["lens/missing", "lens/only-bin", "lens/truncated"]:
         try:
@@ -172,6 +174,8 @@ def test_hub_download_through_local_http_server(tmp_path):
     with torch.no_grad():
         assert torch.equal(torch.tensor(result['logits']), model(x))
     assert result['timm_heads'] == 3
+    with torch.no_grad():
+        assert (torch.tensor(result['timm_mha_logits']) - plain.eval()(x)).abs().max() <= 1e-5
     assert torch.equal(torch.tensor(result['timm_norm']), plain.norm.weight.detach())
     assert 'lens/missing: not found or private' in result['lens/missing']
     assert 'lens/only-bin: the repo has no model.safetensors' in result['lens/only-bin']
