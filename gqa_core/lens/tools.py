@@ -22,10 +22,10 @@ import numpy as np
 
 from ..core.head_order import head_groups
 from .analysis import Analysis, analyse
-from .explorer import LIVE_MAX_IMAGES, live_kv_budget
+from .explorer import live_kv_budget
 from .images import ImageInputError, load_image
 from .models import ModelLoadError, ModelRegistry, live_head_order, live_calibration_size
-from .specs import MAX_SPEC_CHARS, public_message, shown
+from .specs import MAX_G, MAX_SPEC_CHARS, public_message, shown
 from .views import MAX_MODELS, run_models
 
 __all__ = ['LensTools', 'page_only', 'analysis_json', 'TOOL_NAMES', 'DECIMALS', 'MODEL_SEPARATOR']
@@ -72,14 +72,15 @@ def analysis_json(analysis: Analysis) -> Dict[str, Any]:
     return out
 
 
-def _count(value: Any, what: str, low: int, high: int) -> int:
-    """A whole number from a client (any JSON value) within ``low..high``, else one line saying so."""
+def _whole(value: Any, what: str) -> int:
+    """A whole number from a client (any JSON value), else one line saying so; its range is checked where the
+    page checks it, so that both refuse with the same line."""
     try:
         number = float(value)
     except (TypeError, ValueError):
-        raise gr.Error(f'{what} must be an integer {low}..{high}, got {shown(str(value), 20)}') from None
-    if not (math.isfinite(number) and number == int(number) and low <= number <= high):
-        raise gr.Error(f'{what} must be an integer {low}..{high}, got {shown(str(value), 20)}')
+        number = math.nan
+    if not (math.isfinite(number) and number == int(number)):
+        raise gr.Error(f'{what} must be an integer, got {shown(str(value), 20)}')
     return int(number)
 
 
@@ -166,7 +167,9 @@ class LensTools:
             uses this grouping), "layers": [{layer, groups (query heads per KV head), order, error_consecutive,
             error_advised, search, output_divergence}]}.
         """
-        g = _count(num_kv_heads, 'G', 1, 64)
+        g = _whole(num_kv_heads, 'G')
+        if not 1 <= g <= MAX_G:  # the limit, and the line, of a convert: spec's G
+            raise gr.Error(f'G must be an integer 1..{MAX_G}, got {shown(str(g))}')
         try:
             loaded = self.registry.get(model)
             if loaded.grouping['variant'] != 'mha':
@@ -196,7 +199,7 @@ class LensTools:
             JSON text: {"model", "n", "num_heads", "rows": [{num_kv_heads, variant, head_order, init, kv_bytes,
             top1 (null when the model's classes are not CIFAR-10's), agreement (with the MHA's top-1)}]}.
         """
-        n = _count(images, 'images', 1, LIVE_MAX_IMAGES)
+        n = _whole(images, 'number of images')  # live_kv_budget refuses what the page's tab refuses
         try:
             result = live_kv_budget(self.registry, model, n)
         except (ModelLoadError, ValueError, OSError, RuntimeError) as e:
