@@ -26,7 +26,7 @@ from .explorer import live_kv_budget
 from .images import ImageInputError, load_image
 from .models import ModelLoadError, ModelRegistry, live_head_order, live_calibration_size
 from .specs import MAX_G, MAX_SPEC_CHARS, public_message, shown
-from .views import MAX_MODELS, run_models
+from .views import MAX_MODELS, NO_MODEL, run_models
 
 __all__ = ['LensTools', 'page_only', 'analysis_json', 'TOOL_NAMES', 'DECIMALS', 'MODEL_SEPARATOR']
 
@@ -90,7 +90,7 @@ def _specs(models: Any) -> List[str]:
     if len(text) > MAX_MODELS * (MAX_SPEC_CHARS + 1):
         raise gr.Error(f'models is {len(text):,} characters; the limit is {MAX_MODELS} specs of '
                        f'{MAX_SPEC_CHARS} characters')
-    specs = [s.strip() for s in text.split(MODEL_SEPARATOR) if s.strip()]
+    specs = [s.strip() for s in text.split(MODEL_SEPARATOR) if s.strip() not in ('', NO_MODEL)]
     if not 1 <= len(specs) <= MAX_MODELS:
         raise gr.Error(f'give 1 to {MAX_MODELS} model specs separated by commas, got {len(specs)}')
     return specs
