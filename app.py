@@ -523,7 +523,8 @@ def _image_tab(lens: LensApp, choices: List[str], defaults: List[str]) -> None:
         export_button = gr.Button('Download everything (zip: JSON, CSV, PNG, figures)', elem_id='export')
         export_file = gr.File(label='analysis', elem_id='export-file', visible=False)
     controls = [v[name] for name in CONTROLS]
-    c['run'].click(page_only(lens.run), [c['image'], *c['models'], v['view'], *controls[:4], c['deep'], v['query'], v['side']],
+    c['run'].click(page_only(lens.run),
+                   [c['image'], *c['models'], v['view'], *controls[:4], c['deep'], v['query'], v['side']],
                    [state, c['status'], v['layer'], v['head'], *outputs], api_name='run').then(
         lens.prefix_choices, state, v['prefix'], api_name=False, show_progress='hidden')
     view_outputs = [out for column in columns for out in _column_outputs(column, VIEW_PART)]

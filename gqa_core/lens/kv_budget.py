@@ -31,7 +31,8 @@ from ..io.preprocessing import model_preprocessing
 from ..training.data import DataSplits, build_datasets
 from .figures import kv_budget_figure
 
-__all__ = ['kv_budget', 'kv_budget_rows', 'conversions', 'predictions', 'split_tensors', 'main', 'EXPLORED_VARIANTS', 'HEAD_ORDERS']
+__all__ = ['kv_budget', 'kv_budget_rows', 'conversions', 'predictions', 'split_tensors', 'main', 'EXPLORED_VARIANTS',
+           'HEAD_ORDERS']
 
 EXPLORED_VARIANTS = ('gqa', 'kdgqa')  # the explorer's variants at each G (the static and the key-driven one)
 

@@ -60,7 +60,8 @@ def analysis_json(analysis: Analysis) -> Dict[str, Any]:
                    key_norms=_rounded(norms[i]), idle_kv_heads=[g for g, a in enumerate(allocation[i]) if a == 0])
               for i in range(allocation.shape[0])]
     out: Dict[str, Any] = dict(
-        model=analysis.spec, top5=[dict(label=label, probability=round(float(p), DECIMALS)) for label, p in analysis.top5],
+        model=analysis.spec,
+        top5=[dict(label=label, probability=round(float(p), DECIMALS)) for label, p in analysis.top5],
         grouping=analysis.grouping, num_layers=len(rec.layers), num_heads=analysis.num_heads,
         source_heads=analysis.source_heads, notes=list(analysis.notes), layers=layers,
         summary_rows=dict(of=analysis.summary_label, grid=[int(s) for s in rec.grid_size],

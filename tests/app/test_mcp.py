@@ -126,7 +126,7 @@ def test_predict_and_analyse_answer_what_this_process_computes(served, registry)
     assert_close(got, expected)
     for model in got:  # the allocation the layers hold: every query head served once, idle heads served none
         heads, kv = model['num_heads'], model['grouping']['num_kv_heads']
-        assert len(model['layers']) == model['num_layers'] and len(model['summary_rows']['attention']) == model['num_layers']
+        assert len(model['layers']) == len(model['summary_rows']['attention']) == model['num_layers']
         for layer in model['layers']:
             assert sum(layer['allocation']) == heads and len(layer['key_norm_shares']) == kv
             assert layer['idle_kv_heads'] == [g for g, a in enumerate(layer['allocation']) if a == 0]

@@ -117,7 +117,8 @@ def test_the_reserved_seconds_grow_with_the_work_between_a_floor_and_a_cap(regis
     mha = registry.get('embedded/mha')
     images = calibration_images(mha.preprocessing, 136)
     few, many = (gpu.KVBudgetJob.of(mha.config, mha.model, images[8:8 + n], None, images[:8], 1e10) for n in (16, 128))
-    assert MIN_GPU_SECONDS <= gpu.kv_budget_in_a_gpu_call.gpu_seconds(few) < gpu.kv_budget_in_a_gpu_call.gpu_seconds(many)
+    reserved = gpu.kv_budget_in_a_gpu_call.gpu_seconds
+    assert MIN_GPU_SECONDS <= reserved(few) < reserved(many), 'more images: more seconds'
 
 
 def test_with_spaces_installed_and_no_zerogpu_nothing_changes(app_server):
