@@ -29,17 +29,17 @@ from gqa_core.core.head_order import HEAD_ORDERS
 from gqa_core.core.settings import Settings
 from gqa_core.io.safe_config import Budget
 from gqa_core.lens import figures
-from gqa_core.lens.analysis import FUSIONS, analyse
+from gqa_core.lens.analysis import FUSIONS
 from gqa_core.lens.explorer import (LIVE_MAX_IMAGES, kv_budget_table, live_kv_budget, seeds_table,
                                     shipped_dataset_stats, shipped_kv_budget, shipped_seeds)
 from gqa_core.lens.export import export_zip
 from gqa_core.lens.hosting import cpu_cores, fit_torch_threads
 from gqa_core.lens.hover import HOVER_PANEL_SCRIPT, HOVER_SCRIPT
-from gqa_core.lens.images import ImageInputError, load_image
+from gqa_core.lens.images import ImageInputError
 from gqa_core.lens.models import DEFAULT_MODELS, HUB_SOURCES, ModelLoadError, ModelRegistry, hub_note
 from gqa_core.lens.pick import MAX_QUERY_CHARS, SIDES, cell_place, parse_query, pick_names, pick_place, picked_maps
 from gqa_core.lens.sessions import SessionReaper
-from gqa_core.lens.specs import SpecError, conversion_spec, public_message, shown
+from gqa_core.lens.specs import SpecError, conversion_spec, public_message
 from gqa_core.lens.tempfiles import ExpiringFiles
 from gqa_core.lens.tools import LensTools, page_only
 from gqa_core.lens.views import (MAX_MODELS, NO_MODEL, VIEW_LABELS, VIEWS, Choice, column_width, header,
@@ -316,18 +316,8 @@ class LensApp:
             raise gr.Error(f'export failed: {public_message(e)}') from None
 
     def predict(self, image: Optional[str], model: str) -> dict:
-        """API: top-5 {label: probability} of one model on one image."""
-        try:
-            analysis = analyse(self.registry.get(model), load_image(image).image)
-        except (ImageInputError, ModelLoadError, ValueError) as e:
-            raise gr.Error(public_message(e)) from None
-        except (OSError, RuntimeError, TypeError, IndexError, KeyError, AttributeError) as e:
-            # what a model's own code raises: named in one line, as /run names it (never gradio's generic error)
-            raise gr.Error(public_message(f'{shown(str(model), 40)}: {type(e).__name__}: {e}'.splitlines()[0])) \
-                from None
-        if not analysis.top5:
-            raise gr.Error(f'{analysis.spec} has no classifier head (features only): nothing to predict')
-        return {label: p for label, p in analysis.top5}
+        """API: top-5 {label: probability} of one model on one image (the MCP tool's, refusals included)."""
+        return {label: p for label, p in self.tools.top5(image, model).top5}
 
     def kv_budget_live(self, spec: str, n: float, progress: gr.Progress = gr.Progress()) -> List[Any]:
         """API: the KV-budget explorer for any multi-head model, on the shipped images."""

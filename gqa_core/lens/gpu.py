@@ -89,7 +89,7 @@ class ForwardJob:
     @classmethod
     def of(cls, config: GQALensConfig, model: nn.Module, x: Tensor, deep: bool, labels: List[str]) -> 'ForwardJob':
         attns = gqa_layers(model)
-        forwards = analysis_forwards(len(attns), attns[0].num_heads, attns[0].num_kv_heads, deep)
+        forwards = analysis_forwards(sum(a.num_heads + a.num_kv_heads for a in attns), deep)
         return cls(config, cpu_state(model), x.cpu(), deep, list(labels), num_tokens(model), len(attns), forwards)
 
 

@@ -49,22 +49,20 @@ def gpu_seconds(tokens: int, layers: int, forwards: float) -> int:
     return int(min(MAX_GPU_SECONDS, max(MIN_GPU_SECONDS, round(estimate))))
 
 
-def analysis_forwards(layers: int, heads: int, kv_heads: int, ablation: bool) -> int:
+def analysis_forwards(removals: int, ablation: bool) -> int:
     """Single-image forwards of one analysis: the recorded one, and with ``ablation`` the unperturbed one of the
     ablation and of the faithfulness curves, every KV-head and query-head removal in each mode
     (:func:`~gqa_core.lens.heads.ablation_study`) and the deletion and insertion curves of each faithfulness map
     (``CURVE_STEPS + 1`` points each; fewer for a model of fewer patches, so this never under-counts).
 
     Args:
-        layers: transformer blocks.
-        heads: query heads per block.
-        kv_heads: KV heads per block.
+        removals: the KV heads and query heads of all blocks together (each removed once per mode; blocks may
+            differ in KV heads).
         ablation: whether the deep analyses (ablation, faithfulness) run.
     """
     if not ablation:
         return 1
-    removals = layers * (kv_heads + heads) * len(ABLATION_MODES)
-    return 3 + removals + FAITHFULNESS_MAPS * 2 * (CURVE_STEPS + 1)
+    return 3 + removals * len(ABLATION_MODES) + FAITHFULNESS_MAPS * 2 * (CURVE_STEPS + 1)
 
 
 def kv_budget_forwards(images: int, calibration: int, layers: int, conversions: int,

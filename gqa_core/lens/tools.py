@@ -46,8 +46,10 @@ def page_only(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _rounded(array: Any) -> Any:
-    """A numpy array (or tensor) as nested lists of floats rounded to :data:`DECIMALS`."""
-    return np.round(np.asarray(array, dtype=np.float64), DECIMALS).tolist()
+    """A numpy array (or tensor) as nested lists of floats rounded to :data:`DECIMALS`; null where there is no
+    value (NaN: a KV head a block does not have, where blocks differ in G)."""
+    values = np.round(np.asarray(array, dtype=np.float64), DECIMALS)
+    return np.where(np.isfinite(values), values, None).tolist()
 
 
 def analysis_json(analysis: Analysis) -> Dict[str, Any]:
@@ -55,10 +57,10 @@ def analysis_json(analysis: Analysis) -> Dict[str, Any]:
     heads each KV head served (allocation), the key-norm shares the policy apportioned by, the key norms and
     the idle KV heads, and the summary rows' attention to every patch per layer and head."""
     rec = analysis.recording
-    allocation, shares, norms = (rec.stacked(name)[:, 0] for name in ('allocation', 'shares', 'key_norms'))
-    layers = [dict(layer=i, allocation=[int(a) for a in allocation[i]], key_norm_shares=_rounded(shares[i]),
-                   key_norms=_rounded(norms[i]), idle_kv_heads=[g for g, a in enumerate(allocation[i]) if a == 0])
-              for i in range(allocation.shape[0])]
+    layers = [dict(layer=i, allocation=[int(a) for a in layer.allocation[0]],  # each block's own G
+                   key_norm_shares=_rounded(layer.shares[0]), key_norms=_rounded(layer.key_norms[0]),
+                   idle_kv_heads=[g for g, a in enumerate(layer.allocation[0]) if a == 0])
+              for i, layer in enumerate(rec.layers)]
     out: Dict[str, Any] = dict(
         model=analysis.spec,
         top5=[dict(label=label, probability=round(float(p), DECIMALS)) for label, p in analysis.top5],
@@ -111,6 +113,25 @@ class LensTools:
     def __init__(self, registry: ModelRegistry) -> None:
         self.registry = registry
 
+    def top5(self, image: Optional[str], model: str) -> Analysis:
+        """One model's analysis of one image with a top-5, or the one-line refusal /predict and this tool share.
+
+        Args:
+            image: the image's path (an upload), checked by the guarded loader.
+            model: a model spec.
+        """
+        try:
+            analysis = analyse(self.registry.get(model), load_image(image).image)
+        except (ImageInputError, ModelLoadError, ValueError) as e:
+            raise gr.Error(public_message(e)) from None
+        except (OSError, RuntimeError, TypeError, IndexError, KeyError, AttributeError) as e:
+            # what a model's own code raises: named in one line, as /run names it (never gradio's generic error)
+            raise gr.Error(public_message(f'{shown(str(model), 40)}: {type(e).__name__}: {e}'.splitlines()[0])) \
+                from None
+        if not analysis.top5:
+            raise gr.Error(f'{analysis.spec} has no classifier head (features only): nothing to predict')
+        return analysis
+
     def predict(self, image: Optional[str], model: str) -> str:
         """The five most likely classes of one image for one GQA Lens model.
 
@@ -121,12 +142,7 @@ class LensTools:
         Returns:
             JSON text: {"model": the canonical spec, "top5": [{"label", "probability"}, ...]}.
         """
-        try:
-            analysis = analyse(self.registry.get(model), load_image(image).image)
-        except (ImageInputError, ModelLoadError, ValueError) as e:
-            raise gr.Error(public_message(e)) from None
-        if not analysis.top5:
-            raise gr.Error(f'{analysis.spec} has no classifier head (features only): nothing to predict')
+        analysis = self.top5(image, model)
         return _json(dict(model=analysis.spec, top5=analysis_json(analysis)['top5']))
 
     def analyse(self, image: Optional[str], models: str, ablation: bool = False) -> str:

@@ -111,9 +111,9 @@ def test_the_reserved_seconds_grow_with_the_work_between_a_floor_and_a_cap(regis
     assert (one.forwards, one.tokens, one.layers) == (1, 65, 6) and seconds(one) == MIN_GPU_SECONDS, 'the floor'
     assert seconds(deep) > seconds(one), 'ablation and faithfulness: hundreds of forwards more'
     # a ViT-B/16 at 224 px with ablation: 197 tokens, 12 layers, 12 heads
-    vit_b = gpu_seconds(197, 12, analysis_forwards(12, 12, 12, True))
-    assert MIN_GPU_SECONDS < vit_b < gpu_seconds(577, 12, analysis_forwards(12, 12, 12, True)) < MAX_GPU_SECONDS
-    assert gpu_seconds(577, 24, analysis_forwards(24, 16, 16, True)) == MAX_GPU_SECONDS, 'the cap'
+    vit_b = gpu_seconds(197, 12, analysis_forwards(12 * (12 + 12), True))
+    assert MIN_GPU_SECONDS < vit_b < gpu_seconds(577, 12, analysis_forwards(12 * (12 + 12), True)) < MAX_GPU_SECONDS
+    assert gpu_seconds(577, 24, analysis_forwards(24 * (16 + 16), True)) == MAX_GPU_SECONDS, 'the cap'
     mha = registry.get('embedded/mha')
     images = calibration_images(mha.preprocessing, 136)
     few, many = (gpu.KVBudgetJob.of(mha.config, mha.model, images[8:8 + n], None, images[:8], 1e10) for n in (16, 128))
