@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import warnings
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -28,18 +29,19 @@ from gqa_core.core.head_order import HEAD_ORDERS
 from gqa_core.core.settings import Settings
 from gqa_core.io.safe_config import Budget
 from gqa_core.lens import figures
-from gqa_core.lens.analysis import FUSIONS, analyse
+from gqa_core.lens.analysis import FUSIONS
 from gqa_core.lens.explorer import (LIVE_MAX_IMAGES, kv_budget_table, live_kv_budget, seeds_table,
                                     shipped_dataset_stats, shipped_kv_budget, shipped_seeds)
 from gqa_core.lens.export import export_zip
 from gqa_core.lens.hosting import cpu_cores, fit_torch_threads
 from gqa_core.lens.hover import HOVER_PANEL_SCRIPT, HOVER_SCRIPT
-from gqa_core.lens.images import ImageInputError, load_image
+from gqa_core.lens.images import ImageInputError
 from gqa_core.lens.models import DEFAULT_MODELS, HUB_SOURCES, ModelLoadError, ModelRegistry, hub_note
 from gqa_core.lens.pick import MAX_QUERY_CHARS, SIDES, cell_place, parse_query, pick_names, pick_place, picked_maps
 from gqa_core.lens.sessions import SessionReaper
-from gqa_core.lens.specs import SpecError, conversion_spec, public_message, shown
+from gqa_core.lens.specs import SpecError, conversion_spec, public_message
 from gqa_core.lens.tempfiles import ExpiringFiles
+from gqa_core.lens.tools import LensTools, page_only
 from gqa_core.lens.views import (MAX_MODELS, NO_MODEL, VIEW_LABELS, VIEWS, Choice, column_width, header,
                                  reference_for, render, run_models)
 
@@ -144,6 +146,7 @@ class LensApp:
                                       budget=Budget(settings.max_params, settings.max_tokens),
                                       token_repos=settings.token_repos, device=settings.device)
         self.files = ExpiringFiles(ttl=max(settings.session_ttl, 60))  # a fresh path per file, swept when old
+        self.tools = LensTools(self.registry)  # what an MCP client calls (settings.mcp)
         self.reaper: Optional[SessionReaper] = None
         self.demo: Optional[gr.Blocks] = None
 
@@ -155,6 +158,13 @@ class LensApp:
             ttl = self.settings.session_ttl
             self.reaper = SessionReaper(self.demo, ttl=ttl, interval=min(10.0, max(ttl / 4, 0.5))).start()
         return self
+
+    def launch(self, **kwargs: Any) -> None:
+        """Serve the Blocks (``kwargs``: :meth:`gradio.Blocks.launch`'s), with the MCP server at
+        ``/gradio_api/mcp/`` unless ``settings.mcp`` is off (``GQA_LENS_MCP=0``)."""
+        with warnings.catch_warnings():  # the page's endpoints read session state, but none of them is a tool
+            warnings.filterwarnings('ignore', message='This MCP server includes a tool that has a gr.State input')
+            self.demo.launch(mcp_server=self.settings.mcp, **kwargs)
 
     def _columns(self, analyses: List[Any], errors: List[Optional[str]], choice: Choice,
                  view_only: bool = False) -> List[Any]:
@@ -306,18 +316,8 @@ class LensApp:
             raise gr.Error(f'export failed: {public_message(e)}') from None
 
     def predict(self, image: Optional[str], model: str) -> dict:
-        """API: top-5 {label: probability} of one model on one image."""
-        try:
-            analysis = analyse(self.registry.get(model), load_image(image).image)
-        except (ImageInputError, ModelLoadError, ValueError) as e:
-            raise gr.Error(public_message(e)) from None
-        except (OSError, RuntimeError, TypeError, IndexError, KeyError, AttributeError) as e:
-            # what a model's own code raises: named in one line, as /run names it (never gradio's generic error)
-            raise gr.Error(public_message(f'{shown(str(model), 40)}: {type(e).__name__}: {e}'.splitlines()[0])) \
-                from None
-        if not analysis.top5:
-            raise gr.Error(f'{analysis.spec} has no classifier head (features only): nothing to predict')
-        return {label: p for label, p in analysis.top5}
+        """API: top-5 {label: probability} of one model on one image (the MCP tool's, refusals included)."""
+        return {label: p for label, p in self.tools.top5(image, model).top5}
 
     def kv_budget_live(self, spec: str, n: float, progress: gr.Progress = gr.Progress()) -> List[Any]:
         """API: the KV-budget explorer for any multi-head model, on the shipped images."""
@@ -390,7 +390,7 @@ def _kv_budget_tab(lens: LensApp, choices: List[str]) -> None:
         button = gr.Button('Compute', elem_id='kvb-run')
     plot = gr.Plot(elem_id='kvb-live-plot', visible=False)  # shown once computed: never an empty frame
     table = gr.Dataframe(headers=headers, elem_id='kvb-live-table', interactive=False)
-    button.click(lens.kv_budget_live, [spec, n], [plot, table], api_name='kv_budget')
+    button.click(page_only(lens.kv_budget_live), [spec, n], [plot, table], api_name='kv_budget')
 
 
 def _inputs(choices: List[str], defaults: List[str]) -> dict:
@@ -497,7 +497,7 @@ def _predict_api(lens: LensApp) -> None:
         api_model = gr.Textbox(value=DEFAULT_MODELS[0])
         api_out = gr.JSON()
         api_button = gr.Button()
-    api_button.click(lens.predict, [api_image, api_model], api_out, api_name='predict')
+    api_button.click(page_only(lens.predict), [api_image, api_model], api_out, api_name='predict')
 
 
 def _image_tab(lens: LensApp, choices: List[str], defaults: List[str]) -> None:
@@ -513,7 +513,8 @@ def _image_tab(lens: LensApp, choices: List[str], defaults: List[str]) -> None:
         export_button = gr.Button('Download everything (zip: JSON, CSV, PNG, figures)', elem_id='export')
         export_file = gr.File(label='analysis', elem_id='export-file', visible=False)
     controls = [v[name] for name in CONTROLS]
-    c['run'].click(lens.run, [c['image'], *c['models'], v['view'], *controls[:4], c['deep'], v['query'], v['side']],
+    c['run'].click(page_only(lens.run),
+                   [c['image'], *c['models'], v['view'], *controls[:4], c['deep'], v['query'], v['side']],
                    [state, c['status'], v['layer'], v['head'], *outputs], api_name='run').then(
         lens.prefix_choices, state, v['prefix'], api_name=False, show_progress='hidden')
     view_outputs = [out for column in columns for out in _column_outputs(column, VIEW_PART)]
@@ -540,7 +541,7 @@ def _image_tab(lens: LensApp, choices: List[str], defaults: List[str]) -> None:
     for model in c['models']:
         model.change(lens.controls_for, [v['layer'], v['head'], *c['models']], [v['layer'], v['head']],
                      api_name=False, show_progress='hidden')
-    export_button.click(lens.export, [state, *controls[:3], v['query']], export_file, api_name='export')
+    export_button.click(page_only(lens.export), [state, *controls[:3], v['query']], export_file, api_name='export')
     c['use'].click(build_spec, c['convert'], c['models'][-1], api_name=False)
     c['convert'][0].change(hub_note, c['convert'][0], c['source_note'], api_name=False, show_progress='hidden')
     _predict_api(lens)
@@ -555,7 +556,27 @@ def _pick_api(lens: LensApp, state: gr.State) -> None:
         layer = gr.Number(value=0, precision=0)
         out = gr.JSON()
         button = gr.Button()
-    button.click(lens.pick, [state, query, layer], out, api_name='pick')
+    button.click(page_only(lens.pick), [state, query, layer], out, api_name='pick')
+
+
+def _mcp_tools(lens: LensApp) -> None:
+    """API-only endpoints that are the MCP tools (``gqa_core.lens.tools``): JSON text out, registered before the
+    page's endpoints so that each tool keeps its function's name."""
+    tools = lens.tools
+    with gr.Row(visible=False):
+        image = gr.Image(type='filepath', label='image')
+        image.preprocess = _raw_path
+        model = gr.Textbox(value=DEFAULT_MODELS[0], label='model')
+        models = gr.Textbox(value=', '.join(DEFAULT_MODELS), label='models')
+        ablation = gr.Checkbox(False, label='ablation')
+        num_kv_heads = gr.Number(value=2, precision=0, label='G')
+        images = gr.Number(value=64, precision=0, label='images')
+        out = gr.Textbox(label='JSON')
+        button = gr.Button()
+    button.click(tools.predict, [image, model], out, api_name='mcp_predict')
+    button.click(tools.analyse, [image, models, ablation], out, api_name='mcp_analyse')
+    button.click(tools.advise_grouping, [model, num_kv_heads], out, api_name='mcp_advise_grouping')
+    button.click(tools.kv_budget, [model, images], out, api_name='mcp_kv_budget')
 
 
 def create_app(settings: Optional[Settings] = None) -> LensApp:
@@ -567,6 +588,8 @@ def create_app(settings: Optional[Settings] = None) -> LensApp:
     defaults = [m if m in embedded else NO_MODEL for m in DEFAULT_MODELS]
     ttl = lens.settings.session_ttl
     with gr.Blocks(title='GQA Lens', delete_cache=(300, int(max(ttl, 60)))) as demo:
+        if lens.settings.mcp:
+            _mcp_tools(lens)
         gr.Markdown('# GQA Lens\nHow grouped-query attention variants of one ViT see an image: predictions, '
                     'attention, key-norm ratios and which query heads each shared KV head serves '
                     '([arXiv 2408.08454](https://arxiv.org/abs/2408.08454)).')
@@ -625,7 +648,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     global _served
     args = _parser().parse_args(argv)
     _served = create_app(_settings(args)).start()
-    _served.demo.launch(server_name=os.environ.get('GRADIO_SERVER_NAME', '127.0.0.1'), server_port=args.port)
+    _served.launch(server_name=os.environ.get('GRADIO_SERVER_NAME', '127.0.0.1'), server_port=args.port)
 
 
 if __name__ == '__main__':

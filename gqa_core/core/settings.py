@@ -19,6 +19,7 @@ variable                    default                   what it decides
 ``GQA_LENS_CACHE``          ``~/.cache/gqa_lens``     downloaded datasets and decoded images
 ``GQA_LENS_CIFAR10``        none                      a path to ``cifar10-jpeg.tar.gz`` (checked by its sha256)
 ``GQA_LENS_CIFAR10_REPO``   ``gqa-lens/cifar10-jpeg`` the Hub dataset repo it is downloaded from otherwise
+``GQA_LENS_MCP``            ``1``                     ``0``: no MCP server (``/gradio_api/mcp/``) beside the app
 =========================== ========================= =============================================================
 
 :meth:`Settings.from_env` reads them all whenever asked (cheap), so a process's settings are whatever its
@@ -67,7 +68,7 @@ _PARSERS: Dict[str, Callable[[str], Any]] = dict(
     models=Path, model_dirs=_paths, max_params=_positive(int), max_tokens=_positive(int),
     deep_max_tokens=_positive(int), session_ttl=_positive(float), token_repos=_names, concurrency=_positive(int),
     queue_size=_positive(int), device=str, triton=_flag, cache=lambda t: Path(t).expanduser(),
-    cifar10=lambda t: Path(t).expanduser(), cifar10_repo=str)
+    cifar10=lambda t: Path(t).expanduser(), cifar10_repo=str, mcp=_flag)
 
 
 @dataclass(frozen=True)
@@ -89,6 +90,7 @@ class Settings:
         cache: the project's cache folder.
         cifar10: an explicit path to the CIFAR-10 archive.
         cifar10_repo: the Hub dataset repo holding the CIFAR-10 archive.
+        mcp: whether the app also serves its MCP tools (:mod:`gqa_core.lens.tools`) at ``/gradio_api/mcp/``.
     """
     models: Path = EMBEDDED_DIR
     model_dirs: Tuple[str, ...] = ()
@@ -104,6 +106,7 @@ class Settings:
     cache: Path = Path.home() / '.cache' / 'gqa_lens'
     cifar10: Optional[Path] = None
     cifar10_repo: str = DEFAULT_CIFAR10_REPO
+    mcp: bool = True
 
     @staticmethod
     def variable(name: str) -> str:

@@ -18,20 +18,26 @@ from torch import Tensor, nn
 from ..core.device import full_fp32
 from ..core.record import FUSIONS, Recording, record
 from ..io.config import GQALensConfig
+from ..core.vit import gqa_layers, num_tokens
+from .gpu_duration import analysis_forwards, gpu_seconds, kv_budget_forwards
 from .heads import AblationResult, ablation_study, faithfulness
 
-__all__ = ['ForwardJob', 'Forwards', 'run_forwards', 'forwards_in_a_gpu_call', 'on_zerogpu', 'GPU_DURATION_S',
-           'KVBudgetJob', 'kv_budget_in_a_gpu_call', 'cpu_state', 'job_model']
+__all__ = ['ForwardJob', 'Forwards', 'run_forwards', 'forwards_in_a_gpu_call', 'on_zerogpu',
+           'KVBudgetJob', 'kv_budget_in_a_gpu_call', 'cpu_state', 'job_model',
+           'forward_job_seconds', 'kv_budget_job_seconds']
 
-GPU_DURATION_S = 60  # what one call may take on a ZeroGPU slice; an analysis of 4 models needs a few seconds
 
-
-def _gpu(duration: int) -> Callable[[Callable], Callable]:
-    try:
-        import spaces
-    except ImportError:
-        return lambda fn: fn
-    return spaces.GPU(duration=duration)
+def _gpu(duration: Callable[..., int]) -> Callable[[Callable], Callable]:
+    """``@spaces.GPU`` reserving ``duration(*the call's arguments)`` seconds (:mod:`.gpu_duration`); the function
+    keeps ``duration`` as ``gpu_seconds``, so what a call would reserve can be asked without ZeroGPU."""
+    def decorate(fn: Callable) -> Callable:
+        fn.gpu_seconds = duration  # type: ignore[attr-defined]
+        try:
+            import spaces
+        except ImportError:
+            return fn
+        return spaces.GPU(duration=duration)(fn)
+    return decorate
 
 
 def on_zerogpu() -> bool:
@@ -69,16 +75,31 @@ def run_forwards(model: nn.Module, x: Tensor, deep: bool, labels: List[str]) -> 
 @dataclass
 class ForwardJob:
     """An analysis's forwards as data: the model's typed ``config`` (carried from the load, never derived
-    again), its CPU ``state``, the input ``x``."""
+    again), its CPU ``state``, the input ``x``, and the model's ``tokens`` and ``layers`` (what its GPU call
+    reserves time for, known without building it)."""
     config: GQALensConfig
     state: Dict[str, Tensor]
     x: Tensor
     deep: bool
     labels: List[str]
+    tokens: int
+    layers: int
+    forwards: int  # single-image forwards the job runs (gpu_duration.analysis_forwards)
 
     @classmethod
     def of(cls, config: GQALensConfig, model: nn.Module, x: Tensor, deep: bool, labels: List[str]) -> 'ForwardJob':
-        return cls(config, cpu_state(model), x.cpu(), deep, list(labels))
+        attns = gqa_layers(model)
+        forwards = analysis_forwards(sum(a.num_heads + a.num_kv_heads for a in attns), deep)
+        return cls(config, cpu_state(model), x.cpu(), deep, list(labels), num_tokens(model), len(attns), forwards)
+
+
+def forward_job_seconds(job: ForwardJob) -> int:
+    """The seconds a ZeroGPU call of ``job`` reserves.
+
+    Args:
+        job: the analysis's forwards.
+    """
+    return gpu_seconds(job.tokens, job.layers, job.forwards)
 
 
 def cpu_state(model: nn.Module) -> Dict[str, Tensor]:
@@ -99,7 +120,7 @@ def job_model(job: Any) -> nn.Module:
     return model.to(_device()).eval()
 
 
-@_gpu(GPU_DURATION_S)
+@_gpu(forward_job_seconds)
 def forwards_in_a_gpu_call(job: ForwardJob) -> Forwards:
     """:func:`run_forwards` for a job, with the model rebuilt from its data on CUDA when there is one; what
     a ZeroGPU Space runs inside its GPU slice."""
@@ -115,15 +136,32 @@ class KVBudgetJob:
     labels: Optional[Tensor]
     calibration: Tensor
     max_refine_flops: Optional[float]
+    tokens: int
+    layers: int
+    forwards: float  # single-image forwards the job runs (gpu_duration.kv_budget_forwards)
 
     @classmethod
     def of(cls, config: GQALensConfig, model: nn.Module, images: Tensor, labels: Optional[Tensor],
            calibration: Tensor, max_refine_flops: Optional[float]) -> 'KVBudgetJob':
+        from .kv_budget import conversions
+        layers = len(gqa_layers(model))
+        converted = conversions(gqa_layers(model)[0].num_heads)
+        advised = sorted({g for g, _, order, _ in converted if order != 'consecutive'})
+        forwards = kv_budget_forwards(len(images), len(calibration), layers, len(converted), advised)
         return cls(config, cpu_state(model), images.cpu(), None if labels is None else labels.cpu(), calibration.cpu(),
-                   max_refine_flops)
+                   max_refine_flops, num_tokens(model), layers, forwards)
 
 
-@_gpu(GPU_DURATION_S)
+def kv_budget_job_seconds(job: KVBudgetJob) -> int:
+    """The seconds a ZeroGPU call of ``job`` reserves.
+
+    Args:
+        job: the live KV budget's work.
+    """
+    return gpu_seconds(job.tokens, job.layers, job.forwards)
+
+
+@_gpu(kv_budget_job_seconds)
 def kv_budget_in_a_gpu_call(job: KVBudgetJob) -> list:
     from .kv_budget import kv_budget_rows
     device = _device()

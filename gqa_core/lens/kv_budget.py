@@ -31,7 +31,8 @@ from ..io.preprocessing import model_preprocessing
 from ..training.data import DataSplits, build_datasets
 from .figures import kv_budget_figure
 
-__all__ = ['kv_budget', 'kv_budget_rows', 'predictions', 'split_tensors', 'main', 'EXPLORED_VARIANTS', 'HEAD_ORDERS']
+__all__ = ['kv_budget', 'kv_budget_rows', 'conversions', 'predictions', 'split_tensors', 'main', 'EXPLORED_VARIANTS',
+           'HEAD_ORDERS']
 
 EXPLORED_VARIANTS = ('gqa', 'kdgqa')  # the explorer's variants at each G (the static and the key-driven one)
 
@@ -52,6 +53,23 @@ def split_tensors(splits: DataSplits, split: str, batch_size: int = 256) -> Tupl
     return torch.cat(xs), torch.cat(ys)
 
 
+def conversions(num_heads: int, variants: Sequence[str] = EXPLORED_VARIANTS,
+                head_orders: Sequence[str] = HEAD_ORDERS, inits: Sequence[str] = ('mean',)) -> List[tuple]:
+    """``(G, variant, head order, init)`` of every model the explorer converts from an MHA of ``num_heads`` heads:
+    every divisor G below it (the advisor only where there is a choice, G > 1). Also what a ZeroGPU call of
+    the explorer reserves time for (:mod:`gqa_core.lens.gpu_duration`).
+
+    Args:
+        num_heads: H, the MHA model's heads.
+        variants: the grouped variants at each G.
+        head_orders: consecutive and / or output-error.
+        inits: mean-pooled and / or calibrated K/V heads.
+    """
+    divisors = [g for g in range(1, num_heads) if num_heads % g == 0]
+    return [(g, v, order, init) for g in divisors for v in variants for order in head_orders for init in inits
+            if not (order != 'consecutive' and g == 1)]  # one group: nothing to choose
+
+
 def kv_budget_rows(mha: nn.Module, images: Tensor, labels: Optional[Tensor], calibration: Tensor, *,
                    variants: Sequence[str] = EXPLORED_VARIANTS, head_orders: Sequence[str] = HEAD_ORDERS,
                    batch_size: int = 256,
@@ -69,9 +87,7 @@ def kv_budget_rows(mha: nn.Module, images: Tensor, labels: Optional[Tensor], cal
     reference = predictions(mha, images, batch_size)
     rows = [dict(num_kv_heads=H, variant='mha', head_order='consecutive', init='mean', kv_bytes=kv_cache_bytes(mha),
                  top1=float((reference == labels).float().mean()) if labels is not None else None, agreement=1.0)]
-    divisors = [g for g in range(1, H) if H % g == 0]
-    jobs = [(g, v, order, init) for g in divisors for v in variants for order in head_orders for init in inits
-            if not (order != 'consecutive' and g == 1)]  # one group: nothing to choose
+    jobs = conversions(H, variants, head_orders, inits)
     advice: Dict[int, List[List[int]]] = {}
     for i, (g, variant, order, init) in enumerate(jobs):
         if progress is not None:

@@ -19,7 +19,7 @@ from torch import nn
 
 from ..core.calibrate import CalibrationBudget, CalibrationReport, block_flops
 from ..core.convert import check_convertible, convert, kv_cache_bytes, kv_heads_label
-from ..core.head_order import advise_head_order
+from ..core.head_order import HeadOrderAdvice, advise_head_order
 from ..core.device import full_fp32, resolve_device
 from ..core.policies import POLICIES
 from ..core.settings import EMBEDDED_DIR
@@ -33,7 +33,7 @@ from .calibration import calibration_images
 from .gpu import on_zerogpu
 from .specs import Spec, SpecError, allowed_model_dirs, parse_spec, resolve_in, shown
 
-__all__ = ['short_name', 'LoadedModel', 'HUB_SOURCES', 'hub_note', 'hub_reachable', 'ModelRegistry', 'ModelLoadError', 'EMBEDDED_DIR', 'DEFAULT_MODELS', 'parse_spec',
+__all__ = ['short_name', 'live_head_order', 'LoadedModel', 'HUB_SOURCES', 'hub_note', 'hub_reachable', 'ModelRegistry', 'ModelLoadError', 'EMBEDDED_DIR', 'DEFAULT_MODELS', 'parse_spec',
            'SpecError']
 
 DEFAULT_MODELS = ('embedded/mha', 'embedded/gqa', 'embedded/kdgqa', 'embedded/dgqa-diff')
@@ -63,6 +63,23 @@ HUB_TIMEOUT = 3.0  # seconds the reachability check waits for the Hub
 def live_calibration_size(model: nn.Module, most: int = 512) -> int:
     """How many calibration images the head-order advisor scores for one live request (bounded work)."""
     return max(8, min(most, CALIBRATION_TOKENS // num_tokens(model)))
+
+
+def live_head_order(model: nn.Module, num_kv_heads: int, images: Optional[torch.Tensor] = None) -> HeadOrderAdvice:
+    """The head-order advisor within one live request's budgets: :func:`live_calibration_size` of the shipped
+    images (or the first that many of ``images``, already preprocessed) and :data:`REFINE_FLOPS` of output
+    comparison. Every live caller (an ``output-error`` conversion, the MCP tool) goes through here, so none can
+    ask for more work than another.
+
+    Args:
+        model: the multi-head ViT to advise (unchanged).
+        num_kv_heads: G, a divisor of its heads.
+        images: preprocessed calibration images to take the budgeted prefix from; None: the shipped ones.
+    """
+    check_convertible(model, num_kv_heads)
+    size = live_calibration_size(model)
+    images = calibration_images(model_preprocessing(model), size) if images is None else images
+    return advise_head_order(model, num_kv_heads, images[:size], max_refine_flops=REFINE_FLOPS)
 
 
 def forward_flops(model: nn.Module) -> float:
@@ -251,8 +268,7 @@ class ModelRegistry:
             if advised or calibrated else None  # both sets are prefixes of the shipped images: decoded once
         order: Any = spec.head_order
         if advised:  # the advisor on its own bounded image set
-            order = advise_head_order(model, spec.kv_heads, images[:advise_size],
-                                       max_refine_flops=REFINE_FLOPS).permutations
+            order = live_head_order(model, spec.kv_heads, images[:advise_size]).permutations
         fit = images[:fit_size] if calibrated else None
         report = None if progress is None else (lambda f, what: progress(f'{spec}: {what}'))
         convert(model, spec.variant, spec.kv_heads, head_order=order, calibration=fit, init=spec.init,
