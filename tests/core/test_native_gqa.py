@@ -247,3 +247,22 @@ def test_a_timm_format_hub_repo_of_a_native_model_loads_as_it_is(tmp_path):
         assert (torch.tensor(native['out']) - model(x)).abs().max() <= 1e-5
     assert result['convert:hf-hub:meta/sapiens-tiny:kdgqa:native']['kv'] == [4, 2, 2, 4]
     assert result['convert:hf-hub:meta/sapiens-tiny:gqa:1']['kv'] == [1, 1, 1, 1]
+
+
+def test_the_mcp_analysis_of_a_native_model_gives_each_layer_its_own_kv_heads(tmp_path):
+    """The structured analysis an agent reads: per layer as many allocations, shares and key norms as the
+    layer has KV heads (no padding, no NaN in the JSON)."""
+    import json
+    from gqa_core.io.hub import save_pretrained
+    from gqa_core.lens.models import ModelRegistry
+    from gqa_core.lens.tools import LensTools
+    from support import EXAMPLES_DIR
+    save_pretrained(convert(native_model('sapiens2'), 'kdgqa'), tmp_path / 'sapiens')
+    tools = LensTools(ModelRegistry(model_dirs=[str(tmp_path)]))
+    text = tools.analyse(str(EXAMPLES_DIR / 'grace_hopper.jpg'), 'local:sapiens')
+    assert 'NaN' not in text
+    answer = json.loads(text)
+    model = answer['models'][0] if isinstance(answer, dict) and 'models' in answer else answer[0]
+    allocation = [layer['allocation'] for layer in model['layers']]
+    assert [len(a) for a in allocation] == [4, 2, 2, 4] and all(sum(a) == 4 for a in allocation)
+    assert [len(layer['key_norms']) for layer in model['layers']] == [4, 2, 2, 4]
