@@ -291,6 +291,9 @@ def test_the_app_shows_every_view_of_every_family_over_http(app_server):
     ('vit_pwee_patch16_reg1_gap_256', r'block 0 \(ParallelScalingBlock\) has no single `attn` module'),
     ('vit_dwee_patch16_reg1_gap_256', r'block 0 \(Block\): attention DiffAttention is not one of'),
     ('vit_small_patch16_rope_mixed_224', 'learned per-head frequencies'),
+    ('naflexvit_base_patch16_gap', 'expected a timm Vision Transformer'),  # variable-length token sequences
+    ('vit_relpos_base_patch16_224', 'expected a timm Vision Transformer'),  # relative-position attention
+    ('cait_xxs24_224', 'expected a timm Vision Transformer'),  # talking-heads and class attention
 ])
 def test_what_is_still_refused_is_named_and_the_model_left_whole(name, match):
     """What bench/coverage.py counts as refused: a ValueError naming the block (or the model) and the reason."""
