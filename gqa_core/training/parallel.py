@@ -28,12 +28,17 @@ BatchStep = Callable[[Tensor, Tensor], Dict[str, Tensor]]  # (images, labels) ->
 def make_accelerator(device: Optional[str] = None, mixed_precision: str = 'auto') -> Any:
     """The run's :class:`~accelerate.Accelerator`: on ``device`` (see :func:`~gqa_core.core.device.resolve_device`),
     ``mixed_precision`` ``auto`` meaning bf16 on a GPU and none on the CPU. One process, or one of the processes
-    ``accelerate launch`` started (it reads their rank and world size from the environment)."""
-    from accelerate import Accelerator
+    ``accelerate launch`` started (it reads their rank and world size from the environment). The trainer's
+    model is wrapped in DDP without buffer broadcasts (see below)."""
+    from accelerate import Accelerator, DistributedDataParallelKwargs
     on_cpu = resolve_device(device).type == 'cpu'
     if mixed_precision == 'auto':
         mixed_precision = 'no' if on_cpu else 'bf16'
-    return Accelerator(mixed_precision=mixed_precision, cpu=on_cpu)
+    # A ViT's only changing buffers are DGQA's: every process computes them itself from statistics all-reduced
+    # over the processes (DGQAPolicy), so DDP's per-forward broadcast of rank 0's buffers is not needed -- and
+    # would hide a process that computed something else (tests/training/test_dgqa_ranks.py).
+    keep_own_buffers = DistributedDataParallelKwargs(broadcast_buffers=False)
+    return Accelerator(mixed_precision=mixed_precision, cpu=on_cpu, kwargs_handlers=[keep_own_buffers])
 
 
 def node_of(accelerator: Any) -> Tuple[int, int]:
