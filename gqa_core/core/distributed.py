@@ -13,7 +13,7 @@ from typing import Tuple
 import torch
 from torch import Tensor
 
-__all__ = ['process_rank', 'process_part', 'sum_over_processes']
+__all__ = ['process_rank', 'process_part', 'sum_over_processes', 'share_over_processes']
 
 
 def process_rank() -> Tuple[int, int]:
@@ -44,3 +44,11 @@ def sum_over_processes(values: Tensor) -> Tensor:
     total = values.detach().to(device, copy=True)
     dist.all_reduce(total, op=dist.ReduceOp.SUM)
     return total.to(values.device)
+
+
+def share_over_processes(hits: Tensor, parallel: bool = True) -> float:
+    """The fraction of true ``hits`` over every process's images (``parallel``; this process's alone otherwise):
+    integer counts, added up exactly."""
+    counts = torch.tensor([int(hits.sum()), hits.numel()], dtype=torch.long)
+    hit, total = (sum_over_processes(counts) if parallel else counts).tolist()
+    return hit / max(total, 1)

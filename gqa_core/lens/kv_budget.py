@@ -12,7 +12,7 @@ model's own top-1, which needs no labels). Writes ``kv_budget.json``, ``kv_budge
 processes (each converts the same models and predicts its part; the hit counts are added up) and the head-order
 advisor's scoring of the calibration images likewise (:func:`~gqa_core.core.head_order.advise_head_order`,
 ``parallel``): the rows are the one-process rows, counts exactly (docs/scale.md). Calibrated K/V heads
-(``--inits calibrated``) are fitted by every process on all the calibration images (the same fit on each).
+(``--inits calibrated``) split the closed form's sums between the processes (:mod:`gqa_core.core.calibrate`).
 """
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from ..core.calibrate import CalibrationBudget
 from ..core.convert import INITS, convert, grouping_config, kv_cache_bytes
 from ..core.device import DEVICE_CHOICES, model_device
-from ..core.distributed import sum_over_processes
+from ..core.distributed import share_over_processes, sum_over_processes
 from ..core.head_order import HEAD_ORDERS, advise_head_order
 from ..io.hub import from_pretrained
 from ..io.preprocessing import model_preprocessing
@@ -76,12 +76,6 @@ def process_tensors(accelerator: Any, dataset: Dataset, batch_size: int = 256) -
     return torch.cat(xs), torch.cat(ys)
 
 
-def _share(hits: Tensor, reduce: Callable[[Tensor], Tensor]) -> float:
-    """The fraction of true ``hits`` over every process's images (integer counts, added up exactly)."""
-    hit, total = reduce(torch.tensor([int(hits.sum()), hits.numel()], dtype=torch.long)).tolist()
-    return hit / max(total, 1)
-
-
 def kv_budget_rows(mha: nn.Module, images: Tensor, labels: Optional[Tensor], calibration: Tensor, *,
                    variants: Sequence[str] = EXPLORED_VARIANTS, head_orders: Sequence[str] = HEAD_ORDERS,
                    batch_size: int = 256,
@@ -93,7 +87,6 @@ def kv_budget_rows(mha: nn.Module, images: Tensor, labels: Optional[Tensor], cal
     mean-pooled and / or calibrated (on ``calibration``, with ``budget``) K/V heads. ``parallel``: every
     process of the ``torch.distributed`` group calls this with its own part of ``images`` and the same
     ``calibration``; the counts and the advisor's sums are added up over the processes."""
-    reduce = sum_over_processes if parallel else (lambda values: values)
     mha = mha.eval()
     device = model_device(mha)
     images, calibration = images.to(device), calibration.to(device)
@@ -101,7 +94,7 @@ def kv_budget_rows(mha: nn.Module, images: Tensor, labels: Optional[Tensor], cal
     H = mha.blocks[0].attn.num_heads
     reference = predictions(mha, images, batch_size)
     rows = [dict(num_kv_heads=H, variant='mha', head_order='consecutive', init='mean', kv_bytes=kv_cache_bytes(mha),
-                 top1=_share(reference == labels, reduce) if labels is not None else None, agreement=1.0)]
+                 top1=share_over_processes(reference == labels, parallel) if labels is not None else None, agreement=1.0)]
     divisors = [g for g in range(1, H) if H % g == 0]
     jobs = [(g, v, order, init) for g in divisors for v in variants for order in head_orders for init in inits
             if not (order != 'consecutive' and g == 1)]  # one group: nothing to choose
@@ -117,12 +110,12 @@ def kv_budget_rows(mha: nn.Module, images: Tensor, labels: Optional[Tensor], cal
                                               parallel=parallel).permutations
             perms = advice[g]
         convert(model, variant, g, head_order=perms, init=init, calibration=calibration if init != 'mean' else None,
-                budget=budget)
+                budget=budget, parallel=parallel)
         predicted = predictions(model.eval(), images, batch_size)
         rows.append(dict(num_kv_heads=g, variant=variant, head_order=order, init=init,
                          kv_bytes=kv_cache_bytes(model),
-                         top1=_share(predicted == labels, reduce) if labels is not None else None,
-                         agreement=_share(predicted == reference, reduce)))
+                         top1=share_over_processes(predicted == labels, parallel) if labels is not None else None,
+                         agreement=share_over_processes(predicted == reference, parallel)))
     if progress is not None:
         progress(1.0, 'done')
     return rows

@@ -149,7 +149,8 @@ def start_head_order(start: nn.Module, splits: Any, cfg: TrainConfig) -> Any:
     if cfg.head_order == 'consecutive' or all(RECIPES.get(v, ('',))[0] == 'mha' for v in cfg.variants):
         return 'consecutive'  # nothing to pool
     G = cfg.num_kv_heads or start.blocks[0].attn.num_heads // 2
-    return advise_head_order(start, G, calibration_draw(splits, cfg)).permutations
+    # every process advises on the same draw, each scoring its part of it (parallel: one process's advice)
+    return advise_head_order(start, G, calibration_draw(splits, cfg), parallel=True).permutations
 
 
 def calibration_draw(splits: Any, cfg: TrainConfig) -> torch.Tensor:
@@ -178,7 +179,7 @@ def make_variant(start: nn.Module, name: str, cfg: TrainConfig, head_order: Any 
     init = 'mean' if multi_head else cfg.init
     budget = CalibrationBudget(steps=cfg.calibration_steps, seed=cfg.seed) if init == 'calibrated' else None
     convert(model, policy, G, head_order='consecutive' if multi_head else head_order, calibration=calibration,
-            init=init, budget=budget, **options)
+            init=init, budget=budget, parallel=True, **options)
     if model.gqa_conversion is not None:
         model.gqa_conversion['data'] = f'{dataset_name(cfg)} (training split)'[:100]
     return model

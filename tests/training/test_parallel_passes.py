@@ -93,3 +93,27 @@ def test_head_order_advisor_scoring_split_between_processes(tmp_path):
             for a, b in zip(one[case][key], two[case][key]):
                 assert (a is None and b is None) or math.isclose(a, b, rel_tol=1e-5, abs_tol=1e-12), (case, key, a, b)
     assert any(p != sorted(p) for p in one['exhaustive']['permutations']), 'the advisor chose a non-trivial order'
+
+
+def test_calibrated_conversion_closed_form_split_between_processes(tmp_path):
+    """The closed form's sums (query covariances, routing counts, the value fit's normal equations) over each
+    process's part, all-reduced: both processes end with the same weights, and with the one-process weights up
+    to the float order of those sums. The normal equations are float32 chunk products (relative error ~1e-7),
+    amplified by the ridge solve and carried through 5 Adam steps: 2e-6 at most was seen on weights of order
+    0.1 - 1, so 1e-5 absolute (1e-4 relative) is the bound; a closed form on one process's part alone misses
+    it by orders of magnitude."""
+    from safetensors.torch import load_file
+    import torch
+    for processes in (1, 2):
+        run_tool(['support.calibrate_in_processes', str(tmp_path / f'p{processes}')], processes)
+    one = load_file(tmp_path / 'p1' / 'rank0.safetensors')
+    ranks = [load_file(tmp_path / 'p2' / f'rank{r}.safetensors') for r in (0, 1)]
+    assert all(torch.equal(ranks[0][k], ranks[1][k]) for k in one), 'every process holds the same weights'
+    for k in one:
+        torch.testing.assert_close(ranks[0][k], one[k], rtol=1e-4, atol=1e-5, msg=k)
+    reports = [json.loads((tmp_path / p / 'rank0.json').read_text()) for p in ('p1', 'p2')]
+    assert (reports[0]['processes'], reports[1]['processes']) == (1, 2)
+    for variant in ('gqa', 'kdgqa'):
+        for a, b in zip(reports[0][variant]['error_calibrated'], reports[1][variant]['error_calibrated']):
+            assert math.isclose(a, b, rel_tol=1e-4), (variant, a, b)
+        assert reports[0][variant]['error_calibrated'] < reports[0][variant]['error_mean_pooled']
