@@ -171,7 +171,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    accelerator = make_accelerator('cpu', 'no')  # one process, or one of accelerate launch's (gloo)
+    accelerator = make_accelerator('cpu')  # one process, or one of accelerate launch's (gloo)
     try:
         model = load_source(args.source)
         calibration, data_name = _calibration_images(model, args.calibration, args.images, args.seed)

@@ -127,7 +127,7 @@ def kv_budget(model_source: str, data: str, split: str = 'test', limit: Optional
               accelerator: Any = None) -> Dict[str, Any]:
     """The explorer's rows for ``model_source`` on a split (see the module doc), data-parallel under
     ``accelerate launch`` (every process gets the whole result; ``processes`` says how many computed it)."""
-    accelerator = accelerator or make_accelerator(device, 'no')
+    accelerator = accelerator or make_accelerator(device)
     model = from_pretrained(model_source).float().eval().to(accelerator.device)
     variant = grouping_config(model)['variant']
     if variant != 'mha':
@@ -175,7 +175,7 @@ def main(argv: Optional[List[str]] = None) -> None:
                              'each on 2 CPU cores for the embedded model)')
     parser.add_argument('--streaming', action='store_true', help='stream a Hub dataset (test split only)')
     args = parser.parse_args(argv)
-    accelerator = make_accelerator(args.device, 'no')
+    accelerator = make_accelerator(args.device)
     result = kv_budget(args.model, args.data, args.split, args.limit, args.calibration_images, args.seed,
                        device=args.device, inits=args.inits, streaming=args.streaming, accelerator=accelerator)
     if not accelerator.is_main_process:

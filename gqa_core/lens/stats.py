@@ -40,7 +40,7 @@ def model_stats(model: torch.nn.Module, dataset: Dataset, num_classes: int, acce
     """Allocation statistics and predictions of one model over ``dataset``, data-parallel under ``accelerate
     launch`` (:mod:`~gqa_core.training.parallel`). Every figure is built from integer counts (the entropy too:
     a sum over the allocation histogram), so N processes give the one-process figures exactly."""
-    accelerator = accelerator or make_accelerator(str(model_device(model)), 'no')
+    accelerator = accelerator or make_accelerator(str(model_device(model)))
     model = model.eval()
     predictions: List[torch.Tensor] = []
     labels: List[torch.Tensor] = []
@@ -84,7 +84,7 @@ def dataset_stats(models: Sequence[str], data: str, split: str = 'test', limit: 
     :func:`~gqa_core.core.device.resolve_device`), data-parallel under ``accelerate launch`` (every process
     gets the whole result; ``processes`` says how many computed it). ``streaming``: a Hub dataset's test split,
     streamed."""
-    accelerator = accelerator or make_accelerator(device, 'no')
+    accelerator = accelerator or make_accelerator(device)
     result: Dict[str, Any] = dict(data=Path(data).name, split=split, processes=accelerator.num_processes,
                                   models={})
     predictions = {}
@@ -133,7 +133,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument('--device', help=f'{DEVICE_CHOICES} (default: GQA_LENS_DEVICE, else auto)')
     parser.add_argument('--streaming', action='store_true', help='stream a Hub dataset (test split only)')
     args = parser.parse_args(argv)
-    accelerator = make_accelerator(args.device, 'no')
+    accelerator = make_accelerator(args.device)
     result = dataset_stats(args.models, args.data, args.split, args.limit, device=args.device,
                            streaming=args.streaming, accelerator=accelerator)
     if not accelerator.is_main_process:

@@ -34,7 +34,7 @@ def evaluate(model_source: str, data: str, split: str = 'test', batch_size: int 
     (:mod:`~gqa_core.training.parallel`): every process gets the one-process result. ``device``: see
     :func:`~gqa_core.core.device.resolve_device` (CUDA when there is one, unless told); ``streaming``: stream a
     Hub dataset's test split; ``accelerator``: the run's (default: :func:`make_accelerator` on ``device``)."""
-    accelerator = accelerator or make_accelerator(device, 'no')
+    accelerator = accelerator or make_accelerator(device)
     model = from_pretrained(model_source).to(accelerator.device).eval()
     splits = build_datasets(data, model_preprocessing(model), val_fraction=val_fraction, seed=seed, limit=limit,
                             streaming=streaming, node=node_of(accelerator))
@@ -89,7 +89,7 @@ def main(argv: Optional[list] = None) -> None:
     parser.add_argument('--streaming', action='store_true', help='stream a Hub dataset (test split only)')
     parser.add_argument('--json', help='also write the result here (with processes: how many computed it)')
     args = parser.parse_args(argv)
-    accelerator = make_accelerator(args.device, 'no')
+    accelerator = make_accelerator(args.device)
     try:
         result = evaluate(args.model, args.data, args.split, args.batch_size, args.workers, args.device,
                           limit=args.limit, streaming=args.streaming, accelerator=accelerator)

@@ -25,14 +25,15 @@ __all__ = ['make_accelerator', 'gathered_batches', 'node_of', 'gather_samples']
 BatchStep = Callable[[Tensor, Tensor], Dict[str, Tensor]]  # (images, labels) -> per-sample tensors (first dim B)
 
 
-def make_accelerator(device: Optional[str] = None, mixed_precision: str = 'auto') -> Any:
+def make_accelerator(device: Optional[str] = None, mixed_precision: Optional[str] = None) -> Any:
     """The run's :class:`~accelerate.Accelerator`: on ``device`` (see :func:`~gqa_core.core.device.resolve_device`),
-    ``mixed_precision`` ``auto`` meaning bf16 on a GPU and none on the CPU. One process, or one of the processes
+    ``mixed_precision`` ``auto`` meaning bf16 on a GPU and none on the CPU; ``None`` (the evaluation tools, which
+    never autocast) leaves it as accelerate has it, so they can follow a bf16 training run in one process. One process, or one of the processes
     ``accelerate launch`` started (it reads their rank and world size from the environment). The trainer's
     model is wrapped in DDP without buffer broadcasts (see below)."""
     from accelerate import Accelerator, DistributedDataParallelKwargs
     on_cpu = resolve_device(device).type == 'cpu'
-    if mixed_precision == 'auto':
+    if mixed_precision == 'auto':  # the trainer's default
         mixed_precision = 'no' if on_cpu else 'bf16'
     # A ViT's only changing buffers are DGQA's: every process computes them itself from statistics all-reduced
     # over the processes (DGQAPolicy), so DDP's per-forward broadcast of rank 0's buffers is not needed -- and
