@@ -8,7 +8,8 @@ Each run is the command a user types -- ``python -m gqa_core.evaluate`` for one 
 --multi_gpu --num_processes N`` with ``ACCELERATE_USE_CPU=1`` for N gloo processes on the CPU (``--cpu`` starts
 one process whatever ``--num_processes`` says) -- timed from start to exit, model loading and process start
 included. The CPU threads are split fairly: ``--threads`` in all (default: the machine's cores) shared by the
-processes (``OMP_NUM_THREADS``). Prints one markdown row per run.
+processes (``OMP_NUM_THREADS``). Prints one markdown row per run, in the order run (``--processes 2 1`` runs
+two processes first: on a busy machine, run both orders).
 """
 from __future__ import annotations
 
@@ -60,17 +61,21 @@ def main(argv: List[str] | None = None) -> None:
     parser.add_argument('--threads', type=int, default=os.cpu_count())
     parser.add_argument('--batch-size', type=int, default=256)
     args = parser.parse_args(argv)
-    print(f'| processes | threads each | images | top-1 | wall time (s) | vs 1 process |\n|---:|---:|---:|---:|---:|---:|')
-    first = None
+    runs = []
     with tempfile.TemporaryDirectory() as tmp:
         for processes in args.processes:
-            r = timed_evaluate(args.model, args.data, processes, args.threads, args.batch_size,
-                               Path(tmp) / f'{processes}.json')
-            first = first or r
-            assert (r['n'], r['top1'], r['mean_allocation']) == (first['n'], first['top1'], first['mean_allocation'])
-            print(f"| {r['processes']} | {max(1, args.threads // processes)} | {r['n']} | {r['top1'] * 100:.2f} % "
-                  f"| {r['wall_s']:.1f} | {first['wall_s'] / r['wall_s']:.2f}x |", flush=True)
-
+            runs.append(timed_evaluate(args.model, args.data, processes, args.threads, args.batch_size,
+                                       Path(tmp) / f'{processes}.json'))
+            first = runs[0]
+            assert (runs[-1]['n'], runs[-1]['top1'], runs[-1]['mean_allocation']) == \
+                (first['n'], first['top1'], first['mean_allocation']), 'every run counts the same'
+    one = next((r['wall_s'] for r in runs if r['processes'] == 1), None)
+    print('| processes | threads each | images | top-1 | wall time (s) | speed-up over 1 process |\n'
+          '|---:|---:|---:|---:|---:|---:|')
+    for r in runs:
+        speedup = f"{one / r['wall_s']:.2f}x" if one else 'n/a'
+        print(f"| {r['processes']} | {max(1, args.threads // r['processes'])} | {r['n']} | {r['top1'] * 100:.2f} % "
+              f"| {r['wall_s']:.1f} | {speedup} |")
 
 if __name__ == '__main__':
     main()
