@@ -22,6 +22,7 @@ def one_and_two(tmp_path, module, args, out_flag, written):
     results = []
     for processes in (1, 2):
         out = tmp_path / f'p{processes}'
+        out.mkdir()
         run_tool([module, *args, out_flag, str(out / written if out_flag == '--json' else out)], processes)
         results.append(json.loads((out / written).read_text()))
     return results
@@ -31,8 +32,6 @@ def test_evaluate_two_processes_give_the_one_process_result(tmp_path, cifar_subs
     """KDGQA: per-image allocations, so the mean allocation is a real sum over images (integers: exact)."""
     args = [str(MODELS / 'kdgqa'), '--data', str(cifar_subset), '--limit', IMAGES, '--batch-size', '16',
             '--device', 'cpu']
-    (tmp_path / 'p1').mkdir()
-    (tmp_path / 'p2').mkdir()
     one, two = one_and_two(tmp_path, 'gqa_core.evaluate', args, '--json', 'evaluate.json')
     assert (one['processes'], two['processes']) == (1, 2)
     assert one['n'] == two['n'] == int(IMAGES)
@@ -117,3 +116,17 @@ def test_calibrated_conversion_closed_form_split_between_processes(tmp_path):
         for a, b in zip(reports[0][variant]['error_calibrated'], reports[1][variant]['error_calibrated']):
             assert math.isclose(a, b, rel_tol=1e-4), (variant, a, b)
         assert reports[0][variant]['error_calibrated'] < reports[0][variant]['error_mean_pooled']
+
+
+def test_convert_cli_two_processes_give_the_one_process_report(tmp_path, cifar_subset):
+    """``python -m gqa_core.convert`` with the advisor, calibration and --eval: the top-1 hit counts are added up
+    exactly; the layer errors follow the calibrated weights, equal to about 1e-6 (see the test above)."""
+    args = [str(MODELS / 'mha'), '--kv-heads', '4', '--head-order', 'output-error', '--calibration',
+            str(cifar_subset), '--images', '37', '--steps', '5', '--eval', str(cifar_subset), '--limit', IMAGES,
+            '--held-out', '8']
+    one, two = one_and_two(tmp_path, 'gqa_core.convert', args, '--json', 'convert.json')
+    assert (one['processes'], two['processes']) == (1, 2)
+    assert one['top1'] == two['top1'] and one['top1']['n'] == int(IMAGES)
+    for key in ('error_mean_pooled', 'error_result'):
+        for a, b in zip(one['held_out'][key], two['held_out'][key]):
+            assert math.isclose(a, b, rel_tol=1e-4), (key, a, b)
