@@ -23,6 +23,14 @@ means: every layer is calibrated through its own forward in eval mode, so static
 allocation it holds; calibration never moves it: that is a training-time decision) and PGQA (no noise in
 eval unless ``noise_in_eval``) are fitted as they will run, and KDGQA's per-image routing is recomputed
 from the changing keys at every step. Policy state (DGQA's statistics) is restored afterwards.
+
+Data-parallel (``parallel=True``, every process of a ``torch.distributed`` group calling with the same images,
+e.g. under ``accelerate launch``): the closed form's sums over images -- the query covariances, the routing
+counts and the value fit's normal equations -- are each computed on a contiguous part of the images per
+process and all-reduced before the solve (:mod:`~gqa_core.core.distributed`), so the closed form is the
+one-process fit up to the float order of those sums. The rest (the optimisation's steps, the held-out checks,
+the report) is sequential in the steps and runs on every process on all the images, deterministically (on
+the CPU): every process ends with the same weights.
 """
 from __future__ import annotations
 
@@ -36,6 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .distributed import process_part, sum_over_processes
 from .attention import (GroupedQueryAttention, _load_qkv, _qkv_tensors, apply_rope, key_head_norms,
                         route_kv)
 from .probe import AttentionProbe
@@ -326,8 +335,9 @@ def _ridge_solve(lhs: Tensor, rhs: Tensor, prior: Tensor, strength: float) -> Te
 
 @torch.no_grad()
 def _closed_form(teacher: GroupedQueryAttention, student: GroupedQueryAttention, x: Tensor,
-                 kwargs: Dict[str, Any], batch: int) -> None:
-    """Stage 1 (see the module docstring), in place on ``student``'s K/V projections (mean-pooled on entry)."""
+                 kwargs: Dict[str, Any], batch: int, parallel: bool = False) -> None:
+    """Stage 1 (see the module docstring), in place on ``student``'s K/V projections (mean-pooled on entry);
+    ``parallel``: its sums over ``x`` split between the processes (module docstring)."""
     H, G, d = student.num_heads, student.num_kv_heads, student.head_dim
     (_, w_k, _), (_, b_k, _) = _qkv_tensors(teacher)
     (_, pooled_k, pooled_v), (_, pooled_bk, pooled_bv) = _qkv_tensors(student)
@@ -336,11 +346,14 @@ def _closed_form(teacher: GroupedQueryAttention, student: GroupedQueryAttention,
     dd = dict(dtype=torch.float64, device=x.device)
     counts = torch.zeros(H, G, **dd)
     cov = torch.zeros(H, d, d, **dd)
-    for start in range(0, x.shape[0], batch):
-        xb = x[start:start + batch]
+    part = process_part(x) if parallel else x
+    for start in range(0, part.shape[0], batch):
+        xb = part[start:start + batch]
         q, _, _ = _qkv_heads(teacher, xb, kwargs)
         cov += torch.einsum('bhtd,bhte->hde', q.double(), q.double())
         counts += F.one_hot(_routing(student, xb, kwargs), G).double().sum(0)
+    if parallel:
+        cov, counts = sum_over_processes(cov), sum_over_processes(counts)
     weight = counts / counts.sum(0, keepdim=True).clamp_min(1)  # (H, G): query head h's weight in KV head g
     wk = w_k.double().view(H, d, -1)
     prior = pooled_k.double().view(G, d, -1)
@@ -355,21 +368,23 @@ def _closed_form(teacher: GroupedQueryAttention, student: GroupedQueryAttention,
     prior_v = pooled_v.double().view(G, d, -1)
     if v_bias:
         prior_v = torch.cat([prior_v, pooled_bv.double().view(G, d, 1)], -1)
-    _refit_values(teacher, student, x, kwargs, batch, v_bias, prior_v)
+    _refit_values(teacher, student, x, kwargs, batch, v_bias, prior_v, parallel)
 
 
 def _refit_values(teacher: GroupedQueryAttention, student: GroupedQueryAttention, x: Tensor,
-                  kwargs: Dict[str, Any], batch: int, bias: bool, prior: Tensor) -> None:
+                  kwargs: Dict[str, Any], batch: int, bias: bool, prior: Tensor, parallel: bool = False) -> None:
     """Each shared value projection by (ridge) least squares: the heads it serves, under the student's maps,
-    should output what the MHA heads output."""
+    should output what the MHA heads output (``parallel``: the normal equations summed over the processes'
+    parts of ``x``)."""
     H, G, d = student.num_heads, student.num_kv_heads, student.head_dim
     D = x.shape[-1] + int(bias)
     lhs = torch.zeros(G, D, D, dtype=torch.float64, device=x.device)
     rhs = torch.zeros(G, D, d, dtype=torch.float64, device=x.device)
     T = x.shape[1]
     step = max(1, min(batch, CHUNK_VALUES // (H * T * T)))
-    for start in range(0, x.shape[0], step):
-        xb = x[start:start + step]
+    part = process_part(x) if parallel else x
+    for start in range(0, part.shape[0], step):
+        xb = part[start:start + step]
         o_t, _ = _heads_out(teacher, xb, kwargs)
         maps, route = _maps(student, xb, kwargs)  # (B, H, T, T), (B, H)
         z = (maps @ _augmented(xb, bias)[:, None]).flatten(0, 1)  # (B H, T, D): what each head's map gathers
@@ -379,6 +394,8 @@ def _refit_values(teacher: GroupedQueryAttention, student: GroupedQueryAttention
             zg = z.index_select(0, served).reshape(-1, D)
             lhs[g] += (zg.T @ zg).double()
             rhs[g] += (zg.T @ o_t.index_select(0, served).reshape(-1, d)).double()
+    if parallel:
+        lhs, rhs = sum_over_processes(lhs), sum_over_processes(rhs)
     new_v = _ridge_solve(lhs, rhs, prior.transpose(1, 2), RIDGE).transpose(1, 2)  # (G, d, D)
     _write(student, 2, new_v[..., :x.shape[-1]].reshape(G * d, -1), new_v[..., -1].reshape(-1) if bias else None)
 
@@ -490,7 +507,7 @@ def _weights(layer: nn.Module) -> Dict[str, Tensor]:
 
 def _calibrate_layer(block: nn.Module, teacher: GroupedQueryAttention, student: GroupedQueryAttention,
                      x_s: Tensor, y_t: Tensor, context: Dict[str, Any], rows: Optional[slice], steps: int,
-                     budget: CalibrationBudget, batch: int) -> None:
+                     budget: CalibrationBudget, batch: int, parallel: bool = False) -> None:
     """Both stages for one layer (``block.attn`` is ``student``, mean-pooled on entry), fitted on all but the
     last images, which check them: a stage's result is kept only if it lowers the objective on those unseen
     images, so calibration never leaves a layer worse there than mean-pooling (nor overfits a few images)."""
@@ -500,7 +517,7 @@ def _calibrate_layer(block: nn.Module, teacher: GroupedQueryAttention, student: 
     policy = {k: v.clone() for k, v in student.policy.state_dict().items()}
     best = _block_loss(block, x_s[check], y_t[check], context, rows, batch), _weights(student)
     in_s, kwargs = _attention_inputs(block, x_s[fit], context, batch)
-    _closed_form(teacher, student, in_s, kwargs, batch)
+    _closed_form(teacher, student, in_s, kwargs, batch, parallel)
     student.policy.load_state_dict(policy)
     stages = [lambda: None]
     if steps:
@@ -517,9 +534,11 @@ def _calibrate_layer(block: nn.Module, teacher: GroupedQueryAttention, student: 
 
 def calibrate_layers(vit: nn.Module, teachers: Sequence[nn.Module], students: Sequence[GroupedQueryAttention],
                      images: Tensor, budget: CalibrationBudget = CalibrationBudget(), batch: int = 64,
-                     progress: Optional[Callable[[float, str], None]] = None) -> CalibrationReport:
+                     progress: Optional[Callable[[float, str], None]] = None,
+                     parallel: bool = False) -> CalibrationReport:
     """Put ``students`` (the converted layers, mean-pooled) into ``vit``'s blocks, calibrating each in order
-    against ``teachers`` (its blocks' MHA layers, in the students' head order) on ``images``.
+    against ``teachers`` (its blocks' MHA layers, in the students' head order) on ``images``; ``parallel``:
+    the closed form's sums split between the processes (see the module docstring).
 
     All or nothing: on any failure every block gets its teacher back and the exception propagates.
     """
@@ -562,7 +581,7 @@ def calibrate_layers(vit: nn.Module, teachers: Sequence[nn.Module], students: Se
                 y_m, in_m, _ = _run_block(block, x_m, context, batch, capture=REPORT_IMAGES)
             block.attn = student
             if not (student.num_kv_heads == student.num_heads and student.policy.fixed_at_inference):
-                _calibrate_layer(block, teacher, student, x_s, y_t, context, rows, steps, budget, batch)
+                _calibrate_layer(block, teacher, student, x_s, y_t, context, rows, steps, budget, batch, parallel)
                 report.flops += steps * per_step[index]
             # else nothing is shared: the converted layer is the MHA layer, kept exactly
             with torch.no_grad():

@@ -29,6 +29,7 @@ def convert(
         init: str = 'mean',
         budget: Optional[CalibrationBudget] = None,
         progress: Optional[Callable[[float, str], None]] = None,
+        parallel: bool = False,
         **policy_options: Any,
 ) -> nn.Module:
     """Swap every block's attention of a timm ViT (``VisionTransformer``, ``Eva``, ``Beit``), in place, for
@@ -58,6 +59,9 @@ def convert(
     :class:`~gqa_core.core.calibrate.CalibrationReport` is left on the model as ``calibration_report`` and a
     short record (saved in the config, shown on the card) as ``gqa_conversion``.
     ``progress(fraction, message)`` is called after each calibrated layer. A failure leaves the model as it was.
+    ``parallel``: every process of a ``torch.distributed`` group converts with the same ``calibration``
+    images and the advisor's scoring and the calibration's closed form are split between them
+    (:func:`~gqa_core.core.head_order.advise_head_order`, :mod:`gqa_core.core.calibrate`).
     """
     if 'grouping' in policy_options:  # its name before 0.3; "grouping" is what a policy decides per forward
         warnings.warn('convert(grouping=...) is deprecated; use head_order=...', DeprecationWarning, stacklevel=2)
@@ -78,7 +82,7 @@ def convert(
         check_calibration(calibration, vit)
         budget = budget if budget is not None else CalibrationBudget()
     sources = [getattr(block.attn, 'source_heads', None) for block in vit.blocks]
-    perms = _head_order_permutations(vit, attns, head_order, calibration, num_kv_heads, max_refine_flops)
+    perms = _head_order_permutations(vit, attns, head_order, calibration, num_kv_heads, max_refine_flops, parallel)
     if perms is not None and any(getattr(a, 'num_kv_heads', None) not in (None, a.num_heads) for a in attns):
         raise ValueError('a head order permutes multi-head layers (G = H) before pooling: expand the model to '
                          'MHA first (variant "mha"), then convert with a head order')
@@ -95,7 +99,7 @@ def convert(
         new.source_heads = list(sources[index]) if sources[index] is not None else None
         new_layers.append(new)
     if init == 'calibrated':
-        report = calibrate_layers(vit, attns, new_layers, calibration, budget, progress=progress)
+        report = calibrate_layers(vit, attns, new_layers, calibration, budget, progress=progress, parallel=parallel)
         vit.calibration_report = report
         vit.gqa_conversion = dict(init='calibrated', images=report.images, steps_per_layer=report.steps_per_layer,
                                   params=report.params, seconds=round(report.seconds, 1))
@@ -144,7 +148,7 @@ def check_convertible(model: nn.Module, num_kv_heads: Optional[Union[int, Sequen
 
 def _head_order_permutations(vit: nn.Module, attns: list, head_order: Any, calibration: Optional[Tensor],
                              num_kv_heads: Optional[int],
-                             max_refine_flops: Optional[float]) -> Optional[List[List[int]]]:
+                             max_refine_flops: Optional[float], parallel: bool = False) -> Optional[List[List[int]]]:
     if isinstance(head_order, str):
         if head_order == 'consecutive':
             return None
@@ -153,7 +157,8 @@ def _head_order_permutations(vit: nn.Module, attns: list, head_order: Any, calib
                              f'got {head_order!r}')
         if calibration is None:
             raise ValueError('head_order="output-error" needs calibration images (a tensor (N, 3, H, W))')
-        return advise_head_order(vit, num_kv_heads, calibration, max_refine_flops=max_refine_flops).permutations
+        return advise_head_order(vit, num_kv_heads, calibration, max_refine_flops=max_refine_flops,
+                                 parallel=parallel).permutations
     return check_permutations(head_order, len(attns), attns[0].num_heads)
 
 

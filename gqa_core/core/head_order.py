@@ -31,13 +31,14 @@ import itertools
 import math
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .attention import GroupedQueryAttention, apply_rope, attention_kind, permute_heads
+from .distributed import process_part, sum_over_processes
 from .vit import block_context, block_inputs, check_vit, model_output, output_rows, run_blocks
 
 __all__ = ['HeadOrderAdvice', 'advise_head_order', 'permute_heads', 'check_permutations', 'head_groups', 'HEAD_ORDERS']
@@ -46,6 +47,13 @@ HEAD_ORDERS = ('consecutive', 'output-error')
 MAX_EXHAUSTIVE_PARTITIONS = 2_000  # up to this many partitions, each is scored by the layer's full error
 MAX_EXACT_PARTITIONS = 20_000  # up to this (or pairs), exact DP on the per-group bound; beyond, pairwise swaps
 TRANSIENT_VALUES = 8_000_000  # floats per scoring call (32 MB): bounds memory for any model and batch
+
+Reduce = Callable[[Tensor], Tensor]  # a sum over this process's images -> the sum over all processes' images
+
+
+def _alone(values: Tensor) -> Tensor:
+    """The :data:`Reduce` of a single process: its sums are the sums."""
+    return values
 
 
 @dataclass
@@ -128,7 +136,7 @@ def _mha_outputs(layer: _Layer, inputs: Tensor, rows: Optional[slice]) -> Tuple[
 
 
 def _group_costs(layer: _Layer, inputs: Tensor, groups: Sequence[Tuple[int, ...]], batch: int,
-                 rows: Optional[slice] = None) -> Tensor:
+                 rows: Optional[slice] = None, reduce: Reduce = _alone) -> Tensor:
     """Output error of pooling each group's K/V, summed over calibration tokens: ``(len(groups),)``."""
     attn = layer.attn
     H, d = attn.num_heads, attn.head_dim
@@ -154,11 +162,11 @@ def _group_costs(layer: _Layer, inputs: Tensor, groups: Sequence[Tuple[int, ...]
                 costs[m0:m0 + m] += (torch.einsum('bmta,mac->bmtc', delta, gram) * delta).sum((0, 2, 3)).double()
             else:
                 costs[m0:m0 + m] += torch.einsum('bmta,oma->bmto', delta, w).square().sum((0, 2, 3)).double()
-    return costs
+    return reduce(costs)
 
 
 def _layer_errors(layer: _Layer, inputs: Tensor, perms: Sequence[Sequence[int]], G: int, batch: int,
-                  rows: Optional[slice] = None) -> List[float]:
+                  rows: Optional[slice] = None, reduce: Reduce = _alone) -> List[float]:
     """Full output error of the layer (all groups together, through the projection) for each head order,
     several orders per fused attention call."""
     attn = layer.attn
@@ -182,7 +190,7 @@ def _layer_errors(layer: _Layer, inputs: Tensor, perms: Sequence[Sequence[int]],
             delta = (o2 - o[:, flat]).view(B, n, H, Tq, d)
             y = torch.einsum('bnhtd,onhd->bnto', delta, proj[:, idx])
             totals[p0:p0 + n] += y.square().sum((0, 2, 3)).double()
-    return totals.tolist()
+    return reduce(totals).tolist()
 
 
 def _partitions(heads: Tuple[int, ...], s: int):
@@ -226,7 +234,7 @@ def _exact(H: int, s: int, cost: Dict[Tuple[int, ...], float]) -> List[Tuple[int
 
 
 def _swap_search(layer: _Layer, inputs: Tensor, H: int, G: int, batch: int, rows: Optional[slice] = None,
-                 max_rounds: int = 64) -> List[Tuple[int, ...]]:
+                 max_rounds: int = 64, reduce: Reduce = _alone) -> List[Tuple[int, ...]]:
     """Best-improvement pairwise swaps between groups, from the consecutive order; each round scores all
     candidate groups of all swaps in one batch."""
     s = H // G
@@ -236,7 +244,7 @@ def _swap_search(layer: _Layer, inputs: Tensor, H: int, G: int, batch: int, rows
     def score(candidates: List[Tuple[int, ...]]) -> None:
         todo = sorted({c for c in candidates if c not in cache})
         if todo:
-            for c, value in zip(todo, _group_costs(layer, inputs, todo, batch, rows).tolist()):
+            for c, value in zip(todo, _group_costs(layer, inputs, todo, batch, rows, reduce).tolist()):
                 cache[c] = value
 
     score(groups)
@@ -258,18 +266,24 @@ def _swap_search(layer: _Layer, inputs: Tensor, H: int, G: int, batch: int, rows
     return groups
 
 
-def _output_divergence(reference: Tensor, output: Tensor, headless: bool) -> float:
-    """Mean KL(MHA || candidate) of the predicted distributions; squared feature error when headless."""
+def _output_divergence(reference: Tensor, output: Tensor, headless: bool, reduce: Reduce = _alone) -> float:
+    """Mean KL(MHA || candidate) of the predicted distributions; squared feature error when headless (the mean
+    over every process's images: a reduced sum and count)."""
     if headless:
-        return float((output - reference).double().square().sum(-1).mean())
-    ref, out = reference.double().log_softmax(-1), output.double().log_softmax(-1)
-    return float((ref.exp() * (ref - out)).sum(-1).mean())
+        per_image = (output - reference).double().square().sum(-1)
+    else:
+        ref, out = reference.double().log_softmax(-1), output.double().log_softmax(-1)
+        per_image = (ref.exp() * (ref - out)).sum(-1)
+    total, count = reduce(torch.stack([per_image.sum(), per_image.new_tensor(float(per_image.numel()))])).tolist()
+    return total / count
 
 
-def _refine_flops_per_candidate(vit: nn.Module, tokens: Tensor) -> float:
+def _refine_flops_per_candidate(vit: nn.Module, tokens: Tensor, images: Optional[int] = None) -> float:
     """About the FLOPs one candidate costs in the model-output comparison: layer l's candidate runs L - l
-    blocks (2 FLOPs per weight per token, plus the attention's 4 T D) over the calibration tokens."""
+    blocks (2 FLOPs per weight per token, plus the attention's 4 T D) over the calibration tokens (of
+    ``images`` images, all processes' together; default: ``tokens``')."""
     N, T, D = tokens.shape
+    N = N if images is None else images
     L = len(vit.blocks)
     per_token = 2 * sum(p.numel() for p in vit.blocks[0].parameters()) + 4 * T * D
     return float(L * (L + 1) // 2 * N * T * per_token)
@@ -285,29 +299,29 @@ def _pooled_block(block: nn.Module, attn: GroupedQueryAttention, perm: Sequence[
 
 
 def _ranked_partitions(layer: _Layer, x: Tensor, G: int, rows: Optional[slice], candidates: int,
-                       batch: int) -> Tuple[List[Tuple[List[int], float]], float, str]:
+                       batch: int, reduce: Reduce = _alone) -> Tuple[List[Tuple[List[int], float]], float, str]:
     """Stage 1 for one layer: up to ``candidates`` head orders with their layer error, best first, none worse
     than the consecutive order; the consecutive order's error; the search used."""
     H = layer.attn.num_heads
     s = H // G
     consecutive = list(range(H))
     if G == H or G == 1:
-        err_c = _layer_errors(layer, x, [consecutive], G, batch, rows)[0]
+        err_c = _layer_errors(layer, x, [consecutive], G, batch, rows, reduce)[0]
         return [(consecutive, err_c)], err_c, 'kept'
     if _num_partitions(H, G) <= MAX_EXHAUSTIVE_PARTITIONS:  # score every partition by the full error
         perms = [[h for g in p for h in g] for p in _partitions(tuple(range(H)), s)]
-        errors = _layer_errors(layer, x, perms, G, batch, rows)
+        errors = _layer_errors(layer, x, perms, G, batch, rows, reduce)
         err_c = errors[perms.index(consecutive)]
         order = sorted(range(len(perms)), key=errors.__getitem__)
         return [(perms[i], errors[i]) for i in order if errors[i] <= err_c][:candidates], err_c, 'exhaustive'
     if _num_partitions(H, G) <= MAX_EXACT_PARTITIONS or (s == 2 and H <= 16):
         groups_of = list(itertools.combinations(range(H), s))
-        costs = _group_costs(layer, x, groups_of, batch, rows).tolist()
+        costs = _group_costs(layer, x, groups_of, batch, rows, reduce).tolist()
         groups, how = _exact(H, s, dict(zip(groups_of, costs))), 'exact'
     else:
-        groups, how = _swap_search(layer, x, H, G, batch, rows), 'swap'
+        groups, how = _swap_search(layer, x, H, G, batch, rows, reduce=reduce), 'swap'
     perm = [h for group in groups for h in group]
-    err_c, err_a = _layer_errors(layer, x, [consecutive, perm], G, batch, rows)
+    err_c, err_a = _layer_errors(layer, x, [consecutive, perm], G, batch, rows, reduce)
     if err_a > err_c:  # the search minimised a per-group bound; never worse than the paper's order
         return [(consecutive, err_c)], err_c, 'kept'
     return [(perm, err_a)], err_c, how
@@ -315,7 +329,7 @@ def _ranked_partitions(layer: _Layer, x: Tensor, G: int, rows: Optional[slice], 
 
 def _choose_by_output(vit: nn.Module, index: int, attn: GroupedQueryAttention, ranked: List[Tuple[List[int], float]],
                       G: int, tokens: Tensor, reference: Tensor, batch: int,
-                      context: Dict[str, Any]) -> Tuple[float, List[int], float, Tensor]:
+                      context: Dict[str, Any], reduce: Reduce = _alone) -> Tuple[float, List[int], float, Tensor]:
     """Stage 2 for layer ``index``: among ``ranked`` head orders, the one whose model output (the layers below
     already converted, given as ``tokens`` entering this block) stays closest to the MHA ``reference``.
     Returns its divergence, order, layer error and the tokens it passes to the next block."""
@@ -323,7 +337,7 @@ def _choose_by_output(vit: nn.Module, index: int, attn: GroupedQueryAttention, r
     best = None
     for perm, err in ranked:
         out = run_blocks([_pooled_block(vit.blocks[index], attn, perm, G)], tokens, batch, context)
-        d = _output_divergence(reference, model_output(vit, out, index + 1, batch, context), headless)
+        d = _output_divergence(reference, model_output(vit, out, index + 1, batch, context), headless, reduce)
         if best is None or d < best[0]:
             best = (d, perm, err, out)
     return best
@@ -331,7 +345,8 @@ def _choose_by_output(vit: nn.Module, index: int, attn: GroupedQueryAttention, r
 
 @torch.no_grad()
 def advise_head_order(model: nn.Module, num_kv_heads: int, images: Tensor, *, candidates: int = 8,
-                    max_refine_flops: Optional[float] = None, batch: int = 64) -> HeadOrderAdvice:
+                    max_refine_flops: Optional[float] = None, batch: int = 64,
+                    parallel: bool = False) -> HeadOrderAdvice:
     """Choose each layer's head order for pooling an MHA ViT to ``num_kv_heads`` KV heads (see module doc).
 
     ``images``: calibration inputs ``(N, 3, H, W)``, already preprocessed. The model is not changed.
@@ -339,6 +354,12 @@ def advise_head_order(model: nn.Module, num_kv_heads: int, images: Tensor, *, ca
     the partitions were scored exhaustively (1: the least layer error wins). ``max_refine_flops``: a bound on
     that comparison's work (fewer candidates, or none, when it would exceed it), for callers that serve
     strangers; ``None``: unbounded.
+
+    ``parallel``: every process of the ``torch.distributed`` group calls this with the same ``images`` (under
+    ``accelerate launch``, say); each scores its contiguous part of them (:mod:`~gqa_core.core.distributed`)
+    and the error sums, and the divergences' sums and counts, are added up over the processes before any
+    choice, so every process makes the same choices, and the one process's up to the float order of the sums.
+    Without a process group it is the one-process advisor.
     """
     vit = check_vit(model)
     if candidates < 1:
@@ -348,10 +369,14 @@ def advise_head_order(model: nn.Module, num_kv_heads: int, images: Tensor, *, ca
         raise ValueError(f'num_kv_heads={G} must be a positive divisor of the {H} heads')
     was_training = vit.training
     vit.eval()
+    total_images = images.shape[0]
+    reduce: Reduce = sum_over_processes if parallel else _alone
+    images = process_part(images) if parallel else images
     mha_tokens = block_inputs(vit, images)
     context = block_context(vit, images)
     if max_refine_flops is not None:
-        candidates = max(1, min(candidates, int(max_refine_flops // _refine_flops_per_candidate(vit, mha_tokens))))
+        cost = _refine_flops_per_candidate(vit, mha_tokens, total_images)
+        candidates = max(1, min(candidates, int(max_refine_flops // cost)))
     refine = candidates > 1 and 1 < G < H and _num_partitions(H, G) <= MAX_EXHAUSTIVE_PARTITIONS
     converted_tokens = mha_tokens  # what the layers chosen so far produce (tracked when stage 2 runs)
     reference = model_output(vit, mha_tokens, 0, batch, context) if refine else None
@@ -359,11 +384,11 @@ def advise_head_order(model: nn.Module, num_kv_heads: int, images: Tensor, *, ca
     for index, block in enumerate(vit.blocks):
         attn = _multi_head(block.attn, index)
         ranked, err_c, how = _ranked_partitions(_Layer.of(attn, context), block.norm1(mha_tokens), G,
-                                                output_rows(vit, index), candidates, batch)
+                                                output_rows(vit, index), candidates, batch, reduce)
         divergence = None
         if refine:
             divergence, perm, err_a, converted_tokens = _choose_by_output(
-                vit, index, attn, ranked, G, converted_tokens, reference, batch, context)
+                vit, index, attn, ranked, G, converted_tokens, reference, batch, context, reduce)
         else:
             perm, err_a = ranked[0]
         advice.permutations.append(list(perm))

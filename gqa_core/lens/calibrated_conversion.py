@@ -9,7 +9,8 @@ layer, how far the converted model's tokens are from the MHA model's (mean-poole
 calibration images; ``--held-out N`` also on N test images); top-1 of MHA, mean-pooled and the result on
 ``--eval DATA``'s test split when given; the time. ``--out DIR`` saves the model (its card says how it was
 calibrated, on what, with what budget) with ``calibration.json`` and ``calibration.html`` (the per-layer,
-per-KV-head figure).
+per-KV-head figure). Under ``accelerate launch --num_processes N`` the advisor's scoring, the calibration's
+closed form and the top-1 are split between the processes (docs/scale.md).
 """
 from __future__ import annotations
 
@@ -30,9 +31,11 @@ from ..core.head_order import HEAD_ORDERS, advise_head_order
 from ..core.policies import POLICIES
 from ..io.hub import ModelLoadError, from_pretrained, from_timm, save_pretrained
 from ..io.preprocessing import model_preprocessing
+from ..core.distributed import share_over_processes, sum_over_processes
 from ..training.data import build_datasets
+from ..training.parallel import make_accelerator
 from .calibration import calibration_images
-from .kv_budget import predictions, split_tensors
+from .kv_budget import predictions, process_tensors
 
 __all__ = ['load_source', 'convert_and_report', 'format_report', 'main']
 
@@ -50,23 +53,27 @@ def load_source(source: str) -> nn.Module:
     return model.float().eval()
 
 
-def _top1(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> float:
+def _top1(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, parallel: bool = False) -> float:
+    """Top-1 on ``images`` (``parallel``: this process's part; the hits are added up over the processes)."""
     with torch.no_grad():
-        return float((predictions(model.eval(), images) == labels).float().mean())
+        return share_over_processes(predictions(model.eval(), images) == labels, parallel)
 
 
 def convert_and_report(model: nn.Module, variant: str, num_kv_heads: int, calibration: torch.Tensor, *,
                        head_order: str = 'consecutive', init: str = 'calibrated',
                        budget: CalibrationBudget = CalibrationBudget(),
                        evaluation: Optional[tuple] = None, held_out: Optional[torch.Tensor] = None,
-                       progress: bool = True, **policy_options: Any) -> tuple:
+                       progress: bool = True, parallel: bool = False, **policy_options: Any) -> tuple:
     """``(converted model, report dict)``. The advisor (``head_order="output-error"``) runs once; the mean-pooled
-    baseline of the report pools the same heads. ``evaluation``: ``(images, labels)`` for top-1."""
+    baseline of the report pools the same heads. ``evaluation``: ``(images, labels)`` for top-1. ``parallel``:
+    every process of a ``torch.distributed`` group calls this with the same ``calibration`` and ``held_out``
+    and its own part of ``evaluation``; the advisor's scoring and the calibration's closed form are split
+    between them and the top-1 hits added up (:func:`~gqa_core.core.convert.convert`)."""
     mha = model
     start = time.perf_counter()
     order: Any = head_order
     if head_order != 'consecutive':
-        order = advise_head_order(mha, num_kv_heads, calibration).permutations
+        order = advise_head_order(mha, num_kv_heads, calibration, parallel=parallel).permutations
     advised_s = time.perf_counter() - start
     mean_pooled = convert(copy.deepcopy(mha), variant, num_kv_heads, head_order=order, **policy_options)
     result = mean_pooled
@@ -78,7 +85,7 @@ def convert_and_report(model: nn.Module, variant: str, num_kv_heads: int, calibr
             bar.update(round(fraction * len(mha.blocks)) - bar.n)
 
         result = convert(copy.deepcopy(mha), variant, num_kv_heads, head_order=order, calibration=calibration,
-                         init='calibrated', budget=budget, progress=step, **policy_options)
+                         init='calibrated', budget=budget, progress=step, parallel=parallel, **policy_options)
         bar.close()
         calibration_report = result.calibration_report.as_dict()
     report: Dict[str, Any] = dict(variant=variant, num_kv_heads=num_kv_heads, head_order=head_order, init=init,
@@ -91,8 +98,10 @@ def convert_and_report(model: nn.Module, variant: str, num_kv_heads: int, calibr
                                   error_result=layer_errors(mha, result, held_out))
     if evaluation is not None:
         images, labels = evaluation
-        report['top1'] = dict(n=len(labels), mha=_top1(mha, images, labels), mean_pooled=_top1(mean_pooled, images, labels),
-                              result=_top1(result, images, labels))
+        n = int(sum_over_processes(torch.tensor([len(labels)]))) if parallel else len(labels)
+        report['top1'] = dict(n=n, mha=_top1(mha, images, labels, parallel),
+                              mean_pooled=_top1(mean_pooled, images, labels, parallel),
+                              result=_top1(result, images, labels, parallel))
     return result, report
 
 
@@ -162,20 +171,27 @@ def main(argv: Optional[List[str]] = None) -> None:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    accelerator = make_accelerator('cpu')  # one process, or one of accelerate launch's (gloo)
     try:
         model = load_source(args.source)
         calibration, data_name = _calibration_images(model, args.calibration, args.images, args.seed)
         evaluation = held_out = None
         if args.eval_data:
             splits = build_datasets(args.eval_data, model_preprocessing(model), seed=args.seed, limit=args.limit)
-            evaluation = split_tensors(splits, 'test' if splits.test is not None else 'val')
-            held_out = evaluation[0][:args.held_out] if args.held_out else None
+            test = splits.split('test' if splits.test is not None else 'val')
+            evaluation = process_tensors(accelerator, test)  # this process's part
+            if args.held_out:  # the split's first images, the same on every process
+                held_out = torch.stack([test[i][0] for i in range(min(args.held_out, len(test)))])
         budget = CalibrationBudget(steps=args.steps, params=args.params, max_flops=args.max_flops, seed=args.seed)
         result, report = convert_and_report(model, args.variant, args.kv_heads, calibration, head_order=args.head_order,
-                                            init=args.init, budget=budget, evaluation=evaluation, held_out=held_out)
+                                            init=args.init, budget=budget, evaluation=evaluation, held_out=held_out,
+                                            progress=accelerator.is_main_process, parallel=True)
     except (ValueError, ModelLoadError, FileNotFoundError) as e:
         raise SystemExit(f'error: {e}') from None
     report['calibration_data'] = data_name
+    report['processes'] = accelerator.num_processes
+    if not accelerator.is_main_process:
+        return
     print(format_report(report))
     if args.out:
         if result.gqa_conversion is not None:

@@ -7,6 +7,12 @@ From one multi-head model: for every divisor G of its H heads, GQA and KDGQA wit
 (``output-error``) head order, each evaluated on the split (top-1 against the labels, and agreement with the MHA
 model's own top-1, which needs no labels). Writes ``kv_budget.json``, ``kv_budget.csv`` and a standalone
 ``kv_budget.html`` with the plotly figure.
+
+``accelerate launch --num_processes N -m gqa_core.kv_budget ...`` splits the split's images between N
+processes (each converts the same models and predicts its part; the hit counts are added up) and the head-order
+advisor's scoring of the calibration images likewise (:func:`~gqa_core.core.head_order.advise_head_order`,
+``parallel``): the rows are the one-process rows, counts exactly (docs/scale.md). Calibrated K/V heads
+(``--inits calibrated``) split the closed form's sums between the processes (:mod:`gqa_core.core.calibrate`).
 """
 from __future__ import annotations
 
@@ -19,20 +25,22 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 from tqdm.auto import tqdm
 
 from ..core.calibrate import CalibrationBudget
 from ..core.convert import INITS, convert, grouping_config, kv_cache_bytes
-from ..core.device import DEVICE_CHOICES, model_device, resolve_device
+from ..core.device import DEVICE_CHOICES, model_device
+from ..core.distributed import share_over_processes, sum_over_processes
 from ..core.head_order import HEAD_ORDERS, advise_head_order
 from ..io.hub import from_pretrained
 from ..io.preprocessing import model_preprocessing
 from ..training.data import DataSplits, build_datasets
+from ..training.parallel import make_accelerator, node_of
 from .figures import kv_budget_figure
 
-__all__ = ['kv_budget', 'kv_budget_rows', 'conversions', 'predictions', 'split_tensors', 'main', 'EXPLORED_VARIANTS',
-           'HEAD_ORDERS']
+__all__ = ['kv_budget', 'kv_budget_rows', 'conversions', 'predictions', 'split_tensors', 'process_tensors',
+           'main', 'EXPLORED_VARIANTS', 'HEAD_ORDERS']
 
 EXPLORED_VARIANTS = ('gqa', 'kdgqa')  # the explorer's variants at each G (the static and the key-driven one)
 
@@ -70,15 +78,32 @@ def conversions(num_heads: int, variants: Sequence[str] = EXPLORED_VARIANTS,
             if not (order != 'consecutive' and g == 1)]  # one group: nothing to choose
 
 
+def process_tensors(accelerator: Any, dataset: Dataset, batch_size: int = 256) -> Tuple[Tensor, Tensor]:
+    """This process's part of ``dataset`` as two tensors (images, labels): a contiguous part of a map-style
+    split (accelerate's ``split_between_processes``, no padding: no image is counted twice), or all of a
+    streamed split (already this process's part)."""
+    if not isinstance(dataset, IterableDataset):
+        with accelerator.split_between_processes(list(range(len(dataset)))) as mine:
+            dataset = Subset(dataset, mine)
+    xs, ys = [], []
+    for x, y in tqdm(DataLoader(dataset, batch_size=batch_size), desc='loading', leave=False,
+                     disable=not accelerator.is_main_process):
+        xs.append(x)
+        ys.append(y)
+    return torch.cat(xs), torch.cat(ys)
+
+
 def kv_budget_rows(mha: nn.Module, images: Tensor, labels: Optional[Tensor], calibration: Tensor, *,
                    variants: Sequence[str] = EXPLORED_VARIANTS, head_orders: Sequence[str] = HEAD_ORDERS,
                    batch_size: int = 256,
                    progress: Optional[Callable[[float, str], None]] = None,
                    max_refine_flops: Optional[float] = None, inits: Sequence[str] = ('mean',),
-                   budget: Optional[CalibrationBudget] = None) -> List[Dict[str, Any]]:
+                   budget: Optional[CalibrationBudget] = None, parallel: bool = False) -> List[Dict[str, Any]]:
     """One row per (G, variant, head order, init), plus the MHA row; ``labels`` None: agreement only.
     ``max_refine_flops`` bounds the head-order advisor's model-output comparison (live requests); ``inits``:
-    mean-pooled and / or calibrated (on ``calibration``, with ``budget``) K/V heads."""
+    mean-pooled and / or calibrated (on ``calibration``, with ``budget``) K/V heads. ``parallel``: every
+    process of the ``torch.distributed`` group calls this with its own part of ``images`` and the same
+    ``calibration``; the counts and the advisor's sums are added up over the processes."""
     mha = mha.eval()
     device = model_device(mha)
     images, calibration = images.to(device), calibration.to(device)
@@ -86,7 +111,7 @@ def kv_budget_rows(mha: nn.Module, images: Tensor, labels: Optional[Tensor], cal
     H = mha.blocks[0].attn.num_heads
     reference = predictions(mha, images, batch_size)
     rows = [dict(num_kv_heads=H, variant='mha', head_order='consecutive', init='mean', kv_bytes=kv_cache_bytes(mha),
-                 top1=float((reference == labels).float().mean()) if labels is not None else None, agreement=1.0)]
+                 top1=share_over_processes(reference == labels, parallel) if labels is not None else None, agreement=1.0)]
     jobs = conversions(H, variants, head_orders, inits)
     advice: Dict[int, List[List[int]]] = {}
     for i, (g, variant, order, init) in enumerate(jobs):
@@ -96,15 +121,16 @@ def kv_budget_rows(mha: nn.Module, images: Tensor, labels: Optional[Tensor], cal
         perms: Any = 'consecutive'
         if order == 'output-error':
             if g not in advice:
-                advice[g] = advise_head_order(mha, g, calibration, max_refine_flops=max_refine_flops).permutations
+                advice[g] = advise_head_order(mha, g, calibration, max_refine_flops=max_refine_flops,
+                                              parallel=parallel).permutations
             perms = advice[g]
         convert(model, variant, g, head_order=perms, init=init, calibration=calibration if init != 'mean' else None,
-                budget=budget)
+                budget=budget, parallel=parallel)
         predicted = predictions(model.eval(), images, batch_size)
         rows.append(dict(num_kv_heads=g, variant=variant, head_order=order, init=init,
                          kv_bytes=kv_cache_bytes(model),
-                         top1=float((predicted == labels).float().mean()) if labels is not None else None,
-                         agreement=float((predicted == reference).float().mean())))
+                         top1=share_over_processes(predicted == labels, parallel) if labels is not None else None,
+                         agreement=share_over_processes(predicted == reference, parallel)))
     if progress is not None:
         progress(1.0, 'done')
     return rows
@@ -112,23 +138,30 @@ def kv_budget_rows(mha: nn.Module, images: Tensor, labels: Optional[Tensor], cal
 
 def kv_budget(model_source: str, data: str, split: str = 'test', limit: Optional[int] = None,
               calibration_images: int = 512, seed: int = 0, batch_size: int = 256,
-              device: Optional[str] = None, inits: Sequence[str] = ('mean',)) -> Dict[str, Any]:
-    model = from_pretrained(model_source).float().eval().to(resolve_device(device))
+              device: Optional[str] = None, inits: Sequence[str] = ('mean',), streaming: bool = False,
+              accelerator: Any = None) -> Dict[str, Any]:
+    """The explorer's rows for ``model_source`` on a split (see the module doc), data-parallel under
+    ``accelerate launch`` (every process gets the whole result; ``processes`` says how many computed it)."""
+    accelerator = accelerator or make_accelerator(device)
+    model = from_pretrained(model_source).float().eval().to(accelerator.device)
     variant = grouping_config(model)['variant']
     if variant != 'mha':
         raise ValueError(f'{model_source} is {variant}; the explorer starts from MHA')
-    splits = build_datasets(data, model_preprocessing(model), seed=seed, limit=limit)
-    images, labels = split_tensors(splits, split, batch_size)
-    bar = tqdm(total=100, desc='kv budget')
+    splits = build_datasets(data, model_preprocessing(model), seed=seed, limit=limit, streaming=streaming,
+                            node=node_of(accelerator))
+    images, labels = process_tensors(accelerator, splits.split(split), batch_size)
+    n = int(sum_over_processes(torch.tensor([len(labels)])))
+    bar = tqdm(total=100, desc='kv budget', disable=not accelerator.is_main_process)
 
     def progress(fraction: float, what: str) -> None:
         bar.n = int(fraction * 100)
         bar.set_postfix_str(what)
         bar.refresh()
     rows = kv_budget_rows(model, images, labels, splits.calibration(calibration_images, seed), progress=progress,
-                          batch_size=batch_size, inits=inits)
+                          batch_size=batch_size, inits=inits, parallel=True)
     bar.close()
-    return dict(model=model_source, data=Path(data).name, split=split, n=len(labels), seed=seed,
+    return dict(model=model_source, data=Path(data).name, split=split, n=n, processes=accelerator.num_processes,
+                seed=seed,
                 calibration_images=calibration_images, num_heads=model.blocks[0].attn.num_heads, rows=rows)
 
 
@@ -155,9 +188,13 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument('--inits', nargs='+', choices=INITS, default=['mean'],
                         help='K/V heads mean-pooled and / or calibrated on the calibration images (about a minute '
                              'each on 2 CPU cores for the embedded model)')
+    parser.add_argument('--streaming', action='store_true', help='stream a Hub dataset (test split only)')
     args = parser.parse_args(argv)
+    accelerator = make_accelerator(args.device)
     result = kv_budget(args.model, args.data, args.split, args.limit, args.calibration_images, args.seed,
-                       device=args.device, inits=args.inits)
+                       device=args.device, inits=args.inits, streaming=args.streaming, accelerator=accelerator)
+    if not accelerator.is_main_process:
+        return
     write_outputs(result, Path(args.out))
     for row in result['rows']:
         top1 = f"{row['top1'] * 100:6.2f} %" if row['top1'] is not None else '   n/a'

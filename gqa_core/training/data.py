@@ -1,24 +1,27 @@
 """Datasets for uptraining and evaluation: train / val / test with the model's own preprocessing.
 
 Sources: an ImageFolder directory (``train/<class>/...`` and optionally ``test/<class>/...``), a ``.tar.gz``
-of one (extracted once into a cache folder), or a Hugging Face dataset name (``cifar10``, ``cifar100``,
-``food101``, ``zh-plus/tiny-imagenet``) through the ``datasets`` library when online. The validation split
-is carved from train with a fixed seed, so model selection never touches test.
+of one (extracted once into a cache folder), or a Hugging Face dataset repo (``cifar10``, ``food101``, any
+``org/name`` with an image column and a class-label column) through the ``datasets`` library, map-style or
+streamed (``streaming=True``: each process reads only its part of the stream,
+``datasets.distributed.split_dataset_by_node``). The validation split is carved from train with a fixed seed,
+so model selection never touches test.
 """
 from __future__ import annotations
 
 import copy
 import hashlib
+import itertools
 import os
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torch.utils.data import Dataset, Subset
+from torch.utils.data import Dataset, IterableDataset, Subset
 from torchvision import transforms as T
 from torchvision.datasets import ImageFolder
 
@@ -26,7 +29,7 @@ from ..io.preprocessing import eval_geometry, normalisation
 from ..core.settings import Settings
 
 __all__ = ['DataSplits', 'build_datasets', 'build_transform', 'extract_archive', 'DecodedImages', 'crop_flip',
-           'AUGMENTATIONS', 'HUB_DATASETS']
+           'AUGMENTATIONS', 'HUB_DATASETS', 'StreamedImages']
 
 AUGMENTATIONS = ('none', 'crop-flip', 'randaugment')
 HUB_DATASETS: Dict[str, Dict[str, str]] = {
@@ -58,6 +61,8 @@ class DataSplits:
         """``(n, 3, H, W)``: ``n`` training images (never val or test) drawn with ``seed``, preprocessed as at
         evaluation -- the calibration set of the head-order advisor."""
         source = self.train_eval if self.train_eval is not None else self.train
+        if isinstance(source, IterableDataset):  # a stream has no random access: its first n rows
+            return torch.stack([image for image, _ in itertools.islice(iter(source), n)])
         order = torch.randperm(len(source), generator=torch.Generator().manual_seed(seed))[:n].tolist()
         return torch.stack([source[i][0] for i in order])
 
@@ -164,6 +169,25 @@ def _rgb_loader(path: str) -> Image.Image:
         return img.convert('RGB')
 
 
+class StreamedImages(IterableDataset):
+    """One process's part of a streamed Hub split (``split_dataset_by_node``), as ``(image, label)`` pairs: no
+    two processes read the same row and together they read every row once, so a data-parallel pass over it
+    needs no padding (and ``accelerate`` must not shard it again). ``limit`` caps the rows of the whole split
+    before it is divided, so one process or several count the same images."""
+
+    def __init__(self, rows: Any, image_key: str, label_key: str, transform: Callable, limit: Optional[int],
+                 node: Tuple[int, int]) -> None:
+        from datasets.distributed import split_dataset_by_node
+        rows = rows.take(limit) if limit is not None else rows
+        self.rows = split_dataset_by_node(rows, rank=node[0], world_size=node[1])
+        self.image_key, self.label_key, self.transform = image_key, label_key, transform
+
+    def __iter__(self):
+        for row in self.rows:
+            image = row[self.image_key].convert('RGB')
+            yield self.transform(image) if self.transform is not None else image, int(row[self.label_key])
+
+
 class _HubImages(Dataset):
     def __init__(self, rows: Any, image_key: str, label_key: str, transform: Callable) -> None:
         self.rows, self.image_key, self.label_key, self.transform = rows, image_key, label_key, transform
@@ -177,6 +201,31 @@ class _HubImages(Dataset):
         return self.transform(image) if self.transform is not None else image, int(row[self.label_key])
 
 
+def _hub_dataset(source: str, streaming: bool) -> Tuple[Any, Dict[str, Optional[str]]]:
+    """``source``'s splits through ``datasets.load_dataset`` and which columns and split to read: the known
+    names' (:data:`HUB_DATASETS`), else the first image column, the first class-label column and the first of
+    test / validation / valid the repo has."""
+    try:
+        import datasets
+    except ImportError:
+        raise ValueError(f'loading {source!r} from the Hub needs `pip install datasets`') from None
+    try:
+        rows = datasets.load_dataset(source, streaming=streaming)
+    except (FileNotFoundError, datasets.exceptions.DatasetNotFoundError) as e:
+        raise ValueError(f'{source!r} is not a folder, an archive or a Hub dataset: {e}') from None
+    if 'train' not in rows:
+        raise ValueError(f'{source}: no train split (it has {sorted(rows)})')
+    features = rows['train'].features
+    spec: Dict[str, Optional[str]] = dict(HUB_DATASETS.get(source, {}))
+    if not spec:
+        spec['image'] = next((k for k, f in features.items() if isinstance(f, datasets.Image)), None)
+        spec['label'] = next((k for k, f in features.items() if isinstance(f, datasets.ClassLabel)), None)
+        spec['test'] = next((k for k in ('test', 'validation', 'valid') if k in rows), None)
+        if spec['image'] is None or spec['label'] is None:
+            raise ValueError(f'{source}: needs an image column and a class-label column, has {dict(features)}')
+    return rows, spec
+
+
 def _split_indices(n: int, val_fraction: float, seed: int) -> tuple:
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
     n_val = int(round(n * val_fraction))
@@ -185,14 +234,18 @@ def _split_indices(n: int, val_fraction: float, seed: int) -> tuple:
 
 def build_datasets(source: str, preprocessing: Dict[str, Any], *, augment: str = 'crop-flip',
                    val_fraction: float = 0.1, seed: int = 0, limit: Optional[int] = None,
-                   predecode: bool = False) -> DataSplits:
+                   predecode: bool = False, streaming: bool = False, node: Tuple[int, int] = (0, 1)) -> DataSplits:
     """Train / val / test splits of ``source``; ``limit`` caps each split (for smoke tests). ``predecode``
-    decodes the training split once into memory (:class:`DecodedImages`; its loader needs its ``collate``)."""
+    decodes the training split once into memory (:class:`DecodedImages`; its loader needs its ``collate``).
+    ``streaming`` (Hub datasets only): the test split is streamed, and only ``node = (rank, world_size)``'s part
+    of it is read (:class:`StreamedImages`); val is ``None`` (a stream has no random access to carve it from)."""
     train_tf = build_transform(preprocessing, True, augment)
     eval_tf = build_transform(preprocessing, False)
     path = Path(source)
     if path.is_file() and source.endswith(('.tar.gz', '.tgz', '.tar')):
         path = extract_archive(path)
+    if streaming and path.exists():
+        raise ValueError(f'{source}: streaming reads Hub datasets; a folder or an archive is read directly')
     if path.is_dir():
         root = path / 'train' if (path / 'train').is_dir() else path
         train_full = ImageFolder(root, transform=train_tf, loader=_rgb_loader)
@@ -203,18 +256,16 @@ def build_datasets(source: str, preprocessing: Dict[str, Any], *, augment: str =
         classes = train_full.classes
         n = len(train_full)
     else:
-        if source not in HUB_DATASETS:
-            raise ValueError(f'{source!r} is not a folder, an archive or a known Hub dataset {sorted(HUB_DATASETS)}')
-        try:
-            import datasets
-        except ImportError:
-            raise ValueError(f'loading {source!r} from the Hub needs `pip install datasets`') from None
-        spec = HUB_DATASETS[source]
-        hub = datasets.load_dataset(source)
-        classes = list(hub['train'].features[spec['label']].names)
-        train_full = _HubImages(hub['train'], spec['image'], spec['label'], train_tf)
-        val_full = _HubImages(hub['train'], spec['image'], spec['label'], eval_tf)
-        test = _HubImages(hub[spec['test']], spec['image'], spec['label'], eval_tf)
+        rows, spec = _hub_dataset(source, streaming)
+        classes = list(rows['train'].features[spec['label']].names)
+        if streaming:  # test only (no random access to carve val); calibration reads train's first rows
+            train_rows = StreamedImages(rows['train'], spec['image'], spec['label'], eval_tf, None, (0, 1))
+            test = StreamedImages(rows[spec['test']], spec['image'], spec['label'], eval_tf, limit, node) \
+                if spec['test'] else None
+            return DataSplits(train_rows, None, test, classes, train_rows)
+        train_full = _HubImages(rows['train'], spec['image'], spec['label'], train_tf)
+        val_full = _HubImages(rows['train'], spec['image'], spec['label'], eval_tf)
+        test = _HubImages(rows[spec['test']], spec['image'], spec['label'], eval_tf) if spec['test'] else None
         n = len(train_full)
     train_idx, val_idx = _split_indices(n, val_fraction, seed)
     if limit is not None:

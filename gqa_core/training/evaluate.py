@@ -1,7 +1,9 @@
 """Evaluate a saved or Hub model on a dataset split: ``python -m gqa_core.evaluate MODEL --data SRC``.
 
 Prints top-1 / top-5, per-class accuracy and, for the key-driven variants, the mean allocation (query heads
-per KV head) of every layer over the split. ``--json FILE`` writes the same numbers.
+per KV head) of every layer over the split. ``--json FILE`` writes the same numbers, with ``n`` (images
+counted) and ``processes``. ``accelerate launch --num_processes N -m gqa_core.evaluate ...`` splits the images
+between N processes and gives the one-process numbers (docs/scale.md).
 """
 from __future__ import annotations
 
@@ -10,17 +12,16 @@ import json
 from typing import Any, Dict, Optional
 
 import torch
-from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
 from ..core.convert import grouping_config
-from ..core.device import DEVICE_CHOICES, resolve_device
+from ..core.device import DEVICE_CHOICES
 from ..core.record import record
 from ..core.vit import gqa_layers
 from ..io.hub import ModelLoadError, from_pretrained
 from ..io.preprocessing import model_preprocessing
 from .accuracy import Accuracy
 from .data import build_datasets
+from .parallel import gathered_batches, make_accelerator, node_of
 
 __all__ = ['evaluate', 'main']
 
@@ -28,30 +29,39 @@ __all__ = ['evaluate', 'main']
 @torch.inference_mode()
 def evaluate(model_source: str, data: str, split: str = 'test', batch_size: int = 256, workers: int = 0,
              device: Optional[str] = None, val_fraction: float = 0.1, seed: int = 0,
-             limit: Optional[int] = None) -> Dict[str, Any]:
-    """``device``: see :func:`~gqa_core.core.device.resolve_device` (CUDA when there is one, unless told)."""
-    device = resolve_device(device)
-    model = from_pretrained(model_source).to(device).eval()
-    splits = build_datasets(data, model_preprocessing(model), val_fraction=val_fraction, seed=seed, limit=limit)
+             limit: Optional[int] = None, streaming: bool = False, accelerator: Any = None) -> Dict[str, Any]:
+    """Accuracy and mean allocation of ``model_source`` on a split, data-parallel under ``accelerate launch``
+    (:mod:`~gqa_core.training.parallel`): every process gets the one-process result. ``device``: see
+    :func:`~gqa_core.core.device.resolve_device` (CUDA when there is one, unless told); ``streaming``: stream a
+    Hub dataset's test split; ``accelerator``: the run's (default: :func:`make_accelerator` on ``device``)."""
+    accelerator = accelerator or make_accelerator(device)
+    model = from_pretrained(model_source).to(accelerator.device).eval()
+    splits = build_datasets(data, model_preprocessing(model), val_fraction=val_fraction, seed=seed, limit=limit,
+                            streaming=streaming, node=node_of(accelerator))
     dataset = splits.split(split)
     labels = model.pretrained_cfg.get('label_names') or splits.classes
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers)
     keyed = gqa_layers(model)[0].policy.uses_key_norms
     accuracy = Accuracy(len(labels))
     alloc_sum: Optional[torch.Tensor] = None
     with record(model, attention='none') as rec:
-        for images, targets in tqdm(loader, desc=f'{split}', leave=False):
-            accuracy.update(model(images.to(device)), targets)
-            allocation = torch.stack([layer.allocation for layer in rec.result.layers]).float().sum(1)
+        def step(images: torch.Tensor, targets: torch.Tensor) -> Dict[str, torch.Tensor]:
+            logits = model(images)
+            allocation = torch.stack([layer.allocation for layer in rec.result.layers], 1)  # (B, L, G)
+            return dict(logits=logits.float(), targets=targets,
+                        allocation=allocation.expand(len(targets), -1, -1).contiguous())
+        for batch in gathered_batches(accelerator, dataset, step, batch_size, workers, desc=split):
+            accuracy.update(batch['logits'], batch['targets'])
+            allocation = batch['allocation'].long().sum(0)  # integers: exact in any order
             alloc_sum = allocation if alloc_sum is None else alloc_sum + allocation
     counted = accuracy.result()
     result: Dict[str, Any] = dict(
-        model=model_source, data=data, split=split, n=counted['n'], top1=counted['top1'], top5=counted['top5'],
+        model=model_source, data=data, split=split, n=counted['n'], processes=accelerator.num_processes,
+        top1=counted['top1'], top5=counted['top5'],
         per_class={label: counted['per_class'][i] for i, label in enumerate(labels)},
         grouping=grouping_config(model),
     )
     if alloc_sum is not None:
-        result['mean_allocation'] = (alloc_sum / max(counted['n'], 1)).tolist()
+        result['mean_allocation'] = (alloc_sum.double() / max(counted['n'], 1)).tolist()
     result['key_driven'] = keyed
     return result
 
@@ -76,13 +86,17 @@ def main(argv: Optional[list] = None) -> None:
     parser.add_argument('--workers', type=int, default=0)
     parser.add_argument('--device', help=f'{DEVICE_CHOICES} (default: GQA_LENS_DEVICE, else auto)')
     parser.add_argument('--limit', type=int, default=None)
-    parser.add_argument('--json', help='also write the result here')
+    parser.add_argument('--streaming', action='store_true', help='stream a Hub dataset (test split only)')
+    parser.add_argument('--json', help='also write the result here (with processes: how many computed it)')
     args = parser.parse_args(argv)
+    accelerator = make_accelerator(args.device)
     try:
         result = evaluate(args.model, args.data, args.split, args.batch_size, args.workers, args.device,
-                          limit=args.limit)
+                          limit=args.limit, streaming=args.streaming, accelerator=accelerator)
     except (ValueError, ModelLoadError, FileNotFoundError) as e:
         raise SystemExit(f'error: {e}') from None
+    if not accelerator.is_main_process:
+        return
     print(format_result(result))
     if args.json:
         with open(args.json, 'w') as f:

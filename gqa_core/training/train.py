@@ -35,13 +35,13 @@ from tqdm.auto import tqdm
 
 from ..core.calibrate import CalibrationBudget
 from ..core.convert import INITS, convert, grouping_config, kv_cache_bytes
-from ..core.device import resolve_device
 from ..core.head_order import HEAD_ORDERS, advise_head_order
 from ..core.policies import POLICIES, start_epoch
 from ..io.hub import ModelLoadError, create_model, from_pretrained, save_pretrained
 from ..io.preprocessing import model_preprocessing
 from .accuracy import Accuracy
 from .data import build_datasets
+from .parallel import make_accelerator
 
 __all__ = ['TrainConfig', 'PRESETS', 'RECIPES', 'train_variant', 'run', 'main', 'evaluate_loader']
 
@@ -149,7 +149,8 @@ def start_head_order(start: nn.Module, splits: Any, cfg: TrainConfig) -> Any:
     if cfg.head_order == 'consecutive' or all(RECIPES.get(v, ('',))[0] == 'mha' for v in cfg.variants):
         return 'consecutive'  # nothing to pool
     G = cfg.num_kv_heads or start.blocks[0].attn.num_heads // 2
-    return advise_head_order(start, G, calibration_draw(splits, cfg)).permutations
+    # every process advises on the same draw, each scoring its part of it (parallel: one process's advice)
+    return advise_head_order(start, G, calibration_draw(splits, cfg), parallel=True).permutations
 
 
 def calibration_draw(splits: Any, cfg: TrainConfig) -> torch.Tensor:
@@ -178,7 +179,7 @@ def make_variant(start: nn.Module, name: str, cfg: TrainConfig, head_order: Any 
     init = 'mean' if multi_head else cfg.init
     budget = CalibrationBudget(steps=cfg.calibration_steps, seed=cfg.seed) if init == 'calibrated' else None
     convert(model, policy, G, head_order='consecutive' if multi_head else head_order, calibration=calibration,
-            init=init, budget=budget, **options)
+            init=init, budget=budget, parallel=True, **options)
     if model.gqa_conversion is not None:
         model.gqa_conversion['data'] = f'{dataset_name(cfg)} (training split)'[:100]
     return model
@@ -250,12 +251,7 @@ class _Run:
 def _prepare(name: str, model: nn.Module, splits: Any, cfg: TrainConfig) -> _Run:
     """Loaders, AdamW (no weight decay on biases, norms, embeddings and tokens), warmup + cosine schedule,
     all through accelerate (CPU, one GPU or data parallel)."""
-    from accelerate import Accelerator
-    on_cpu = resolve_device(cfg.device).type == 'cpu'
-    mixed = cfg.mixed_precision
-    if mixed == 'auto':
-        mixed = 'no' if on_cpu else 'bf16'
-    accelerator = Accelerator(mixed_precision=mixed, cpu=on_cpu)
+    accelerator = make_accelerator(cfg.device, cfg.mixed_precision)
     g = torch.Generator().manual_seed(cfg.seed)
     train_loader = DataLoader(splits.train, batch_size=cfg.batch_size, shuffle=True, drop_last=True,
                               num_workers=cfg.workers, generator=g, persistent_workers=cfg.workers > 0,
