@@ -29,7 +29,9 @@ __all__ = ['LayerRecord', 'Recording', 'record', 'token_grid', 'pool_query_atten
 
 ATTENTION_ROWS = ('prefix', 'full', 'none')
 FUSIONS = ('mean', 'max', 'min')
-ROW_BLOCK_BYTES = 16 * 2**20  # transient attention scores per tile of query rows
+ROW_BLOCK_BYTES = 16 * 2**20  # transient attention scores per tile of query rows (recorded maps)
+PASS_BLOCK_BYTES = 4 * 2**20  # ... per tile of the passes over every row (row normalisers, rollout): smaller,
+# since each tile has a few same-sized temporaries and these passes run at the largest token counts
 
 
 @dataclass
@@ -201,7 +203,7 @@ class record:
         self.config = grouping_config(model)
         self.result: Optional[Recording] = None
         self._layers: List[LayerRecord] = []
-        self._rollout_inputs: List[tuple] = []  # per layer (scaled queries, routed keys^T, bias) for the rollout
+        self._rollout_inputs: List[tuple] = []  # per layer (scaled queries, keys, query_to_kv, bias): the rollout
         self._grid: tuple = ()
         self._hooks: list = []
         self._pool: Optional[Tensor] = None
@@ -256,8 +258,8 @@ class record:
         queries = q.float() * layer.scale
         kept = _KeptQK(queries, k, grouping.query_to_kv) if self.keep_qk else None
         if n_rows or kept is not None or self.fusions:
-            keys = route_kv(k.float(), grouping.query_to_kv).transpose(-2, -1)  # (B, H, d, T)
             bias = resolve_self_attn_mask(T, queries, attn_mask)
+            keys = route_kv(k.float(), grouping.query_to_kv).transpose(-2, -1) if n_rows else None  # (B, H, d, T)
             for start in range(0, n_rows, step):  # tiles of query rows bound the transient memory at large T
                 stop = min(n_rows, start + step)
                 block = queries[:, :, start:stop] @ keys  # (B, H, rows, T)
@@ -265,13 +267,16 @@ class record:
                     block = block + bias[..., start:stop, :]
                 maps.add(start, _softmax_(block))
                 del block
+            keys = None  # freed before the passes below: they hold their own tiles
             if kept is not None:
-                for start in range(0, T, step):
-                    kept.normalise(start, min(T, start + step), bias)
+                pass_step = _row_step(B, H, T, PASS_BLOCK_BYTES)
+                for start in range(0, T, pass_step):
+                    kept.normalise(start, min(T, start + pass_step), bias)
+                kept.routed = None
                 if bias is not None:
                     kept.bias = bias.expand(B, H, T, T)[0].half().cpu()
-            if self.fusions:
-                self._rollout_inputs.append((queries, keys, bias))
+            if self.fusions:  # the keys unrouted (G heads, not H): routed again, one layer at a time, at the end
+                self._rollout_inputs.append((queries, k.float(), grouping.query_to_kv, bias))
         record = self._layer_record(layer, maps, key_norms, grouping, index)
         if kept is not None:
             record.queries, record.keys, record.log_norm, record.bias = kept.result()
@@ -308,9 +313,10 @@ class record:
         transient memory, instead of a (T x T) @ (T x T) product per layer and fusion (O(L T^3)).
         """
         vectors = {fusion: summary.float().clone() for fusion in self.fusions}
-        for queries, keys, bias in reversed(self._rollout_inputs):
+        for queries, k, query_to_kv, bias in reversed(self._rollout_inputs):
             B, H, T = queries.shape[:3]
-            step = _row_step(B, H, T)
+            keys = route_kv(k, query_to_kv).transpose(-2, -1)  # (B, H, d, T)
+            step = _row_step(B, H, T, PASS_BLOCK_BYTES)
             out = {fusion: torch.zeros_like(v) for fusion, v in vectors.items()}
             for start in range(0, T, step):
                 stop = min(T, start + step)
@@ -386,9 +392,9 @@ class _KeptQK:
         return self.queries.cpu(), self.keys.cpu(), self.log_norm.cpu(), self.bias
 
 
-def _row_step(B: int, H: int, T: int) -> int:
-    """Query rows per tile so that one tile of scores stays within :data:`ROW_BLOCK_BYTES`."""
-    return max(1, ROW_BLOCK_BYTES // max(1, B * H * T * 4))
+def _row_step(B: int, H: int, T: int, budget: int = ROW_BLOCK_BYTES) -> int:
+    """Query rows per tile so that one tile of scores stays within ``budget`` bytes."""
+    return max(1, budget // max(1, B * H * T * 4))
 
 
 def _softmax_(scores: Tensor) -> Tensor:

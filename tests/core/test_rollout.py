@@ -29,7 +29,7 @@ def test_vector_rollout_equals_the_product_of_full_maps(key, tile_rows, monkeypa
     model = convert(family_model(key), 'kdgqa', 2).eval()
     x = images(model, n=2)
     if tile_rows:  # force several tiles of rows per layer
-        monkeypatch.setattr(record_module, '_row_step', lambda B, H, T: tile_rows)
+        monkeypatch.setattr(record_module, '_row_step', lambda B, H, T, budget=0: tile_rows)
     with torch.no_grad(), record(model, attention='prefix', rollout=('mean', 'max', 'min'), keep_qk=True) as rec:
         model(x)
     with torch.no_grad(), record(model, attention='full') as full_rec:
