@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # this checkout's gqa_core, not an installed one
 sys.path.insert(0, str(ROOT / 'bench'))
 from bench_scale import PeakRSS  # noqa: E402  (also sets the offline environment)
 

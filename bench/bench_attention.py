@@ -20,6 +20,10 @@ import time
 from typing import Callable, Dict, List
 
 import timm
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's gqa_core, not an installed one
 import torch
 
 from gqa_core import convert, record
