@@ -253,7 +253,8 @@ class record:
         # (they hold the prefix rows; whole tiles, so they are bitwise what every other recording computes);
         # the rollout recomputes its rows at the end, one vector through the layers: no T x T x T product
         step = _row_step(B, H, T)
-        n_rows = T if keep_full or mean_row else min(T, -(-self.num_prefix_tokens // step) * step)
+        n_rows = T if keep_full or mean_row else \
+            min(T, -(-self.num_prefix_tokens // step) * step) if self.attention == 'prefix' else 0
         maps = _RowMaps(B, H, T, self.num_prefix_tokens, keep_full, mean_row, (), q.device)
         queries = q.float() * layer.scale
         kept = _KeptQK(queries, k, grouping.query_to_kv) if self.keep_qk else None
