@@ -22,7 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # this checkout's gqa_core, not an installed one
 sys.path.insert(0, str(ROOT / 'bench'))
-from bench_scale import PeakRSS  # noqa: E402  (also sets the offline environment)
+import bench_scale  # noqa: E402,F401  (sets the offline environment)
 
 
 def load_record_at(revision: str):
@@ -92,11 +92,9 @@ def main() -> None:
                     times[name, 'figures'].append(figures)
                 results[name] = analysis.recording
         gpu.record = recorders['today']
-        with PeakRSS() as peak:
-            analysis_module.analyse(loaded, image)
     rec = results['today']
     print(f'model={args.model} tokens={rec.rollout["mean"].shape[-1]} threads={torch.get_num_threads()} '
-          f'rounds={args.rounds} peak RSS increase of one analysis (today)={peak.increase_mb:.0f} MB')
+          f'rounds={args.rounds}')
     print('| recorder | part | min s | median s | max s |')
     print('|---|---|---:|---:|---:|')
     for (name, part), samples in times.items():
