@@ -8,7 +8,8 @@ On CUDA with Triton, KDGQA runs twice: through index + SDPA (K/V copied to H hea
 kernel (:mod:`gqa_core.core.kernels`), which reads K/V through the per-image table.
 
 All models use random weights (speed does not depend on them). Runs are interleaved round-robin and the
-median per model is reported, so slow drift of a shared machine hits every row alike.
+median per model is reported with the median, min and max of the per-round ratio to timm (each
+round times every model once, back to back), so slow drift of a shared machine hits every row alike.
 """
 from __future__ import annotations
 
@@ -19,6 +20,10 @@ import time
 from typing import Callable, Dict, List
 
 import timm
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's gqa_core, not an installed one
 import torch
 
 from gqa_core import convert, record
@@ -79,11 +84,14 @@ def bench_backbone(name: str, args: argparse.Namespace) -> List[Dict[str, object
         for _ in range(args.repeats):
             for key, fn in fns.items():
                 times[key].append(time_once(fn, device, args.iters))
-    base_rate = args.batch * args.iters / statistics.median(times['timm fused MHA'])
+    base = times['timm fused MHA']
     rows = []
     for key, samples in times.items():
         rate = args.batch * args.iters / statistics.median(samples)
-        rows.append(dict(backbone=name, model=key, images_per_s=rate, vs_timm=rate / base_rate))
+        # per round: timm's time / this model's time in the same round (interleaved, so drift cancels)
+        ratios = sorted(b / s for b, s in zip(base, samples))
+        rows.append(dict(backbone=name, model=key, images_per_s=rate, vs_timm=statistics.median(ratios),
+                         vs_timm_min=ratios[0], vs_timm_max=ratios[-1]))
     return rows
 
 
@@ -103,12 +111,12 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     print(f'device={args.device} dtype={args.dtype} batch={args.batch} threads={torch.get_num_threads()} '
           f'torch={torch.__version__} timm={timm.__version__}')
-    print('| backbone | model | images/s | vs timm fused MHA |')
+    print('| backbone | model | images/s (median) | vs timm fused MHA: median (min - max) of rounds |')
     print('|---|---|---:|---:|')
     for name in args.models:
         for row in bench_backbone(name, args):
-            print(f"| {row['backbone']} | {row['model']} | {row['images_per_s']:.1f} | {row['vs_timm']:.2f}x |",
-                  flush=True)
+            print(f"| {row['backbone']} | {row['model']} | {row['images_per_s']:.1f} | {row['vs_timm']:.3f}x "
+                  f"({row['vs_timm_min']:.3f} - {row['vs_timm_max']:.3f}) |", flush=True)
 
 
 if __name__ == '__main__':

@@ -105,6 +105,10 @@ class GroupingPolicy(nn.Module):
         """``(steps, allocations)`` of every training-time change, or None for a policy that never changes."""
         return None
 
+    def wants_key_norms(self) -> bool:
+        """Whether this forward reads the key norms (a frozen grouping does not: the layer skips computing them)."""
+        return self.uses_key_norms
+
     # -- randomness -----------------------------------------------------------------------------------------
     def generator(self, device: torch.device) -> torch.Generator:
         """The policy's own generator for ``device``, seeded from ``seed`` on first use."""
@@ -219,6 +223,9 @@ class DGQAPolicy(GroupingPolicy):
     def allocation_history(self) -> Optional[Tuple[Tensor, Tensor]]:
         return self.history_steps, self.history
 
+    def wants_key_norms(self) -> bool:
+        return self.training or self.compat == 'official'  # paper eval: the allocation is frozen
+
     def __init__(
             self,
             num_heads: int,
@@ -321,8 +328,8 @@ class DGQAPolicy(GroupingPolicy):
         self.step.add_(1)
 
     def forward(self, key_norms: Optional[Tensor]) -> Grouping:
-        assert key_norms is not None
         if self.training or self.compat == 'official':
+            assert key_norms is not None
             self._update(key_norms)
             return Grouping(self.allocation, query_to_kv(self.allocation, self.num_heads), self.shares)
         if self._eval_grouping is None:

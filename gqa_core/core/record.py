@@ -29,7 +29,9 @@ __all__ = ['LayerRecord', 'Recording', 'record', 'token_grid', 'pool_query_atten
 
 ATTENTION_ROWS = ('prefix', 'full', 'none')
 FUSIONS = ('mean', 'max', 'min')
-ROW_BLOCK_BYTES = 16 * 2**20  # transient attention scores per tile of query rows
+ROW_BLOCK_BYTES = 16 * 2**20  # transient attention scores per tile of query rows (recorded maps)
+PASS_BLOCK_BYTES = 4 * 2**20  # ... per tile of the passes over every row (row normalisers, rollout): smaller,
+# since each tile has a few same-sized temporaries and these passes run at the largest token counts
 
 
 @dataclass
@@ -209,7 +211,7 @@ class record:
         self.config = grouping_config(model)
         self.result: Optional[Recording] = None
         self._layers: List[LayerRecord] = []
-        self._joint: Dict[str, Tensor] = {}
+        self._rollout_inputs: List[tuple] = []  # per layer (scaled queries, keys, query_to_kv, bias): the rollout
         self._grid: tuple = ()
         self._hooks: list = []
         self._pool: Optional[Tensor] = None
@@ -232,7 +234,7 @@ class record:
 
     def _start(self, module: nn.Module, args: Any) -> None:
         self._layers.clear()
-        self._joint = {}
+        self._rollout_inputs = []
         self._pool = None
         self._grid = token_grid(module, args[0] if args else None)
 
@@ -255,27 +257,35 @@ class record:
         index = len(self._layers)
         keep_full = self.attention == 'full' or index in self.full_layers
         mean_row = self.attention == 'prefix' and not self.has_class_token
-        n_rows = T if keep_full or self.fusions or mean_row or self.keep_qk else self.num_prefix_tokens
-        maps = _RowMaps(B, H, T, self.num_prefix_tokens, keep_full, mean_row, self.fusions, q.device)
+        # the maps' rows this forward needs now: all of them for full maps or the mean row, else the first tiles
+        # (they hold the prefix rows; whole tiles, so they are bitwise what every other recording computes);
+        # the rollout recomputes its rows at the end, one vector through the layers: no T x T x T product
+        step = _row_step(B, H, T)
+        n_rows = T if keep_full or mean_row else \
+            min(T, -(-self.num_prefix_tokens // step) * step) if self.attention == 'prefix' else 0
+        maps = _RowMaps(B, H, T, self.num_prefix_tokens, keep_full, mean_row, (), q.device)
         queries = q.float() * layer.scale
         kept = _KeptQK(queries, k, grouping.query_to_kv) if self.keep_qk else None
-        if n_rows:
-            keys = route_kv(k.float(), grouping.query_to_kv).transpose(-2, -1)  # (B, H, d, T)
+        if n_rows or kept is not None or self.fusions:
             bias = resolve_self_attn_mask(T, queries, attn_mask)
-            step = max(1, ROW_BLOCK_BYTES // max(1, B * H * T * 4))
+            keys = route_kv(k.float(), grouping.query_to_kv).transpose(-2, -1) if n_rows else None  # (B, H, d, T)
             for start in range(0, n_rows, step):  # tiles of query rows bound the transient memory at large T
                 stop = min(n_rows, start + step)
                 block = queries[:, :, start:stop] @ keys  # (B, H, rows, T)
                 if bias is not None:
                     block = block + bias[..., start:stop, :]
-                if kept is not None:
-                    kept.normalise(start, stop, bias)
                 maps.add(start, _softmax_(block))
                 del block
-            if kept is not None and bias is not None:
-                kept.bias = bias.expand(B, H, T, T)[0].half().cpu()
-        if maps.fused:
-            self._accumulate_rollout(maps.fused)
+            keys = None  # freed before the passes below: they hold their own tiles
+            if kept is not None:
+                pass_step = _row_step(B, H, T, PASS_BLOCK_BYTES)
+                for start in range(0, T, pass_step):
+                    kept.normalise(start, min(T, start + pass_step), bias)
+                kept.routed = None
+                if bias is not None:
+                    kept.bias = bias.expand(B, H, T, T)[0].half().cpu()
+            if self.fusions:  # the keys unrouted (G heads, not H): routed again, one layer at a time, at the end
+                self._rollout_inputs.append((queries, k.float(), grouping.query_to_kv, bias))
         record = self._layer_record(layer, maps, key_norms, grouping, index)
         if kept is not None:
             record.queries, record.keys, record.log_norm, record.bias = kept.result()
@@ -302,20 +312,50 @@ class record:
             full=maps.full.cpu() if index in self.full_layers else None,
         )
 
-    def _accumulate_rollout(self, fused: Dict[str, Tensor]) -> None:
-        """Abnar & Zuidema's rollout, one layer at a time: heads fused, 0.5 A + 0.5 I, rows renormalised,
-        left-multiplying the product of the layers below. Holds one (B, T, T) product per fusion."""
-        for fusion, a in fused.items():
-            a.mul_(0.5).diagonal(dim1=-2, dim2=-1).add_(0.5)
-            a.div_(a.sum(-1, keepdim=True))
-            joint = self._joint.get(fusion)
-            self._joint[fusion] = a if joint is None else torch.matmul(a, joint)
+    @torch.no_grad()
+    def _rollouts(self, summary: Tensor) -> Dict[str, Tensor]:
+        """Abnar & Zuidema's rollout of the row vector ``summary`` ``(B, T)``: ``summary A_L ... A_1`` per head
+        fusion, each layer's A its heads fused, 0.5 A + 0.5 I, rows renormalised.
+
+        Only one row of the product is shown, so it is taken vector by matrix from the last layer down, each
+        layer's rows recomputed in tiles from its kept queries and keys: O(L H T^2 d) work and one tile of
+        transient memory, instead of a (T x T) @ (T x T) product per layer and fusion (O(L T^3)).
+        """
+        vectors = {fusion: summary.float().clone() for fusion in self.fusions}
+        for queries, k, query_to_kv, bias in reversed(self._rollout_inputs):
+            B, H, T = queries.shape[:3]
+            keys = route_kv(k, query_to_kv).transpose(-2, -1)  # (B, H, d, T)
+            step = _row_step(B, H, T, PASS_BLOCK_BYTES)
+            out = {fusion: torch.zeros_like(v) for fusion, v in vectors.items()}
+            for start in range(0, T, step):
+                stop = min(T, start + step)
+                block = queries[:, :, start:stop] @ keys
+                if bias is not None:
+                    block = block + bias[..., start:stop, :]
+                block = block.softmax(-1)  # fused: two passes over the tile, not five (no row is kept from it)
+                for fusion, v in vectors.items():
+                    a = block.mean(1) if fusion == 'mean' else getattr(block, 'a' + fusion)(1)  # (B, rows, T)
+                    a.mul_(0.5).diagonal(offset=start, dim1=-2, dim2=-1).add_(0.5)
+                    a.div_(a.sum(-1, keepdim=True))
+                    out[fusion] += (v[:, None, start:stop] @ a)[:, 0]
+                del block
+            vectors = out
+        return vectors
 
     def _finish(self, module: nn.Module, args: Any, output: Tensor) -> None:
         pool = self._pool.mean(1) if self._pool is not None else None  # (B, T): the pooled output reads this
-        rollout = {fusion: (self._summary(joint) if pool is None else (pool[:, None] @ joint)[:, 0]).cpu()
-                   for fusion, joint in self._joint.items()}
-        self._joint = {}
+        rollout: Dict[str, Tensor] = {}
+        if self.fusions and self._rollout_inputs:
+            T = self._rollout_inputs[0][0].shape[2]
+            B = self._rollout_inputs[0][0].shape[0]
+            if pool is not None:
+                summary = pool
+            elif self.has_class_token:
+                summary = F.one_hot(torch.zeros(B, dtype=torch.long), T).float().to(output.device)
+            else:
+                summary = torch.full((B, T), 1.0 / T, device=output.device)
+            rollout = {fusion: v.cpu() for fusion, v in self._rollouts(summary).items()}
+        self._rollout_inputs = []
         self.result = Recording(
             layers=list(self._layers), logits=output.detach().float().cpu(),
             num_prefix_tokens=self.num_prefix_tokens, grid_size=self._grid,
@@ -359,6 +399,11 @@ class _KeptQK:
 
     def result(self) -> tuple:
         return self.queries.cpu(), self.keys.cpu(), self.log_norm.cpu(), self.bias
+
+
+def _row_step(B: int, H: int, T: int, budget: int = ROW_BLOCK_BYTES) -> int:
+    """Query rows per tile so that one tile of scores stays within ``budget`` bytes."""
+    return max(1, budget // max(1, B * H * T * 4))
 
 
 def _softmax_(scores: Tensor) -> Tensor:

@@ -6,8 +6,11 @@ variable                    default                   what it decides
 ``GQA_LENS_MODELS``         ``assets/models``         the embedded models' folder (``embedded/NAME``)
 ``GQA_LENS_MODEL_DIRS``     none                      folders (``os.pathsep``-separated) served as ``local:NAME``
 ``GQA_LENS_MAX_PARAMS``     350,000,000               the largest model a spec may build, in parameters
-``GQA_LENS_MAX_TOKENS``     2,048                     ... and in tokens per image
+``GQA_LENS_MAX_TOKENS``     2,048                     ... and in tokens per image (3,100 admits Sapiens2 at
+                                                      1024 x 768: 3,081 tokens; the analysis's memory stays bounded)
 ``GQA_LENS_DEEP_MAX_TOKENS`` 600                      the largest model the deep per-image analyses run on live
+                                                      (they work up to the token budget, with progress; the
+                                                      default bounds their time: docs/benchmarks.md)
 ``GQA_LENS_SESSION_TTL``    1800                      seconds an idle app session keeps its results
 ``GQA_LENS_TOKEN_REPOS``    none                      Hub repos (``ORG/NAME``, ``ORG/*``; comma-separated) whose
                                                       downloads may carry the server's token

@@ -16,7 +16,7 @@ from PIL import Image
 
 from ..io.preprocessing import eval_geometry, normalisation
 from .gpu import ForwardJob, forwards_in_a_gpu_call, on_zerogpu, run_forwards
-from .heads import AblationResult
+from .heads import AblationResult, Progress
 from .models import LoadedModel
 from ..core.head_order import head_groups
 from ..core.record import FUSIONS, Recording, record
@@ -98,12 +98,14 @@ def model_input(loaded: LoadedModel, image: Image.Image) -> tuple:
     return np.asarray(view), normalisation(loaded.preprocessing)(view)[None]
 
 
-def analyse(loaded: LoadedModel, image: Image.Image, deep: bool = False) -> Analysis:
+def analyse(loaded: LoadedModel, image: Image.Image, deep: bool = False,
+            progress: Optional[Progress] = None) -> Analysis:
     """Run ``loaded`` on one RGB image (always a batch of one: the result never depends on other requests).
 
     ``deep``: also ablate every head and measure the maps' faithfulness (batched forwards), for models of at
     most ``GQA_LENS_DEEP_MAX_TOKENS`` tokens (default 600) so a live request stays bounded. The forwards run in
-    this process, or on a ZeroGPU Space in one GPU call (:mod:`gqa_core.lens.gpu`).
+    this process, or on a ZeroGPU Space in one GPU call (:mod:`gqa_core.lens.gpu`). ``progress(fraction,
+    what)`` hears how far the deep analyses are (in this process only).
     """
     view, x = model_input(loaded, image)
     x = x.to(model_device(loaded.model))  # the registry's device (the CPU on a ZeroGPU Space)
@@ -114,7 +116,7 @@ def analyse(loaded: LoadedModel, image: Image.Image, deep: bool = False) -> Anal
         if on_zerogpu():
             out = forwards_in_a_gpu_call(ForwardJob.of(loaded.config, loaded.model, x, run_deep, loaded.labels))
         else:
-            out = run_forwards(loaded.model, x, run_deep, loaded.labels)
+            out = run_forwards(loaded.model, x, run_deep, loaded.labels, progress=progress)
         check_finite(out.recording)
         analysis = _summarise(loaded, view, out.recording)
     analysis.ablation, analysis.faithfulness = out.ablation, out.faithfulness

@@ -20,7 +20,7 @@ from ..core.record import FUSIONS, Recording, record
 from ..io.config import GQALensConfig
 from ..core.vit import gqa_layers, num_tokens
 from .gpu_duration import analysis_forwards, gpu_seconds, kv_budget_forwards
-from .heads import AblationResult, ablation_study, faithfulness
+from .heads import AblationResult, Progress, ablation_study, faithfulness
 
 __all__ = ['ForwardJob', 'Forwards', 'run_forwards', 'forwards_in_a_gpu_call', 'on_zerogpu',
            'KVBudgetJob', 'kv_budget_in_a_gpu_call', 'cpu_state', 'job_model',
@@ -56,9 +56,12 @@ class Forwards:
     faithfulness: Optional[Dict[str, Dict[str, Any]]] = None
 
 
-def run_forwards(model: nn.Module, x: Tensor, deep: bool, labels: List[str]) -> Forwards:
+def run_forwards(model: nn.Module, x: Tensor, deep: bool, labels: List[str],
+                 progress: Optional[Progress] = None) -> Forwards:
     """The recorded forward of ``x`` (one image) and, when ``deep``, every head ablation and the faithfulness
-    curves of the summary map and the rollout -- all the forwards an analysis needs, on ``x``'s device."""
+    curves of the summary map and the rollout -- all the forwards an analysis needs, on ``x``'s device.
+    ``progress(fraction, what)``: how far the deep analyses are (ablation the first half, faithfulness the
+    second)."""
     with torch.inference_mode(), record(model, attention='prefix', rollout=FUSIONS, keep_qk=True) as rec:
         model(x)
     result = rec.result
@@ -66,10 +69,12 @@ def run_forwards(model: nn.Module, x: Tensor, deep: bool, labels: List[str]) -> 
         return Forwards(result)
     target = None if result.headless else int(result.logits[0].argmax())
     label = labels[target] if target is not None and target < len(labels) else ''
-    ablation = ablation_study(model, x, target, label)
+    def half(offset: float) -> Optional[Progress]:
+        return None if progress is None else (lambda fraction, what: progress(offset + fraction / 2, what))
+    ablation = ablation_study(model, x, target, label, progress=half(0.0))
     maps = {f'{result.row_labels[result.summary_row]} map': result.summary_rows()[-1].mean(0),
             'rollout': result.rollout_patches('mean')}
-    return Forwards(result, ablation, faithfulness(model, x, maps, result.grid_size, target))
+    return Forwards(result, ablation, faithfulness(model, x, maps, result.grid_size, target, progress=half(0.5)))
 
 
 @dataclass
@@ -84,12 +89,12 @@ class ForwardJob:
     labels: List[str]
     tokens: int
     layers: int
-    forwards: int  # single-image forwards the job runs (gpu_duration.analysis_forwards)
+    forwards: float  # single-image forwards the job runs, in whole-model passes (gpu_duration.analysis_forwards)
 
     @classmethod
     def of(cls, config: GQALensConfig, model: nn.Module, x: Tensor, deep: bool, labels: List[str]) -> 'ForwardJob':
         attns = gqa_layers(model)
-        forwards = analysis_forwards(sum(a.num_heads + a.num_kv_heads for a in attns), deep)
+        forwards = analysis_forwards([a.num_heads + a.num_kv_heads for a in attns], deep)
         return cls(config, cpu_state(model), x.cpu(), deep, list(labels), num_tokens(model), len(attns), forwards)
 
 

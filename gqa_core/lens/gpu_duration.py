@@ -49,20 +49,23 @@ def gpu_seconds(tokens: int, layers: int, forwards: float) -> int:
     return int(min(MAX_GPU_SECONDS, max(MIN_GPU_SECONDS, round(estimate))))
 
 
-def analysis_forwards(removals: int, ablation: bool) -> int:
-    """Single-image forwards of one analysis: the recorded one, and with ``ablation`` the unperturbed one of the
-    ablation and of the faithfulness curves, every KV-head and query-head removal in each mode
-    (:func:`~gqa_core.lens.heads.ablation_study`) and the deletion and insertion curves of each faithfulness map
+def analysis_forwards(removals: Sequence[int], ablation: bool) -> float:
+    """Single-image forwards of one analysis, in whole-model passes: the recorded one, and with ``ablation`` the
+    unperturbed one of the ablation and of the faithfulness curves, every KV-head and query-head removal in each
+    mode (:func:`~gqa_core.lens.heads.ablation_study`: a removal in block l starts from the tokens entering it, so
+    it runs L - l of the L blocks) and the deletion and insertion curves of each faithfulness map
     (``CURVE_STEPS + 1`` points each; fewer for a model of fewer patches, so this never under-counts).
 
     Args:
-        removals: the KV heads and query heads of all blocks together (each removed once per mode; blocks may
+        removals: per block, its KV heads and query heads together (each removed once per mode; blocks may
             differ in KV heads).
         ablation: whether the deep analyses (ablation, faithfulness) run.
     """
     if not ablation:
         return 1
-    return 3 + removals * len(ABLATION_MODES) + FAITHFULNESS_MAPS * 2 * (CURVE_STEPS + 1)
+    depth = len(removals)
+    partial = sum(n * (depth - block) for block, n in enumerate(removals)) / depth
+    return 3 + partial * len(ABLATION_MODES) + FAITHFULNESS_MAPS * 2 * (CURVE_STEPS + 1)
 
 
 def kv_budget_forwards(images: int, calibration: int, layers: int, conversions: int,

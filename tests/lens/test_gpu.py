@@ -84,7 +84,7 @@ def test_analysis_forwards_in_a_spawned_process_are_bit_identical(registry, spec
     seconds, there = in_a_spawned_process(gpu.forwards_in_a_gpu_call, job)
     assert here.ablation is not None and here.faithfulness
     assert_same(here, there)
-    assert work.rows == job.forwards * job.layers, 'the job counts the forwards that run'
+    assert work.rows == round(job.forwards * job.layers), 'the job counts the forwards that run'
     assert seconds == gpu.forwards_in_a_gpu_call.gpu_seconds(job) == gpu_seconds(job.tokens, job.layers, job.forwards)
 
 
@@ -111,9 +111,9 @@ def test_the_reserved_seconds_grow_with_the_work_between_a_floor_and_a_cap(regis
     assert (one.forwards, one.tokens, one.layers) == (1, 65, 6) and seconds(one) == MIN_GPU_SECONDS, 'the floor'
     assert seconds(deep) > seconds(one), 'ablation and faithfulness: hundreds of forwards more'
     # a ViT-B/16 at 224 px with ablation: 197 tokens, 12 layers, 12 heads
-    vit_b = gpu_seconds(197, 12, analysis_forwards(12 * (12 + 12), True))
-    assert MIN_GPU_SECONDS < vit_b < gpu_seconds(577, 12, analysis_forwards(12 * (12 + 12), True)) < MAX_GPU_SECONDS
-    assert gpu_seconds(577, 24, analysis_forwards(24 * (16 + 16), True)) == MAX_GPU_SECONDS, 'the cap'
+    vit_b = gpu_seconds(197, 12, analysis_forwards([12 + 12] * 12, True))
+    assert MIN_GPU_SECONDS < vit_b < gpu_seconds(577, 12, analysis_forwards([12 + 12] * 12, True)) < MAX_GPU_SECONDS
+    assert gpu_seconds(577, 24, analysis_forwards([16 + 16] * 24, True)) == MAX_GPU_SECONDS, 'the cap'
     mha = registry.get('embedded/mha')
     images = calibration_images(mha.preprocessing, 136)
     few, many = (gpu.KVBudgetJob.of(mha.config, mha.model, images[8:8 + n], None, images[:8], 1e10) for n in (16, 128))
