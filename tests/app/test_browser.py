@@ -235,8 +235,9 @@ def test_exported_html_figures_render_with_the_network_off(app_url, tmp_path):
 FAMILY = ('embedded/mha', 'embedded/gqa', 'embedded/kdgqa', 'embedded/dgqa-ema')
 
 
-def run_models_in_page(page, specs, deep: bool = True) -> None:
-    """Choose ``specs`` (the other slots empty), tick "which heads matter" if ``deep``, Run, wait for the results."""
+def run_models_in_page(page, specs, deep: bool = True, timeout_ms: int = 120_000) -> None:
+    """Choose ``specs`` (the other slots empty), tick "which heads matter" if ``deep``, Run, wait for the results
+    (``timeout_ms``: a live calibrated conversion takes minutes on a busy CPU)."""
     for slot in range(4):
         choose(page, slot, specs[slot] if slot < len(specs) else '(none)')
     box = page.locator('#deep input[type=checkbox]')
@@ -250,7 +251,7 @@ def run_models_in_page(page, specs, deep: bool = True) -> None:
             .observe(document.body, {subtree: true, childList: true, attributes: true, attributeFilter: ['src']});
     }''')
     page.locator('#run').click()
-    page.wait_for_function('window.__ran === true', timeout=120_000)
+    page.wait_for_function('window.__ran === true', timeout=timeout_ms)
     settle(page)
 
 
@@ -356,7 +357,7 @@ def test_a_calibrated_conversion_shows_where_gqa_hurts_legibly(app_url, tmp_path
                 page.locator('#convert-use').click()
                 expect(page.locator('#model-3 input')).to_have_value(f'convert:{HUB_SOURCES[1]}:kdgqa:2:calibrated')
             for n in (1, 2):
-                run_models_in_page(page, [calibrated, 'embedded/mha'][:n], deep=False)
+                run_models_in_page(page, [calibrated, 'embedded/mha'][:n], deep=False, timeout_ms=480_000)
                 expect(page.locator('#summary-0')).to_contain_text('K/V calibrated on 512 images', timeout=180_000)
                 show_view(page, 'where GQA hurts')
                 expect(page.locator('#figure-0 .js-plotly-plot')).to_be_visible(timeout=30_000)
