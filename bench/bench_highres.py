@@ -24,16 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # this checkout's gqa_core, not an installed one
 
-
-def status_kb(field: str) -> int:
-    for line in Path('/proc/self/status').read_text().splitlines():
-        if line.startswith(field + ':'):
-            return int(line.split()[1])
-    raise KeyError(field)
-
-
-def reset_peak() -> None:
-    Path('/proc/self/clear_refs').write_text('5')  # VmHWM := VmRSS
+from proc_memory import reset_peak, status_kb  # noqa: E402
 
 
 def build(depth: int):
