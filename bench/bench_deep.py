@@ -20,7 +20,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # this checkout's gqa_core, not an installed one
 
-from proc_memory import status_kb  # noqa: E402
+from proc_memory import reset_peak, status_kb  # noqa: E402
 
 
 def main() -> None:
@@ -56,7 +56,7 @@ def main() -> None:
             print(f'  {fraction:6.1%}  {time.perf_counter() - start:7.1f} s  {what}', file=sys.stderr, flush=True)
 
     gc.collect()
-    Path('/proc/self/clear_refs').write_text('5')
+    reset_peak()
     before = status_kb('VmRSS')
     start = time.perf_counter()
     out = run_forwards(model, x, True, [f'class {i}' for i in range(1000)], progress=progress)
