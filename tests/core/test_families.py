@@ -8,6 +8,7 @@ import torch
 
 from gqa_core import GroupedQueryAttention, convert, record, revert
 from gqa_core.core.vit import block_context, block_inputs, model_output
+from support import model_images as images, perturbed_model as perturbed
 
 SMALL = dict(embed_dim=64, depth=2, num_heads=4)
 # (timm name, constructor arguments beyond SMALL): every attention layout GQA Lens converts
@@ -33,16 +34,7 @@ def family_model(key: str) -> torch.nn.Module:
 
 def perturbed_model(name: str, extra: dict) -> torch.nn.Module:
     """timm's ``name`` at SMALL size with ``extra`` arguments, every parameter perturbed (seeded)."""
-    torch.manual_seed(0)
-    model = timm.create_model(name, **SMALL, **extra).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    return model
-
-
-def images(model, n: int = 2) -> torch.Tensor:
-    return torch.randn(n, 3, *model.patch_embed.img_size, generator=torch.Generator().manual_seed(1))
+    return perturbed(name, **SMALL, **extra)
 
 
 @pytest.mark.parametrize('key', sorted(FAMILIES))

@@ -8,6 +8,7 @@ import torch
 
 from gqa_core import GroupedQueryAttention, convert, record
 from gqa_core.core.convert import grouping_config, kv_heads_label, native_kv_heads
+from support import model_images as images, perturbed_model
 
 # (timm name, constructor arguments): every timm layout that shares K/V heads itself
 NATIVE = {
@@ -26,16 +27,7 @@ NATIVE = {
 def native_model(key: str) -> torch.nn.Module:
     """The layout, small, every parameter perturbed (biases are zero at init; the tests must see them)."""
     name, args = NATIVE[key]
-    torch.manual_seed(0)
-    model = timm.create_model(name, pretrained=False, **args).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    return model
-
-
-def images(model, n: int = 2) -> torch.Tensor:
-    return torch.randn(n, 3, *model.patch_embed.img_size, generator=torch.Generator().manual_seed(1))
+    return perturbed_model(name, **args)
 
 
 @pytest.mark.parametrize('key', sorted(NATIVE))
@@ -154,12 +146,8 @@ def test_a_static_gqa_eva_model_exports_to_timms_own_format(case, tmp_path):
     import sys
     from gqa_core.io.timm_native import save_timm_native
     if case == 'eva02-pooled':  # timm's EVA-02 (EvaAttention, one fused qkv) pooled here to G = 2
-        torch.manual_seed(0)
-        source = timm.create_model('eva02_tiny_patch14_224', img_size=56, embed_dim=64, depth=2, num_heads=4,
-                                   num_classes=5).eval()
-        with torch.no_grad():
-            for p in source.parameters():
-                p.add_(torch.randn_like(p) * 0.05)
+        source = perturbed_model('eva02_tiny_patch14_224', img_size=56, embed_dim=64, depth=2, num_heads=4,
+                                 num_classes=5)
         model = convert(source, 'gqa', 2)
     else:
         model = convert(native_model(case), 'gqa')

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import httpx
+import timm
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
@@ -24,6 +25,22 @@ def tiny_vit(num_heads: int = 6, depth: int = 2, head_dim: int = 8, **kwargs) ->
                 mlp_ratio=2.0, num_classes=10)
     args.update(kwargs)
     return VisionTransformer(**args).eval()
+
+
+def perturbed_model(name: str, **args) -> torch.nn.Module:
+    """timm's ``name`` built with ``args`` (random weights), every parameter perturbed, seeded: biases and
+    position tables are zero at init, and a test must see them."""
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False, **args).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return model
+
+
+def model_images(model: torch.nn.Module, n: int = 2) -> torch.Tensor:
+    """``n`` seeded random images of the model's input size."""
+    return torch.randn(n, 3, *model.patch_embed.img_size, generator=torch.Generator().manual_seed(1))
 
 
 def free_port() -> int:
