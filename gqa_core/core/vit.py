@@ -13,9 +13,9 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
-from timm.layers import AttentionPoolLatent
+from timm.layers import AttentionPoolLatent, AttentionRope
 from timm.models.beit import Beit
-from timm.models.eva import Eva
+from timm.models.eva import Eva, EvaBlockPostNorm
 from timm.models.vision_transformer import VisionTransformer
 
 from .attention import GroupedQueryAttention
@@ -220,9 +220,9 @@ def _eva_geometry(vit: Eva) -> Dict[str, Any]:
               for b in vit.blocks]
     # all multi-head: H said explicitly (an architecture whose default is per-block GQA, Sapiens2, is overridden),
     # but post-norm blocks take no num_kv_heads at all
-    post_norm = type(block).__name__ == 'EvaBlockPostNorm'
+    post_norm = isinstance(block, EvaBlockPostNorm)
     geometry['num_kv_heads'] = None if post_norm else native[0] if len(set(native)) == 1 else native
-    geometry['attn_type'] = 'rope' if getattr(attn, 'kind', None) == 'rope' or type(attn).__name__ == 'AttentionRope' \
+    geometry['attn_type'] = 'rope' if getattr(attn, 'kind', None) == 'rope' or isinstance(attn, AttentionRope) \
         else 'eva'  # timm's AttentionRope (the only Eva attention with num_kv_heads) or EvaAttention
     if vit.attn_pool is not None:
         geometry['attn_pool_num_heads'] = int(vit.attn_pool.num_heads)
