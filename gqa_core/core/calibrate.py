@@ -48,7 +48,7 @@ from .distributed import process_part, sum_over_processes
 from .attention import (GroupedQueryAttention, _load_qkv, _qkv_tensors, apply_rope, key_head_norms,
                         route_kv)
 from .probe import AttentionProbe
-from .vit import block_context, block_inputs, check_vit, output_rows, run_blocks
+from .vit import block_context, block_inputs, blocks_of, check_vit, output_rows, run_blocks
 
 __all__ = ['CalibrationBudget', 'CalibrationReport', 'calibrate_layers', 'check_calibration', 'layer_errors', 'block_flops',
            'CALIBRATED_PARAMS']
@@ -544,7 +544,7 @@ def calibrate_layers(vit: nn.Module, teachers: Sequence[nn.Module], students: Se
     """
     start_time = time.perf_counter()
     images = check_calibration(images, vit)
-    blocks = list(vit.blocks)
+    blocks = list(blocks_of(vit))
     if not (len(blocks) == len(teachers) == len(students)):
         raise ValueError('one teacher and one student layer per block')
     mha = [GroupedQueryAttention.from_attention(t, 'mha').eval() for t in teachers]
@@ -616,7 +616,7 @@ def layer_errors(mha: nn.Module, converted: nn.Module, images: Tensor, batch: in
     context = block_context(mha_vit, images[:1])
     x = y = block_inputs(mha_vit, images)
     errors = []
-    for index, (reference, block) in enumerate(zip(mha_vit.blocks, vit.blocks)):
+    for index, (reference, block) in enumerate(zip(blocks_of(mha_vit), blocks_of(vit))):
         x = run_blocks([reference], x, batch, context)
         y = run_blocks([block], y, batch, context)
         errors.append(_relative(y, x, output_rows(mha_vit, index)))

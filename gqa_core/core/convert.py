@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from .attention import ATTENTION_KINDS, GroupedQueryAttention, attention_kind, kv_bytes
 from .calibrate import CalibrationBudget, calibrate_layers, check_calibration
 from .head_order import HEAD_ORDERS, advise_head_order, check_permutations, permute_heads
-from .vit import check_positions, check_vit, gqa_layers, num_tokens
+from .vit import blocks_of, check_positions, check_vit, gqa_layers, num_tokens
 
 __all__ = ['convert', 'revert', 'INITS', 'check_convertible', 'grouping_config', 'kv_cache_bytes', 'source_heads',
            'block_kv_heads', 'native_kv_heads', 'kv_heads_label']
@@ -69,7 +69,7 @@ def convert(
     vit = check_vit(model)
     if num_kv_heads is None and variant != 'mha':
         native = native_kv_heads(vit)
-        if all(g == b.attn.num_heads for g, b in zip(native, vit.blocks)):
+        if all(g == b.attn.num_heads for g, b in zip(native, blocks_of(vit))):
             raise ValueError(f'{variant}: num_kv_heads is required (every block has all {native[0]} KV heads)')
         num_kv_heads = native  # each block keeps the KV heads it has
     per_block = block_kv_heads(vit, num_kv_heads)
@@ -81,7 +81,7 @@ def convert(
             raise ValueError('init="calibrated" needs calibration images (a tensor (N, 3, H, W))')
         check_calibration(calibration, vit)
         budget = budget if budget is not None else CalibrationBudget()
-    sources = [getattr(block.attn, 'source_heads', None) for block in vit.blocks]
+    sources = [getattr(block.attn, 'source_heads', None) for block in blocks_of(vit)]
     perms = _head_order_permutations(vit, attns, head_order, calibration, num_kv_heads, max_refine_flops, parallel)
     if perms is not None and any(getattr(a, 'num_kv_heads', None) not in (None, a.num_heads) for a in attns):
         raise ValueError('a head order permutes multi-head layers (G = H) before pooling: expand the model to '
@@ -104,7 +104,7 @@ def convert(
         vit.gqa_conversion = dict(init='calibrated', images=report.images, steps_per_layer=report.steps_per_layer,
                                   params=report.params, seconds=round(report.seconds, 1))
         return vit
-    for block, new in zip(vit.blocks, new_layers):
+    for block, new in zip(blocks_of(vit), new_layers):
         block.attn = new
     vit.calibration_report = vit.gqa_conversion = None
     return vit
@@ -113,7 +113,7 @@ def convert(
 def block_kv_heads(model: nn.Module, num_kv_heads: Optional[Union[int, Sequence[int]]]) -> List[Optional[int]]:
     """``num_kv_heads`` as one entry per block (None: the block keeps the KV heads it has)."""
     vit = check_vit(model)
-    depth = len(vit.blocks)
+    depth = len(blocks_of(vit))
     if num_kv_heads is None or isinstance(num_kv_heads, int):
         return [num_kv_heads] * depth
     per_block = list(num_kv_heads)
@@ -134,7 +134,7 @@ def kv_heads_label(num_kv_heads: Union[int, Sequence[int], None]) -> str:
 
 def native_kv_heads(model: nn.Module) -> List[int]:
     """The KV heads each block's attention has now (H for multi-head layers)."""
-    return [int(getattr(b.attn, 'num_kv_heads', None) or b.attn.num_heads) for b in check_vit(model).blocks]
+    return [int(getattr(b.attn, 'num_kv_heads', None) or b.attn.num_heads) for b in blocks_of(model)]
 
 
 def check_convertible(model: nn.Module, num_kv_heads: Optional[Union[int, Sequence[int]]] = None) -> List[nn.Module]:
@@ -143,7 +143,7 @@ def check_convertible(model: nn.Module, num_kv_heads: Optional[Union[int, Sequen
     vit = check_vit(model)
     check_positions(vit)
     return [_convertible_attention(index, block, g)
-            for index, (block, g) in enumerate(zip(vit.blocks, block_kv_heads(vit, num_kv_heads)))]
+            for index, (block, g) in enumerate(zip(blocks_of(vit), block_kv_heads(vit, num_kv_heads)))]
 
 
 def _head_order_permutations(vit: nn.Module, attns: list, head_order: Any, calibration: Optional[Tensor],
@@ -194,7 +194,7 @@ def revert(model: nn.Module) -> nn.Module:
     """Back to timm's own attention (MHA) in the original head order, exactly equivalent at inference for fixed
     groupings (a BEiT model's shared position bias included)."""
     vit = check_vit(model)
-    for block in vit.blocks:
+    for block in blocks_of(vit):
         if isinstance(block.attn, GroupedQueryAttention):
             order = block.attn.source_heads
             block.attn = block.attn.to_attention()
@@ -221,7 +221,7 @@ def kv_cache_bytes(model: nn.Module, bytes_per_value: int = 2) -> int:
     vit = check_vit(model)
     tokens = num_tokens(vit)
     total = 0
-    for block in vit.blocks:
+    for block in blocks_of(vit):
         attn = block.attn
         kv_heads = getattr(attn, 'num_kv_heads', attn.num_heads)  # timm's own MHA: G = H
         total += kv_bytes(kv_heads, attn.head_dim, tokens, bytes_per_value)

@@ -39,7 +39,7 @@ from torch import Tensor, nn
 
 from .attention import GroupedQueryAttention, apply_rope, attention_kind, permute_heads
 from .distributed import process_part, sum_over_processes
-from .vit import block_context, block_inputs, check_vit, model_output, output_rows, run_blocks
+from .vit import block_context, block_inputs, blocks_of, check_vit, model_output, output_rows, run_blocks
 
 __all__ = ['HeadOrderAdvice', 'advise_head_order', 'permute_heads', 'check_permutations', 'head_groups', 'HEAD_ORDERS']
 
@@ -284,8 +284,8 @@ def _refine_flops_per_candidate(vit: nn.Module, tokens: Tensor, images: Optional
     ``images`` images, all processes' together; default: ``tokens``')."""
     N, T, D = tokens.shape
     N = N if images is None else images
-    L = len(vit.blocks)
-    per_token = 2 * sum(p.numel() for p in vit.blocks[0].parameters()) + 4 * T * D
+    L = len(blocks_of(vit))
+    per_token = 2 * sum(p.numel() for p in blocks_of(vit)[0].parameters()) + 4 * T * D
     return float(L * (L + 1) // 2 * N * T * per_token)
 
 
@@ -336,7 +336,7 @@ def _choose_by_output(vit: nn.Module, index: int, attn: GroupedQueryAttention, r
     headless = getattr(vit, 'num_classes', 0) == 0
     best = None
     for perm, err in ranked:
-        out = run_blocks([_pooled_block(vit.blocks[index], attn, perm, G)], tokens, batch, context)
+        out = run_blocks([_pooled_block(blocks_of(vit)[index], attn, perm, G)], tokens, batch, context)
         d = _output_divergence(reference, model_output(vit, out, index + 1, batch, context), headless, reduce)
         if best is None or d < best[0]:
             best = (d, perm, err, out)
@@ -364,7 +364,7 @@ def advise_head_order(model: nn.Module, num_kv_heads: int, images: Tensor, *, ca
     vit = check_vit(model)
     if candidates < 1:
         raise ValueError(f'candidates={candidates} must be at least 1')
-    G, H = num_kv_heads, vit.blocks[0].attn.num_heads
+    G, H = num_kv_heads, blocks_of(vit)[0].attn.num_heads
     if G < 1 or H % G:
         raise ValueError(f'num_kv_heads={G} must be a positive divisor of the {H} heads')
     was_training = vit.training
@@ -381,7 +381,7 @@ def advise_head_order(model: nn.Module, num_kv_heads: int, images: Tensor, *, ca
     converted_tokens = mha_tokens  # what the layers chosen so far produce (tracked when stage 2 runs)
     reference = model_output(vit, mha_tokens, 0, batch, context) if refine else None
     advice = HeadOrderAdvice([], [], [])
-    for index, block in enumerate(vit.blocks):
+    for index, block in enumerate(blocks_of(vit)):
         attn = _multi_head(block.attn, index)
         ranked, err_c, how = _ranked_partitions(_Layer.of(attn, context), block.norm1(mha_tokens), G,
                                                 output_rows(vit, index), candidates, batch, reduce)

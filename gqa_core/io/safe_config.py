@@ -19,13 +19,14 @@ import torch
 
 from ..core.policies import POLICIES
 from ..core.rules import BOOLEAN, Rule, check, check_fields, either, integer, list_of, number, one_of, optional, text
+from ..core.families import family_args, timm_modules
+from ..core.families.vision_transformer import BACKBONE_ARGS
 from ..core.vit import num_tokens
 from ..core.settings import Settings
 
 __all__ = ['ConfigError', 'Budget', 'check_backbone', 'check_backbone_args', 'check_grouping', 'check_preprocessing',
            'check_labels', 'check_budget', 'check_source_heads', 'check_num_classes', 'check_norm_eps', 'BACKBONE_ARGS']
 
-VIT_MODULES = ('timm.models.vision_transformer', 'timm.models.deit', 'timm.models.eva', 'timm.models.beit')
 BACKBONE_NAME = re.compile(r'^[a-z0-9_]{1,80}(\.[a-z0-9_]{1,80})?$')
 
 
@@ -33,67 +34,6 @@ class ConfigError(ValueError):
     """A config field is not acceptable; the message names the field and the rule."""
 
 
-SIZE = Rule(lambda v: integer(8, 4096)(v) or (isinstance(v, (list, tuple)) and len(v) == 2
-                                              and all(integer(8, 4096)(s) for s in v)),
-            'an int or [height, width], 8..4096')
-RATE = number(0, 1)
-
-
-# Geometry and regularisation keys of timm's VisionTransformer, each with its rule. Anything else -- a path,
-# a URL, a loader option, a layer class -- is refused.
-BACKBONE_ARGS: Dict[str, Rule] = {
-    'img_size': SIZE,
-    'patch_size': integer(1, 64),
-    'in_chans': one_of(3, says='3 (RGB)'),
-    'num_classes': integer(0, 100_000),
-    'global_pool': one_of('', 'token', 'avg', 'avgmax', 'max', 'map', says="'', token, avg, avgmax, max or map"),
-    'embed_dim': integer(8, 4096),
-    'depth': integer(1, 64),
-    'num_heads': integer(1, 64),
-    'mlp_ratio': number(0.25, 16),
-    'qkv_bias': BOOLEAN,
-    'qk_norm': BOOLEAN,
-    'proj_bias': BOOLEAN,
-    'init_values': optional(number(0, 10)),
-    'class_token': BOOLEAN,
-    'pos_embed': one_of('learn', 'none'),
-    'no_embed_class': BOOLEAN,
-    'reg_tokens': integer(0, 64),
-    'pre_norm': BOOLEAN,
-    'final_norm': BOOLEAN,
-    'fc_norm': optional(BOOLEAN, says='null, true or false'),
-    'dynamic_img_size': BOOLEAN,
-    'dynamic_img_pad': BOOLEAN,
-    'drop_rate': RATE,
-    'pos_drop_rate': RATE,
-    'proj_drop_rate': RATE,
-    'attn_drop_rate': RATE,
-    'drop_path_rate': RATE,
-}
-# The keys timm's Eva (eva.py) and Beit (beit.py) constructors add; the keys they lack are refused for them.
-_SHARED = ('img_size', 'patch_size', 'in_chans', 'num_classes', 'global_pool', 'embed_dim', 'depth', 'num_heads',
-           'mlp_ratio', 'qkv_bias', 'init_values', 'drop_rate', 'pos_drop_rate', 'proj_drop_rate', 'attn_drop_rate',
-           'drop_path_rate', 'dynamic_img_size')
-EVA_ARGS: Dict[str, Rule] = {
-    **{k: BACKBONE_ARGS[k] for k in _SHARED}, 'class_token': BOOLEAN,
-    'qkv_fused': BOOLEAN,
-    'qk_norm': BOOLEAN,
-    'num_reg_tokens': integer(0, 64),
-    'use_abs_pos_emb': BOOLEAN,
-    'use_rot_pos_emb': BOOLEAN,
-    'attn_pool_num_heads': optional(integer(1, 64)),
-    'attn_pool_mlp_ratio': optional(number(0.25, 16)),
-    'num_kv_heads': optional(either(integer(1, 64), list_of(integer(1, 64), 1, 256))),  # timm's own GQA blocks
-    'attn_type': one_of('eva', 'rope'),
-}
-BEIT_ARGS: Dict[str, Rule] = {
-    **{k: BACKBONE_ARGS[k] for k in _SHARED if k != 'dynamic_img_size'},
-    'use_abs_pos_emb': BOOLEAN,
-    'use_rel_pos_bias': BOOLEAN,
-    'use_shared_rel_pos_bias': BOOLEAN,
-}
-FAMILY_ARGS = {'timm.models.vision_transformer': BACKBONE_ARGS, 'timm.models.deit': BACKBONE_ARGS,
-               'timm.models.eva': EVA_ARGS, 'timm.models.beit': BEIT_ARGS}
 INTERPOLATIONS = ('nearest', 'bilinear', 'bicubic', 'box', 'hamming', 'lanczos')
 
 
@@ -124,7 +64,7 @@ def check_backbone(name: Any) -> str:
     if not timm.is_model(arch):
         raise ConfigError(f'backbone {name!r} is not a timm model')
     module = timm.models.model_entrypoint(arch).__module__
-    if module not in VIT_MODULES:
+    if module not in timm_modules():
         raise ConfigError(f'backbone {name!r} is not a timm Vision Transformer')
     return name
 
@@ -134,7 +74,7 @@ def check_backbone_args(args: Any, backbone: Optional[str] = None, where: str = 
     ``where``: the field's name in refusals (a timm config calls it ``model_args``)."""
     rules = BACKBONE_ARGS
     if backbone is not None:
-        rules = FAMILY_ARGS[timm.models.model_entrypoint(check_backbone(backbone).split('.')[0]).__module__]
+        rules = family_args(timm.models.model_entrypoint(check_backbone(backbone).split(".")[0]).__module__)
     return _check_fields(where, args, rules)
 
 

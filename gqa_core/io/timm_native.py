@@ -28,7 +28,7 @@ from timm.models.eva import Eva
 from torch import nn
 
 from ..core.attention import GroupedQueryAttention, _qkv_tensors
-from ..core.vit import check_vit, set_norm_eps
+from ..core.vit import blocks_of, check_vit, set_norm_eps
 from .config import backbone_of
 
 __all__ = ['timm_native', 'save_timm_native']
@@ -38,7 +38,7 @@ def _check_expressible(vit: nn.Module) -> None:
     if not isinstance(vit, Eva):
         raise ValueError(f'{type(vit).__name__}: timm expresses grouped-query attention only in its Eva family '
                          '(AttentionRope with num_kv_heads); this model cannot be written for plain timm')
-    for index, block in enumerate(vit.blocks):
+    for index, block in enumerate(blocks_of(vit)):
         attn = block.attn
         if not isinstance(attn, GroupedQueryAttention):
             continue  # timm's own layer already
@@ -57,7 +57,7 @@ def timm_native(model: nn.Module) -> Tuple[nn.Module, str, Dict[str, Any]]:
     vit = check_vit(model)
     _check_expressible(vit)
     arch, args, eps = backbone_of(vit)
-    kv_heads = [int(getattr(b.attn, 'num_kv_heads', None) or b.attn.num_heads) for b in vit.blocks]
+    kv_heads = [int(getattr(b.attn, 'num_kv_heads', None) or b.attn.num_heads) for b in blocks_of(vit)]
     args = dict(args, attn_type='rope', qkv_fused=False,
                 num_kv_heads=kv_heads[0] if len(set(kv_heads)) == 1 else kv_heads)
     native = timm.create_model(arch, pretrained=False, **args)
@@ -65,12 +65,12 @@ def timm_native(model: nn.Module) -> Tuple[nn.Module, str, Dict[str, Any]]:
         set_norm_eps(native, eps)
         args['norm_eps'] = eps
     state = {k: v for k, v in vit.state_dict().items() if '.attn.' not in k}
-    for index, block in enumerate(vit.blocks):
+    for index, block in enumerate(blocks_of(vit)):
         weights, biases = _qkv_tensors(block.attn)
         prefix = f'blocks.{index}.attn.'
         for name, w, b in zip(('q_proj', 'k_proj', 'v_proj'), weights, biases):
             state[prefix + name + '.weight'] = w
-            if b is not None or getattr(native.blocks[index].attn, name).bias is not None:
+            if b is not None or getattr(blocks_of(native)[index].attn, name).bias is not None:
                 state[prefix + name + '.bias'] = b if b is not None else torch.zeros(w.shape[0], dtype=w.dtype)
         for name, tensor in block.attn.state_dict().items():
             if name.split('.')[0] in ('q_norm', 'k_norm', 'norm', 'proj', 'gate'):

@@ -26,6 +26,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..core.calibrate import CALIBRATED_PARAMS, CalibrationBudget, layer_errors
+from ..core.vit import blocks_of
 from ..core.convert import INITS, convert, grouping_config
 from ..core.head_order import HEAD_ORDERS, advise_head_order
 from ..core.policies import POLICIES
@@ -79,10 +80,10 @@ def convert_and_report(model: nn.Module, variant: str, num_kv_heads: int, calibr
     result = mean_pooled
     calibration_report = None
     if init == 'calibrated':
-        bar = tqdm(total=len(mha.blocks), desc='calibrating', unit='layer', disable=not progress)
+        bar = tqdm(total=len(blocks_of(mha)), desc='calibrating', unit='layer', disable=not progress)
 
         def step(fraction: float, what: str) -> None:
-            bar.update(round(fraction * len(mha.blocks)) - bar.n)
+            bar.update(round(fraction * len(blocks_of(mha))) - bar.n)
 
         result = convert(copy.deepcopy(mha), variant, num_kv_heads, head_order=order, calibration=calibration,
                          init='calibrated', budget=budget, progress=step, parallel=parallel, **policy_options)

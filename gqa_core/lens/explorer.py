@@ -10,6 +10,7 @@ from typing import Any, Callable, Dict, Optional
 import numpy as np
 import torch
 
+from ..core.vit import blocks_of
 from ..training.seeds import seed_rows
 from .kv_budget import kv_budget_rows
 from .calibration import CALIBRATION_FILE, calibration_images
@@ -77,4 +78,4 @@ def live_kv_budget(registry: ModelRegistry, spec: str, n: int,
             rows = kv_budget_rows(loaded.model, images[LIVE_CALIBRATION:], labels, calibration, progress=progress,
                                   batch_size=64, max_refine_flops=REFINE_FLOPS)
     return dict(model=loaded.spec, data='shipped CIFAR-10 training images', split='live', n=n,
-                num_heads=loaded.model.blocks[0].attn.num_heads, rows=rows)
+                num_heads=blocks_of(loaded.model)[0].attn.num_heads, rows=rows)

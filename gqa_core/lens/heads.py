@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from ..core.ablation import ABLATION_MODES, ablate
-from ..core.vit import block_context, block_inputs, gqa_layers, model_output, num_tokens
+from ..core.vit import block_context, block_inputs, blocks_of, gqa_layers, model_output, num_tokens
 
 __all__ = ['AblationResult', 'Progress', 'ablation_study', 'group_diversity', 'jensen_shannon', 'faithfulness',
            'deletion_insertion', 'CURVE_STEPS']
@@ -91,7 +91,7 @@ def ablation_study(model: nn.Module, x: Tensor, target: Optional[int], target_na
     L, H, G = len(layers), layers[0].num_heads, max(layer.num_kv_heads for layer in layers)
     context = block_context(model, x)
     entering = [block_inputs(model, x)]
-    for block in model.blocks:
+    for block in blocks_of(model):
         entering.append(block(entering[-1], **context))
     base = model.forward_head(model.norm(entering.pop()))[0]
     base_score = float(_score(base[None], base, target)[0])

@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 from tqdm.auto import tqdm
 
 from ..core.calibrate import CalibrationBudget
+from ..core.vit import blocks_of
 from ..core.convert import INITS, convert, grouping_config, kv_cache_bytes
 from ..core.device import DEVICE_CHOICES, model_device
 from ..core.distributed import share_over_processes, sum_over_processes
@@ -108,7 +109,7 @@ def kv_budget_rows(mha: nn.Module, images: Tensor, labels: Optional[Tensor], cal
     device = model_device(mha)
     images, calibration = images.to(device), calibration.to(device)
     labels = labels.to(device) if labels is not None else None
-    H = mha.blocks[0].attn.num_heads
+    H = blocks_of(mha)[0].attn.num_heads
     reference = predictions(mha, images, batch_size)
     rows = [dict(num_kv_heads=H, variant='mha', head_order='consecutive', init='mean', kv_bytes=kv_cache_bytes(mha),
                  top1=share_over_processes(reference == labels, parallel) if labels is not None else None, agreement=1.0)]
@@ -162,7 +163,7 @@ def kv_budget(model_source: str, data: str, split: str = 'test', limit: Optional
     bar.close()
     return dict(model=model_source, data=Path(data).name, split=split, n=n, processes=accelerator.num_processes,
                 seed=seed,
-                calibration_images=calibration_images, num_heads=model.blocks[0].attn.num_heads, rows=rows)
+                calibration_images=calibration_images, num_heads=blocks_of(model)[0].attn.num_heads, rows=rows)
 
 
 def write_outputs(result: Dict[str, Any], out: Path) -> None:

@@ -23,7 +23,7 @@ from ..core.head_order import HeadOrderAdvice, advise_head_order
 from ..core.device import full_fp32, resolve_device
 from ..core.policies import POLICIES
 from ..core.settings import EMBEDDED_DIR
-from ..core.vit import gqa_layers, num_tokens
+from ..core.vit import blocks_of, gqa_layers, num_tokens
 from ..io.credentials import token_repos as env_token_repos, visitor_token
 from ..io.config import GQALensConfig
 from ..io.hub import ModelLoadError, from_timm, load_config, load_pretrained
@@ -85,7 +85,7 @@ def live_head_order(model: nn.Module, num_kv_heads: int, images: Optional[torch.
 def forward_flops(model: nn.Module) -> float:
     """Forward FLOPs of ``model``'s blocks for one image at its own input size."""
     tokens = num_tokens(model)
-    return sum(block_flops(b, tokens) for b in model.blocks)
+    return sum(block_flops(b, tokens) for b in blocks_of(model))
 
 
 def live_fit_size(model: nn.Module, most: int = 512) -> int:
@@ -138,7 +138,7 @@ class LoadedModel:
         calibrated = self.conversion is not None and self.conversion.get('init') == 'calibrated'
         head += f' · {calibrated_words(self.conversion)}' if calibrated else ''
         return (f"**{short_name(self.spec)}** — {g['variant'].upper()}, G = {kv_heads_label(g['num_kv_heads'])} of "
-                f"{self.model.blocks[0].attn.num_heads} heads · {self.params:,} params · "
+                f"{blocks_of(self.model)[0].attn.num_heads} heads · {self.params:,} params · "
                 f"K/V cache {self.kv_cache_bytes / 1024:.0f} KiB / image (fp16){head}\n\n{self.knows()}")
 
     def knows(self) -> str:

@@ -34,6 +34,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ..core.calibrate import CalibrationBudget
+from ..core.vit import blocks_of
 from ..core.convert import INITS, convert, grouping_config, kv_cache_bytes
 from ..core.head_order import HEAD_ORDERS, advise_head_order
 from ..core.policies import POLICIES, start_epoch
@@ -148,7 +149,7 @@ def start_head_order(start: nn.Module, splits: Any, cfg: TrainConfig) -> Any:
     orders on ``cfg.calibration_images`` training images (one advice for all variants: they share G)."""
     if cfg.head_order == 'consecutive' or all(RECIPES.get(v, ('',))[0] == 'mha' for v in cfg.variants):
         return 'consecutive'  # nothing to pool
-    G = cfg.num_kv_heads or start.blocks[0].attn.num_heads // 2
+    G = cfg.num_kv_heads or blocks_of(start)[0].attn.num_heads // 2
     # every process advises on the same draw, each scoring its part of it (parallel: one process's advice)
     return advise_head_order(start, G, calibration_draw(splits, cfg), parallel=True).permutations
 
@@ -172,7 +173,7 @@ def make_variant(start: nn.Module, name: str, cfg: TrainConfig, head_order: Any 
     run_settings = dict(compat=cfg.compat, seed=cfg.seed, window=cfg.window, beta=cfg.beta,
                         noise_scale=cfg.noise_scale)
     options = {**{k: v for k, v in run_settings.items() if k in declared}, **options}
-    heads = start.blocks[0].attn.num_heads
+    heads = blocks_of(start)[0].attn.num_heads
     multi_head = policy == 'mha'
     G = None if multi_head else (cfg.num_kv_heads or heads // 2)
     model = copy.deepcopy(start)

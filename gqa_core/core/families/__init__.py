@@ -1,0 +1,20 @@
+"""The timm model families GQA Lens opens, one module per family (:class:`~.base.Family`): where each keeps
+its blocks, tokens and positions, how its output is read, and the constructor geometry that rebuilds it.
+Importing this package registers them all; :func:`family_of` finds a model's."""
+from .base import Family, family_of, registered
+from . import vision_transformer, eva, beit  # noqa: F401  (each registers its family)
+
+__all__ = ['Family', 'family_of', 'registered', 'timm_modules', 'family_args']
+
+
+def timm_modules() -> tuple:
+    """Every timm module whose architectures a registered family builds (what the config guard admits)."""
+    return tuple(m for f in registered() for m in f.timm_modules)
+
+
+def family_args(module: str) -> dict:
+    """The constructor-argument rules of the family built by timm module ``module``."""
+    for family in registered():
+        if module in family.timm_modules:
+            return family.args
+    raise KeyError(module)
