@@ -7,7 +7,7 @@ import timm
 import torch
 
 from gqa_core import GroupedQueryAttention, convert, record, revert
-from gqa_core.core.vit import block_context, block_inputs, model_output
+from gqa_core.core.vit import block_context, block_inputs, blocks_of, model_output
 from support import model_images as images, perturbed_model as perturbed
 
 SMALL = dict(embed_dim=64, depth=2, num_heads=4)
@@ -41,8 +41,8 @@ def perturbed_model(name: str, extra: dict) -> torch.nn.Module:
 def test_mha_conversion_equals_timms_model(key):
     model = family_model(key)
     x = images(model)
-    converted = convert(copy.deepcopy(model), 'gqa', model.blocks[0].attn.num_heads)
-    assert all(isinstance(b.attn, GroupedQueryAttention) for b in converted.blocks)
+    converted = convert(copy.deepcopy(model), 'gqa', blocks_of(model)[0].attn.num_heads)
+    assert all(isinstance(b.attn, GroupedQueryAttention) for b in blocks_of(converted))
     with torch.no_grad():
         assert (converted(x) - model(x)).abs().max() <= 1e-4
 
@@ -51,12 +51,12 @@ def test_mha_conversion_equals_timms_model(key):
 def test_pooled_model_reverts_to_timms_own_layer_with_the_same_output(key):
     model = family_model(key)
     x = images(model)
-    kind = type(model.blocks[0].attn)
-    converted = convert(copy.deepcopy(model), 'gqa', model.blocks[0].attn.num_heads // 2)
+    kind = type(blocks_of(model)[0].attn)
+    converted = convert(copy.deepcopy(model), 'gqa', blocks_of(model)[0].attn.num_heads // 2)
     with torch.no_grad():
         pooled = converted(x)
         reverted = revert(converted)
-        assert all(type(b.attn) is kind for b in reverted.blocks)
+        assert all(type(b.attn) is kind for b in blocks_of(reverted))
         assert (reverted(x) - pooled).abs().max() <= 1e-5
         assert (pooled - model(x)).abs().max() > 1e-3, 'pooling K/V changed the model (the test sees the weights)'
 
@@ -65,7 +65,7 @@ def test_pooled_model_reverts_to_timms_own_layer_with_the_same_output(key):
 def test_every_variant_runs_and_records(key):
     model = family_model(key)
     x = images(model)
-    H = model.blocks[0].attn.num_heads
+    H = blocks_of(model)[0].attn.num_heads
     tokens = model.patch_embed.num_patches + model.num_prefix_tokens
     for variant, options in (('gqa', {}), ('kdgqa', {}), ('dgqa', {'stat': 'ema', 'window': 1}), ('pgqa', {})):
         converted = convert(copy.deepcopy(model), variant, H // 2, **options)
@@ -96,14 +96,14 @@ def test_learned_per_head_rope_is_refused_and_the_model_left_as_it_was():
     before = copy.deepcopy(model.state_dict())
     with pytest.raises(ValueError, match='per-head frequencies'):
         convert(model, 'gqa', 2)
-    assert all(type(b.attn).__name__ == 'AttentionRope' for b in model.blocks)
+    assert all(type(b.attn).__name__ == 'AttentionRope' for b in blocks_of(model))
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
 def test_qv_bias_layout_keeps_the_key_bias_a_fixed_zero():
     """EVA / BEiT hold no key bias (a zero buffer); the grouped layer keeps it so, and pools q/v biases."""
     model = family_model('dinov3-qkvb')
-    attn = model.blocks[0].attn
+    attn = blocks_of(model)[0].attn
     new = GroupedQueryAttention.from_attention(attn, 'gqa', 2)
     assert 'k_bias' not in dict(new.named_parameters()) and torch.count_nonzero(new.k_bias) == 0
     assert torch.equal(new.q_bias, attn.q_bias)
@@ -122,7 +122,7 @@ def test_save_and_load_every_variant_bit_identical(tmp_path, key):
     from gqa_core import from_pretrained, grouping_config, save_pretrained
     model = family_model(key)
     x = images(model)
-    H = model.blocks[0].attn.num_heads
+    H = blocks_of(model)[0].attn.num_heads
     for i, (variant, options) in enumerate(VARIANTS):
         converted = convert(copy.deepcopy(model), variant, H // 2, **options)
         converted.train()
@@ -148,13 +148,13 @@ def test_permuting_heads_keeps_timms_layer_the_same_function(key):
     from gqa_core.core.attention import permute_heads
     model = family_model(key)
     x = images(model)
-    H = model.blocks[0].attn.num_heads
+    H = blocks_of(model)[0].attn.num_heads
     permuted = copy.deepcopy(model)
-    for block, order in zip(permuted.blocks, _orders(H, len(model.blocks))):
+    for block, order in zip(blocks_of(permuted), _orders(H, len(blocks_of(model)))):
         permute_heads(block.attn, order)
     with torch.no_grad():
         assert (permuted(x) - model(x)).abs().max() <= 1e-5
-        assert not torch.equal(permuted.blocks[0].attn.proj.weight, model.blocks[0].attn.proj.weight)
+        assert not torch.equal(blocks_of(permuted)[0].attn.proj.weight, blocks_of(model)[0].attn.proj.weight)
 
 
 @pytest.mark.parametrize('key', sorted(FAMILIES))
@@ -164,13 +164,13 @@ def test_any_head_order_at_g_equal_h_is_the_model_and_reverts_to_it(key):
     order."""
     model = family_model(key)
     x = images(model)
-    H = model.blocks[0].attn.num_heads
-    converted = convert(copy.deepcopy(model), 'gqa', H, head_order=_orders(H, len(model.blocks)))
+    H = blocks_of(model)[0].attn.num_heads
+    converted = convert(copy.deepcopy(model), 'gqa', H, head_order=_orders(H, len(blocks_of(model))))
     with torch.no_grad():
         assert (converted(x) - model(x)).abs().max() <= 1e-4
         reverted = revert(converted)
         assert (reverted(x) - model(x)).abs().max() <= 1e-4
-    assert torch.allclose(reverted.blocks[0].attn.proj.weight, model.blocks[0].attn.proj.weight, atol=1e-6)
+    assert torch.allclose(blocks_of(reverted)[0].attn.proj.weight, blocks_of(model)[0].attn.proj.weight, atol=1e-6)
 
 
 @pytest.mark.parametrize('key', sorted(FAMILIES))
@@ -180,10 +180,10 @@ def test_advisor_scores_the_layer_the_model_runs(key):
     from gqa_core.core.head_order import advise_head_order
     model = family_model(key)
     x = images(model, 4)
-    H = model.blocks[0].attn.num_heads
+    H = blocks_of(model)[0].attn.num_heads
     advice = advise_head_order(model, H // 2, x)
     assert all(a <= c for a, c in zip(advice.error_advised, advice.error_consecutive))
-    block = model.blocks[0]
+    block = blocks_of(model)[0]
     with torch.no_grad():
         inputs = block.norm1(block_inputs(model, x))
         context = block_context(model, x)
@@ -191,7 +191,7 @@ def test_advisor_scores_the_layer_the_model_runs(key):
         real = (pooled(inputs, **context) - block.attn(inputs, **context)).double().square().sum()
     assert float(real) == pytest.approx(advice.error_consecutive[0], rel=1e-3)
     converted = convert(copy.deepcopy(model), 'kdgqa', H // 2, head_order='output-error', calibration=x)
-    assert [b.attn.source_heads for b in converted.blocks] == advice.permutations
+    assert [b.attn.source_heads for b in blocks_of(converted)] == advice.permutations
 
 
 @pytest.mark.parametrize('key', sorted(FAMILIES))
@@ -199,7 +199,7 @@ def test_removing_a_kv_head_changes_the_output_in_one_batched_forward(key):
     from gqa_core.core.ablation import ablate
     model = convert(family_model(key), 'gqa', 2)
     x = images(model, 1).expand(3, -1, -1, -1)
-    L = len(model.blocks)
+    L = len(blocks_of(model))
     kv = torch.zeros(3, L, 2, dtype=torch.bool)
     kv[1, 0, 0] = kv[2, L - 1, 1] = True
     with torch.no_grad(), ablate(model, kv_heads=kv):
@@ -257,7 +257,7 @@ def test_the_app_shows_every_view_of_every_family_over_http(app_server):
     image = handle_file(str(EXAMPLES_DIR / 'grace_hopper.jpg'))
     for key in sorted(FAMILIES):
         model = family_model(key)
-        H = model.blocks[0].attn.num_heads
+        H = blocks_of(model)[0].attn.num_heads
         save_pretrained(convert(copy.deepcopy(model), 'mha'), ALLOWED_MODELS / f'family-{key}-mha')
         save_pretrained(convert(model, 'kdgqa', H // 2), ALLOWED_MODELS / f'family-{key}-kdgqa')
         specs = [f'local:family-{key}-mha', f'local:family-{key}-kdgqa', '(none)', '(none)']
