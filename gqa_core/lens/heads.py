@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from ..core.ablation import ABLATION_MODES, ablate
-from ..core.vit import block_context, block_inputs, blocks_of, gqa_layers, model_output, num_tokens
+from ..core.vit import block_context, block_inputs, blocks_of, family, gqa_layers, model_output, num_tokens
 
 __all__ = ['AblationResult', 'Progress', 'ablation_study', 'group_diversity', 'jensen_shannon', 'faithfulness',
            'deletion_insertion', 'CURVE_STEPS']
@@ -93,7 +93,7 @@ def ablation_study(model: nn.Module, x: Tensor, target: Optional[int], target_na
     entering = [block_inputs(model, x)]
     for block in blocks_of(model):
         entering.append(block(entering[-1], **context))
-    base = model.forward_head(model.norm(entering.pop()))[0]
+    base = family(model).head(model, entering.pop())[0]  # the model's own head (CaiT's class attention too)
     base_score = float(_score(base[None], base, target)[0])
     step = _chunks(model)
     # a KV head a layer does not have (a model's own blocks may differ in G) stays NaN

@@ -364,8 +364,9 @@ def test_talking_heads_record_the_weights_that_multiply_v():
 
 
 def test_cait_converts_its_patch_blocks_and_keeps_class_attention_exact():
-    """The talking-heads blocks convert; the class-attention head stays timm's ClassAttn; the head-order advisor
-    refuses talking heads by block (its per-group costs assume heads that do not mix)."""
+    """The talking-heads blocks convert; the class-attention head stays timm's ClassAttn (and the head-ablation
+    study reads the output through it); the head-order advisor refuses talking heads by block (its per-group
+    costs assume heads that do not mix)."""
     from timm.models.cait import ClassAttn
     model = family_model('cait')
     converted = convert(copy.deepcopy(model), 'gqa', 2)
@@ -374,3 +375,7 @@ def test_cait_converts_its_patch_blocks_and_keeps_class_attention_exact():
     x = images(model, 4)
     with pytest.raises(ValueError, match=r'block 0: talking-heads attention'):
         convert(copy.deepcopy(model), 'gqa', 2, head_order='output-error', calibration=x)
+    from gqa_core.lens.heads import ablation_study
+    with torch.no_grad():  # the ablation's unablated score is read through the class-attention head
+        study = ablation_study(converted, x[:1], target=3)
+        assert study.base_score == pytest.approx(float(converted(x[:1]).softmax(-1)[0, 3]), rel=1e-5)
