@@ -23,6 +23,7 @@ FAMILIES = {
     'beit-shared': ('beit_base_patch16_224', dict(img_size=64, use_rel_pos_bias=False,
                                                   use_shared_rel_pos_bias=True)),  # one table for all layers
     'siglip': ('vit_base_patch16_siglip_224', dict(img_size=64)),  # timm ViT with an attention-pooling head
+    'hybrid': ('vit_tiny_r_s16_p8_224', dict(img_size=128)),  # timm ViT over a ResNetV2 stem's features (HybridEmbed)
 }
 
 
