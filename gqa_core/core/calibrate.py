@@ -46,7 +46,7 @@ from torch import Tensor, nn
 
 from .distributed import process_part, sum_over_processes
 from .attention import (GroupedQueryAttention, _load_qkv, _qkv_tensors, apply_rope, key_head_norms,
-                        route_kv)
+                        route_kv, shared_bias)
 from .probe import AttentionProbe
 from .vit import block_context, block_inputs, blocks_of, check_vit, in_chans, output_rows, run_blocks
 
@@ -407,7 +407,7 @@ def _maps(layer: GroupedQueryAttention, x: Tensor, kwargs: Dict[str, Any]) -> Tu
     grouping = layer.policy(norms)
     route = grouping.query_to_kv.expand(x.shape[0], layer.num_heads)
     scores = (q * layer.scale) @ route_kv(k, route).transpose(-2, -1)
-    bias = layer.position_bias(kwargs.get('attn_mask'), kwargs.get('shared_rel_pos_bias'))
+    bias = layer.position_bias(kwargs.get('attn_mask'), shared_bias(kwargs))
     if bias is not None:
         scores = scores + bias
     return scores.softmax(-1), route
