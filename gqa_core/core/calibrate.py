@@ -46,9 +46,9 @@ from torch import Tensor, nn
 
 from .distributed import process_part, sum_over_processes
 from .attention import (GroupedQueryAttention, _load_qkv, _qkv_tensors, apply_rope, key_head_norms,
-                        route_kv)
+                        route_kv, shared_bias)
 from .probe import AttentionProbe
-from .vit import block_context, block_inputs, blocks_of, check_vit, output_rows, run_blocks
+from .vit import block_context, block_inputs, blocks_of, check_vit, in_chans, output_rows, run_blocks
 
 __all__ = ['CalibrationBudget', 'CalibrationReport', 'calibrate_layers', 'check_calibration', 'layer_errors', 'block_flops',
            'CALIBRATED_PARAMS']
@@ -136,7 +136,7 @@ def check_calibration(images: Any, model: nn.Module) -> Tensor:
                          f'back to check the fit); got shape {tuple(images.shape)}')
     if not images.is_floating_point():
         raise ValueError(f'calibration images must be floating point (preprocessed), got {images.dtype}')
-    chans = getattr(model.patch_embed.proj, 'in_channels', images.shape[1])
+    chans = in_chans(model) or images.shape[1]  # a hybrid ViT's projection reads its stem's features
     if images.shape[1] != chans:
         raise ValueError(f'calibration images have {images.shape[1]} channels; the model takes {chans}')
     size = tuple(getattr(model.patch_embed, 'img_size', None) or images.shape[-2:])
@@ -407,7 +407,7 @@ def _maps(layer: GroupedQueryAttention, x: Tensor, kwargs: Dict[str, Any]) -> Tu
     grouping = layer.policy(norms)
     route = grouping.query_to_kv.expand(x.shape[0], layer.num_heads)
     scores = (q * layer.scale) @ route_kv(k, route).transpose(-2, -1)
-    bias = layer.position_bias(kwargs.get('attn_mask'), kwargs.get('shared_rel_pos_bias'))
+    bias = layer.position_bias(kwargs.get('attn_mask'), shared_bias(kwargs))
     if bias is not None:
         scores = scores + bias
     return scores.softmax(-1), route

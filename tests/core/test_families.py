@@ -23,6 +23,12 @@ FAMILIES = {
     'beit-shared': ('beit_base_patch16_224', dict(img_size=64, use_rel_pos_bias=False,
                                                   use_shared_rel_pos_bias=True)),  # one table for all layers
     'siglip': ('vit_base_patch16_siglip_224', dict(img_size=64)),  # timm ViT with an attention-pooling head
+    'hybrid': ('vit_tiny_r_s16_p8_224', dict(img_size=128)),  # timm ViT over a ResNetV2 stem's features (HybridEmbed)
+    # timm's relpos ViT: a relative position bias module per layer (RelPosAttention.rel_pos), or one for the model
+    'relpos-cls': ('vit_relpos_medium_patch16_cls_224', dict(img_size=64)),  # log-coord MLP bias, class token
+    'relpos-rpn': ('vit_relpos_medium_patch16_rpn_224', dict(img_size=64)),  # residual post-norm blocks
+    'relpos-shared': ('vit_srelpos_small_patch16_224', dict(img_size=64)),  # one MLP bias shared by all layers
+    'relpos-bias': ('vit_relpos_base_patch16_clsgap_224', dict(img_size=64, rel_pos_type='bias')),  # a bias table
 }
 
 
@@ -143,7 +149,7 @@ def _orders(H: int, depth: int) -> list:
     return [[(h * 3 + i) % H for h in range(H)] if H % 3 else list(reversed(range(H))) for i in range(depth)]
 
 
-@pytest.mark.parametrize('key', sorted(set(FAMILIES) - {'beit-shared'}))  # its bias is shared by all layers
+@pytest.mark.parametrize('key', sorted(set(FAMILIES) - {'beit-shared', 'relpos-shared'}))  # a bias shared by all layers
 def test_permuting_heads_keeps_timms_layer_the_same_function(key):
     from gqa_core.core.attention import permute_heads
     model = family_model(key)
@@ -284,7 +290,6 @@ def test_the_app_shows_every_view_of_every_family_over_http(app_server):
     ('vit_dwee_patch16_reg1_gap_256', r'block 0 \(Block\): attention DiffAttention is not one of'),
     ('vit_small_patch16_rope_mixed_224', 'learned per-head frequencies'),
     ('naflexvit_base_patch16_gap', 'expected a timm Vision Transformer'),  # variable-length token sequences
-    ('vit_relpos_base_patch16_224', 'expected a timm Vision Transformer'),  # relative-position attention
     ('cait_xxs24_224', 'expected a timm Vision Transformer'),  # talking-heads and class attention
 ])
 def test_what_is_still_refused_is_named_and_the_model_left_whole(name, match):
@@ -333,3 +338,32 @@ def test_every_pooling_head_with_every_prefix_is_recorded_whole(family, class_to
         assert r.pool_attention[..., :T - 16].abs().max() == 0, 'timm pools the patches only'
     maps = picked_maps(r, 1, [POOL_QUERY])
     assert maps.rows.shape == (6, 16) and np.all(np.isfinite(maps.rows))
+
+
+def test_a_hybrid_token_covers_its_stems_stride_times_the_patch():
+    """A hybrid ViT is timm's VisionTransformer told apart by its HybridEmbed: its token covers the stem's stride
+    times the patch on the feature map (what deletion / insertion masks), and the stem reads the image channels."""
+    from gqa_core.core.families.vision_transformer_hybrid import HybridFamily
+    from gqa_core.core.vit import family, in_chans, token_grid, token_pixels
+    hybrid, vit = family_model('hybrid'), family_model('siglip')
+    assert isinstance(family(hybrid), HybridFamily) and not isinstance(family(vit), HybridFamily)
+    for model in (hybrid, vit):
+        pixels, grid = token_pixels(model), token_grid(model, None)
+        assert tuple(p * g for p, g in zip(pixels, grid)) == tuple(model.patch_embed.img_size)
+        assert in_chans(model) == 3
+    assert token_pixels(hybrid) == (32, 32)  # a stride-4 stem, then 8 x 8 patches of its features
+
+
+def test_mobileclip_image_encoder_converts_and_saves(tmp_path):
+    """MobileCLIP's image encoder (vit_base_mci_224): a convolutional stem whose features are the tokens (no
+    projection, its width fixed at 768 by the stem) -- equal at G = H, pooled saves and loads bit-identically."""
+    from gqa_core import from_pretrained, save_pretrained
+    model = perturbed('vit_base_mci_224', img_size=64, depth=1, num_classes=8)
+    x = images(model)
+    with torch.no_grad():
+        assert (convert(copy.deepcopy(model), 'gqa', 12)(x) - model(x)).abs().max() <= 1e-4
+    pooled = convert(model, 'gqa', 6)
+    save_pretrained(pooled, tmp_path)
+    loaded = from_pretrained(str(tmp_path)).eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(x), pooled(x))
