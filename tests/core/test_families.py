@@ -7,10 +7,11 @@ import timm
 import torch
 
 from gqa_core import GroupedQueryAttention, convert, record, revert
-from gqa_core.core.vit import block_context, block_inputs, blocks_of, model_output
+from gqa_core.core.vit import block_context, block_inputs, blocks_of, model_output, num_tokens
 from support import model_images as images, perturbed_model as perturbed
 
 SMALL = dict(embed_dim=64, depth=2, num_heads=4)
+NAFLEX_64 = dict(pretrained_cfg_overlay=dict(input_size=(3, 64, 64)))  # NaFlexVit takes any size: its data config's
 # (timm name, constructor arguments beyond SMALL): every attention layout GQA Lens converts
 FAMILIES = {
     'dinov3': ('vit_small_patch16_dinov3', dict(img_size=64)),  # EvaAttention, 4 registers, rotate-half RoPE
@@ -23,6 +24,12 @@ FAMILIES = {
     'beit-shared': ('beit_base_patch16_224', dict(img_size=64, use_rel_pos_bias=False,
                                                   use_shared_rel_pos_bias=True)),  # one table for all layers
     'siglip': ('vit_base_patch16_siglip_224', dict(img_size=64)),  # timm ViT with an attention-pooling head
+    # NaFlexVit on image tensors: its data config sets the image size, its position table is resized to the grid
+    'naflex': ('naflexvit_base_patch16_radio_v3', dict(pos_embed_grid_size=(8, 8), **NAFLEX_64)),  # class token,
+    # 7 registers, class-token pooling, the table resized bilinearly to a square and cropped (C-RADIO)
+    'naflex-rope': ('naflexvit_base_patch16_parfac_gap', dict(pos_embed_grid_size=(4, 4), rope_type='axial',
+                                                              **NAFLEX_64)),  # factorized table, AttentionRope, avg
+    'naflex-siglip': ('naflexvit_base_patch16_siglip', dict(pos_embed_grid_size=(4, 4), **NAFLEX_64)),  # map pool
 }
 
 
@@ -66,7 +73,7 @@ def test_every_variant_runs_and_records(key):
     model = family_model(key)
     x = images(model)
     H = blocks_of(model)[0].attn.num_heads
-    tokens = model.patch_embed.num_patches + model.num_prefix_tokens
+    tokens = num_tokens(model)
     for variant, options in (('gqa', {}), ('kdgqa', {}), ('dgqa', {'stat': 'ema', 'window': 1}), ('pgqa', {})):
         converted = convert(copy.deepcopy(model), variant, H // 2, **options)
         converted.train()
@@ -90,9 +97,11 @@ def test_block_inputs_and_context_rebuild_the_forward(key):
         assert (rebuilt - model(x)).abs().max() <= 1e-5
 
 
-def test_learned_per_head_rope_is_refused_and_the_model_left_as_it_was():
+@pytest.mark.parametrize('name,args', [('vit_small_patch16_rope_mixed_224', dict(img_size=64)),
+                                       ('naflexvit_base_patch16_gap', dict(rope_type='mixed'))])
+def test_learned_per_head_rope_is_refused_and_the_model_left_as_it_was(name, args):
     torch.manual_seed(0)
-    model = timm.create_model('vit_small_patch16_rope_mixed_224', img_size=64, **SMALL).eval()
+    model = timm.create_model(name, **args, **SMALL).eval()
     before = copy.deepcopy(model.state_dict())
     with pytest.raises(ValueError, match='per-head frequencies'):
         convert(model, 'gqa', 2)
@@ -209,7 +218,10 @@ def test_removing_a_kv_head_changes_the_output_in_one_batched_forward(key):
         assert torch.allclose(out[0], model(x[:1])[0], atol=1e-5)
 
 
-@pytest.mark.parametrize('key', ['siglip', 'pe'])
+POOLED = ('siglip', 'pe', 'naflex-siglip')  # the families with an attention-pooling head
+
+
+@pytest.mark.parametrize('key', POOLED)
 def test_attention_pooling_query_is_recorded_as_the_pool_computes_it(key):
     """The pooling query's recorded attention, applied to the pool's values, gives the pool's own output; the
     rollout is seen from that query (what the pooled output reads), not from the mean over queries."""
@@ -271,7 +283,7 @@ def test_the_app_shows_every_view_of_every_family_over_http(app_server):
                     (key, view.label, column['caption'])
                 assert 'Traceback' not in column['caption'] and '/tmp' not in column['caption']
         pooled = client.predict(image, *specs, 'attention pool', 0, 'mean', 'mean', 'zero', False, api_name='/run')
-        has_pool = key in ('siglip', 'pe')
+        has_pool = key in POOLED
         assert (columns(pooled)[1]['picture'] is not None) == has_pool, key
         archive = unwrap(client.predict(0, 'mean', 'mean', api_name='/export'))
         with zipfile.ZipFile(archive) as zf, np.load(zf.open(f'1_local_family-{key}-kdgqa/arrays.npz')) as arrays:
@@ -283,7 +295,6 @@ def test_the_app_shows_every_view_of_every_family_over_http(app_server):
     ('vit_pwee_patch16_reg1_gap_256', r'block 0 \(ParallelScalingBlock\) has no single `attn` module'),
     ('vit_dwee_patch16_reg1_gap_256', r'block 0 \(Block\): attention DiffAttention is not one of'),
     ('vit_small_patch16_rope_mixed_224', 'learned per-head frequencies'),
-    ('naflexvit_base_patch16_gap', 'expected a timm Vision Transformer'),  # variable-length token sequences
     ('vit_relpos_base_patch16_224', 'expected a timm Vision Transformer'),  # relative-position attention
     ('cait_xxs24_224', 'expected a timm Vision Transformer'),  # talking-heads and class attention
 ])
