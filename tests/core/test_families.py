@@ -344,3 +344,27 @@ def test_every_pooling_head_with_every_prefix_is_recorded_whole(family, class_to
         assert r.pool_attention[..., :T - 16].abs().max() == 0, 'timm pools the patches only'
     maps = picked_maps(r, 1, [POOL_QUERY])
     assert maps.rows.shape == (6, 16) and np.all(np.isfinite(maps.rows))
+
+
+def test_naflexvit_config_guard_admits_its_cfg_fields_and_nothing_else():
+    """What the guard lets a config say to NaFlexVit is its constructor's (``NaFlexVitCfg`` fields taken as
+    keyword arguments, plus ``img_size`` / ``in_chans`` / ``num_classes``), each bounded; a layer class, a loader
+    option or an unknown RoPE type is refused by name, and what a model states of itself passes."""
+    import dataclasses
+    from timm.models.naflexvit import NaFlexVitCfg
+    from gqa_core.core.families.naflexvit import NAFLEX_ARGS
+    from gqa_core.io.config import backbone_of
+    from gqa_core.io.safe_config import ConfigError, check_backbone_args
+    fields = {f.name for f in dataclasses.fields(NaFlexVitCfg)} | {'img_size', 'in_chans', 'num_classes'}
+    assert set(NAFLEX_ARGS) <= fields, set(NAFLEX_ARGS) - fields
+    name = 'naflexvit_base_patch16_gap'
+    for bad, match in (({'block_fn': 'Block'}, "'block_fn' is not an allowed key"),
+                       ({'checkpoint_path': '/etc/passwd'}, 'not an allowed key'),
+                       ({'rope_type': 'evil'}, 'rope_type must be'),
+                       ({'pos_embed_grid_size': [4, 100_000]}, 'pos_embed_grid_size must be'),
+                       ({'num_kv_heads': [1] * 65}, 'num_kv_heads must be')):
+        with pytest.raises(ConfigError, match=match):
+            check_backbone_args(bad, name)
+    for key in ('naflex', 'naflex-rope', 'naflex-siglip'):
+        arch, args, _ = backbone_of(convert(family_model(key), 'gqa', 2))
+        assert arch == FAMILIES[key][0] and check_backbone_args(args, arch) == args
