@@ -368,3 +368,19 @@ def test_naflexvit_config_guard_admits_its_cfg_fields_and_nothing_else():
     for key in ('naflex', 'naflex-rope', 'naflex-siglip'):
         arch, args, _ = backbone_of(convert(family_model(key), 'gqa', 2))
         assert arch == FAMILIES[key][0] and check_backbone_args(args, arch) == args
+
+
+def test_naflexvit_tokens_are_counted_at_the_size_its_config_shows_it(tmp_path):
+    """NaFlexVit takes any image size, so its tokens per image are its preprocessing's: a saved config asking
+    for larger images than the server's token budget allows is refused before anything is built."""
+    import json
+    from gqa_core import save_pretrained
+    from gqa_core.io.config import GQALensConfig
+    from gqa_core.io.safe_config import Budget, ConfigError
+    save_pretrained(convert(family_model('naflex-rope'), 'gqa', 2), tmp_path)
+    data = json.loads((tmp_path / 'config.json').read_text())
+    assert data['preprocessing']['input_size'] == [3, 64, 64]
+    GQALensConfig.from_json(data, Budget(max_tokens=20))  # 16 patches and 4 registers
+    data['preprocessing']['input_size'] = [3, 1024, 1024]
+    with pytest.raises(ConfigError, match='4,100 tokens per image'):
+        GQALensConfig.from_json(data, Budget())
