@@ -48,7 +48,7 @@ from .distributed import process_part, sum_over_processes
 from .attention import (GroupedQueryAttention, _load_qkv, _qkv_tensors, apply_rope, key_head_norms,
                         route_kv)
 from .probe import AttentionProbe
-from .vit import block_context, block_inputs, blocks_of, check_vit, output_rows, run_blocks
+from .vit import block_context, block_inputs, blocks_of, check_vit, output_rows, patch_embed_of, run_blocks
 
 __all__ = ['CalibrationBudget', 'CalibrationReport', 'calibrate_layers', 'check_calibration', 'layer_errors', 'block_flops',
            'CALIBRATED_PARAMS']
@@ -136,11 +136,12 @@ def check_calibration(images: Any, model: nn.Module) -> Tensor:
                          f'back to check the fit); got shape {tuple(images.shape)}')
     if not images.is_floating_point():
         raise ValueError(f'calibration images must be floating point (preprocessed), got {images.dtype}')
-    chans = getattr(model.patch_embed.proj, 'in_channels', images.shape[1])
+    patch_embed = patch_embed_of(model)
+    chans = getattr(patch_embed.proj, 'in_channels', images.shape[1])
     if images.shape[1] != chans:
         raise ValueError(f'calibration images have {images.shape[1]} channels; the model takes {chans}')
-    size = tuple(getattr(model.patch_embed, 'img_size', None) or images.shape[-2:])
-    if getattr(model.patch_embed, 'strict_img_size', False) and tuple(images.shape[-2:]) != size:
+    size = tuple(getattr(patch_embed, 'img_size', None) or images.shape[-2:])
+    if getattr(patch_embed, 'strict_img_size', False) and tuple(images.shape[-2:]) != size:
         raise ValueError(f'calibration images are {images.shape[-2]} x {images.shape[-1]} px; the model takes '
                          f'{size[0]} x {size[1]} (preprocess them for it)')
     if not torch.isfinite(images).all():

@@ -17,7 +17,7 @@ from .families import Family, family_of, registered
 
 __all__ = ['check_vit', 'check_positions', 'gqa_layers', 'num_tokens', 'token_grid', 'prefix_labels', 'has_class_token',
            'summary_row', 'block_inputs', 'block_context', 'output_rows', 'run_blocks', 'model_output',
-           'vit_geometry', 'attention_pool', 'norm_eps', 'set_norm_eps', 'blocks_of', 'family',
+           'vit_geometry', 'attention_pool', 'norm_eps', 'set_norm_eps', 'blocks_of', 'patch_embed_of', 'family',
            'MEAN_ROW', 'POOL_QUERY']
 
 MEAN_ROW = 'mean over queries'
@@ -43,6 +43,11 @@ def check_vit(model: nn.Module) -> nn.Module:
 def blocks_of(model: nn.Module) -> nn.ModuleList:
     """The model's transformer blocks, wherever its class keeps them."""
     return family(model).blocks(model)
+
+
+def patch_embed_of(model: nn.Module) -> nn.Module:
+    """The model's patch embedding, wherever its class keeps it (a classifier may wrap its encoder)."""
+    return family(model).patch_embed(model)
 
 
 def gqa_layers(model: nn.Module) -> List[GroupedQueryAttention]:

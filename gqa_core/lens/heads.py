@@ -24,7 +24,8 @@ import torch
 from torch import Tensor, nn
 
 from ..core.ablation import ABLATION_MODES, ablate
-from ..core.vit import block_context, block_inputs, blocks_of, gqa_layers, model_output, num_tokens
+from ..core.vit import (block_context, block_inputs, blocks_of, family, gqa_layers, model_output, num_tokens,
+                        patch_embed_of)
 
 __all__ = ['AblationResult', 'Progress', 'ablation_study', 'group_diversity', 'jensen_shannon', 'faithfulness',
            'deletion_insertion', 'CURVE_STEPS']
@@ -93,7 +94,7 @@ def ablation_study(model: nn.Module, x: Tensor, target: Optional[int], target_na
     entering = [block_inputs(model, x)]
     for block in blocks_of(model):
         entering.append(block(entering[-1], **context))
-    base = model.forward_head(model.norm(entering.pop()))[0]
+    base = family(model).head(model, entering.pop())[0]
     base_score = float(_score(base[None], base, target)[0])
     step = _chunks(model)
     # a KV head a layer does not have (a model's own blocks may differ in G) stays NaN
@@ -176,7 +177,7 @@ def deletion_insertion(model: nn.Module, x: Tensor, ranking: np.ndarray, grid: t
     P = int(grid[0] * grid[1])
     order = np.argsort(-np.asarray(ranking), kind='stable')
     counts = sorted({round(i * P / min(steps, P)) for i in range(min(steps, P) + 1)})
-    patch = tuple(int(p) for p in model.patch_embed.patch_size)
+    patch = tuple(int(p) for p in patch_embed_of(model).patch_size)
     masks = _patch_masks(order, counts, grid, patch, tuple(x.shape[-2:])).to(x.device)
     base = model(x)[0] if base is None else base
     deleted = x * (1 - masks)  # the top-k patches removed

@@ -1,5 +1,6 @@
 """The ViT families beyond timm's VisionTransformer, with random weights: EVA-style attention with RoPE (DINOv3,
-EVA-02, Perception Encoder), BEiT's relative position bias, and SigLIP's attention-pooling ViT."""
+EVA-02, Perception Encoder), BEiT's relative position bias, SigLIP's attention-pooling ViT, and the Qwen3 and
+DeepSeek VLM vision towers (classifiers wrapping their encoder, and the encoders themselves)."""
 import copy
 
 import pytest
@@ -7,7 +8,7 @@ import timm
 import torch
 
 from gqa_core import GroupedQueryAttention, convert, record, revert
-from gqa_core.core.vit import block_context, block_inputs, blocks_of, model_output
+from gqa_core.core.vit import block_context, block_inputs, blocks_of, model_output, num_tokens
 from support import model_images as images, perturbed_model as perturbed
 
 SMALL = dict(embed_dim=64, depth=2, num_heads=4)
@@ -23,6 +24,15 @@ FAMILIES = {
     'beit-shared': ('beit_base_patch16_224', dict(img_size=64, use_rel_pos_bias=False,
                                                   use_shared_rel_pos_bias=True)),  # one table for all layers
     'siglip': ('vit_base_patch16_siglip_224', dict(img_size=64)),  # timm ViT with an attention-pooling head
+    # VLM vision towers: a classifier wrapping its encoder (model.encoder.blocks), or the encoder itself (*_enc:
+    # the projector's tokens out); RoPE and a learned position grid resampled to the input's grid
+    'qwen3': ('qwen3_vit_88m', dict(img_size=64, pos_embed_grid_size=6, num_classes=10)),  # mean, norm, head
+    'qwen3-merge': ('qwen3_vit_88m_merge', dict(img_size=64, out_features=32)),  # the 2x2 merger, headless
+    'qwen3-enc': ('qwen3_vit_88m_enc', dict(img_size=64, out_features=32)),  # (B, 4, 32) merged tokens out
+    'deepseek': ('deepseek_vit_412m', dict(img_size=56, patch_size=14, num_classes=10)),  # RMSNorm, SwiGLU
+    'deepseek-align': ('deepseek_vit_412m_align', dict(img_size=56, patch_size=14, out_features=32,
+                                                       num_classes=10)),  # 3x3 aligner over a zero-padded grid
+    'deepseek-enc': ('deepseek_vit_412m_enc', dict(img_size=56, patch_size=14, out_features=32)),
 }
 
 
@@ -66,7 +76,7 @@ def test_every_variant_runs_and_records(key):
     model = family_model(key)
     x = images(model)
     H = blocks_of(model)[0].attn.num_heads
-    tokens = model.patch_embed.num_patches + model.num_prefix_tokens
+    tokens = num_tokens(model)
     for variant, options in (('gqa', {}), ('kdgqa', {}), ('dgqa', {'stat': 'ema', 'window': 1}), ('pgqa', {})):
         converted = convert(copy.deepcopy(model), variant, H // 2, **options)
         converted.train()

@@ -40,7 +40,8 @@ def perturbed_model(name: str, **args) -> torch.nn.Module:
 
 def model_images(model: torch.nn.Module, n: int = 2) -> torch.Tensor:
     """``n`` seeded random images of the model's input size."""
-    return torch.randn(n, 3, *model.patch_embed.img_size, generator=torch.Generator().manual_seed(1))
+    from gqa_core.core.vit import patch_embed_of  # a classifier may keep it in its encoder
+    return torch.randn(n, 3, *patch_embed_of(model).img_size, generator=torch.Generator().manual_seed(1))
 
 
 def free_port() -> int:
