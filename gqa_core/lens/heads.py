@@ -36,10 +36,11 @@ Progress = Callable[[float, str], None]  # (fraction done, what is running): the
 
 
 def _score(outputs: Tensor, reference: Tensor, target: Optional[int]) -> Tensor:
-    """Probability of ``target`` (classifiers) or cosine similarity to the reference features (headless)."""
+    """Probability of ``target`` (classifiers) or cosine similarity to the reference features (headless; an
+    encoder's tokens, a VLM tower's ``*_enc``, are one feature vector per image)."""
     if target is not None:
         return outputs.float().softmax(-1)[:, target]
-    return torch.nn.functional.cosine_similarity(outputs.float(), reference.float()[None], dim=-1)
+    return torch.nn.functional.cosine_similarity(outputs.float().flatten(1), reference.float().flatten()[None], dim=-1)
 
 
 def _chunks(model: nn.Module) -> int:

@@ -85,15 +85,16 @@ class VlmTowerFamily(Family):
 
     def encoder_output(self, model: nn.Module, tokens: Tensor) -> Tensor:
         """The encoder's ``forward`` from the tokens leaving its last block: NHWC patches, then its projector,
-        or the mean over patches (``global_pool='avg'``)."""
+        or the mean over patches (``global_pool='avg'``). The patches are given their grid only where it
+        matters (the projector; an encoder's NHWC output): a mean, the classifier's included, needs none."""
         trunk = self.trunk(model)
         x = self.final_tokens(trunk, tokens)
+        projector = self.projector(model)
+        if projector is None and (trunk.global_pool == 'avg' or model is not trunk):
+            return x.mean(dim=1) if trunk.global_pool == 'avg' else x  # the classifier flattens the grid again
         B, N, C = x.shape
         x = x.reshape(B, *self.grid_of(model, N), C)
-        projector = self.projector(model)
-        if projector is not None:
-            return projector(x)
-        return x.mean(dim=(1, 2)) if trunk.global_pool == 'avg' else x
+        return projector(x) if projector is not None else x
 
     def head(self, model: nn.Module, tokens: Tensor) -> Tensor:
         """The encoder's output (``*_enc``), or the classifier's ``forward_head`` of it (flatten, mean, norm,
