@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from ..core.ablation import ABLATION_MODES, ablate
 from ..core.vit import (block_context, block_inputs, blocks_of, family, gqa_layers, model_output, num_tokens,
-                         token_pixels)
+                        token_pixels)
 
 __all__ = ['AblationResult', 'Progress', 'ablation_study', 'group_diversity', 'jensen_shannon', 'faithfulness',
            'deletion_insertion', 'CURVE_STEPS']
@@ -36,10 +36,11 @@ Progress = Callable[[float, str], None]  # (fraction done, what is running): the
 
 
 def _score(outputs: Tensor, reference: Tensor, target: Optional[int]) -> Tensor:
-    """Probability of ``target`` (classifiers) or cosine similarity to the reference features (headless)."""
+    """Probability of ``target`` (classifiers) or cosine similarity to the reference features (headless; an
+    encoder's tokens, a VLM tower's ``*_enc``, are one feature vector per image)."""
     if target is not None:
         return outputs.float().softmax(-1)[:, target]
-    return torch.nn.functional.cosine_similarity(outputs.float(), reference.float()[None], dim=-1)
+    return torch.nn.functional.cosine_similarity(outputs.float().flatten(1), reference.float().flatten()[None], dim=-1)
 
 
 def _chunks(model: nn.Module) -> int:
@@ -94,7 +95,7 @@ def ablation_study(model: nn.Module, x: Tensor, target: Optional[int], target_na
     entering = [block_inputs(model, x)]
     for block in blocks_of(model):
         entering.append(block(entering[-1], **context))
-    base = family(model).head(model, entering.pop())[0]  # the model's own head (CaiT's class attention too)
+    base = family(model).head(model, entering.pop())[0]
     base_score = float(_score(base[None], base, target)[0])
     step = _chunks(model)
     # a KV head a layer does not have (a model's own blocks may differ in G) stays NaN
