@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from timm.layers import Attention, AttentionRope, apply_rot_embed_cat
 from timm.layers.attention import maybe_add_mask, resolve_self_attn_mask
 from timm.models.beit import Attention as BeitAttention, gen_relative_position_index
+from timm.models.cait import TalkingHeadAttn
 from timm.models.eva import EvaAttention
 from timm.models.vision_transformer_relpos import RelPosAttention
 
@@ -26,7 +27,7 @@ from .policies import Grouping, GroupingPolicy, create_policy
 from .probe import AttentionProbe
 
 __all__ = ['GroupedQueryAttention', 'gqa_attention_layer', 'key_head_norms', 'route_kv', 'route_kv_rows',
-           'grouped_attention',
+           'grouped_attention', 'talking_heads_attention', 'mix_heads',
            'ATTENTION_KINDS', 'attention_kind', 'permute_heads', 'apply_rope', 'shared_bias']
 
 
@@ -111,6 +112,49 @@ def grouped_attention(
     return attn @ v
 
 
+def mix_heads(attn: Tensor, mix: Optional[nn.Linear]) -> Tensor:
+    """Talking heads: ``attn`` ``(B, H, ...)`` mixed across its heads by ``mix`` (timm's ``proj_l`` / ``proj_w``,
+    a ``Linear(H, H)`` applied at every query-key position, as ``TalkingHeadAttn`` applies it); None: unchanged."""
+    if mix is None:
+        return attn
+    return F.linear(attn.movedim(1, -1), mix.weight, mix.bias).movedim(-1, 1)
+
+
+def talking_heads_attention(
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        query_to_kv: Tensor,
+        *,
+        scale: float,
+        proj_l: nn.Linear,
+        proj_w: nn.Linear,
+        dropout_p: float = 0.0,
+        attn_mask: Optional[Tensor] = None,
+        is_causal: bool = False,
+        map_transform: Optional[Callable[[Tensor], Tensor]] = None,
+) -> Tensor:
+    """CaiT's talking-heads attention (timm's ``TalkingHeadAttn``) over grouped K/V: query head h's logits
+    ``q_h k_{g(h)}^T * scale`` are mixed across heads by ``proj_l``, softmaxed, mixed again by ``proj_w``, and
+    output head h reads ``v_{g(h)}`` with its mixed weights. q: ``(B, H, T, d)``; k, v: ``(B, G, T, d)``;
+    ``query_to_kv`` ``(H,)`` or ``(B, H)`` (the routing every kind uses). Exactly timm's layer at G = H.
+
+    Not one fused call: the mixes act on the logits and on the weights across heads, between the two matmuls
+    that SDPA fuses, so the (B, H, T, T) maps are materialised (as timm's own layer does). ``map_transform``
+    (PGQA's noise) acts on the post-softmax map, before ``proj_w``.
+    """
+    k, v = _route_pair(k, v, query_to_kv)
+    attn = (q * scale) @ k.transpose(-2, -1)
+    attn = maybe_add_mask(attn, resolve_self_attn_mask(q.shape[-2], attn, attn_mask, is_causal))
+    attn = mix_heads(attn, proj_l).softmax(dim=-1)
+    if map_transform is not None:
+        attn = map_transform(attn)
+    attn = mix_heads(attn, proj_w)
+    if dropout_p > 0:
+        attn = F.dropout(attn, p=dropout_p)
+    return attn @ v
+
+
 def _route_pair(k: Tensor, v: Tensor, query_to_kv: Tensor) -> Tuple[Tensor, Tensor]:
     """K and V routed to the query heads: the row gather of :func:`route_kv_rows` where it applies (a per-image
     table, no autograd), else :func:`route_kv`."""
@@ -128,6 +172,7 @@ ATTENTION_KINDS: Dict[str, Type[nn.Module]] = {
     'rope': AttentionRope,  # eva.py attn_type='rope': Perception Encoder
     'beit': BeitAttention,  # beit.py: relative position bias per head, q/v-only biases
     'relpos': RelPosAttention,  # vision_transformer_relpos.py: a bias module per layer (rel_pos), per head
+    'talking': TalkingHeadAttn,  # cait.py: logits and weights mixed across heads (proj_l, proj_w)
 }
 
 # What a block calls the model-wide relative position bias it passes its attention: BEiT's, timm's relpos ViT's.
@@ -222,6 +267,11 @@ def permute_heads(attn: nn.Module, perm: Sequence[int]) -> None:
             fc2.weight.copy_(fc2.weight[index.to(fc2.weight.device)])
             if fc2.bias is not None:
                 fc2.bias.copy_(fc2.bias[index.to(fc2.bias.device)])
+    for mix in (getattr(attn, 'proj_l', None), getattr(attn, 'proj_w', None)):  # talking heads: H x H mixes
+        if mix is not None:
+            i = index.to(mix.weight.device)
+            mix.weight.copy_(mix.weight[i][:, i])
+            mix.bias.copy_(mix.bias[i])
     if isinstance(attn, GroupedQueryAttention):  # a model-wide shared bias follows through source_heads
         before = attn.source_heads or list(range(H))
         attn.source_heads = [before[int(h)] for h in index]
@@ -240,7 +290,8 @@ class GroupedQueryAttention(nn.Module):
     (``attn_layer=gqa_attention_layer(...)``); :meth:`from_attention` converts a trained timm layer of any
     kind in :data:`ATTENTION_KINDS` and keeps that kind's parts: EVA's q/v-only biases and separate
     projections, RoPE applied to the non-prefix queries and keys exactly where timm applies it, BEiT's relative
-    position bias kept per query head.
+    position bias kept per query head, CaiT's talking heads (``proj_l`` / ``proj_w``, per query head: see
+    :func:`talking_heads_attention`).
 
     Args:
         dim: input (and by default output) channels.
@@ -320,6 +371,9 @@ class GroupedQueryAttention(nn.Module):
         self.gate = nn.Linear(dim, self.attn_dim, bias=qkv_bias, **dd) if gated else None
         self.proj = nn.Linear(self.attn_dim, dim_out or dim, bias=proj_bias, **dd)
         self.proj_drop = nn.Dropout(proj_drop)
+        # CaiT's talking heads (kind 'talking'): the logits and the weights mixed across the H query heads
+        self.proj_l = nn.Linear(num_heads, num_heads, **dd) if kind == 'talking' else None
+        self.proj_w = nn.Linear(num_heads, num_heads, **dd) if kind == 'talking' else None
         # Set by record() / ablate() (gqa_core.core.probe): sees or edits what a forward computed. None: no cost.
         self.probe: Optional[AttentionProbe] = None
         # The original MHA head at each head position when the heads were reordered before pooling (None: kept).
@@ -401,7 +455,7 @@ class GroupedQueryAttention(nn.Module):
             rotate_half=bool(getattr(attn, 'rotate_half', False)), window_size=getattr(attn, 'window_size', None),
             kind=kind, device=weights[0].device, dtype=weights[0].dtype, **policy_options,
         )
-        for name in ('q_norm', 'k_norm', 'norm', 'proj', 'gate'):
+        for name in ('q_norm', 'k_norm', 'norm', 'proj', 'gate', 'proj_l', 'proj_w'):
             if getattr(attn, name, None) is not None:
                 setattr(new, name, copy.deepcopy(getattr(attn, name)))
         if new.relative_position_bias_table is not None:
@@ -461,12 +515,15 @@ class GroupedQueryAttention(nn.Module):
                                    qk_norm=not isinstance(self.q_norm, nn.Identity), attn_drop=self.attn_drop.p,
                                    proj_drop=self.proj_drop.p, norm_layer=norm_layer or nn.LayerNorm, **dd)
             attn.rel_pos = copy.deepcopy(self.rel_pos)
+        elif self.kind == 'talking':
+            attn = TalkingHeadAttn(dim, num_heads=self.num_heads, qkv_bias=biases[0] is not None,
+                                   attn_drop=self.attn_drop.p, proj_drop=self.proj_drop.p, **dd)
         else:
             attn = BeitAttention(dim, window_size=self.window_size, **common)
             if self.relative_position_bias_table is not None:
                 with torch.no_grad():
                     attn.relative_position_bias_table.copy_(self.relative_position_bias_table)
-        for name in ('q_norm', 'k_norm', 'norm', 'proj', 'gate'):
+        for name in ('q_norm', 'k_norm', 'norm', 'proj', 'gate', 'proj_l', 'proj_w'):
             if getattr(attn, name, None) is not None:
                 setattr(attn, name, copy.deepcopy(getattr(self, name)))
 
@@ -530,10 +587,16 @@ class GroupedQueryAttention(nn.Module):
         key_norms = key_head_norms(k) if wants_norms else None
         grouping: Grouping = self.policy(key_norms)
         map_transform = self.policy.perturb_attention_map if self.policy.perturbs_attention_map() else None
-        x = grouped_attention(
-            q, k, v, grouping.query_to_kv, scale=self.scale, uniform=grouping.uniform, attn_mask=attn_mask,
-            is_causal=is_causal, dropout_p=self.attn_drop.p if self.training else 0., map_transform=map_transform,
-        )
+        dropout_p = self.attn_drop.p if self.training else 0.
+        if self.proj_l is not None:  # talking heads: logits and weights mixed across heads (no fused kernel)
+            x = talking_heads_attention(q, k, v, grouping.query_to_kv, scale=self.scale, proj_l=self.proj_l,
+                                        proj_w=self.proj_w, dropout_p=dropout_p, attn_mask=attn_mask,
+                                        is_causal=is_causal, map_transform=map_transform)
+        else:
+            x = grouped_attention(
+                q, k, v, grouping.query_to_kv, scale=self.scale, uniform=grouping.uniform, attn_mask=attn_mask,
+                is_causal=is_causal, dropout_p=dropout_p, map_transform=map_transform,
+            )
         if probe is not None:
             x = probe.edit(x, v, grouping)
         x = self.policy.perturb_output(x)

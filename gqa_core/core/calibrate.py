@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .distributed import process_part, sum_over_processes
-from .attention import (GroupedQueryAttention, _load_qkv, _qkv_tensors, apply_rope, key_head_norms,
+from .attention import (GroupedQueryAttention, _load_qkv, _qkv_tensors, apply_rope, key_head_norms, mix_heads,
                         route_kv, shared_bias)
 from .probe import AttentionProbe
 from .vit import block_context, block_inputs, blocks_of, check_vit, in_chans, output_rows, patch_embed_of, run_blocks
@@ -402,7 +402,8 @@ def _refit_values(teacher: GroupedQueryAttention, student: GroupedQueryAttention
 
 
 def _maps(layer: GroupedQueryAttention, x: Tensor, kwargs: Dict[str, Any]) -> Tuple[Tensor, Tensor]:
-    """Post-softmax maps ``(B, H, T, T)`` of ``layer`` on ``x`` and the routing ``(B, H)`` that made them."""
+    """Post-softmax maps ``(B, H, T, T)`` of ``layer`` on ``x`` (what multiplies V) and the routing ``(B, H)``
+    that made them."""
     q, k, v = _qkv_heads(layer, x, kwargs)
     norms = key_head_norms(k) if layer.policy.uses_key_norms else None
     grouping = layer.policy(norms)
@@ -411,7 +412,8 @@ def _maps(layer: GroupedQueryAttention, x: Tensor, kwargs: Dict[str, Any]) -> Tu
     bias = layer.position_bias(kwargs.get('attn_mask'), shared_bias(kwargs))
     if bias is not None:
         scores = scores + bias
-    return scores.softmax(-1), route
+    # the weights that multiply V: for talking heads (CaiT) the logits and the weights mixed across heads
+    return mix_heads(mix_heads(scores, layer.proj_l).softmax(-1), layer.proj_w), route
 
 
 def _has_bias(layer: GroupedQueryAttention, which: int) -> bool:

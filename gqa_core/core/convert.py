@@ -224,5 +224,6 @@ def kv_cache_bytes(model: nn.Module, bytes_per_value: int = 2) -> int:
     for block in blocks_of(vit):
         attn = block.attn
         kv_heads = getattr(attn, 'num_kv_heads', attn.num_heads)  # timm's own MHA: G = H
-        total += kv_bytes(kv_heads, attn.head_dim, tokens, bytes_per_value)
+        head_dim = getattr(attn, 'head_dim', None) or attn.proj.in_features // attn.num_heads  # CaiT's has none
+        total += kv_bytes(kv_heads, head_dim, tokens, bytes_per_value)
     return total

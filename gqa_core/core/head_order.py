@@ -409,4 +409,9 @@ def _multi_head(attn: nn.Module, index: int) -> GroupedQueryAttention:
         raise ValueError(f'block {index}: the head-order advisor needs the multi-head model (G = H), '
                          f'got {type(attn).__name__}' + (f' with G={attn.num_kv_heads}'
                                                          if hasattr(attn, 'num_kv_heads') else ''))
+    if attn.proj_l is not None:
+        raise ValueError(f'block {index}: talking-heads attention mixes every head\'s logits and weights (proj_l, '
+                         'proj_w), so the error of pooling one group of heads depends on all the others and the '
+                         'advisor\'s per-group costs would not be the layer\'s error; use head_order="consecutive" '
+                         'or give an order per layer')
     return attn

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field, fields
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -21,8 +21,8 @@ from .attention import GroupedQueryAttention, route_kv
 from .convert import grouping_config
 from .policies import Grouping
 from .probe import AttentionProbe, attach, detach
-from .vit import (MEAN_ROW, POOL_QUERY, attention_pool, gqa_layers, has_class_token, prefix_labels, summary_row,
-                  token_grid)
+from .vit import (MEAN_ROW, POOL_QUERY, attention_pool, gqa_layers, has_class_token, num_prefix_tokens,
+                  prefix_labels, summary_row, token_grid)
 
 __all__ = ['LayerRecord', 'Recording', 'record', 'token_grid', 'pool_query_attention', 'ATTENTION_ROWS', 'FUSIONS',
            'MEAN_ROW', 'POOL_QUERY']
@@ -38,7 +38,9 @@ PASS_BLOCK_BYTES = 4 * 2**20  # ... per tile of the passes over every row (row n
 class LayerRecord:
     """One layer, batch-first, float32 / int64 on the CPU.
 
-    attention: ``(B, H, R, T)`` post-softmax maps; R = T for ``"full"``; for ``"prefix"`` the rows of the
+    attention: ``(B, H, R, T)`` post-softmax maps -- the weights that multiply V: for a talking-heads layer
+        (CaiT, ``logit_mix`` / ``weight_mix`` set) the softmax of the head-mixed logits mixed again across heads
+        by ``proj_w``, whose rows need not sum to 1 nor be positive; R = T for ``"full"``; for ``"prefix"`` the rows of the
         prefix tokens (class token, then registers), or one row averaged over all queries when the model has
         no prefix token; ``None`` for ``"none"``.
     key_norms: ``(B, G)`` Frobenius norm of each key head.
@@ -50,6 +52,9 @@ class LayerRecord:
         (what any token's row or column of the maps is recomputed from: :func:`query_row`, :func:`key_column`),
         ``log_norm``: ``(B, H, T)`` each row's softmax normaliser (log-sum-exp) in float32, and ``bias``: the
         additive attention bias ``(H, T, T)`` in float16 when the layer has one (BEiT), else None.
+    logit_mix, weight_mix: a talking-heads layer's ``proj_l`` and ``proj_w`` as ``(H, H + 1)`` matrices (the bias
+        the last column), what rows recomputed from the kept q and k go through (:meth:`weights`); None otherwise.
+        ``log_norm`` is then the normaliser of the mixed logits.
     """
     attention: Optional[Tensor]
     key_norms: Tensor
@@ -61,6 +66,14 @@ class LayerRecord:
     keys: Optional[Tensor] = None
     log_norm: Optional[Tensor] = None
     bias: Optional[Tensor] = None
+    logit_mix: Optional[Tensor] = None
+    weight_mix: Optional[Tensor] = None
+
+    def weights(self, scores: Tensor, log_norm: Tensor) -> Tensor:
+        """The weights that multiply V from the scores ``(H, ...)`` (query head first) and each row's
+        normaliser ``log_norm`` (broadcast against them): ``exp(scores - log_norm)``, for talking heads the scores
+        mixed across heads before and the weights after."""
+        return _mixed((_mixed(scores, self.logit_mix) - log_norm).exp(), self.weight_mix)
 
     def query_row(self, token: int, sample: int = 0) -> Tensor:
         """``(H, T)``: where ``token`` looks, per query head (post-softmax), recomputed from the kept q and k."""
@@ -69,7 +82,7 @@ class LayerRecord:
         scores = (k @ q[:, :, None])[..., 0]
         if self.bias is not None:
             scores = scores + self.bias[:, token].float()
-        return (scores - self.log_norm[sample, :, token, None]).exp()
+        return self.weights(scores, self.log_norm[sample, :, token, None])
 
     def key_column(self, token: int, sample: int = 0) -> Tensor:
         """``(H, T)``: how much every query attends to ``token``, per query head (its column of the maps)."""
@@ -78,7 +91,7 @@ class LayerRecord:
         scores = (q @ k[:, :, None])[..., 0]
         if self.bias is not None:
             scores = scores + self.bias[:, :, token].float()
-        return (scores - self.log_norm[sample]).exp()
+        return self.weights(scores, self.log_norm[sample])
 
 
 @dataclass
@@ -205,7 +218,7 @@ class record:
         self.full_layers = {int(i) % depth for i in full_layers}
         self.fusions = tuple(dict.fromkeys(rollout))
         self.keep_qk = bool(keep_qk)
-        self.num_prefix_tokens = int(getattr(model, 'num_prefix_tokens', 0))
+        self.num_prefix_tokens = num_prefix_tokens(model)  # of the blocks' tokens (CaiT's class token is not)
         self.row_labels = prefix_labels(model)
         self.summary_row = summary_row(model)
         self.has_class_token = has_class_token(model)
@@ -266,7 +279,8 @@ class record:
             min(T, -(-self.num_prefix_tokens // step) * step) if self.attention == 'prefix' else 0
         maps = _RowMaps(B, H, T, self.num_prefix_tokens, keep_full, mean_row, (), q.device)
         queries = q.float() * layer.scale
-        kept = _KeptQK(queries, k, grouping.query_to_kv) if self.keep_qk else None
+        mixes = _mixes(layer)
+        kept = _KeptQK(queries, k, grouping.query_to_kv, mixes) if self.keep_qk else None
         if n_rows or kept is not None or self.fusions:
             bias = resolve_self_attn_mask(T, queries, attn_mask)
             keys = route_kv(k.float(), grouping.query_to_kv).transpose(-2, -1) if n_rows else None  # (B, H, d, T)
@@ -275,7 +289,7 @@ class record:
                 block = queries[:, :, start:stop] @ keys  # (B, H, rows, T)
                 if bias is not None:
                     block = block + bias[..., start:stop, :]
-                maps.add(start, _softmax_(block))
+                maps.add(start, _weights_(block, mixes))
                 del block
             keys = None  # freed before the passes below: they hold their own tiles
             if kept is not None:
@@ -286,8 +300,9 @@ class record:
                 if bias is not None:
                     kept.bias = bias.expand(B, H, T, T)[0].half().cpu()
             if self.fusions:  # the keys unrouted (G heads, not H): routed again, one layer at a time, at the end
-                self._rollout_inputs.append((queries, k.float(), grouping.query_to_kv, bias))
+                self._rollout_inputs.append((queries, k.float(), grouping.query_to_kv, bias, mixes))
         record = self._layer_record(layer, maps, key_norms, grouping, index)
+        record.logit_mix, record.weight_mix = (None, None) if mixes is None else (m.cpu() for m in mixes)
         if kept is not None:
             record.queries, record.keys, record.log_norm, record.bias = kept.result()
         self._layers.append(record)
@@ -323,7 +338,7 @@ class record:
         transient memory, instead of a (T x T) @ (T x T) product per layer and fusion (O(L T^3)).
         """
         vectors = {fusion: summary.float().clone() for fusion in self.fusions}
-        for queries, k, query_to_kv, bias in reversed(self._rollout_inputs):
+        for queries, k, query_to_kv, bias, mixes in reversed(self._rollout_inputs):
             B, H, T = queries.shape[:3]
             keys = route_kv(k, query_to_kv).transpose(-2, -1)  # (B, H, d, T)
             step = _row_step(B, H, T, PASS_BLOCK_BYTES)
@@ -333,7 +348,8 @@ class record:
                 block = queries[:, :, start:stop] @ keys
                 if bias is not None:
                     block = block + bias[..., start:stop, :]
-                block = block.softmax(-1)  # fused: two passes over the tile, not five (no row is kept from it)
+                # fused: two passes over the tile, not five (no row is kept from it)
+                block = block.softmax(-1) if mixes is None else _weights_(block, mixes)
                 for fusion, v in vectors.items():
                     a = block.mean(1) if fusion == 'mean' else getattr(block, 'a' + fusion)(1)  # (B, rows, T)
                     a.mul_(0.5).diagonal(offset=start, dim1=-2, dim2=-1).add_(0.5)
@@ -386,8 +402,10 @@ class _KeptQK:
     """One layer's queries and keys rounded to float16, and the row normalisers of the maps those rounded values
     give (so rows recomputed from them later sum to 1)."""
 
-    def __init__(self, scaled_q: Tensor, k: Tensor, query_to_kv: Tensor) -> None:
+    def __init__(self, scaled_q: Tensor, k: Tensor, query_to_kv: Tensor,
+                 mixes: Optional[Tuple[Tensor, Tensor]] = None) -> None:
         self.queries, self.keys = scaled_q.half(), k.half()
+        self.logit_mix = mixes[0] if mixes is not None else None
         self.routed = route_kv(self.keys.float(), query_to_kv).transpose(-2, -1)  # (B, H, d, T)
         self.log_norm = torch.empty(scaled_q.shape[:3], device=scaled_q.device)
         self.bias: Optional[Tensor] = None
@@ -396,7 +414,7 @@ class _KeptQK:
         scores = self.queries[:, :, start:stop].float() @ self.routed
         if bias is not None:
             scores = scores + bias[..., start:stop, :]
-        self.log_norm[:, :, start:stop] = scores.logsumexp(-1)
+        self.log_norm[:, :, start:stop] = _mixed(scores, self.logit_mix, 1).logsumexp(-1)
 
     def result(self) -> tuple:
         return self.queries.cpu(), self.keys.cpu(), self.log_norm.cpu(), self.bias
@@ -405,6 +423,32 @@ class _KeptQK:
 def _row_step(B: int, H: int, T: int, budget: int = ROW_BLOCK_BYTES) -> int:
     """Query rows per tile so that one tile of scores stays within ``budget`` bytes."""
     return max(1, budget // max(1, B * H * T * 4))
+
+
+def _mixes(layer: nn.Module) -> Optional[Tuple[Tensor, Tensor]]:
+    """A talking-heads layer's ``proj_l`` and ``proj_w`` as ``(H, H + 1)`` float32 matrices (the bias the last
+    column), or None for a layer without them."""
+    if getattr(layer, 'proj_l', None) is None:
+        return None
+    return tuple(torch.cat([m.weight, m.bias[:, None]], 1).detach().float() for m in (layer.proj_l, layer.proj_w))
+
+
+def _mixed(t: Tensor, mix: Optional[Tensor], dim: int = 0) -> Tensor:
+    """``t`` mixed across its heads (dimension ``dim``) by the ``(H, H + 1)`` matrix ``mix`` (None: ``t``)."""
+    if mix is None:
+        return t
+    H = mix.shape[0]
+    mix = mix.to(t)
+    out = torch.tensordot(mix[:, :H], t.movedim(dim, 0), dims=([1], [0]))
+    return (out + mix[:, H].view(H, *[1] * (t.dim() - 1))).movedim(0, dim)
+
+
+def _weights_(scores: Tensor, mixes: Optional[Tuple[Tensor, Tensor]]) -> Tensor:
+    """The weights that multiply V from the scores ``(B, H, rows, T)``: their softmax (in place), for talking
+    heads taken of the logits mixed across heads and mixed again after it (as ``TalkingHeadAttn`` does)."""
+    if mixes is None:
+        return _softmax_(scores)
+    return _mixed(_mixed(scores, mixes[0], 1).softmax(-1), mixes[1], 1)
 
 
 def _softmax_(scores: Tensor) -> Tensor:

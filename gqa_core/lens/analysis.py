@@ -88,7 +88,7 @@ class Analysis:
         for layer in rec.layers:
             tensors += [t for t in (layer.attention, layer.key_norms, layer.shares, layer.allocation,
                                     layer.query_to_kv, layer.full, layer.queries, layer.keys, layer.log_norm,
-                                    layer.bias) if t is not None]
+                                    layer.bias, layer.logit_mix, layer.weight_mix) if t is not None]
         return self.view.nbytes + sum(t.numel() * t.element_size() for t in tensors)
 
 

@@ -46,6 +46,8 @@ FAMILIES = {
     'deepseek-align': ('deepseek_vit_412m_align', dict(img_size=56, patch_size=14, out_features=32,
                                                        num_classes=10)),  # 3x3 aligner over a zero-padded grid
     'deepseek-enc': ('deepseek_vit_412m_enc', dict(img_size=56, patch_size=14, out_features=32)),
+    # talking heads over the patches, class attention after them (LayerScale at 1: the test sees the attention)
+    'cait': ('cait_xxs24_224', dict(img_size=64, init_values=1.0)),
 }
 
 
@@ -89,7 +91,7 @@ def test_every_variant_runs_and_records(key):
     model = family_model(key)
     x = images(model)
     H = blocks_of(model)[0].attn.num_heads
-    tokens = num_tokens(model)
+    tokens = num_tokens(model)  # the blocks' tokens (CaiT's class token joins after them)
     for variant, options in (('gqa', {}), ('kdgqa', {}), ('dgqa', {'stat': 'ema', 'window': 1}), ('pgqa', {})):
         converted = convert(copy.deepcopy(model), variant, H // 2, **options)
         converted.train()
@@ -100,7 +102,9 @@ def test_every_variant_runs_and_records(key):
         assert torch.isfinite(out).all()
         maps = rec.result.layers[0].attention
         assert maps.shape[-1] == tokens
-        assert torch.allclose(torch.as_tensor(maps).sum(-1), torch.ones(()), atol=1e-4), variant
+        mix = blocks_of(converted)[0].attn.proj_w  # talking heads: rows summing to 1, then mixed across heads
+        sums = torch.ones(()) if mix is None else (mix.weight.sum(1) + tokens * mix.bias)[None, :, None]
+        assert torch.allclose(torch.as_tensor(maps).sum(-1), sums, atol=1e-4), variant
 
 
 @pytest.mark.parametrize('key', sorted(FAMILIES))
@@ -245,7 +249,7 @@ def test_any_head_order_at_g_equal_h_is_the_model_and_reverts_to_it(key):
     assert torch.allclose(blocks_of(reverted)[0].attn.proj.weight, blocks_of(model)[0].attn.proj.weight, atol=1e-6)
 
 
-@pytest.mark.parametrize('key', sorted(FAMILIES))
+@pytest.mark.parametrize('key', sorted(set(FAMILIES) - {'cait'}))  # talking heads: refused (test below)
 def test_advisor_scores_the_layer_the_model_runs(key):
     """The advisor's error of the consecutive grouping is the layer's real output error (RoPE and position
     bias included), its advice is never worse, and the advised model converts."""
@@ -358,7 +362,6 @@ def test_the_app_shows_every_view_of_every_family_over_http(app_server):
     ('vit_pwee_patch16_reg1_gap_256', r'block 0 \(ParallelScalingBlock\) has no single `attn` module'),
     ('vit_dwee_patch16_reg1_gap_256', r'block 0 \(Block\): attention DiffAttention is not one of'),
     ('vit_small_patch16_rope_mixed_224', 'learned per-head frequencies'),
-    ('cait_xxs24_224', 'expected a timm Vision Transformer'),  # talking-heads and class attention
 ])
 def test_what_is_still_refused_is_named_and_the_model_left_whole(name, match):
     """What bench/coverage.py counts as refused: a ValueError naming the block (or the model) and the reason."""
@@ -475,3 +478,46 @@ def test_naflexvit_tokens_are_counted_at_the_size_its_config_shows_it(tmp_path):
     data['preprocessing']['input_size'] = [3, 1024, 1024]
     with pytest.raises(ConfigError, match='4,100 tokens per image'):
         GQALensConfig.from_json(data, Budget())
+
+
+def test_talking_heads_record_the_weights_that_multiply_v():
+    """A talking-heads layer's recorded maps are its post-``proj_w`` weights: applied to the grouped values they
+    give the layer's own output; rows recomputed from the kept queries and keys are the same rows."""
+    from gqa_core.core.attention import route_kv
+    model = convert(family_model('cait'), 'kdgqa', 2)
+    attn = blocks_of(model)[1].attn
+    x = images(model)
+    seen = {}
+    hooks = [attn.register_forward_pre_hook(lambda m, args: seen.update(x=args[0])),
+             attn.register_forward_hook(lambda m, args, out: seen.update(out=out))]
+    with torch.no_grad(), record(model, attention='full', keep_qk=True) as rec:
+        model(x)
+    for hook in hooks:
+        hook.remove()
+    layer = rec.result.layers[1]
+    B, T, C = seen['x'].shape
+    with torch.no_grad():
+        v = attn.project(seen['x'])[2].view(B, T, attn.num_kv_heads, -1).transpose(1, 2)
+        heads = layer.attention @ route_kv(v, layer.query_to_kv)  # (B, H, T, d)
+        assert torch.allclose(attn.proj(heads.transpose(1, 2).reshape(B, T, C)), seen['out'], atol=1e-5)
+    assert (layer.attention < 0).any() or not torch.allclose(layer.attention.sum(-1), torch.ones(()))
+    assert torch.allclose(layer.query_row(5, 1), layer.attention[1, :, 5], atol=2e-2)
+    assert torch.allclose(layer.key_column(7, 0), layer.attention[0, :, :, 7], atol=2e-2)
+
+
+def test_cait_converts_its_patch_blocks_and_keeps_class_attention_exact():
+    """The talking-heads blocks convert; the class-attention head stays timm's ClassAttn (and the head-ablation
+    study reads the output through it); the head-order advisor refuses talking heads by block (its per-group
+    costs assume heads that do not mix)."""
+    from timm.models.cait import ClassAttn
+    model = family_model('cait')
+    converted = convert(copy.deepcopy(model), 'gqa', 2)
+    assert all(type(b.attn) is ClassAttn for b in converted.blocks_token_only)
+    assert [b.attn.num_kv_heads for b in blocks_of(converted)] == [2, 2]
+    x = images(model, 4)
+    with pytest.raises(ValueError, match=r'block 0: talking-heads attention'):
+        convert(copy.deepcopy(model), 'gqa', 2, head_order='output-error', calibration=x)
+    from gqa_core.lens.heads import ablation_study
+    with torch.no_grad():  # the ablation's unablated score is read through the class-attention head
+        study = ablation_study(converted, x[:1], target=3)
+        assert study.base_score == pytest.approx(float(converted(x[:1]).softmax(-1)[0, 3]), rel=1e-5)
