@@ -45,10 +45,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .distributed import process_part, sum_over_processes
-from .attention import (GroupedQueryAttention, _load_qkv, _qkv_tensors, apply_rope, key_head_norms,
+from .attention import (GroupedQueryAttention, _load_qkv, _qkv_tensors, context_rope, key_head_norms,
                         route_kv)
 from .probe import AttentionProbe
-from .vit import block_context, block_inputs, blocks_of, check_vit, output_rows, run_blocks
+from .vit import block_context, block_inputs, blocks_of, check_vit, family, output_rows, run_blocks
 
 __all__ = ['CalibrationBudget', 'CalibrationReport', 'calibrate_layers', 'check_calibration', 'layer_errors', 'block_flops',
            'CALIBRATED_PARAMS']
@@ -136,11 +136,12 @@ def check_calibration(images: Any, model: nn.Module) -> Tensor:
                          f'back to check the fit); got shape {tuple(images.shape)}')
     if not images.is_floating_point():
         raise ValueError(f'calibration images must be floating point (preprocessed), got {images.dtype}')
-    chans = getattr(model.patch_embed.proj, 'in_channels', images.shape[1])
+    patch_embed = family(model).patch_embed(model)
+    chans = getattr(getattr(patch_embed, 'proj', None), 'in_channels', images.shape[1])
     if images.shape[1] != chans:
         raise ValueError(f'calibration images have {images.shape[1]} channels; the model takes {chans}')
-    size = tuple(getattr(model.patch_embed, 'img_size', None) or images.shape[-2:])
-    if getattr(model.patch_embed, 'strict_img_size', False) and tuple(images.shape[-2:]) != size:
+    size = tuple(getattr(patch_embed, 'img_size', None) or images.shape[-2:])
+    if getattr(patch_embed, 'strict_img_size', False) and tuple(images.shape[-2:]) != size:
         raise ValueError(f'calibration images are {images.shape[-2]} x {images.shape[-1]} px; the model takes '
                          f'{size[0]} x {size[1]} (preprocess them for it)')
     if not torch.isfinite(images).all():
@@ -300,12 +301,9 @@ def _qkv_heads(layer: GroupedQueryAttention, x: Tensor, kwargs: Dict[str, Any]) 
     q, k, v = layer.project(x)
     q = layer.q_norm(q.view(B, N, layer.num_heads, layer.head_dim).transpose(1, 2))
     k = layer.k_norm(k.view(B, N, layer.num_kv_heads, layer.head_dim).transpose(1, 2))
-    v = v.view(B, N, layer.num_kv_heads, layer.head_dim).transpose(1, 2)
-    rope = kwargs.get('rope')
-    if rope is not None:
-        q = apply_rope(q, rope, layer.num_prefix_tokens, layer.rotate_half).type_as(v)
-        k = apply_rope(k, rope, layer.num_prefix_tokens, layer.rotate_half).type_as(v)
-    return q, k, v
+    v = layer.v_norm(v.view(B, N, layer.num_kv_heads, layer.head_dim).transpose(1, 2))
+    rope = context_rope(kwargs)
+    return layer.rotate(q, rope), layer.rotate(k, rope), v
 
 
 def _augmented(x: Tensor, bias: bool) -> Tensor:

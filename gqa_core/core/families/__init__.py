@@ -2,7 +2,7 @@
 its blocks, tokens and positions, how its output is read, and the constructor geometry that rebuilds it.
 Importing this package registers them all; :func:`family_of` finds a model's."""
 from .base import Family, family_of, registered
-from . import vision_transformer, eva, beit  # noqa: F401  (each registers its family)
+from . import vision_transformer, eva, beit, gemma4_vit  # noqa: F401  (each registers its family)
 
 __all__ = ['Family', 'family_of', 'registered', 'timm_modules', 'family_args']
 
