@@ -25,6 +25,7 @@ import timm
 import torch
 
 from gqa_core import convert
+from gqa_core.core.vit import blocks_of
 from gqa_core.io.config import backbone_of
 from gqa_core.io.safe_config import check_backbone
 
@@ -56,7 +57,7 @@ def accepts(arch: str) -> str:
         with torch.device('meta'), warnings.catch_warnings():
             warnings.simplefilter('ignore')
             model = timm.create_model(arch, pretrained=False)
-            H = getattr(getattr(model.blocks[0], 'attn', None), 'num_heads', 2)  # convert names what it refuses
+            H = getattr(getattr(blocks_of(model)[0], 'attn', None), 'num_heads', 2)  # convert names what it refuses
             convert(model, 'gqa', H // 2 if H % 2 == 0 else H)
             backbone_of(model)
     except Exception as e:  # the reason is the report

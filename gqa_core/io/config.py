@@ -93,7 +93,8 @@ class GQALensConfig:
             conversion=check_conversion(data.get('conversion')),
         )
         if budget is not None:
-            check_budget(config.backbone, config.model_args(), budget)
+            check_budget(config.backbone, config.model_args(), budget,
+                         (config.preprocessing or {}).get('input_size'))
         return config
 
     def to_json(self, model: Optional[nn.Module] = None, weights_dtype: Optional[str] = None) -> Dict[str, Any]:

@@ -87,7 +87,7 @@ def from_timm(name: str, variant: str, num_kv_heads: Optional[int] = None, pretr
                 overlay['num_classes'] = args['num_classes']
             args = check_backbone_args(args, backbone, where='model_args')
             if budget is not None:
-                check_budget(backbone, args, budget)
+                check_budget(backbone, args, budget, overlay.get('input_size'))
         except ConfigError as e:
             raise ModelLoadError(f'{repo}: {CONFIG_NAME}: {e}') from None
         weights = _fetch(repo, WEIGHTS_NAME, revision, local=False, token=token)
