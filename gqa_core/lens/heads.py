@@ -38,7 +38,8 @@ def _score(outputs: Tensor, reference: Tensor, target: Optional[int]) -> Tensor:
     """Probability of ``target`` (classifiers) or cosine similarity to the reference features (headless)."""
     if target is not None:
         return outputs.float().softmax(-1)[:, target]
-    return torch.nn.functional.cosine_similarity(outputs.float(), reference.float()[None], dim=-1)
+    # features of any shape (Gemma4's encoder: soft tokens x channels) compared whole
+    return torch.nn.functional.cosine_similarity(outputs.float().flatten(1), reference.float().flatten()[None], dim=-1)
 
 
 def _chunks(model: nn.Module) -> int:
@@ -93,7 +94,7 @@ def ablation_study(model: nn.Module, x: Tensor, target: Optional[int], target_na
     entering = [block_inputs(model, x)]
     for block in blocks_of(model):
         entering.append(block(entering[-1], **context))
-    base = model.forward_head(model.norm(entering.pop()))[0]
+    base = family(model).head(model, entering.pop())[0]
     base_score = float(_score(base[None], base, target)[0])
     step = _chunks(model)
     # a KV head a layer does not have (a model's own blocks may differ in G) stays NaN
