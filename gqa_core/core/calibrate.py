@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .distributed import process_part, sum_over_processes
-from .attention import (GroupedQueryAttention, _load_qkv, _qkv_tensors, context_rope, key_head_norms,
+from .attention import (GroupedQueryAttention, _load_qkv, _qkv_tensors, context_rope, key_head_norms, out_projection,
                         route_kv)
 from .probe import AttentionProbe
 from .vit import block_context, block_inputs, blocks_of, check_vit, family, output_rows, run_blocks
@@ -439,7 +439,7 @@ def step_images(layer: GroupedQueryAttention, budget: CalibrationBudget, tokens:
 def block_flops(block: nn.Module, tokens: int) -> float:
     """Forward FLOPs of ``block`` for one image of ``tokens`` tokens (2 per multiply-add: weights and maps)."""
     params = sum(p.numel() for p in block.parameters())
-    return 2 * params * tokens + 4 * tokens * tokens * block.attn.proj.in_features  # proj takes H x head dim
+    return 2 * params * tokens + 4 * tokens * tokens * out_projection(block.attn).in_features  # H x head dim in
 
 
 def _step_flops(block: nn.Module, images: int, tokens: int) -> float:

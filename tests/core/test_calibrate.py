@@ -7,6 +7,8 @@ import torch
 
 from gqa_core import GroupedQueryAttention, convert
 from gqa_core.core.calibrate import CalibrationBudget, layer_errors
+from gqa_core.core.vit import blocks_of
+from gqa_core.io.preprocessing import model_preprocessing
 from test_families import FAMILIES, family_model, perturbed_model
 
 BUDGET = CalibrationBudget(steps=20, batch_images=8)
@@ -22,13 +24,14 @@ def model_for(key: str) -> torch.nn.Module:
 
 
 def noise(model, n: int, seed: int) -> torch.Tensor:
-    return torch.randn(n, 3, *model.patch_embed.img_size, generator=torch.Generator().manual_seed(seed))
+    size = model_preprocessing(model)['input_size'][1:]  # the patch embedding's, or Gemma4's preprocessing's
+    return torch.randn(n, 3, *size, generator=torch.Generator().manual_seed(seed))
 
 
 @pytest.mark.parametrize('key', sorted(FAMILIES) + sorted(OWN))
 def test_calibration_lowers_every_layers_error_on_calibration_and_held_out_images(key):
     model = model_for(key)
-    H = model.blocks[0].attn.num_heads
+    H = blocks_of(model)[0].attn.num_heads
     calibration, held_out = noise(model, 24, 1), noise(model, 16, 2)
     pooled = convert(copy.deepcopy(model), 'gqa', H // 2)
     calibrated = convert(copy.deepcopy(model), 'gqa', H // 2, init='calibrated', calibration=calibration,
