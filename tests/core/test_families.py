@@ -322,6 +322,7 @@ def test_the_app_shows_every_view_of_every_family_over_http(app_server):
     ('naflexvit_base_patch16_gap', 'expected a timm Vision Transformer'),  # variable-length token sequences
     ('vit_relpos_base_patch16_224', 'expected a timm Vision Transformer'),  # relative-position attention
     ('cait_xxs24_224', 'expected a timm Vision Transformer'),  # talking-heads and class attention
+    ('samvit_base_patch16', r'VisionTransformerSAM is refused: SAM\'s blocks attend within 14 x 14 windows'),
 ])
 def test_what_is_still_refused_is_named_and_the_model_left_whole(name, match):
     """What bench/coverage.py counts as refused: a ValueError naming the block (or the model) and the reason."""
@@ -333,6 +334,13 @@ def test_what_is_still_refused_is_named_and_the_model_left_whole(name, match):
         convert(model, 'gqa', 2)
     assert [type(m) for m in model.modules()] == kinds
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_the_config_guard_names_why_a_refused_module_is_refused():
+    from gqa_core.io.safe_config import ConfigError, check_backbone
+    with pytest.raises(ConfigError, match=r"'samvit_base_patch16.sa1b' is not a timm Vision Transformer GQA Lens "
+                                          r"opens \(SAM's blocks attend within 14 x 14 windows"):
+        check_backbone('samvit_base_patch16.sa1b')
 
 
 POOLS = [(family, cls, reg, pool) for family in ('vit', 'eva') for cls in (True, False) for reg in (0, 4)
