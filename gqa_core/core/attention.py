@@ -20,6 +20,7 @@ from timm.layers.attention import maybe_add_mask, resolve_self_attn_mask
 from timm.models.beit import Attention as BeitAttention, gen_relative_position_index
 from timm.models.eva import EvaAttention
 from timm.models.gemma4_vit import Gemma4Attention, apply_multidimensional_rope
+from timm.models.vision_transformer_relpos import RelPosAttention
 
 from .kernels import routed_attention, triton_enabled
 from .policies import Grouping, GroupingPolicy, create_policy
@@ -27,7 +28,8 @@ from .probe import AttentionProbe
 
 __all__ = ['GroupedQueryAttention', 'gqa_attention_layer', 'key_head_norms', 'route_kv', 'route_kv_rows',
            'grouped_attention',
-           'ATTENTION_KINDS', 'attention_kind', 'permute_heads', 'apply_rope', 'out_projection', 'context_rope']
+           'ATTENTION_KINDS', 'attention_kind', 'permute_heads', 'apply_rope', 'shared_bias', 'out_projection',
+           'context_rope']
 
 
 def kv_bytes(num_kv_heads: int, head_dim: int, num_tokens: int, bytes_per_value: int = 2) -> int:
@@ -127,8 +129,17 @@ ATTENTION_KINDS: Dict[str, Type[nn.Module]] = {
     'eva': EvaAttention,  # eva.py: EVA-02, DINOv3 (RoPE on the patch tokens, q/v-only biases)
     'rope': AttentionRope,  # eva.py attn_type='rope': Perception Encoder
     'beit': BeitAttention,  # beit.py: relative position bias per head, q/v-only biases
+    'relpos': RelPosAttention,  # vision_transformer_relpos.py: a bias module per layer (rel_pos), per head
     'gemma4': Gemma4Attention,  # gemma4_vit.py: q/k/v RMS norms, 2D RoPE (rotate-half per axis), scale 1, clamps
 }
+
+# What a block calls the model-wide relative position bias it passes its attention: BEiT's, timm's relpos ViT's.
+SHARED_BIAS_KEYS = ('shared_rel_pos_bias', 'shared_rel_pos')
+
+
+def shared_bias(context: Dict[str, Any]) -> Optional[Tensor]:
+    """The model-wide relative position bias among a block's keyword arguments ``context`` (None: none)."""
+    return next((context[key] for key in SHARED_BIAS_KEYS if context.get(key) is not None), None)
 
 # Gemma4's clippable linears: (input_min, input_max, output_min, output_max) of q, k, v and the output projection
 _CLIPPED = ('q_proj', 'k_proj', 'v_proj', 'o_proj')
@@ -227,6 +238,16 @@ def permute_heads(attn: nn.Module, perm: Sequence[int]) -> None:
     table = getattr(attn, 'relative_position_bias_table', None)
     if table is not None:
         table.copy_(table[:, index.to(table.device)])
+    rel_pos = getattr(attn, 'rel_pos', None)
+    if rel_pos is not None:  # timm's RelPosBias (a table column per head) or RelPosMlp (an output row per head)
+        table = getattr(rel_pos, 'relative_position_bias_table', None)
+        if table is not None:
+            table.copy_(table[:, index.to(table.device)])
+        fc2 = getattr(getattr(rel_pos, 'mlp', None), 'fc2', None)
+        if fc2 is not None:
+            fc2.weight.copy_(fc2.weight[index.to(fc2.weight.device)])
+            if fc2.bias is not None:
+                fc2.bias.copy_(fc2.bias[index.to(fc2.bias.device)])
     if isinstance(attn, GroupedQueryAttention):  # a model-wide shared bias follows through source_heads
         before = attn.source_heads or list(range(H))
         attn.source_heads = [before[int(h)] for h in index]
@@ -362,7 +383,9 @@ class GroupedQueryAttention(nn.Module):
             self.v_proj = nn.Linear(dim, kv_dim, bias=qkv_bias, **dd)
 
     def _init_position_bias(self, window_size: Optional[Tuple[int, int]], dd: dict) -> None:
-        """BEiT's relative position bias table: one bias per query head, whatever the grouping."""
+        """BEiT's relative position bias table: one bias per query head, whatever the grouping. (timm's relpos
+        ViT's bias module, ``rel_pos``, is the converted layer's own, copied by :meth:`from_attention`.)"""
+        self.rel_pos: Optional[nn.Module] = None
         self.window_size = tuple(window_size) if window_size else None
         self.relative_position_bias_table = None
         if self.window_size:
@@ -426,6 +449,8 @@ class GroupedQueryAttention(nn.Module):
         if new.relative_position_bias_table is not None:
             with torch.no_grad():
                 new.relative_position_bias_table.copy_(attn.relative_position_bias_table)
+        if getattr(attn, 'rel_pos', None) is not None:  # timm's relpos ViT: its bias per query head, as it is
+            new.rel_pos = copy.deepcopy(attn.rel_pos)
         new.source_heads = getattr(attn, 'source_heads', None)
         new.native_kv_heads = int(getattr(attn, 'native_kv_heads', None) or G0)
 
@@ -473,6 +498,11 @@ class GroupedQueryAttention(nn.Module):
                                  qk_norm=not isinstance(self.q_norm, nn.Identity),
                                  scale_norm=not isinstance(self.norm, nn.Identity), proj_bias=self.proj.bias is not None,
                                  rotate_half=self.rotate_half, gated=self.gate is not None, **common)
+        elif self.kind == 'relpos':
+            attn = RelPosAttention(dim, num_heads=self.num_heads, qkv_bias=biases[0] is not None,
+                                   qk_norm=not isinstance(self.q_norm, nn.Identity), attn_drop=self.attn_drop.p,
+                                   proj_drop=self.proj_drop.p, norm_layer=norm_layer or nn.LayerNorm, **dd)
+            attn.rel_pos = copy.deepcopy(self.rel_pos)
         elif self.kind == 'gemma4':
             attn = Gemma4Attention(dim, num_heads=self.num_heads, head_dim=d, attn_drop=self.attn_drop.p,
                                    proj_drop=self.proj_drop.p, norm_eps=self.q_norm.eps,
@@ -504,7 +534,8 @@ class GroupedQueryAttention(nn.Module):
     def project(self, x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
         """q ``(B, N, H d)``, k and v ``(B, N, G d)`` from whichever projection layout the layer has."""
         if self.clip_bounds is not None:
-            return tuple(self._clipped(p, x, b) for p, b in zip((self.q_proj, self.k_proj, self.v_proj), self.clip_bounds))
+            projections = (self.q_proj, self.k_proj, self.v_proj)
+            return tuple(self._clipped(p, x, b) for p, b in zip(projections, self.clip_bounds))
         if self.qkv is None:
             return self.q_proj(x), self.k_proj(x), self.v_proj(x)
         if self.q_bias is None:
@@ -533,12 +564,16 @@ class GroupedQueryAttention(nn.Module):
         return apply_rope(t, rope, self.num_prefix_tokens, self.rotate_half).type_as(t)
 
     def position_bias(self, attn_mask: Optional[Tensor], shared_rel_pos_bias: Optional[Tensor]) -> Optional[Tensor]:
-        """BEiT's relative position bias (this layer's and the model's shared one) added to ``attn_mask``."""
+        """The relative position bias (this layer's -- BEiT's table, timm's relpos ViT's ``rel_pos`` module --
+        and the model's shared one) added to ``attn_mask``: one bias per query head, whatever the grouping."""
         bias = attn_mask
         if self.relative_position_bias_table is not None:
             area = self.window_size[0] * self.window_size[1] + 1
             own = self.relative_position_bias_table[self.relative_position_index.view(-1)].view(area, area, -1)
             own = own.permute(2, 0, 1).unsqueeze(0)
+            bias = own if bias is None else bias + own
+        if self.rel_pos is not None:  # (1, H, T, T), zero rows and columns for a class token
+            own = self.rel_pos.get_bias()
             bias = own if bias is None else bias + own
         if shared_rel_pos_bias is not None:
             shared = shared_rel_pos_bias.view(-1, *shared_rel_pos_bias.shape[-3:])  # (1, H, T, T)
@@ -549,12 +584,15 @@ class GroupedQueryAttention(nn.Module):
 
     def forward(self, x: Tensor, rope: Optional[Tensor] = None, rope_sin: Optional[Tensor] = None, *,
                 rope_cos: Optional[Tensor] = None, attn_mask: Optional[Tensor] = None, is_causal: bool = False,
-                shared_rel_pos_bias: Optional[Tensor] = None) -> Tensor:
+                shared_rel_pos_bias: Optional[Tensor] = None, shared_rel_pos: Optional[Tensor] = None) -> Tensor:
         """``rope``: EVA's RoPE, or with ``rope_sin`` Gemma4's cos and sin (its block passes both positionally,
-        a block context by name: ``rope_cos``, ``rope_sin``)."""
+        a block context by name: ``rope_cos``, ``rope_sin``). ``shared_rel_pos_bias`` (BEiT's blocks) and
+        ``shared_rel_pos`` (timm's relpos ViT's): the model-wide relative position bias, ``(1, H, N, N)`` in the
+        original head order."""
         B, N, _ = x.shape
         if rope_sin is not None:
             rope = (rope if rope_cos is None else rope_cos, rope_sin)
+        shared_rel_pos_bias = shared_rel_pos_bias if shared_rel_pos_bias is not None else shared_rel_pos
         gate = self.gate(x).sigmoid() if self.gate is not None else None
         q, k, v = self.project(x)
         q = self.q_norm(q.view(B, N, self.num_heads, self.head_dim).transpose(1, 2))

@@ -46,9 +46,9 @@ from torch import Tensor, nn
 
 from .distributed import process_part, sum_over_processes
 from .attention import (GroupedQueryAttention, _load_qkv, _qkv_tensors, context_rope, key_head_norms, out_projection,
-                        route_kv)
+                        route_kv, shared_bias)
 from .probe import AttentionProbe
-from .vit import block_context, block_inputs, blocks_of, check_vit, family, output_rows, run_blocks
+from .vit import block_context, block_inputs, blocks_of, check_vit, in_chans, output_rows, patch_embed_of, run_blocks
 
 __all__ = ['CalibrationBudget', 'CalibrationReport', 'calibrate_layers', 'check_calibration', 'layer_errors', 'block_flops',
            'CALIBRATED_PARAMS']
@@ -136,12 +136,12 @@ def check_calibration(images: Any, model: nn.Module) -> Tensor:
                          f'back to check the fit); got shape {tuple(images.shape)}')
     if not images.is_floating_point():
         raise ValueError(f'calibration images must be floating point (preprocessed), got {images.dtype}')
-    patch_embed = family(model).patch_embed(model)
-    chans = getattr(getattr(patch_embed, 'proj', None), 'in_channels', images.shape[1])
+    embed = patch_embed_of(model)
+    chans = in_chans(model) or images.shape[1]  # a hybrid ViT's projection reads its stem's features
     if images.shape[1] != chans:
         raise ValueError(f'calibration images have {images.shape[1]} channels; the model takes {chans}')
-    size = tuple(getattr(patch_embed, 'img_size', None) or images.shape[-2:])
-    if getattr(patch_embed, 'strict_img_size', False) and tuple(images.shape[-2:]) != size:
+    size = tuple(getattr(embed, 'img_size', None) or images.shape[-2:])
+    if getattr(embed, 'strict_img_size', False) and tuple(images.shape[-2:]) != size:
         raise ValueError(f'calibration images are {images.shape[-2]} x {images.shape[-1]} px; the model takes '
                          f'{size[0]} x {size[1]} (preprocess them for it)')
     if not torch.isfinite(images).all():
@@ -405,7 +405,7 @@ def _maps(layer: GroupedQueryAttention, x: Tensor, kwargs: Dict[str, Any]) -> Tu
     grouping = layer.policy(norms)
     route = grouping.query_to_kv.expand(x.shape[0], layer.num_heads)
     scores = (q * layer.scale) @ route_kv(k, route).transpose(-2, -1)
-    bias = layer.position_bias(kwargs.get('attn_mask'), kwargs.get('shared_rel_pos_bias'))
+    bias = layer.position_bias(kwargs.get('attn_mask'), shared_bias(kwargs))
     if bias is not None:
         scores = scores + bias
     return scores.softmax(-1), route

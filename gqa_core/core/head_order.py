@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .attention import GroupedQueryAttention, attention_kind, context_rope, permute_heads
+from .attention import GroupedQueryAttention, attention_kind, context_rope, permute_heads, shared_bias
 from .distributed import process_part, sum_over_processes
 from .vit import block_context, block_inputs, blocks_of, check_vit, model_output, output_rows, run_blocks
 
@@ -96,7 +96,7 @@ class _Layer:
 
     @classmethod
     def of(cls, attn: GroupedQueryAttention, context: Dict[str, Any]) -> '_Layer':
-        return cls(attn, context_rope(context), attn.position_bias(None, context.get('shared_rel_pos_bias')))
+        return cls(attn, context_rope(context), attn.position_bias(None, shared_bias(context)))
 
     def heads(self, x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
         """q as the forward computes it, and k, v as projected ``(B, H, T, d)``: pooling averages projections,
@@ -130,7 +130,8 @@ def _mha_outputs(layer: _Layer, inputs: Tensor, rows: Optional[slice]) -> Tuple[
     q, k, v = layer.heads(inputs)
     if rows is not None:
         q = q[:, :, rows]
-    o = F.scaled_dot_product_attention(q, layer.keys(k), layer.values(v), attn_mask=layer.mask(None, rows), scale=layer.attn.scale)
+    o = F.scaled_dot_product_attention(q, layer.keys(k), layer.values(v), attn_mask=layer.mask(None, rows),
+                                       scale=layer.attn.scale)
     return q, k, v, o
 
 

@@ -15,9 +15,9 @@ from torch import Tensor, nn
 from .attention import GroupedQueryAttention
 from .families import REFUSED_MODULES, Family, family_of, registered
 
-__all__ = ['check_vit', 'check_positions', 'gqa_layers', 'num_tokens', 'token_grid', 'prefix_labels', 'has_class_token',
+__all__ = ['check_vit', 'check_positions', 'gqa_layers', 'num_tokens', 'token_grid', 'token_pixels', 'in_chans', 'prefix_labels', 'has_class_token',
            'summary_row', 'block_inputs', 'block_context', 'output_rows', 'run_blocks', 'model_output',
-           'vit_geometry', 'attention_pool', 'norm_eps', 'set_norm_eps', 'blocks_of', 'family',
+           'vit_geometry', 'attention_pool', 'norm_eps', 'set_norm_eps', 'blocks_of', 'patch_embed_of', 'family',
            'MEAN_ROW', 'POOL_QUERY']
 
 MEAN_ROW = 'mean over queries'
@@ -31,7 +31,7 @@ def family(model: nn.Module) -> Family:
         reason = REFUSED_MODULES.get(type(model).__module__)
         if reason is not None:
             raise ValueError(f'{type(model).__name__} is refused: {reason}; the model was not changed')
-        names = ', '.join(c.__name__ for f in registered() for c in f.classes)
+        names = ', '.join(dict.fromkeys(c.__name__ for f in registered() for c in f.classes))
         raise ValueError(f'expected a timm Vision Transformer ({names}: vit_*, deit_*, eva02_*, *_dinov3, vit_pe_*, '
                          f'beit_*), got {type(model).__name__}')
     return found
@@ -46,6 +46,11 @@ def check_vit(model: nn.Module) -> nn.Module:
 def blocks_of(model: nn.Module) -> nn.ModuleList:
     """The model's transformer blocks, wherever its class keeps them."""
     return family(model).blocks(model)
+
+
+def patch_embed_of(model: nn.Module) -> nn.Module:
+    """The model's patch embedding (``proj``, ``patch_size``), wherever its class keeps it."""
+    return family(model).patch_embed(model)
 
 
 def gqa_layers(model: nn.Module) -> List[GroupedQueryAttention]:
@@ -66,6 +71,16 @@ def token_grid(model: nn.Module, x: Optional[Tensor]) -> tuple:
     """The patch grid (rows, cols) a forward on ``x`` produces: the static grid, or for a
     ``dynamic_img_size`` model the grid of ``x``'s own size."""
     return family(model).token_grid(model, x)
+
+
+def token_pixels(model: nn.Module) -> tuple:
+    """The image pixels (rows, cols) one patch token covers (a hybrid ViT's: its stem's stride times the patch)."""
+    return family(model).token_pixels(model)
+
+
+def in_chans(model: nn.Module) -> Optional[int]:
+    """The image channels the model takes (None when it does not say)."""
+    return family(model).in_chans(model)
 
 
 def check_positions(vit: nn.Module) -> None:

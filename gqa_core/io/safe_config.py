@@ -126,14 +126,14 @@ def check_labels(labels: Any, num_classes: int) -> Optional[list]:
 def check_budget(backbone: str, args: Dict[str, Any], budget: Budget,
                  input_size: Optional[Any] = None) -> Dict[str, int]:
     """Count the model's parameters and tokens without allocating it (``meta`` device); refuse it when over
-    ``budget``. ``input_size``: the preprocessing's ``[3, H, W]``, the size a model without a fixed one (Gemma4)
-    is run at. Returns ``{'params': ..., 'tokens': ...}``."""
+    ``budget``. ``input_size``: the preprocessing's ``[3, H, W]`` the model is built and shown images with (a model
+    that takes any size, NaFlexVit, has as many tokens as that). Returns ``{'params': ..., 'tokens': ...}``."""
     width, heads = args.get('embed_dim'), args.get('num_heads')
     if width is not None and heads is not None and width % heads:
         raise ConfigError(f'backbone_args.num_heads ({heads}) must divide embed_dim ({width})')
     try:
         with torch.device('meta'):
-            overlay = dict(input_size=tuple(int(v) for v in input_size)) if input_size is not None else {}
+            overlay = dict(input_size=tuple(input_size)) if input_size is not None else None
             model = timm.create_model(backbone.split('.')[0], pretrained=False, pretrained_cfg_overlay=overlay,
                                       **args)
     except Exception as e:  # timm validates geometry with many exception types: its words, on one line

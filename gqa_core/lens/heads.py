@@ -24,7 +24,8 @@ import torch
 from torch import Tensor, nn
 
 from ..core.ablation import ABLATION_MODES, ablate
-from ..core.vit import block_context, block_inputs, blocks_of, family, gqa_layers, model_output, num_tokens
+from ..core.vit import (block_context, block_inputs, blocks_of, family, gqa_layers, model_output, num_tokens,
+                        token_pixels)
 
 __all__ = ['AblationResult', 'Progress', 'ablation_study', 'group_diversity', 'jensen_shannon', 'faithfulness',
            'deletion_insertion', 'CURVE_STEPS']
@@ -177,7 +178,7 @@ def deletion_insertion(model: nn.Module, x: Tensor, ranking: np.ndarray, grid: t
     P = int(grid[0] * grid[1])
     order = np.argsort(-np.asarray(ranking), kind='stable')
     counts = sorted({round(i * P / min(steps, P)) for i in range(min(steps, P) + 1)})
-    patch = tuple(int(p) for p in family(model).patch_embed(model).patch_size)
+    patch = token_pixels(model)  # a hybrid ViT's token covers its stem's stride times the patch
     masks = _patch_masks(order, counts, grid, patch, tuple(x.shape[-2:])).to(x.device)
     base = model(x)[0] if base is None else base
     deleted = x * (1 - masks)  # the top-k patches removed

@@ -148,10 +148,12 @@ def test_a_bad_budget_is_refused(field, value):
         CalibrationBudget(**{field: value})
 
 
-def test_a_shared_position_bias_follows_the_head_order_the_calibration_fits():
-    """BEiT's model-wide bias is in the original head order: with a permuted grouping the target calibration
-    fits (the MHA block's outputs) must still be the MHA model's, which the report's mean-pooled errors show."""
-    model = model_for('beit-shared')
+@pytest.mark.parametrize('key', ['beit-shared', 'relpos-shared'])
+def test_a_shared_position_bias_follows_the_head_order_the_calibration_fits(key):
+    """A model-wide bias (BEiT's, timm's srelpos ViT's) is in the original head order: with a permuted grouping
+    the target calibration fits (the MHA block's outputs) must still be the MHA model's, which the report's
+    mean-pooled errors show."""
+    model = model_for(key)
     H = model.blocks[0].attn.num_heads
     order = [list(reversed(range(H))), [1, 3, 0, 2]][:len(model.blocks)]
     calibration = noise(model, 24, 1)

@@ -14,6 +14,7 @@ from support import model_images as images, perturbed_model as perturbed
 SMALL = dict(embed_dim=64, depth=2, num_heads=4)
 # Gemma4 has no fixed image size: the test size is its preprocessing's
 GEMMA4 = dict(head_dim=16, intermediate_size=128, pretrained_cfg_overlay=dict(input_size=(3, 64, 64)))
+NAFLEX_64 = dict(pretrained_cfg_overlay=dict(input_size=(3, 64, 64)))  # NaFlexVit takes any size: its data config's
 # (timm name, constructor arguments beyond SMALL): every attention layout GQA Lens converts
 FAMILIES = {
     'dinov3': ('vit_small_patch16_dinov3', dict(img_size=64)),  # EvaAttention, 4 registers, rotate-half RoPE
@@ -29,6 +30,18 @@ FAMILIES = {
     # Gemma4Attention: q/k/v RMS norms, 2D RoPE, scale 1, clippable linears; an encoder in a classifier wrapper
     'gemma4': ('gemma4_vit_167m', dict(GEMMA4, num_classes=10)),
     'gemma4-enc': ('gemma4_vit_570m_enc', dict(GEMMA4, pooling_kernel_size=2)),  # soft-token pool, standardize
+    'hybrid': ('vit_tiny_r_s16_p8_224', dict(img_size=128)),  # timm ViT over a ResNetV2 stem's features (HybridEmbed)
+    # timm's relpos ViT: a relative position bias module per layer (RelPosAttention.rel_pos), or one for the model
+    'relpos-cls': ('vit_relpos_medium_patch16_cls_224', dict(img_size=64)),  # log-coord MLP bias, class token
+    'relpos-rpn': ('vit_relpos_medium_patch16_rpn_224', dict(img_size=64)),  # residual post-norm blocks
+    'relpos-shared': ('vit_srelpos_small_patch16_224', dict(img_size=64)),  # one MLP bias shared by all layers
+    'relpos-bias': ('vit_relpos_base_patch16_clsgap_224', dict(img_size=64, rel_pos_type='bias')),  # a bias table
+    # NaFlexVit on image tensors: its data config sets the image size, its position table is resized to the grid
+    'naflex': ('naflexvit_base_patch16_radio_v3', dict(pos_embed_grid_size=(8, 8), **NAFLEX_64)),  # class token,
+    # 7 registers, class-token pooling, the table resized bilinearly to a square and cropped (C-RADIO)
+    'naflex-rope': ('naflexvit_base_patch16_parfac_gap', dict(pos_embed_grid_size=(4, 4), rope_type='axial',
+                                                              **NAFLEX_64)),  # factorized table, AttentionRope, avg
+    'naflex-siglip': ('naflexvit_base_patch16_siglip', dict(pos_embed_grid_size=(4, 4), **NAFLEX_64)),  # map pool
 }
 
 
@@ -96,9 +109,11 @@ def test_block_inputs_and_context_rebuild_the_forward(key):
         assert (rebuilt - model(x)).abs().max() <= 1e-5
 
 
-def test_learned_per_head_rope_is_refused_and_the_model_left_as_it_was():
+@pytest.mark.parametrize('name,args', [('vit_small_patch16_rope_mixed_224', dict(img_size=64)),
+                                       ('naflexvit_base_patch16_gap', dict(rope_type='mixed'))])
+def test_learned_per_head_rope_is_refused_and_the_model_left_as_it_was(name, args):
     torch.manual_seed(0)
-    model = timm.create_model('vit_small_patch16_rope_mixed_224', img_size=64, **SMALL).eval()
+    model = timm.create_model(name, **args, **SMALL).eval()
     before = copy.deepcopy(model.state_dict())
     with pytest.raises(ValueError, match='per-head frequencies'):
         convert(model, 'gqa', 2)
@@ -176,7 +191,7 @@ def _orders(H: int, depth: int) -> list:
     return [[(h * 3 + i) % H for h in range(H)] if H % 3 else list(reversed(range(H))) for i in range(depth)]
 
 
-@pytest.mark.parametrize('key', sorted(set(FAMILIES) - {'beit-shared'}))  # its bias is shared by all layers
+@pytest.mark.parametrize('key', sorted(set(FAMILIES) - {'beit-shared', 'relpos-shared'}))  # a bias shared by all layers
 def test_permuting_heads_keeps_timms_layer_the_same_function(key):
     from gqa_core.core.attention import permute_heads
     model = family_model(key)
@@ -245,7 +260,10 @@ def test_removing_a_kv_head_changes_the_output_in_one_batched_forward(key):
         assert torch.allclose(out[0], model(x[:1])[0], atol=1e-5)
 
 
-@pytest.mark.parametrize('key', ['siglip', 'pe'])
+POOLED = ('siglip', 'pe', 'naflex-siglip')  # the families with an attention-pooling head
+
+
+@pytest.mark.parametrize('key', POOLED)
 def test_attention_pooling_query_is_recorded_as_the_pool_computes_it(key):
     """The pooling query's recorded attention, applied to the pool's values, gives the pool's own output; the
     rollout is seen from that query (what the pooled output reads), not from the mean over queries."""
@@ -307,7 +325,7 @@ def test_the_app_shows_every_view_of_every_family_over_http(app_server):
                     (key, view.label, column['caption'])
                 assert 'Traceback' not in column['caption'] and '/tmp' not in column['caption']
         pooled = client.predict(image, *specs, 'attention pool', 0, 'mean', 'mean', 'zero', False, api_name='/run')
-        has_pool = key in ('siglip', 'pe')
+        has_pool = key in POOLED
         assert (columns(pooled)[1]['picture'] is not None) == has_pool, key
         archive = unwrap(client.predict(0, 'mean', 'mean', api_name='/export'))
         with zipfile.ZipFile(archive) as zf, np.load(zf.open(f'1_local_family-{key}-kdgqa/arrays.npz')) as arrays:
@@ -319,8 +337,6 @@ def test_the_app_shows_every_view_of_every_family_over_http(app_server):
     ('vit_pwee_patch16_reg1_gap_256', r'block 0 \(ParallelScalingBlock\) has no single `attn` module'),
     ('vit_dwee_patch16_reg1_gap_256', r'block 0 \(Block\): attention DiffAttention is not one of'),
     ('vit_small_patch16_rope_mixed_224', 'learned per-head frequencies'),
-    ('naflexvit_base_patch16_gap', 'expected a timm Vision Transformer'),  # variable-length token sequences
-    ('vit_relpos_base_patch16_224', 'expected a timm Vision Transformer'),  # relative-position attention
     ('cait_xxs24_224', 'expected a timm Vision Transformer'),  # talking-heads and class attention
     ('samvit_base_patch16', r'VisionTransformerSAM is refused: SAM\'s blocks attend within 14 x 14 windows'),
 ])
@@ -377,3 +393,72 @@ def test_every_pooling_head_with_every_prefix_is_recorded_whole(family, class_to
         assert r.pool_attention[..., :T - 16].abs().max() == 0, 'timm pools the patches only'
     maps = picked_maps(r, 1, [POOL_QUERY])
     assert maps.rows.shape == (6, 16) and np.all(np.isfinite(maps.rows))
+
+
+def test_a_hybrid_token_covers_its_stems_stride_times_the_patch():
+    """A hybrid ViT is timm's VisionTransformer told apart by its HybridEmbed: its token covers the stem's stride
+    times the patch on the feature map (what deletion / insertion masks), and the stem reads the image channels."""
+    from gqa_core.core.families.vision_transformer_hybrid import HybridFamily
+    from gqa_core.core.vit import family, in_chans, token_grid, token_pixels
+    hybrid, vit = family_model('hybrid'), family_model('siglip')
+    assert isinstance(family(hybrid), HybridFamily) and not isinstance(family(vit), HybridFamily)
+    for model in (hybrid, vit):
+        pixels, grid = token_pixels(model), token_grid(model, None)
+        assert tuple(p * g for p, g in zip(pixels, grid)) == tuple(model.patch_embed.img_size)
+        assert in_chans(model) == 3
+    assert token_pixels(hybrid) == (32, 32)  # a stride-4 stem, then 8 x 8 patches of its features
+
+
+def test_mobileclip_image_encoder_converts_and_saves(tmp_path):
+    """MobileCLIP's image encoder (vit_base_mci_224): a convolutional stem whose features are the tokens (no
+    projection, its width fixed at 768 by the stem) -- equal at G = H, pooled saves and loads bit-identically."""
+    from gqa_core import from_pretrained, save_pretrained
+    model = perturbed('vit_base_mci_224', img_size=64, depth=1, num_classes=8)
+    x = images(model)
+    with torch.no_grad():
+        assert (convert(copy.deepcopy(model), 'gqa', 12)(x) - model(x)).abs().max() <= 1e-4
+    pooled = convert(model, 'gqa', 6)
+    save_pretrained(pooled, tmp_path)
+    loaded = from_pretrained(str(tmp_path)).eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(x), pooled(x))
+
+
+def test_naflexvit_config_guard_admits_its_cfg_fields_and_nothing_else():
+    """What the guard lets a config say to NaFlexVit is its constructor's (``NaFlexVitCfg`` fields taken as
+    keyword arguments, plus ``img_size`` / ``in_chans`` / ``num_classes``), each bounded; a layer class, a loader
+    option or an unknown RoPE type is refused by name, and what a model states of itself passes."""
+    import dataclasses
+    from timm.models.naflexvit import NaFlexVitCfg
+    from gqa_core.core.families.naflexvit import NAFLEX_ARGS
+    from gqa_core.io.config import backbone_of
+    from gqa_core.io.safe_config import ConfigError, check_backbone_args
+    fields = {f.name for f in dataclasses.fields(NaFlexVitCfg)} | {'img_size', 'in_chans', 'num_classes'}
+    assert set(NAFLEX_ARGS) <= fields, set(NAFLEX_ARGS) - fields
+    name = 'naflexvit_base_patch16_gap'
+    for bad, match in (({'block_fn': 'Block'}, "'block_fn' is not an allowed key"),
+                       ({'checkpoint_path': '/etc/passwd'}, 'not an allowed key'),
+                       ({'rope_type': 'evil'}, 'rope_type must be'),
+                       ({'pos_embed_grid_size': [4, 100_000]}, 'pos_embed_grid_size must be'),
+                       ({'num_kv_heads': [1] * 65}, 'num_kv_heads must be')):
+        with pytest.raises(ConfigError, match=match):
+            check_backbone_args(bad, name)
+    for key in ('naflex', 'naflex-rope', 'naflex-siglip'):
+        arch, args, _ = backbone_of(convert(family_model(key), 'gqa', 2))
+        assert arch == FAMILIES[key][0] and check_backbone_args(args, arch) == args
+
+
+def test_naflexvit_tokens_are_counted_at_the_size_its_config_shows_it(tmp_path):
+    """NaFlexVit takes any image size, so its tokens per image are its preprocessing's: a saved config asking
+    for larger images than the server's token budget allows is refused before anything is built."""
+    import json
+    from gqa_core import save_pretrained
+    from gqa_core.io.config import GQALensConfig
+    from gqa_core.io.safe_config import Budget, ConfigError
+    save_pretrained(convert(family_model('naflex-rope'), 'gqa', 2), tmp_path)
+    data = json.loads((tmp_path / 'config.json').read_text())
+    assert data['preprocessing']['input_size'] == [3, 64, 64]
+    GQALensConfig.from_json(data, Budget(max_tokens=20))  # 16 patches and 4 registers
+    data['preprocessing']['input_size'] = [3, 1024, 1024]
+    with pytest.raises(ConfigError, match='4,100 tokens per image'):
+        GQALensConfig.from_json(data, Budget())

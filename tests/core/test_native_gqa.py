@@ -1,5 +1,6 @@
-"""ViTs that already share K/V heads (timm's own GQA: Sapiens2, Eva with per-block ``num_kv_heads``,
-``AttentionRope``): loaded as they are, regrouped, expanded to MHA, saved and loaded, with random weights."""
+"""ViTs that already share K/V heads (timm's own GQA: Sapiens2, Eva and NaFlexVit with per-block
+``num_kv_heads``, ``AttentionRope``): loaded as they are, regrouped, expanded to MHA, saved and loaded, with random
+weights."""
 import copy
 
 import pytest
@@ -21,6 +22,11 @@ NATIVE = {
     # Perception Encoder (AttentionRope, attention-pooling head) with a G per block
     'pe-rope': ('vit_pe_core_tiny_patch16_384', dict(img_size=64, embed_dim=64, depth=2, num_heads=4,
                                                      attn_pool_num_heads=4, qkv_fused=False, num_kv_heads=(1, 2))),
+    # NaFlexVit (EvaBlock with AttentionRope, axial RoPE, registers) with a G per block, shown 64 px images
+    'naflex-rope': ('naflexvit_base_patch16_gap', dict(embed_dim=64, depth=2, num_heads=4, num_classes=5,
+                                                       pos_embed_grid_size=(4, 4), rope_type='axial', qkv_fused=False,
+                                                       num_kv_heads=(2, 1),
+                                                       pretrained_cfg_overlay=dict(input_size=(3, 64, 64)))),
 }
 
 

@@ -39,8 +39,7 @@ def perturbed_model(name: str, **args) -> torch.nn.Module:
 
 
 def model_images(model: torch.nn.Module, n: int = 2) -> torch.Tensor:
-    """``n`` seeded random images of the model's input size (its preprocessing's: a model without a fixed size,
-    Gemma4's, has it from its ``pretrained_cfg``)."""
+    """``n`` seeded random images of the model's input size (what the app shows it: its preprocessing's)."""
     from gqa_core.io.preprocessing import model_preprocessing
     size = model_preprocessing(model)['input_size'][1:]
     return torch.randn(n, 3, *size, generator=torch.Generator().manual_seed(1))

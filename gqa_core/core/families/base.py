@@ -31,9 +31,12 @@ class Family:
     Subclasses set ``classes`` (the timm model classes), ``timm_modules`` (the timm modules whose
     architectures build them: what the config guard admits) and ``args`` (their constructor's geometry keys,
     each with the :class:`~gqa_core.core.rules.Rule` a config value must pass), and override what differs.
+    A family that shares its model class with another (timm's hybrid ViTs are ``VisionTransformer`` with a
+    convolutional stem) also sets ``embed_classes``: the patch embeddings that tell its models apart.
     """
     name: str = ''
     classes: Tuple[Type[nn.Module], ...] = ()
+    embed_classes: Tuple[Type[nn.Module], ...] = ()  # empty: any patch embedding
     timm_modules: Tuple[str, ...] = ()
     args: Dict[str, Rule] = {}
 
@@ -74,6 +77,15 @@ class Family:
 
     def num_patches(self, model: nn.Module) -> int:
         return int(self.patch_embed(model).num_patches)
+
+    def token_pixels(self, model: nn.Module) -> Tuple[int, int]:
+        """The image pixels (rows, cols) one patch token covers: the patch size."""
+        return tuple(int(p) for p in self.patch_embed(model).patch_size)
+
+    def in_chans(self, model: nn.Module) -> Optional[int]:
+        """The image channels the model takes (None when its patch embedding does not say)."""
+        channels = getattr(getattr(self.patch_embed(model), 'proj', None), 'in_channels', None)
+        return int(channels) if channels is not None else None
 
     # -- the forward, taken apart
     def check_positions(self, model: nn.Module) -> None:
@@ -142,12 +154,17 @@ def registered() -> Tuple[Family, ...]:
 
 
 def family_of(model: nn.Module) -> Optional[Family]:
-    """The family whose classes ``model`` is an instance of (the most specific class first), or None."""
-    matches = [f for f in _REGISTRY if isinstance(model, f.classes)]
+    """The family whose classes ``model`` is an instance of (the most specific class first; at the same class,
+    a family told by its patch embedding's class before one told by the model class alone), or None."""
+    def claims(f: Family) -> bool:
+        return isinstance(model, f.classes) and (
+            not f.embed_classes or isinstance(f.patch_embed(model), f.embed_classes))
+
+    matches = [f for f in _REGISTRY if claims(f)]
     if not matches:
         return None
-    return min(matches, key=lambda f: min(type(model).__mro__.index(c) for c in f.classes
-                                          if isinstance(model, c)))
+    return min(matches, key=lambda f: (min(type(model).__mro__.index(c) for c in f.classes
+                                           if isinstance(model, c)), not f.embed_classes))
 
 
 def has_qkv_bias(attn: nn.Module) -> bool:

@@ -59,6 +59,9 @@ class Gemma4VitFamily(Family):
     def num_prefix_tokens(self, model: Gemma4Model) -> int:
         return 0
 
+    def in_chans(self, model: Gemma4Model) -> Optional[int]:
+        return int(self.trunk(model).in_chans)  # its patch embedding is a linear layer over flattened patches
+
     # -- sizes: from the preprocessing (pretrained_cfg), since the model has no fixed one
     def image_size(self, model: Gemma4Model) -> Tuple[int, int]:
         size = getattr(model, 'pretrained_cfg', {}).get('input_size') or (3, *DEFAULT_SIZE)
