@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from gqa_core import convert, record
 from gqa_core.core import attention
 from gqa_core.core.attention import route_kv, route_kv_rows
+from gqa_core.core.vit import blocks_of
 from test_families import FAMILIES, family_model, images
 
 
@@ -30,7 +31,7 @@ def _run(model, x):
 def test_fast_kdgqa_path_equals_the_original_path(key, monkeypatch):
     model = family_model(key)
     x = images(model, n=3)
-    converted = convert(copy.deepcopy(model), 'kdgqa', model.blocks[0].attn.num_heads // 2).eval()
+    converted = convert(copy.deepcopy(model), 'kdgqa', blocks_of(model)[0].attn.num_heads // 2).eval()
     fast_out, fast = _run(converted, x)
     with monkeypatch.context() as m:
         m.setattr(attention, 'key_head_norms', _original_norms)
