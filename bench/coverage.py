@@ -25,8 +25,8 @@ import timm
 import torch
 
 from gqa_core import convert
-from gqa_core.core.vit import blocks_of
 from gqa_core.io.config import backbone_of
+from gqa_core.core.vit import blocks_of
 from gqa_core.io.safe_config import check_backbone
 
 VIT_MODULES = ('timm.models.vision_transformer', 'timm.models.deit', 'timm.models.eva', 'timm.models.beit')
@@ -57,7 +57,8 @@ def accepts(arch: str) -> str:
         with torch.device('meta'), warnings.catch_warnings():
             warnings.simplefilter('ignore')
             model = timm.create_model(arch, pretrained=False)
-            H = getattr(getattr(blocks_of(model)[0], 'attn', None), 'num_heads', 2)  # convert names what it refuses
+            blocks = blocks_of(model)  # a classifier may keep them in its encoder; an unknown model is refused
+            H = getattr(getattr(blocks[0], 'attn', None), 'num_heads', 2)  # convert names what it refuses
             convert(model, 'gqa', H // 2 if H % 2 == 0 else H)
             backbone_of(model)
     except Exception as e:  # the reason is the report

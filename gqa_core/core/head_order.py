@@ -270,7 +270,7 @@ def _output_divergence(reference: Tensor, output: Tensor, headless: bool, reduce
     """Mean KL(MHA || candidate) of the predicted distributions; squared feature error when headless (the mean
     over every process's images: a reduced sum and count)."""
     if headless:
-        per_image = (output - reference).double().square().sum(-1)
+        per_image = (output - reference).double().flatten(1).square().sum(-1)  # an encoder's tokens: one vector
     else:
         ref, out = reference.double().log_softmax(-1), output.double().log_softmax(-1)
         per_image = (ref.exp() * (ref - out)).sum(-1)

@@ -90,7 +90,8 @@ class Recording:
         (``class token``, ``register i``, ``mean over queries``); summary_row: the row that stands for the
         image (the class token, else the mean over all queries). rollout: per head fusion, ``(B, T)`` attention
         rollout of the summary row, accumulated layer by layer while the forward ran.
-    logits: the model's output; ``(B, D)`` pooled features for a headless model (``num_classes == 0``).
+    logits: the model's output; ``(B, D)`` pooled features for a headless model (``num_classes == 0``), or a
+        VLM tower encoder's output tokens (``*_enc``: ``(B, N, D)``).
     """
     layers: List[LayerRecord]
     logits: Tensor

@@ -49,7 +49,7 @@ def blocks_of(model: nn.Module) -> nn.ModuleList:
 
 
 def patch_embed_of(model: nn.Module) -> nn.Module:
-    """The model's patch embedding (``proj``, ``patch_size``), wherever its class keeps it."""
+    """The model's patch embedding, wherever its class keeps it (a classifier may wrap its encoder)."""
     return family(model).patch_embed(model)
 
 

@@ -9,6 +9,8 @@ import timm
 from torch import nn
 from torchvision import transforms as T
 
+from ..core.families import family_of
+
 __all__ = ['model_preprocessing', 'eval_geometry', 'normalisation', 'PREPROCESSING_KEYS']
 
 PREPROCESSING_KEYS = ('input_size', 'mean', 'std', 'crop_pct', 'interpolation')
@@ -19,7 +21,9 @@ def model_preprocessing(model: nn.Module) -> Dict[str, Any]:
     puts a saved model's preprocessing), with the input size the model was really built for (its patch
     embedding's ``img_size``, which may be non-square or differ from the pretrained default)."""
     cfg = timm.data.resolve_data_config({}, model=model)
-    img_size = getattr(getattr(model, 'patch_embed', None), 'img_size', None)
+    fam = family_of(model)  # a classifier may keep its patch embedding in its encoder
+    img_size = getattr(fam.patch_embed(model) if fam is not None else getattr(model, 'patch_embed', None),
+                       'img_size', None)
     if img_size is not None:
         cfg['input_size'] = (int(cfg['input_size'][0]), int(img_size[0]), int(img_size[1]))
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items() if k in PREPROCESSING_KEYS}

@@ -21,7 +21,7 @@ from ..core.policies import POLICIES
 from ..core.rules import BOOLEAN, Rule, check, check_fields, either, integer, list_of, number, one_of, optional, text
 from ..core.families import REFUSED_MODULES, family_args, timm_modules
 from ..core.families.vision_transformer import BACKBONE_ARGS
-from ..core.vit import num_tokens
+from ..core.vit import num_tokens, patch_embed_of
 from ..core.settings import Settings
 
 __all__ = ['ConfigError', 'Budget', 'check_backbone', 'check_backbone_args', 'check_grouping', 'check_preprocessing',
@@ -139,7 +139,7 @@ def check_budget(backbone: str, args: Dict[str, Any], budget: Budget,
     except Exception as e:  # timm validates geometry with many exception types: its words, on one line
         reason = ' '.join(str(e).split())[:200] or type(e).__name__
         raise ConfigError(f'backbone {backbone!r} cannot be built with these backbone_args ({reason})') from None
-    grid = tuple(getattr(getattr(model, 'patch_embed', None), 'grid_size', None) or ())
+    grid = tuple(getattr(patch_embed_of(model), 'grid_size', None) or ())
     if grid and min(grid) < 1:
         raise ConfigError(f'backbone_args: the patches are larger than the image (a {grid[0]}x{grid[1]} patch grid)')
     params = sum(p.numel() for p in model.parameters())

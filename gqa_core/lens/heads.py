@@ -36,10 +36,10 @@ Progress = Callable[[float, str], None]  # (fraction done, what is running): the
 
 
 def _score(outputs: Tensor, reference: Tensor, target: Optional[int]) -> Tensor:
-    """Probability of ``target`` (classifiers) or cosine similarity to the reference features (headless)."""
+    """Probability of ``target`` (classifiers) or cosine similarity to the reference features (headless; an
+    encoder's tokens, a VLM tower's ``*_enc``, are one feature vector per image)."""
     if target is not None:
         return outputs.float().softmax(-1)[:, target]
-    # features of any shape (Gemma4's encoder: soft tokens x channels) compared whole
     return torch.nn.functional.cosine_similarity(outputs.float().flatten(1), reference.float().flatten()[None], dim=-1)
 
 

@@ -24,7 +24,8 @@ def model_for(key: str) -> torch.nn.Module:
 
 
 def noise(model, n: int, seed: int) -> torch.Tensor:
-    size = model_preprocessing(model)['input_size'][1:]  # the patch embedding's, or Gemma4's preprocessing's
+    """``n`` seeded random images of the size the app shows the model (its preprocessing's)."""
+    size = model_preprocessing(model)['input_size'][1:]
     return torch.randn(n, 3, *size, generator=torch.Generator().manual_seed(seed))
 
 
@@ -51,7 +52,7 @@ def test_calibration_lowers_every_layers_error_on_calibration_and_held_out_image
 def test_calibrated_at_g_equal_h_keeps_the_model_exactly(key):
     model = model_for(key)
     x = noise(model, 4, 3)
-    converted = convert(copy.deepcopy(model), 'gqa', model.blocks[0].attn.num_heads, init='calibrated',
+    converted = convert(copy.deepcopy(model), 'gqa', blocks_of(model)[0].attn.num_heads, init='calibrated',
                         calibration=noise(model, 8, 1), budget=BUDGET)
     with torch.no_grad():
         assert (converted(x) - model(x)).abs().max() <= 1e-6
@@ -76,7 +77,7 @@ def test_every_variant_is_calibrated_and_its_policy_state_is_kept(variant, optio
                          budget=BUDGET, **options)
     report = calibrated.calibration_report
     assert sum(report.error_calibrated) < sum(report.error_mean_pooled)
-    for a, b in zip(pooled.blocks, calibrated.blocks):
+    for a, b in zip(blocks_of(pooled), blocks_of(calibrated)):
         for (name, x), y in zip(a.attn.policy.state_dict().items(), b.attn.policy.state_dict().values()):
             assert torch.equal(x, y), f'calibration moved the policy state {name}'
 
@@ -95,10 +96,10 @@ def test_every_variant_is_calibrated_and_its_policy_state_is_kept(variant, optio
 def test_bad_calibration_input_is_refused_and_leaves_the_model_untouched(bad, message):
     model = model_for('vit')
     before = copy.deepcopy(model.state_dict())
-    kinds = [type(b.attn) for b in model.blocks]
+    kinds = [type(b.attn) for b in blocks_of(model)]
     with pytest.raises(ValueError, match=message):
         convert(model, 'gqa', 2, init='calibrated', calibration=bad, budget=BUDGET)
-    assert [type(b.attn) for b in model.blocks] == kinds
+    assert [type(b.attn) for b in blocks_of(model)] == kinds
     for name, tensor in model.state_dict().items():
         assert torch.equal(tensor, before[name]), name
 
@@ -119,7 +120,7 @@ def test_a_failure_during_calibration_leaves_the_model_untouched(monkeypatch):
     monkeypatch.setattr(calibrate, '_calibrate_layer', fail_on_second_layer)
     with pytest.raises(RuntimeError, match='boom'):
         convert(model, 'gqa', 2, init='calibrated', calibration=noise(model, 8, 1), budget=BUDGET)
-    assert not any(isinstance(b.attn, GroupedQueryAttention) for b in model.blocks)
+    assert not any(isinstance(b.attn, GroupedQueryAttention) for b in blocks_of(model))
     for name, tensor in model.state_dict().items():
         assert torch.equal(tensor, before[name]), name
 
@@ -133,7 +134,7 @@ def test_the_flop_cap_bounds_the_steps_and_kv_only_moves_only_kv_rows():
     pooled = convert(copy.deepcopy(model), 'gqa', 2)
     kv = convert(copy.deepcopy(model), 'gqa', 2, init='calibrated', calibration=calibration,
                  budget=CalibrationBudget(steps=10, batch_images=8, params='kv'))
-    for a, b in zip(pooled.blocks, kv.blocks):
+    for a, b in zip(blocks_of(pooled), blocks_of(kv)):
         q = a.attn.qkv_split[0]
         assert torch.equal(a.attn.qkv.weight[:q], b.attn.qkv.weight[:q])  # Q rows untouched
         assert torch.equal(a.attn.proj.weight, b.attn.proj.weight)
@@ -154,8 +155,8 @@ def test_a_shared_position_bias_follows_the_head_order_the_calibration_fits(key)
     the target calibration fits (the MHA block's outputs) must still be the MHA model's, which the report's
     mean-pooled errors show."""
     model = model_for(key)
-    H = model.blocks[0].attn.num_heads
-    order = [list(reversed(range(H))), [1, 3, 0, 2]][:len(model.blocks)]
+    H = blocks_of(model)[0].attn.num_heads
+    order = [list(reversed(range(H))), [1, 3, 0, 2]][:len(blocks_of(model))]
     calibration = noise(model, 24, 1)
     pooled = convert(copy.deepcopy(model), 'gqa', H // 2, head_order=order)
     calibrated = convert(copy.deepcopy(model), 'gqa', H // 2, head_order=order, init='calibrated',

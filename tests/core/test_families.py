@@ -1,5 +1,6 @@
 """The ViT families beyond timm's VisionTransformer, with random weights: EVA-style attention with RoPE (DINOv3,
-EVA-02, Perception Encoder), BEiT's relative position bias, and SigLIP's attention-pooling ViT."""
+EVA-02, Perception Encoder), BEiT's relative position bias, SigLIP's attention-pooling ViT, and the Qwen3 and
+DeepSeek VLM vision towers (classifiers wrapping their encoder, and the encoders themselves)."""
 import copy
 
 import pytest
@@ -42,6 +43,15 @@ FAMILIES = {
     'naflex-rope': ('naflexvit_base_patch16_parfac_gap', dict(pos_embed_grid_size=(4, 4), rope_type='axial',
                                                               **NAFLEX_64)),  # factorized table, AttentionRope, avg
     'naflex-siglip': ('naflexvit_base_patch16_siglip', dict(pos_embed_grid_size=(4, 4), **NAFLEX_64)),  # map pool
+    # VLM vision towers: a classifier wrapping its encoder (model.encoder.blocks), or the encoder itself (*_enc:
+    # the projector's tokens out); RoPE and a learned position grid resampled to the input's grid
+    'qwen3': ('qwen3_vit_88m', dict(img_size=64, pos_embed_grid_size=6, num_classes=10)),  # mean, norm, head
+    'qwen3-merge': ('qwen3_vit_88m_merge', dict(img_size=64, out_features=32)),  # the 2x2 merger, headless
+    'qwen3-enc': ('qwen3_vit_88m_enc', dict(img_size=64, out_features=32)),  # (B, 4, 32) merged tokens out
+    'deepseek': ('deepseek_vit_412m', dict(img_size=56, patch_size=14, num_classes=10)),  # RMSNorm, SwiGLU
+    'deepseek-align': ('deepseek_vit_412m_align', dict(img_size=56, patch_size=14, out_features=32,
+                                                       num_classes=10)),  # 3x3 aligner over a zero-padded grid
+    'deepseek-enc': ('deepseek_vit_412m_enc', dict(img_size=56, patch_size=14, out_features=32)),
 }
 
 
@@ -107,6 +117,53 @@ def test_block_inputs_and_context_rebuild_the_forward(key):
     with torch.no_grad():
         rebuilt = model_output(model, block_inputs(model, x), 0, batch=8, context=block_context(model, x))
         assert (rebuilt - model(x)).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize('key,size', [('qwen3', (64, 128)), ('qwen3-merge', (96, 96)), ('qwen3-enc', (96, 96)),
+                                      ('deepseek-align', (70, 70)), ('deepseek-enc', (84, 84))])
+def test_a_vlm_tower_is_taken_apart_at_another_input_size(key, size):
+    """The towers take any size (a 6 x 6 grid; 5 x 5, which the DeepSeek aligner zero-pads; 4 x 8 for a mean-pooled
+    classifier): the block-by-block forward is the model's own, and the recording sees that grid."""
+    model = convert(family_model(key), 'kdgqa', 2)
+    x = torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad(), record(model, attention='full') as rec:
+        out = model(x)
+        rebuilt = model_output(model, block_inputs(model, x), 0, batch=8, context=block_context(model, x))
+    assert (rebuilt - out).abs().max() <= 1e-5
+    grid = tuple(s // (14 if key.startswith('deepseek') else 16) for s in size)
+    assert rec.result.grid_size == grid and rec.result.layers[0].attention.shape[-1] == grid[0] * grid[1]
+
+
+@pytest.mark.parametrize('key', ['qwen3-merge', 'deepseek-enc'])
+def test_a_projector_refuses_tokens_of_a_grid_it_cannot_tell(key):
+    """The merger / aligner reshape the tokens to their grid; run block by block, the tokens alone say it only
+    when the grid has the model's own aspect, so another one is refused, not guessed."""
+    model = family_model(key)
+    x = torch.randn(1, 3, 64, 128) if key.startswith('qwen3') else torch.randn(1, 3, 56, 112)
+    with torch.no_grad(), pytest.raises(ValueError, match="tokens make no grid of the model's 4 x 4 aspect"):
+        model_output(model, block_inputs(model, x), 0, batch=8, context=block_context(model, x))
+
+
+@pytest.mark.parametrize('name', ['qwen3_vit_88m_enc', 'deepseek_vit_412m_enc'])
+@pytest.mark.parametrize('pool', ['', 'avg'])
+def test_a_tower_encoder_without_its_projector_is_rebuilt_and_taken_apart(name, pool):
+    """An encoder's other outputs (its NHWC tokens, their mean): the geometry rebuilds it, block by block it is
+    the model's own forward."""
+    from gqa_core.io.config import backbone_of
+    size = dict(img_size=56, patch_size=14) if name.startswith('deepseek') else dict(img_size=64)
+    model = convert(perturbed_model(name, dict(size, global_pool=pool)), 'kdgqa', 2)
+    x = images(model)
+    assert backbone_of(model)[1]['global_pool'] == pool
+    with torch.no_grad():
+        rebuilt = model_output(model, block_inputs(model, x), 0, batch=8, context=block_context(model, x))
+        assert rebuilt.shape == model(x).shape and (rebuilt - model(x)).abs().max() <= 1e-5
+
+
+def test_a_tower_with_an_activation_a_config_cannot_name_is_refused():
+    from gqa_core.io.config import backbone_of
+    model = convert(timm.create_model('qwen3_vit_88m', img_size=64, act_layer=torch.nn.GELU, **SMALL), 'gqa', 2)
+    with pytest.raises(ValueError, match=r"MLP activation GELU\(approximate='none'\) is not the tower's GELU"):
+        backbone_of(model)
 
 
 @pytest.mark.parametrize('name,args', [('vit_small_patch16_rope_mixed_224', dict(img_size=64)),

@@ -3,7 +3,7 @@ its blocks, tokens and positions, how its output is read, and the constructor ge
 Importing this package registers them all; :func:`family_of` finds a model's."""
 from .base import Family, family_of, registered
 from . import vision_transformer, vision_transformer_hybrid, vision_transformer_relpos  # noqa: F401  (each registers its family)
-from . import eva, beit, naflexvit, gemma4_vit  # noqa: F401
+from . import eva, beit, naflexvit, qwen3_vit, deepseek_vit, gemma4_vit  # noqa: F401
 
 __all__ = ['Family', 'family_of', 'registered', 'timm_modules', 'family_args', 'REFUSED_MODULES']
 
