@@ -20,6 +20,7 @@ from timm.layers.attention import maybe_add_mask, resolve_self_attn_mask
 from timm.models.beit import Attention as BeitAttention, gen_relative_position_index
 from timm.models.cait import TalkingHeadAttn
 from timm.models.eva import EvaAttention
+from timm.models.gemma4_vit import Gemma4Attention, apply_multidimensional_rope
 from timm.models.vision_transformer_relpos import RelPosAttention
 
 from .kernels import routed_attention, triton_enabled
@@ -28,7 +29,8 @@ from .probe import AttentionProbe
 
 __all__ = ['GroupedQueryAttention', 'gqa_attention_layer', 'key_head_norms', 'route_kv', 'route_kv_rows',
            'grouped_attention', 'talking_heads_attention', 'mix_heads',
-           'ATTENTION_KINDS', 'attention_kind', 'permute_heads', 'apply_rope', 'shared_bias']
+           'ATTENTION_KINDS', 'attention_kind', 'permute_heads', 'apply_rope', 'shared_bias', 'out_projection',
+           'context_rope']
 
 
 def kv_bytes(num_kv_heads: int, head_dim: int, num_tokens: int, bytes_per_value: int = 2) -> int:
@@ -173,6 +175,7 @@ ATTENTION_KINDS: Dict[str, Type[nn.Module]] = {
     'beit': BeitAttention,  # beit.py: relative position bias per head, q/v-only biases
     'relpos': RelPosAttention,  # vision_transformer_relpos.py: a bias module per layer (rel_pos), per head
     'talking': TalkingHeadAttn,  # cait.py: logits and weights mixed across heads (proj_l, proj_w)
+    'gemma4': Gemma4Attention,  # gemma4_vit.py: q/k/v RMS norms, 2D RoPE (rotate-half per axis), scale 1, clamps
 }
 
 # What a block calls the model-wide relative position bias it passes its attention: BEiT's, timm's relpos ViT's.
@@ -183,10 +186,32 @@ def shared_bias(context: Dict[str, Any]) -> Optional[Tensor]:
     """The model-wide relative position bias among a block's keyword arguments ``context`` (None: none)."""
     return next((context[key] for key in SHARED_BIAS_KEYS if context.get(key) is not None), None)
 
+# Gemma4's clippable linears: (input_min, input_max, output_min, output_max) of q, k, v and the output projection
+_CLIPPED = ('q_proj', 'k_proj', 'v_proj', 'o_proj')
+_BOUNDS = ('input_min', 'input_max', 'output_min', 'output_max')
+
 
 def attention_kind(attn: nn.Module) -> Optional[str]:
     """The name of ``attn``'s timm class in :data:`ATTENTION_KINDS` (exact class), or None."""
     return next((name for name, cls in ATTENTION_KINDS.items() if type(attn) is cls), None)
+
+
+def _linear(proj: nn.Module) -> nn.Linear:
+    """The ``nn.Linear`` of a projection (Gemma4's ``Gemma4ClippableLinear`` holds one as ``linear``)."""
+    return getattr(proj, 'linear', proj)
+
+
+def out_projection(attn: nn.Module) -> nn.Linear:
+    """The output projection's ``nn.Linear`` of any attention layer GQA Lens converts (Gemma4 calls it
+    ``o_proj``)."""
+    return _linear(attn.proj if getattr(attn, 'proj', None) is not None else attn.o_proj)
+
+
+def context_rope(context: Dict[str, Any]) -> Any:
+    """The RoPE a block's context gives its attention: EVA's ``rope`` tensor, Gemma4's ``(cos, sin)``, or None."""
+    if context.get('rope_cos') is not None:
+        return context['rope_cos'], context['rope_sin']
+    return context.get('rope')
 
 
 def _qkv_tensors(attn: nn.Module) -> Tuple[List[Tensor], List[Optional[Tensor]]]:
@@ -203,7 +228,7 @@ def _qkv_tensors(attn: nn.Module) -> Tuple[List[Tensor], List[Optional[Tensor]]]
         else:
             biases = [None, None, None]
         return weights, biases
-    projections = [attn.q_proj, attn.k_proj, attn.v_proj]
+    projections = [_linear(attn.q_proj), _linear(attn.k_proj), _linear(attn.v_proj)]
     return ([p.weight.detach() for p in projections],
             [p.bias.detach() if p.bias is not None else None for p in projections])
 
@@ -222,6 +247,7 @@ def _load_qkv(attn: nn.Module, weights: Sequence[Tensor], biases: Sequence[Optio
             attn.k_bias.zero_()
         return
     for proj, w, b in zip((attn.q_proj, attn.k_proj, attn.v_proj), weights, biases):
+        proj = _linear(proj)
         proj.weight.copy_(w)
         if proj.bias is not None:
             proj.bias.copy_(b)
@@ -243,7 +269,7 @@ def permute_heads(attn: nn.Module, perm: Sequence[int]) -> None:
 
     weights, biases = _qkv_tensors(attn)
     _load_qkv(attn, [rows(w) for w in weights], [rows(b) for b in biases])
-    p = attn.proj.weight
+    p = out_projection(attn).weight
     p.copy_(p.view(p.shape[0], H, -1)[:, index.to(p.device)].reshape_as(p))
     gate = getattr(attn, 'gate', None)
     if gate is not None:
@@ -313,7 +339,11 @@ class GroupedQueryAttention(nn.Module):
         num_prefix_tokens: leading tokens RoPE leaves unrotated (class and register tokens).
         rotate_half: RoPE's rotate-half layout instead of interleaved pairs.
         window_size: BEiT's patch grid, for a relative position bias per query head (None: no bias).
-        kind: which timm attention class this layer stands for (:data:`ATTENTION_KINDS`), to convert back.
+        kind: which timm attention class this layer stands for (:data:`ATTENTION_KINDS`), to convert back;
+            ``gemma4`` also means attention scale 1 (its q and k are RMS-normalised).
+        clipped: Gemma4's clippable linears: q, k, v and output projections clamp their input and output to
+            bounds held in ``clip_bounds`` ``(4, 4)`` (one scalar each, shared by all heads, so a pooled KV head
+            is clamped as every head it stands for).
         device: where parameters are created.
         dtype: parameter dtype.
         **policy_options: the policy's options (``compat``, ``seed``, ``stat``, ``window``, ...).
@@ -341,6 +371,7 @@ class GroupedQueryAttention(nn.Module):
             rotate_half: bool = False,
             window_size: Optional[Tuple[int, int]] = None,
             kind: str = 'vit',
+            clipped: bool = False,
             device=None,
             dtype=None,
             **policy_options: Any,
@@ -359,13 +390,18 @@ class GroupedQueryAttention(nn.Module):
         self.num_kv_heads = self.policy.num_kv_heads
         self.head_dim = attn_head_dim or dim // num_heads
         self.attn_dim = num_heads * self.head_dim
-        self.scale = self.head_dim ** -0.5
+        self.scale = 1.0 if kind == 'gemma4' else self.head_dim ** -0.5
         self.num_prefix_tokens = num_prefix_tokens
         self.rotate_half = rotate_half
         self._init_projections(dim, qkv_bias, qv_bias, qkv_fused, dd)
         self._init_position_bias(window_size, dd)
         self.q_norm = norm_layer(self.head_dim, **dd) if qk_norm else nn.Identity()
         self.k_norm = norm_layer(self.head_dim, **dd) if qk_norm else nn.Identity()
+        self.v_norm: nn.Module = nn.Identity()  # Gemma4's parameter-free RMS norm of every value head
+        if clipped:  # rows q, k, v, output; columns (input_min, input_max, output_min, output_max); no-op: +-inf
+            self.register_buffer('clip_bounds', torch.tensor([-float('inf'), float('inf')] * 2, **dd).repeat(4, 1))
+        else:
+            self.clip_bounds = None
         self.attn_drop = nn.Dropout(attn_drop)
         self.norm = norm_layer(self.attn_dim, **dd) if scale_norm else nn.Identity()
         self.gate = nn.Linear(dim, self.attn_dim, bias=qkv_bias, **dd) if gated else None
@@ -445,19 +481,25 @@ class GroupedQueryAttention(nn.Module):
         if G is None or G < 1 or H % G:
             raise ValueError(f'{variant}: num_kv_heads={G} must be a positive divisor of the {H} heads')
         qv_bias = getattr(attn, 'q_bias', None) is not None or (
-            getattr(attn, 'k_proj', None) is not None and attn.k_proj.bias is None and attn.q_proj.bias is not None)
+            getattr(attn, 'k_proj', None) is not None and biases[1] is None and biases[0] is not None)
+        out = out_projection(attn)
+        bounds = _clip_bounds(attn)
         new = cls(
-            weights[0].shape[1], num_heads=H, attn_head_dim=d, dim_out=attn.proj.out_features,
-            qkv_bias=biases[0] is not None, proj_bias=attn.proj.bias is not None,
+            weights[0].shape[1], num_heads=H, attn_head_dim=d, dim_out=out.out_features,
+            qkv_bias=biases[0] is not None, proj_bias=out.bias is not None,
             gated=getattr(attn, 'gate', None) is not None, attn_drop=attn.attn_drop.p, proj_drop=attn.proj_drop.p,
             num_kv_heads=G, variant=variant, qkv_fused=getattr(attn, 'qkv', None) is not None, qv_bias=qv_bias,
             num_prefix_tokens=int(getattr(attn, 'num_prefix_tokens', 0)),
             rotate_half=bool(getattr(attn, 'rotate_half', False)), window_size=getattr(attn, 'window_size', None),
-            kind=kind, device=weights[0].device, dtype=weights[0].dtype, **policy_options,
+            kind=kind, clipped=bounds is not None, device=weights[0].device, dtype=weights[0].dtype,
+            **policy_options,
         )
-        for name in ('q_norm', 'k_norm', 'norm', 'proj', 'gate', 'proj_l', 'proj_w'):
+        for name in ('q_norm', 'k_norm', 'v_norm', 'norm', 'gate', 'proj_l', 'proj_w'):
             if getattr(attn, name, None) is not None:
                 setattr(new, name, copy.deepcopy(getattr(attn, name)))
+        new.proj = copy.deepcopy(out)
+        if bounds is not None:
+            new.clip_bounds.copy_(bounds)
         if new.relative_position_bias_table is not None:
             with torch.no_grad():
                 new.relative_position_bias_table.copy_(attn.relative_position_bias_table)
@@ -518,12 +560,22 @@ class GroupedQueryAttention(nn.Module):
         elif self.kind == 'talking':
             attn = TalkingHeadAttn(dim, num_heads=self.num_heads, qkv_bias=biases[0] is not None,
                                    attn_drop=self.attn_drop.p, proj_drop=self.proj_drop.p, **dd)
+        elif self.kind == 'gemma4':
+            attn = Gemma4Attention(dim, num_heads=self.num_heads, head_dim=d, attn_drop=self.attn_drop.p,
+                                   proj_drop=self.proj_drop.p, norm_eps=self.q_norm.eps,
+                                   use_clipped_linears=self.clip_bounds is not None, **dd)
+            attn.o_proj.linear = copy.deepcopy(self.proj)
+            if self.clip_bounds is not None:
+                with torch.no_grad():
+                    for name, row in zip(_CLIPPED, self.clip_bounds):
+                        for bound, value in zip(_BOUNDS, row):
+                            getattr(getattr(attn, name), bound).copy_(value)
         else:
             attn = BeitAttention(dim, window_size=self.window_size, **common)
             if self.relative_position_bias_table is not None:
                 with torch.no_grad():
                     attn.relative_position_bias_table.copy_(self.relative_position_bias_table)
-        for name in ('q_norm', 'k_norm', 'norm', 'proj', 'gate', 'proj_l', 'proj_w'):
+        for name in ('q_norm', 'k_norm', 'v_norm', 'norm', 'proj', 'gate', 'proj_l', 'proj_w'):
             if getattr(attn, name, None) is not None:
                 setattr(attn, name, copy.deepcopy(getattr(self, name)))
 
@@ -538,6 +590,9 @@ class GroupedQueryAttention(nn.Module):
 
     def project(self, x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
         """q ``(B, N, H d)``, k and v ``(B, N, G d)`` from whichever projection layout the layer has."""
+        if self.clip_bounds is not None:
+            projections = (self.q_proj, self.k_proj, self.v_proj)
+            return tuple(self._clipped(p, x, b) for p, b in zip(projections, self.clip_bounds))
         if self.qkv is None:
             return self.q_proj(x), self.k_proj(x), self.v_proj(x)
         if self.q_bias is None:
@@ -545,6 +600,25 @@ class GroupedQueryAttention(nn.Module):
         else:
             qkv = F.linear(x, self.qkv.weight, torch.cat((self.q_bias, self.k_bias, self.v_bias)))
         return qkv.split(self.qkv_split, dim=-1)
+
+    @staticmethod
+    def _clipped(proj: nn.Linear, x: Tensor, bounds: Tensor) -> Tensor:
+        """``proj`` as Gemma4's clippable linear computes it: input and output clamped to ``bounds``."""
+        return torch.clamp(proj(torch.clamp(x, bounds[0], bounds[1])), bounds[2], bounds[3])
+
+    def out_project(self, x: Tensor) -> Tensor:
+        """The output projection (clamped like Gemma4's ``o_proj`` when the layer is clipped)."""
+        return self.proj(x) if self.clip_bounds is None else self._clipped(self.proj, x, self.clip_bounds[3])
+
+    def rotate(self, t: Tensor, rope: Any) -> Tensor:
+        """RoPE on queries or keys ``(B, heads, T, d)``: EVA's (a tensor, prefix tokens left as they are) or
+        Gemma4's 2D ``(cos, sin)`` (rotate-half in each axis' half of the head). The same rotation for every head
+        (RoPE with per-head frequencies is refused before conversion), so a pooled key is rotated as its heads."""
+        if rope is None:
+            return t
+        if isinstance(rope, tuple):
+            return apply_multidimensional_rope(t, rope[0], rope[1], ndim=2, unsqueeze_dim=1).type_as(t)
+        return apply_rope(t, rope, self.num_prefix_tokens, self.rotate_half).type_as(t)
 
     def position_bias(self, attn_mask: Optional[Tensor], shared_rel_pos_bias: Optional[Tensor]) -> Optional[Tensor]:
         """The relative position bias (this layer's -- BEiT's table, timm's relpos ViT's ``rel_pos`` module --
@@ -565,21 +639,23 @@ class GroupedQueryAttention(nn.Module):
             bias = shared if bias is None else bias + shared
         return bias
 
-    def forward(self, x: Tensor, rope: Optional[Tensor] = None, attn_mask: Optional[Tensor] = None,
-                is_causal: bool = False, shared_rel_pos_bias: Optional[Tensor] = None,
-                shared_rel_pos: Optional[Tensor] = None) -> Tensor:
-        """``shared_rel_pos_bias`` (BEiT's blocks) and ``shared_rel_pos`` (timm's relpos ViT's): the model-wide
-        relative position bias, ``(1, H, N, N)`` in the original head order."""
+    def forward(self, x: Tensor, rope: Optional[Tensor] = None, rope_sin: Optional[Tensor] = None, *,
+                rope_cos: Optional[Tensor] = None, attn_mask: Optional[Tensor] = None, is_causal: bool = False,
+                shared_rel_pos_bias: Optional[Tensor] = None, shared_rel_pos: Optional[Tensor] = None) -> Tensor:
+        """``rope``: EVA's RoPE, or with ``rope_sin`` Gemma4's cos and sin (its block passes both positionally,
+        a block context by name: ``rope_cos``, ``rope_sin``). ``shared_rel_pos_bias`` (BEiT's blocks) and
+        ``shared_rel_pos`` (timm's relpos ViT's): the model-wide relative position bias, ``(1, H, N, N)`` in the
+        original head order."""
         B, N, _ = x.shape
+        if rope_sin is not None:
+            rope = (rope if rope_cos is None else rope_cos, rope_sin)
         shared_rel_pos_bias = shared_rel_pos_bias if shared_rel_pos_bias is not None else shared_rel_pos
         gate = self.gate(x).sigmoid() if self.gate is not None else None
         q, k, v = self.project(x)
         q = self.q_norm(q.view(B, N, self.num_heads, self.head_dim).transpose(1, 2))
         k = self.k_norm(k.view(B, N, self.num_kv_heads, self.head_dim).transpose(1, 2))
-        v = v.view(B, N, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        if rope is not None:  # a rotation per token: key norms are the same before and after it
-            q = apply_rope(q, rope, self.num_prefix_tokens, self.rotate_half).type_as(v)
-            k = apply_rope(k, rope, self.num_prefix_tokens, self.rotate_half).type_as(v)
+        v = self.v_norm(v.view(B, N, self.num_kv_heads, self.head_dim).transpose(1, 2))
+        q, k = self.rotate(q, rope), self.rotate(k, rope)  # a rotation per token: key norms are kept
         attn_mask = self.position_bias(attn_mask, shared_rel_pos_bias)
 
         probe = self.probe
@@ -606,7 +682,7 @@ class GroupedQueryAttention(nn.Module):
         x = self.norm(x.transpose(1, 2).reshape(B, N, self.attn_dim))
         if gate is not None:
             x = x * gate
-        return self.proj_drop(self.proj(x))
+        return self.proj_drop(self.out_project(x))
 
     def grouping_config(self) -> dict:
         return self.policy.config()
@@ -617,6 +693,17 @@ class GroupedQueryAttention(nn.Module):
 
     def extra_repr(self) -> str:
         return f'num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}'
+
+
+def _clip_bounds(attn: nn.Module) -> Optional[Tensor]:
+    """``(4, 4)`` clamp bounds of a clipped layer (Gemma4's clippable linears, or a clipped grouped layer's own),
+    None when it does not clamp."""
+    if getattr(attn, 'clip_bounds', None) is not None:
+        return attn.clip_bounds.detach().clone()
+    if not getattr(getattr(attn, 'q_proj', None), 'use_clipped', False):
+        return None
+    return torch.stack([torch.stack([getattr(getattr(attn, name), b).detach() for b in _BOUNDS])
+                        for name in _CLIPPED])
 
 
 def _norm_class(attn: nn.Module) -> Optional[Type[nn.Module]]:

@@ -45,8 +45,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .distributed import process_part, sum_over_processes
-from .attention import (GroupedQueryAttention, _load_qkv, _qkv_tensors, apply_rope, key_head_norms, mix_heads,
-                        route_kv, shared_bias)
+from .attention import (GroupedQueryAttention, _load_qkv, _qkv_tensors, context_rope, key_head_norms, mix_heads,
+                        out_projection, route_kv, shared_bias)
 from .probe import AttentionProbe
 from .vit import block_context, block_inputs, blocks_of, check_vit, in_chans, output_rows, patch_embed_of, run_blocks
 
@@ -301,12 +301,9 @@ def _qkv_heads(layer: GroupedQueryAttention, x: Tensor, kwargs: Dict[str, Any]) 
     q, k, v = layer.project(x)
     q = layer.q_norm(q.view(B, N, layer.num_heads, layer.head_dim).transpose(1, 2))
     k = layer.k_norm(k.view(B, N, layer.num_kv_heads, layer.head_dim).transpose(1, 2))
-    v = v.view(B, N, layer.num_kv_heads, layer.head_dim).transpose(1, 2)
-    rope = kwargs.get('rope')
-    if rope is not None:
-        q = apply_rope(q, rope, layer.num_prefix_tokens, layer.rotate_half).type_as(v)
-        k = apply_rope(k, rope, layer.num_prefix_tokens, layer.rotate_half).type_as(v)
-    return q, k, v
+    v = layer.v_norm(v.view(B, N, layer.num_kv_heads, layer.head_dim).transpose(1, 2))
+    rope = context_rope(kwargs)
+    return layer.rotate(q, rope), layer.rotate(k, rope), v
 
 
 def _augmented(x: Tensor, bias: bool) -> Tensor:
@@ -444,7 +441,7 @@ def step_images(layer: GroupedQueryAttention, budget: CalibrationBudget, tokens:
 def block_flops(block: nn.Module, tokens: int) -> float:
     """Forward FLOPs of ``block`` for one image of ``tokens`` tokens (2 per multiply-add: weights and maps)."""
     params = sum(p.numel() for p in block.parameters())
-    return 2 * params * tokens + 4 * tokens * tokens * block.attn.proj.in_features  # proj takes H x head dim
+    return 2 * params * tokens + 4 * tokens * tokens * out_projection(block.attn).in_features  # H x head dim in
 
 
 def _step_flops(block: nn.Module, images: int, tokens: int) -> float:

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .attention import GroupedQueryAttention, apply_rope, attention_kind, permute_heads, shared_bias
+from .attention import GroupedQueryAttention, attention_kind, context_rope, permute_heads, shared_bias
 from .distributed import process_part, sum_over_processes
 from .vit import block_context, block_inputs, blocks_of, check_vit, model_output, output_rows, run_blocks
 
@@ -91,12 +91,12 @@ class _Layer:
     """One layer as the advisor scores it: its multi-head attention (a G = H grouped layer of the model's kind)
     and what the block gives it besides its tokens (RoPE; BEiT's position bias, folded into ``bias``)."""
     attn: GroupedQueryAttention
-    rope: Optional[Tensor] = None
+    rope: Any = None  # EVA's tensor or Gemma4's (cos, sin)
     bias: Optional[Tensor] = None  # additive, (1, H, T, T)
 
     @classmethod
     def of(cls, attn: GroupedQueryAttention, context: Dict[str, Any]) -> '_Layer':
-        return cls(attn, context.get('rope'), attn.position_bias(None, shared_bias(context)))
+        return cls(attn, context_rope(context), attn.position_bias(None, shared_bias(context)))
 
     def heads(self, x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
         """q as the forward computes it, and k, v as projected ``(B, H, T, d)``: pooling averages projections,
@@ -106,16 +106,15 @@ class _Layer:
         q = attn.q_norm(q.view(B, N, attn.num_heads, attn.head_dim).transpose(1, 2))
         k = k.view(B, N, attn.num_heads, attn.head_dim).transpose(1, 2)
         v = v.view(B, N, attn.num_heads, attn.head_dim).transpose(1, 2)
-        if self.rope is not None:
-            q = apply_rope(q, self.rope, attn.num_prefix_tokens, attn.rotate_half).type_as(v)
-        return q, k, v
+        return attn.rotate(q, self.rope), k, v
 
     def keys(self, k: Tensor) -> Tensor:
         """Projected (or pooled) keys ``(B, heads, T, d)`` as attention reads them: k-norm, then RoPE."""
-        k = self.attn.k_norm(k)
-        if self.rope is not None:
-            k = apply_rope(k, self.rope, self.attn.num_prefix_tokens, self.attn.rotate_half).type_as(k)
-        return k
+        return self.attn.rotate(self.attn.k_norm(k), self.rope)
+
+    def values(self, v: Tensor) -> Tensor:
+        """Projected (or pooled) values as attention reads them (Gemma4 RMS-normalises them)."""
+        return self.attn.v_norm(v)
 
     def mask(self, heads: Optional[Tensor], rows: Optional[slice]) -> Optional[Tensor]:
         """The additive bias for the query ``heads`` (an index; all when None) and query ``rows``."""
@@ -131,7 +130,8 @@ def _mha_outputs(layer: _Layer, inputs: Tensor, rows: Optional[slice]) -> Tuple[
     q, k, v = layer.heads(inputs)
     if rows is not None:
         q = q[:, :, rows]
-    o = F.scaled_dot_product_attention(q, layer.keys(k), v, attn_mask=layer.mask(None, rows), scale=layer.attn.scale)
+    o = F.scaled_dot_product_attention(q, layer.keys(k), layer.values(v), attn_mask=layer.mask(None, rows),
+                                       scale=layer.attn.scale)
     return q, k, v, o
 
 
@@ -152,7 +152,7 @@ def _group_costs(layer: _Layer, inputs: Tensor, groups: Sequence[Tuple[int, ...]
             idx = index[m0:m0 + chunk]
             m = idx.shape[0]
             qs = q[:, idx.reshape(-1)]  # (B, m*s, T, d)
-            kp, vp = layer.keys(k[:, idx].mean(2)), v[:, idx].mean(2)  # (B, m, T, d)
+            kp, vp = layer.keys(k[:, idx].mean(2)), layer.values(v[:, idx].mean(2))  # (B, m, T, d)
             o2 = F.scaled_dot_product_attention(qs, kp, vp, attn_mask=layer.mask(idx.reshape(-1), rows),
                                                 scale=attn.scale, enable_gqa=True)
             delta = (o2 - o[:, idx.reshape(-1)]).reshape(B, m, s, T, d).transpose(2, 3).reshape(B, m, T, s * d)
@@ -184,7 +184,7 @@ def _layer_errors(layer: _Layer, inputs: Tensor, perms: Sequence[Sequence[int]],
             n = idx.shape[0]
             flat = idx.reshape(-1)
             kp = layer.keys(k[:, flat].view(B, n * G, H // G, T, d).mean(2))
-            vp = v[:, flat].view(B, n * G, H // G, T, d).mean(2)
+            vp = layer.values(v[:, flat].view(B, n * G, H // G, T, d).mean(2))
             o2 = F.scaled_dot_product_attention(q[:, flat], kp, vp, attn_mask=layer.mask(flat, rows),
                                                 scale=attn.scale, enable_gqa=True)
             delta = (o2 - o[:, flat]).view(B, n, H, Tq, d)

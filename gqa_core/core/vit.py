@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from .attention import GroupedQueryAttention
-from .families import Family, family_of, registered
+from .families import REFUSED_MODULES, Family, family_of, registered
 
 __all__ = ['check_vit', 'check_positions', 'gqa_layers', 'num_tokens', 'token_grid', 'token_pixels', 'in_chans', 'prefix_labels', 'has_class_token',
            'summary_row', 'block_inputs', 'block_context', 'output_rows', 'run_blocks', 'model_output',
@@ -28,6 +28,9 @@ def family(model: nn.Module) -> Family:
     """``model``'s family (:mod:`gqa_core.core.families`), or a ValueError naming the ones GQA Lens knows."""
     found = family_of(model)
     if found is None:
+        reason = REFUSED_MODULES.get(type(model).__module__)
+        if reason is not None:
+            raise ValueError(f'{type(model).__name__} is refused: {reason}; the model was not changed')
         names = ', '.join(dict.fromkeys(c.__name__ for f in registered() for c in f.classes))
         raise ValueError(f'expected a timm Vision Transformer ({names}: vit_*, deit_*, eva02_*, *_dinov3, vit_pe_*, '
                          f'beit_*), got {type(model).__name__}')

@@ -320,9 +320,14 @@ def _gqa_lens_config(source: str, data: Dict[str, Any], budget: Optional[Budget]
         raise ModelLoadError(f'{source}: {CONFIG_NAME}: {e}') from None
 
 
+# State whose +-Inf means "no clamp": timm's Gemma4ClippableLinear bounds and a grouped layer's copy of them
+CLAMP_BOUNDS = ('.clip_bounds', '.input_min', '.input_max', '.output_min', '.output_max')
+
+
 def _read_weights(source: str, path: Path, map_location: str = 'cpu', floating_only: bool = False) -> Dict:
     """The tensors of a safetensors file, every floating one finite (NaN or Inf weights compute nothing a person
-    could read); ``floating_only``: no tensor of another dtype (formats whose models hold no integer state)."""
+    could read) but clamp bounds, where +-Inf means "no clamp" (:data:`CLAMP_BOUNDS`: Gemma4's clippable linears,
+    never NaN); ``floating_only``: no tensor of another dtype (formats whose models hold no integer state)."""
     try:
         state = load_file(path, device=map_location)
     except (SafetensorError, OSError) as e:
@@ -332,7 +337,7 @@ def _read_weights(source: str, path: Path, map_location: str = 'cpu', floating_o
             if floating_only:
                 raise ModelLoadError(f'{source}: the weights in {WEIGHTS_NAME} do not fit the model: '
                                      f'{_short(name, 80)} is {_dtype(tensor)}, not floating point')
-        elif not bool(torch.isfinite(tensor).all()):
+        elif not bool((~torch.isnan(tensor) if name.endswith(CLAMP_BOUNDS) else torch.isfinite(tensor)).all()):
             raise ModelLoadError(f'{source}: {WEIGHTS_NAME} holds values that are not finite (NaN or Inf) in '
                                  f'{_short(name, 80)}')
     return state

@@ -19,7 +19,7 @@ import torch
 
 from ..core.policies import POLICIES
 from ..core.rules import BOOLEAN, Rule, check, check_fields, either, integer, list_of, number, one_of, optional, text
-from ..core.families import family_args, timm_modules
+from ..core.families import REFUSED_MODULES, family_args, timm_modules
 from ..core.families.vision_transformer import BACKBONE_ARGS
 from ..core.vit import num_tokens, patch_embed_of
 from ..core.settings import Settings
@@ -65,7 +65,9 @@ def check_backbone(name: Any) -> str:
         raise ConfigError(f'backbone {name!r} is not a timm model')
     module = timm.models.model_entrypoint(arch).__module__
     if module not in timm_modules():
-        raise ConfigError(f'backbone {name!r} is not a timm Vision Transformer')
+        reason = REFUSED_MODULES.get(module)
+        raise ConfigError(f'backbone {name!r} is not a timm Vision Transformer'
+                          + (f' GQA Lens opens ({reason})' if reason else ''))
     return name
 
 

@@ -8,10 +8,13 @@ import timm
 import torch
 
 from gqa_core import GroupedQueryAttention, convert, record, revert
+from gqa_core.core.attention import out_projection
 from gqa_core.core.vit import block_context, block_inputs, blocks_of, model_output, num_tokens
 from support import model_images as images, perturbed_model as perturbed
 
 SMALL = dict(embed_dim=64, depth=2, num_heads=4)
+# Gemma4 has no fixed image size: the test size is its preprocessing's
+GEMMA4 = dict(head_dim=16, intermediate_size=128, pretrained_cfg_overlay=dict(input_size=(3, 64, 64)))
 NAFLEX_64 = dict(pretrained_cfg_overlay=dict(input_size=(3, 64, 64)))  # NaFlexVit takes any size: its data config's
 # (timm name, constructor arguments beyond SMALL): every attention layout GQA Lens converts
 FAMILIES = {
@@ -25,6 +28,9 @@ FAMILIES = {
     'beit-shared': ('beit_base_patch16_224', dict(img_size=64, use_rel_pos_bias=False,
                                                   use_shared_rel_pos_bias=True)),  # one table for all layers
     'siglip': ('vit_base_patch16_siglip_224', dict(img_size=64)),  # timm ViT with an attention-pooling head
+    # Gemma4Attention: q/k/v RMS norms, 2D RoPE, scale 1, clippable linears; an encoder in a classifier wrapper
+    'gemma4': ('gemma4_vit_167m', dict(GEMMA4, num_classes=10)),
+    'gemma4-enc': ('gemma4_vit_570m_enc', dict(GEMMA4, pooling_kernel_size=2)),  # soft-token pool, standardize
     'hybrid': ('vit_tiny_r_s16_p8_224', dict(img_size=128)),  # timm ViT over a ResNetV2 stem's features (HybridEmbed)
     # timm's relpos ViT: a relative position bias module per layer (RelPosAttention.rel_pos), or one for the model
     'relpos-cls': ('vit_relpos_medium_patch16_cls_224', dict(img_size=64)),  # log-coord MLP bias, class token
@@ -186,6 +192,33 @@ def test_qv_bias_layout_keeps_the_key_bias_a_fixed_zero():
     assert torch.allclose(new.v_bias, attn.v_bias.view(2, 2, -1).mean(1).flatten())
 
 
+def test_gemma4_clamps_are_kept_where_they_bind_and_switched_off_clamps_are_refused():
+    """Gemma4's clippable linears clamp each projection's input and output to one scalar pair shared by every head:
+    the grouped layer clamps the same (exact at G = H, bounds binding), a pooled KV head is clamped as the heads it
+    stands for (revert is exact), and a model whose clamps were switched off is refused whole."""
+    model = family_model('gemma4')
+    with torch.no_grad():
+        for name, bound in model.named_buffers():
+            if name.endswith(('_min', '_max')):
+                bound.fill_(-1.0 if name.endswith('_min') else 1.0)  # binding: the projections see values past 1
+    x = images(model)
+    with torch.no_grad():
+        expected = model(x)
+        unclamped = copy.deepcopy(model)
+        unclamped.encoder.set_clamp_enabled(False)
+        assert (unclamped(x) - expected).abs().max() > 1e-2, 'the clamps bind'
+        converted = convert(copy.deepcopy(model), 'gqa', 4)
+        assert (converted(x) - expected).abs().max() <= 1e-5
+        pooled = convert(copy.deepcopy(model), 'gqa', 2)
+        out = pooled(x)
+        assert (revert(pooled)(x) - out).abs().max() <= 1e-5
+    before = copy.deepcopy(unclamped.state_dict())
+    with pytest.raises(ValueError, match=r'block 0 \(Gemma4Block\): attn.q_proj holds clamp bounds'):
+        convert(unclamped, 'gqa', 2)
+    assert all(type(b.attn).__name__ == 'Gemma4Attention' for b in blocks_of(unclamped))
+    assert all(torch.equal(before[k], v) for k, v in unclamped.state_dict().items())
+
+
 VARIANTS = (('gqa', {}), ('kdgqa', {}), ('dgqa', {'stat': 'diff', 'window': 1}), ('dgqa', {'stat': 'ema', 'window': 1}),
             ('pgqa', {}))
 
@@ -229,8 +262,10 @@ def test_permuting_heads_keeps_timms_layer_the_same_function(key):
     for block, order in zip(blocks_of(permuted), _orders(H, len(blocks_of(model)))):
         permute_heads(block.attn, order)
     with torch.no_grad():
-        assert (permuted(x) - model(x)).abs().max() <= 1e-5
-        assert not torch.equal(blocks_of(permuted)[0].attn.proj.weight, blocks_of(model)[0].attn.proj.weight)
+        expected = model(x)  # a sum in another order: float rounding grows with the output (Gemma4's pool: x sqrt(D))
+        assert (permuted(x) - expected).abs().max() <= 1e-5 * max(1.0, float(expected.abs().max()))
+        assert not torch.equal(out_projection(blocks_of(permuted)[0].attn).weight,
+                               out_projection(blocks_of(model)[0].attn).weight)
 
 
 @pytest.mark.parametrize('key', sorted(FAMILIES))
@@ -246,7 +281,8 @@ def test_any_head_order_at_g_equal_h_is_the_model_and_reverts_to_it(key):
         assert (converted(x) - model(x)).abs().max() <= 1e-4
         reverted = revert(converted)
         assert (reverted(x) - model(x)).abs().max() <= 1e-4
-    assert torch.allclose(blocks_of(reverted)[0].attn.proj.weight, blocks_of(model)[0].attn.proj.weight, atol=1e-6)
+    assert torch.allclose(out_projection(blocks_of(reverted)[0].attn).weight,
+                          out_projection(blocks_of(model)[0].attn).weight, atol=1e-6)
 
 
 @pytest.mark.parametrize('key', sorted(set(FAMILIES) - {'cait'}))  # talking heads: refused (test below)
@@ -362,6 +398,7 @@ def test_the_app_shows_every_view_of_every_family_over_http(app_server):
     ('vit_pwee_patch16_reg1_gap_256', r'block 0 \(ParallelScalingBlock\) has no single `attn` module'),
     ('vit_dwee_patch16_reg1_gap_256', r'block 0 \(Block\): attention DiffAttention is not one of'),
     ('vit_small_patch16_rope_mixed_224', 'learned per-head frequencies'),
+    ('samvit_base_patch16', r'VisionTransformerSAM is refused: SAM\'s blocks attend within 14 x 14 windows'),
 ])
 def test_what_is_still_refused_is_named_and_the_model_left_whole(name, match):
     """What bench/coverage.py counts as refused: a ValueError naming the block (or the model) and the reason."""
@@ -373,6 +410,13 @@ def test_what_is_still_refused_is_named_and_the_model_left_whole(name, match):
         convert(model, 'gqa', 2)
     assert [type(m) for m in model.modules()] == kinds
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_the_config_guard_names_why_a_refused_module_is_refused():
+    from gqa_core.io.safe_config import ConfigError, check_backbone
+    with pytest.raises(ConfigError, match=r"'samvit_base_patch16.sa1b' is not a timm Vision Transformer GQA Lens "
+                                          r"opens \(SAM's blocks attend within 14 x 14 windows"):
+        check_backbone('samvit_base_patch16.sa1b')
 
 
 POOLS = [(family, cls, reg, pool) for family in ('vit', 'eva') for cls in (True, False) for reg in (0, 4)

@@ -220,3 +220,21 @@ def test_a_model_its_timm_constructor_cannot_express_is_refused_by_name(tmp_path
     del model.pretrained_cfg['architecture']
     with pytest.raises(ValueError, match='no timm pretrained_cfg naming its architecture'):
         save_pretrained(model, tmp_path)
+
+
+def test_only_clamp_bounds_may_be_infinite_and_never_nan(tmp_path):
+    """Gemma4's clippable linears keep +-Inf bounds for "no clamp" (timm's default): those load; an infinite
+    weight, or a NaN bound, is refused as before."""
+    from gqa_core.io.hub import _read_weights
+    inf = torch.tensor([-float('inf'), float('inf')])
+    cases = {'bounds': ({'blocks.0.attn.clip_bounds': inf, 'blocks.0.mlp.up_proj.input_max': inf[1:].clone()}, None),
+             'weight': ({'blocks.0.attn.proj.weight': inf}, 'not finite'),
+             'nan-bound': ({'blocks.0.attn.clip_bounds': torch.tensor([float('nan')])}, 'not finite')}
+    for name, (state, refusal) in cases.items():
+        path = tmp_path / f'{name}.safetensors'
+        save_file(state, str(path))
+        if refusal is None:
+            assert set(_read_weights(name, path)) == set(state)
+        else:
+            with pytest.raises(ModelLoadError, match=refusal):
+                _read_weights(name, path)
