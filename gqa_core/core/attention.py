@@ -28,7 +28,7 @@ from .policies import Grouping, GroupingPolicy, create_policy
 from .probe import AttentionProbe
 
 __all__ = ['GroupedQueryAttention', 'gqa_attention_layer', 'key_head_norms', 'route_kv', 'route_kv_rows',
-           'grouped_attention', 'talking_heads_attention', 'mix_heads',
+           'grouped_attention', 'explicit_attention', 'mix_heads',
            'ATTENTION_KINDS', 'attention_kind', 'permute_heads', 'apply_rope', 'shared_bias', 'out_projection',
            'context_rope']
 
@@ -105,13 +105,8 @@ def grouped_attention(
             q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
             enable_gqa=k.shape[1] != H,
         )
-    k, v = route_kv(k, query_to_kv), route_kv(v, query_to_kv)
-    attn = (q * scale) @ k.transpose(-2, -1)
-    attn = maybe_add_mask(attn, resolve_self_attn_mask(q.shape[-2], attn, attn_mask, is_causal))
-    attn = map_transform(attn.softmax(dim=-1))
-    if dropout_p > 0:
-        attn = F.dropout(attn, p=dropout_p)
-    return attn @ v
+    return explicit_attention(q, k, v, query_to_kv, scale=scale, dropout_p=dropout_p, attn_mask=attn_mask,
+                              is_causal=is_causal, map_transform=map_transform)
 
 
 def mix_heads(attn: Tensor, mix: Optional[nn.Linear]) -> Tensor:
@@ -122,23 +117,24 @@ def mix_heads(attn: Tensor, mix: Optional[nn.Linear]) -> Tensor:
     return F.linear(attn.movedim(1, -1), mix.weight, mix.bias).movedim(-1, 1)
 
 
-def talking_heads_attention(
+def explicit_attention(
         q: Tensor,
         k: Tensor,
         v: Tensor,
         query_to_kv: Tensor,
         *,
         scale: float,
-        proj_l: nn.Linear,
-        proj_w: nn.Linear,
+        proj_l: Optional[nn.Linear] = None,
+        proj_w: Optional[nn.Linear] = None,
         dropout_p: float = 0.0,
         attn_mask: Optional[Tensor] = None,
         is_causal: bool = False,
         map_transform: Optional[Callable[[Tensor], Tensor]] = None,
 ) -> Tensor:
-    """CaiT's talking-heads attention (timm's ``TalkingHeadAttn``) over grouped K/V: query head h's logits
-    ``q_h k_{g(h)}^T * scale`` are mixed across heads by ``proj_l``, softmaxed, mixed again by ``proj_w``, and
-    output head h reads ``v_{g(h)}`` with its mixed weights. q: ``(B, H, T, d)``; k, v: ``(B, G, T, d)``;
+    """Grouped attention with its (B, H, T, T) maps materialised, for what acts on them: PGQA's noise
+    (``map_transform``, on the post-softmax map) and CaiT's talking heads (timm's ``TalkingHeadAttn``): query
+    head h's logits ``q_h k_{g(h)}^T * scale`` are mixed across heads by ``proj_l``, softmaxed, mixed again by
+    ``proj_w``, and output head h reads ``v_{g(h)}`` with its mixed weights (None: no mix). q: ``(B, H, T, d)``; k, v: ``(B, G, T, d)``;
     ``query_to_kv`` ``(H,)`` or ``(B, H)`` (the routing every kind uses). Exactly timm's layer at G = H.
 
     Not one fused call: the mixes act on the logits and on the weights across heads, between the two matmuls
@@ -317,7 +313,7 @@ class GroupedQueryAttention(nn.Module):
     kind in :data:`ATTENTION_KINDS` and keeps that kind's parts: EVA's q/v-only biases and separate
     projections, RoPE applied to the non-prefix queries and keys exactly where timm applies it, BEiT's relative
     position bias kept per query head, CaiT's talking heads (``proj_l`` / ``proj_w``, per query head: see
-    :func:`talking_heads_attention`).
+    :func:`explicit_attention`).
 
     Args:
         dim: input (and by default output) channels.
@@ -665,9 +661,9 @@ class GroupedQueryAttention(nn.Module):
         map_transform = self.policy.perturb_attention_map if self.policy.perturbs_attention_map() else None
         dropout_p = self.attn_drop.p if self.training else 0.
         if self.proj_l is not None:  # talking heads: logits and weights mixed across heads (no fused kernel)
-            x = talking_heads_attention(q, k, v, grouping.query_to_kv, scale=self.scale, proj_l=self.proj_l,
-                                        proj_w=self.proj_w, dropout_p=dropout_p, attn_mask=attn_mask,
-                                        is_causal=is_causal, map_transform=map_transform)
+            x = explicit_attention(q, k, v, grouping.query_to_kv, scale=self.scale, proj_l=self.proj_l,
+                                   proj_w=self.proj_w, dropout_p=dropout_p, attn_mask=attn_mask,
+                                   is_causal=is_causal, map_transform=map_transform)
         else:
             x = grouped_attention(
                 q, k, v, grouping.query_to_kv, scale=self.scale, uniform=grouping.uniform, attn_mask=attn_mask,
