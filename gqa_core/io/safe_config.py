@@ -18,7 +18,7 @@ import timm
 import torch
 
 from ..core.policies import POLICIES
-from ..core.rules import BOOLEAN, Rule, check, check_fields, either, integer, list_of, number, one_of, optional, text
+from ..core.rules import Rule, check, check_fields, either, integer, list_of, number, one_of, optional, text
 from ..core.families import REFUSED_MODULES, family_args, timm_modules
 from ..core.families.vision_transformer import BACKBONE_ARGS
 from ..core.vit import num_tokens, patch_embed_of

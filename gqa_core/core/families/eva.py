@@ -1,7 +1,7 @@
 """timm's ``Eva`` (eva.py): EVA-02, DINOv3, Perception Encoder, RoPE-ViT, Sapiens2 (its own GQA)."""
 from __future__ import annotations
 
-from typing import Any, Dict, Optional
+from typing import Any, Dict
 
 from torch import Tensor
 from timm.layers import AttentionRope

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any, Dict, Optional, Tuple, Union
 
-from torch import Tensor, nn
+from torch import Tensor
 from timm.models.gemma4_vit import Gemma4ClippableLinear, Gemma4VitClassifier, Gemma4VitEncoder
 
 from ..rules import BOOLEAN, Rule, integer, number, one_of, optional
