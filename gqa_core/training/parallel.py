@@ -11,6 +11,7 @@ Either way the figures computed from the gathered samples (counts, sums) are the
 """
 from __future__ import annotations
 
+import atexit
 from typing import Any, Callable, Dict, Iterator, Optional, Tuple
 
 import torch
@@ -20,7 +21,7 @@ from tqdm.auto import tqdm
 
 from ..core.device import resolve_device
 
-__all__ = ['make_accelerator', 'gathered_batches', 'node_of', 'gather_samples']
+__all__ = ['make_accelerator', 'leave_process_group', 'gathered_batches', 'node_of', 'gather_samples']
 
 BatchStep = Callable[[Tensor, Tensor], Dict[str, Tensor]]  # (images, labels) -> per-sample tensors (first dim B)
 
@@ -39,7 +40,23 @@ def make_accelerator(device: Optional[str] = None, mixed_precision: Optional[str
     # over the processes (DGQAPolicy), so DDP's per-forward broadcast of rank 0's buffers is not needed -- and
     # would hide a process that computed something else (tests/training/test_dgqa_ranks.py).
     keep_own_buffers = DistributedDataParallelKwargs(broadcast_buffers=False)
-    return Accelerator(mixed_precision=mixed_precision, cpu=on_cpu, kwargs_handlers=[keep_own_buffers])
+    accelerator = Accelerator(mixed_precision=mixed_precision, cpu=on_cpu, kwargs_handlers=[keep_own_buffers])
+    if accelerator.num_processes > 1:
+        atexit.unregister(leave_process_group)  # registered once, however many runs this process makes
+        atexit.register(leave_process_group)
+    return accelerator
+
+
+def leave_process_group() -> None:
+    """Destroy the default process group, if there is one, while the interpreter is still whole.
+
+    A gloo process that exits without it can abort in interpreter finalisation ("terminate called without an
+    active exception", SIGABRT; pytorch/pytorch#190489): a worker thread's pending work still holds tensors
+    when Python is torn down. Every tool's non-main processes return as soon as their last collective is done,
+    so each leaves the group here, at exit, whatever path it took."""
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def node_of(accelerator: Any) -> Tuple[int, int]:
