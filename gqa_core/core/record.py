@@ -30,6 +30,7 @@ __all__ = ['LayerRecord', 'Recording', 'record', 'token_grid', 'pool_query_atten
 ATTENTION_ROWS = ('prefix', 'full', 'none')
 FUSIONS = ('mean', 'max', 'min')
 ROW_BLOCK_BYTES = 16 * 2**20  # transient attention scores per tile of query rows (recorded maps)
+PREFIX_TILE_ROWS = 16  # query rows computed for the prefix rows (a few tokens): not a whole tile of the T
 PASS_BLOCK_BYTES = 4 * 2**20  # ... per tile of the passes over every row (row normalisers, rollout): smaller,
 # since each tile has a few same-sized temporaries and these passes run at the largest token counts
 
@@ -50,8 +51,9 @@ class LayerRecord:
         ``attention`` says: the one layer a view asks for, without holding T x T for every layer.
     queries, keys: with ``keep_qk``, the scaled queries ``(B, H, T, d)`` and the keys ``(B, G, T, d)`` in float16
         (what any token's row or column of the maps is recomputed from: :func:`query_row`, :func:`key_column`),
-        ``log_norm``: ``(B, H, T)`` each row's softmax normaliser (log-sum-exp) in float32, and ``bias``: the
-        additive attention bias ``(H, T, T)`` in float16 when the layer has one (BEiT), else None.
+        ``log_norm``: ``(B, H, T)`` each row's softmax normaliser (log-sum-exp) in float32 of the scores those
+        float16 values give, computed on first use (:meth:`normalisers`), and ``bias``: the additive attention
+        bias ``(H, T, T)`` in float16 when the layer has one (BEiT), else None.
     logit_mix, weight_mix: a talking-heads layer's ``proj_l`` and ``proj_w`` as ``(H, H + 1)`` matrices (the bias
         the last column), what rows recomputed from the kept q and k go through (:meth:`weights`); None otherwise.
         ``log_norm`` is then the normaliser of the mixed logits.
@@ -69,6 +71,16 @@ class LayerRecord:
     logit_mix: Optional[Tensor] = None
     weight_mix: Optional[Tensor] = None
 
+    def normalisers(self) -> Optional[Tensor]:
+        """``log_norm``, computed from the kept q and k the first time a view needs it (None when none were kept).
+
+        Deferred because it costs a pass over every layer's T x T scores (a fifth of a DINOv2 analysis at 1,374
+        tokens) that only the views reading whole rows or columns of a layer (hover, key columns, picks) use,
+        one layer at a time."""
+        if self.log_norm is None and self.queries is not None:
+            self.log_norm = row_log_norms(self.queries, self.keys, self.query_to_kv, self.bias, self.logit_mix)
+        return self.log_norm
+
     def weights(self, scores: Tensor, log_norm: Tensor) -> Tensor:
         """The weights that multiply V from the scores ``(H, ...)`` (query head first) and each row's
         normaliser ``log_norm`` (broadcast against them): ``exp(scores - log_norm)``, for talking heads the scores
@@ -82,7 +94,7 @@ class LayerRecord:
         scores = (k @ q[:, :, None])[..., 0]
         if self.bias is not None:
             scores = scores + self.bias[:, token].float()
-        return self.weights(scores, self.log_norm[sample, :, token, None])
+        return self.weights(scores, self.normalisers()[sample, :, token, None])
 
     def key_column(self, token: int, sample: int = 0) -> Tensor:
         """``(H, T)``: how much every query attends to ``token``, per query head (its column of the maps)."""
@@ -91,7 +103,7 @@ class LayerRecord:
         scores = (q @ k[:, :, None])[..., 0]
         if self.bias is not None:
             scores = scores + self.bias[:, :, token].float()
-        return self.weights(scores, self.log_norm[sample])
+        return self.weights(scores, self.normalisers()[sample])
 
 
 @dataclass
@@ -156,6 +168,8 @@ class Recording:
 
     def to_numpy(self) -> Dict[str, Any]:
         """Every array, layer-first; per-layer full maps as ``full_layer{i}``; rollouts as ``rollout_{fusion}``."""
+        for layer in self.layers:
+            layer.normalisers()
         out: Dict[str, Any] = {f.name: self.stacked(f.name) for f in fields(LayerRecord)
                                if f.name != 'full' and self.layers and getattr(self.layers[0], f.name) is not None}
         out.update({f'full_layer{i}': layer.full.numpy() for i, layer in enumerate(self.layers)
@@ -271,16 +285,17 @@ class record:
         index = len(self._layers)
         keep_full = self.attention == 'full' or index in self.full_layers
         mean_row = self.attention == 'prefix' and not self.has_class_token
-        # the maps' rows this forward needs now: all of them for full maps or the mean row, else the first tiles
-        # (they hold the prefix rows; whole tiles, so they are bitwise what every other recording computes);
+        # the maps' rows this forward needs now: all of them for full maps or the mean row, else the prefix rows,
+        # computed as PREFIX_TILE_ROWS rows at least (a tile of one row takes the matrix-vector kernel, whose
+        # sums may round differently from the matrix-matrix one that full recordings use);
         # the rollout recomputes its rows at the end, one vector through the layers: no T x T x T product
         step = _row_step(B, H, T)
         n_rows = T if keep_full or mean_row else \
-            min(T, -(-self.num_prefix_tokens // step) * step) if self.attention == 'prefix' else 0
+            min(T, max(PREFIX_TILE_ROWS, self.num_prefix_tokens)) if self.attention == 'prefix' else 0
         maps = _RowMaps(B, H, T, self.num_prefix_tokens, keep_full, mean_row, (), q.device)
         queries = q.float() * layer.scale
         mixes = _mixes(layer)
-        kept = _KeptQK(queries, k, grouping.query_to_kv, mixes) if self.keep_qk else None
+        kept = _KeptQK(queries, k) if self.keep_qk else None
         if n_rows or kept is not None or self.fusions:
             bias = resolve_self_attn_mask(T, queries, attn_mask)
             keys = route_kv(k.float(), grouping.query_to_kv).transpose(-2, -1) if n_rows else None  # (B, H, d, T)
@@ -292,13 +307,8 @@ class record:
                 maps.add(start, _weights_(block, mixes))
                 del block
             keys = None  # freed before the passes below: they hold their own tiles
-            if kept is not None:
-                pass_step = _row_step(B, H, T, PASS_BLOCK_BYTES)
-                for start in range(0, T, pass_step):
-                    kept.normalise(start, min(T, start + pass_step), bias)
-                kept.routed = None
-                if bias is not None:
-                    kept.bias = bias.expand(B, H, T, T)[0].half().cpu()
+            if kept is not None and bias is not None:
+                kept.bias = bias.expand(B, H, T, T)[0].half().cpu()
             if self.fusions:  # the keys unrouted (G heads, not H): routed again, one layer at a time, at the end
                 self._rollout_inputs.append((queries, k.float(), grouping.query_to_kv, bias, mixes))
         record = self._layer_record(layer, maps, key_norms, grouping, index)
@@ -399,25 +409,33 @@ def pool_query_attention(pool: nn.Module, x: Tensor) -> Tensor:
 
 
 class _KeptQK:
-    """One layer's queries and keys rounded to float16, and the row normalisers of the maps those rounded values
-    give (so rows recomputed from them later sum to 1)."""
+    """One layer's queries and keys rounded to float16 (what rows are recomputed from later)."""
 
-    def __init__(self, scaled_q: Tensor, k: Tensor, query_to_kv: Tensor,
-                 mixes: Optional[Tuple[Tensor, Tensor]] = None) -> None:
+    def __init__(self, scaled_q: Tensor, k: Tensor) -> None:
         self.queries, self.keys = scaled_q.half(), k.half()
-        self.logit_mix = mixes[0] if mixes is not None else None
-        self.routed = route_kv(self.keys.float(), query_to_kv).transpose(-2, -1)  # (B, H, d, T)
-        self.log_norm = torch.empty(scaled_q.shape[:3], device=scaled_q.device)
         self.bias: Optional[Tensor] = None
 
-    def normalise(self, start: int, stop: int, bias: Optional[Tensor]) -> None:
-        scores = self.queries[:, :, start:stop].float() @ self.routed
-        if bias is not None:
-            scores = scores + bias[..., start:stop, :]
-        self.log_norm[:, :, start:stop] = _mixed(scores, self.logit_mix, 1).logsumexp(-1)
-
     def result(self) -> tuple:
-        return self.queries.cpu(), self.keys.cpu(), self.log_norm.cpu(), self.bias
+        return self.queries.cpu(), self.keys.cpu(), None, self.bias
+
+
+def row_log_norms(queries: Tensor, keys: Tensor, query_to_kv: Tensor, bias: Optional[Tensor] = None,
+                  logit_mix: Optional[Tensor] = None) -> Tensor:
+    """``(B, H, T)``: the log-sum-exp of every row of the scores that the kept float16 ``queries`` ``(B, H, T, d)``
+    (scaled), ``keys`` ``(B, G, T, d)`` and ``bias`` ``(H, T, T)`` give, each query head with its KV head
+    (``query_to_kv`` ``(B, H)``), mixed by ``logit_mix`` first for talking heads: so rows recomputed from the same
+    values sum to 1. Tiles of query rows bound the transient memory."""
+    B, H, T = queries.shape[:3]
+    routed = route_kv(keys.float(), query_to_kv).transpose(-2, -1)  # (B, H, d, T)
+    out = torch.empty(B, H, T, device=queries.device)
+    step = _row_step(B, H, T, PASS_BLOCK_BYTES)
+    for start in range(0, T, step):
+        stop = min(T, start + step)
+        scores = queries[:, :, start:stop].float() @ routed
+        if bias is not None:
+            scores = scores + bias[:, start:stop].float()
+        out[:, :, start:stop] = _mixed(scores, logit_mix, 1).logsumexp(-1)
+    return out
 
 
 def _row_step(B: int, H: int, T: int, budget: int = ROW_BLOCK_BYTES) -> int:

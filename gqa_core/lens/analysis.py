@@ -85,11 +85,14 @@ class Analysis:
         """Bytes of the arrays this analysis keeps (what a session holds for it)."""
         rec = self.recording
         tensors = [rec.logits, *rec.rollout.values()] + ([rec.pool_attention] if rec.pool_attention is not None else [])
+        normalisers = 0  # counted before a view computes them (LayerRecord.normalisers): one float per row
         for layer in rec.layers:
             tensors += [t for t in (layer.attention, layer.key_norms, layer.shares, layer.allocation,
-                                    layer.query_to_kv, layer.full, layer.queries, layer.keys, layer.log_norm,
+                                    layer.query_to_kv, layer.full, layer.queries, layer.keys,
                                     layer.bias, layer.logit_mix, layer.weight_mix) if t is not None]
-        return self.view.nbytes + sum(t.numel() * t.element_size() for t in tensors)
+            if layer.queries is not None:
+                normalisers += layer.queries.shape[:3].numel() * 4
+        return self.view.nbytes + normalisers + sum(t.numel() * t.element_size() for t in tensors)
 
 
 def model_input(loaded: LoadedModel, image: Image.Image) -> tuple:

@@ -67,7 +67,7 @@ def hover_maps(recording: Recording, layer: int, limit: int = HOVER_MAX_BYTES) -
     if record.bias is not None:
         scores = scores + record.bias[:, first:].float()
     # (H, P, P): patch keys only; a talking-heads layer's weights can be negative: drawn from 0
-    probs = record.weights(scores, record.log_norm[0, :, first:, None])[..., first:].clamp_min(0)
+    probs = record.weights(scores, record.normalisers()[0, :, first:, None])[..., first:].clamp_min(0)
     scaled = probs / probs.amax(-1, keepdim=True).clamp_min(1e-12)
     maps = (scaled * 255).round().to(torch.uint8).numpy()
     groups = [np.flatnonzero(route.numpy() == g).tolist() for g in range(int(record.keys.shape[1]))]

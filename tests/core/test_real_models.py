@@ -40,7 +40,7 @@ def test_dinov2_register_model_at_518_headless(tmp_path):
     for fusion in ('mean', 'max', 'min'):
         assert a.rollout(fusion).shape == (37 * 37,)
     kept = sum(t.numel() * t.element_size() for layer in rec.layers
-               for t in (layer.queries, layer.keys, layer.log_norm))
+               for t in (layer.queries, layer.keys, layer.normalisers()))
     assert kept <= 12 * (6 + 3) * 1374 * (64 * 2 + 4), 'picks keep float16 q and k and a float32 normaliser per row'
     assert a.nbytes() - kept < 20 * 2**20, 'a session keeps summary rows and rollouts, not 12 layers of T x T maps'
     top = header(a)
