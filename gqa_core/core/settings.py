@@ -8,9 +8,10 @@ variable                    default                   what it decides
 ``GQA_LENS_MAX_PARAMS``     350,000,000               the largest model a spec may build, in parameters
 ``GQA_LENS_MAX_TOKENS``     2,048                     ... and in tokens per image (3,100 admits Sapiens2 at
                                                       1024 x 768: 3,081 tokens; the analysis's memory stays bounded)
-``GQA_LENS_DEEP_MAX_TOKENS`` 600                      the largest model the deep per-image analyses run on live
-                                                      (they work up to the token budget, with progress; the
-                                                      default bounds their time: docs/benchmarks.md)
+``GQA_LENS_DEEP_MAX_TOKENS`` 2,048                    the largest model the deep per-image analyses (head
+                                                      ablation, faithfulness) run on live, in tokens per image
+``GQA_LENS_DEEP_MAX_CPU_TFLOP`` 40                    ... and, where they run on the CPU, in their arithmetic
+                                                      (about 4.5 min on two cores; :mod:`gqa_core.lens.deep_work`)
 ``GQA_LENS_SESSION_TTL``    1800                      seconds an idle app session keeps its results
 ``GQA_LENS_TOKEN_REPOS``    none                      Hub repos (``ORG/NAME``, ``ORG/*``; comma-separated) whose
                                                       downloads may carry the server's token
@@ -69,7 +70,7 @@ def _positive(kind: Callable[[str], Any]) -> Callable[[str], Any]:
 # how each field's variable is parsed (the variable is PREFIX + the field's name in capitals)
 _PARSERS: Dict[str, Callable[[str], Any]] = dict(
     models=Path, model_dirs=_paths, max_params=_positive(int), max_tokens=_positive(int),
-    deep_max_tokens=_positive(int), session_ttl=_positive(float), token_repos=_names, concurrency=_positive(int),
+    deep_max_tokens=_positive(int), deep_max_cpu_tflop=_positive(float), session_ttl=_positive(float), token_repos=_names, concurrency=_positive(int),
     queue_size=_positive(int), device=str, triton=_flag, cache=lambda t: Path(t).expanduser(),
     cifar10=lambda t: Path(t).expanduser(), cifar10_repo=str, mcp=_flag)
 
@@ -84,6 +85,8 @@ class Settings:
         max_params: parameters of the largest model a spec may build.
         max_tokens: tokens per image of the largest model a spec may build.
         deep_max_tokens: tokens per image up to which head ablation and faithfulness run live.
+        deep_max_cpu_tflop: TFLOP of one image's head ablation and faithfulness up to which they run live on the
+            CPU (:func:`~gqa_core.lens.deep_work.deep_tflop`).
         session_ttl: seconds an idle app session keeps its results.
         token_repos: Hub repo patterns whose downloads may carry the server's token.
         concurrency: app requests that run at once.
@@ -99,7 +102,8 @@ class Settings:
     model_dirs: Tuple[str, ...] = ()
     max_params: int = 350_000_000
     max_tokens: int = 2_048
-    deep_max_tokens: int = 600
+    deep_max_tokens: int = 2_048
+    deep_max_cpu_tflop: float = 40.0
     session_ttl: float = 1800.0
     token_repos: Tuple[str, ...] = ()
     concurrency: int = 2

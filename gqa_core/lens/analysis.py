@@ -16,13 +16,13 @@ from PIL import Image
 
 from ..io.preprocessing import eval_geometry, normalisation
 from .gpu import ForwardJob, forwards_in_a_gpu_call, on_zerogpu, run_forwards
+from .deep_work import deep_refusal
 from .heads import AblationResult, Progress
 from .models import LoadedModel
 from ..core.head_order import head_groups
 from ..core.record import FUSIONS, Recording, record
 from ..core.device import model_device
-from ..core.vit import gqa_layers, num_tokens
-from ..core.settings import Settings
+from ..core.vit import gqa_layers
 
 __all__ = ['Analysis', 'Pooling', 'analyse', 'layer_maps', 'model_input', 'FUSIONS']
 
@@ -105,16 +105,16 @@ def analyse(loaded: LoadedModel, image: Image.Image, deep: bool = False,
             progress: Optional[Progress] = None) -> Analysis:
     """Run ``loaded`` on one RGB image (always a batch of one: the result never depends on other requests).
 
-    ``deep``: also ablate every head and measure the maps' faithfulness (batched forwards), for models of at
-    most ``GQA_LENS_DEEP_MAX_TOKENS`` tokens (default 600) so a live request stays bounded. The forwards run in
+    ``deep``: also ablate every head and measure the maps' faithfulness (batched forwards), for models whose
+    deep analyses this server runs live (:func:`~gqa_core.lens.deep_work.deep_refusal`: tokens, and the work
+    where it runs) so a live request stays bounded. The forwards run in
     this process, or on a ZeroGPU Space in one GPU call (:mod:`gqa_core.lens.gpu`). ``progress(fraction,
     what)`` hears how far the deep analyses are (in this process only).
     """
     view, x = model_input(loaded, image)
     x = x.to(model_device(loaded.model))  # the registry's device (the CPU on a ZeroGPU Space)
-    tokens = num_tokens(loaded.model)
-    deep_max = Settings.from_env().deep_max_tokens
-    run_deep = deep and tokens <= deep_max
+    refusal = deep_refusal(loaded.model) if deep else None
+    run_deep = deep and refusal is None
     with loaded.lock:
         if on_zerogpu():
             out = forwards_in_a_gpu_call(ForwardJob.of(loaded.config, loaded.model, x, run_deep, loaded.labels))
@@ -129,8 +129,7 @@ def analyse(loaded: LoadedModel, image: Image.Image, deep: bool = False,
     if not deep:
         analysis.deep_note = 'tick "which heads matter" and run again for head ablation and faithfulness'
     elif not run_deep:
-        analysis.deep_note = (f'head ablation and faithfulness need {tokens:,} tokens x many forwards; this server '
-                              f'computes them live up to {deep_max:,} tokens (GQA_LENS_DEEP_MAX_TOKENS)')
+        analysis.deep_note = refusal
     return analysis
 
 

@@ -31,7 +31,7 @@ __all__ = ['AblationResult', 'Progress', 'ablation_study', 'group_diversity', 'j
            'deletion_insertion', 'CURVE_STEPS']
 
 CURVE_STEPS = 32  # points per deletion / insertion curve (fewer when the model has fewer patches)
-ROWS_PER_FORWARD_TOKENS = 32_768  # batch rows x tokens per forward: bounds memory for large models
+ROWS_PER_FORWARD_TOKENS = 8192  # batch rows x tokens per forward: bounds memory for large models
 Progress = Callable[[float, str], None]  # (fraction done, what is running): the deep analyses report through it
 
 
@@ -50,13 +50,15 @@ def _chunks(model: nn.Module) -> int:
 
 @torch.inference_mode()
 def _batched(model: nn.Module, x: Tensor, query_heads: Optional[Tensor] = None, kv_heads: Optional[Tensor] = None,
-             mode: str = 'zero', progress: Optional[Callable[[int], None]] = None) -> Tensor:
+             mode: str = 'zero', progress: Optional[Callable[[int], None]] = None,
+             scale: Optional[Tensor] = None) -> Tensor:
     """Run ``x`` (one row per ablation or perturbation) in bounded chunks, the head masks sliced alongside;
-    ``progress(rows)`` after each chunk."""
+    ``progress(rows)`` after each chunk. With ``scale`` ``(N, 1, H, W)`` the rows are ``x * scale`` for the one
+    image ``x``, made chunk by chunk (N perturbed images at 518 px would hold 30 MB each)."""
     step = _chunks(model)
     outs = []
-    for start in range(0, x.shape[0], step):
-        chunk = x[start:start + step]
+    for start in range(0, x.shape[0] if scale is None else scale.shape[0], step):
+        chunk = x[start:start + step] if scale is None else x * scale[start:start + step]
         if query_heads is None and kv_heads is None:
             outs.append(model(chunk))
         else:
@@ -181,10 +183,9 @@ def deletion_insertion(model: nn.Module, x: Tensor, ranking: np.ndarray, grid: t
     patch = token_pixels(model)  # a hybrid ViT's token covers its stem's stride times the patch
     masks = _patch_masks(order, counts, grid, patch, tuple(x.shape[-2:])).to(x.device)
     base = model(x)[0] if base is None else base
-    deleted = x * (1 - masks)  # the top-k patches removed
-    inserted = x * masks  # only the top-k patches shown
-    deletion = _score(_batched(model, deleted, progress=progress), base, target).double().cpu().numpy()
-    insertion = _score(_batched(model, inserted, progress=progress), base, target).double().cpu().numpy()
+    deletion = _score(_batched(model, x, progress=progress, scale=1 - masks), base, target)  # top-k removed
+    insertion = _score(_batched(model, x, progress=progress, scale=masks), base, target)  # only the top-k shown
+    deletion, insertion = (curve.double().cpu().numpy() for curve in (deletion, insertion))
     fractions = np.array(counts, dtype=np.float64) / P
     return dict(fractions=fractions, deletion=deletion, insertion=insertion,
                 deletion_auc=float(np.trapezoid(deletion, fractions)),
