@@ -23,7 +23,7 @@ from ..core.device import model_device
 from ..core.settings import Settings
 from ..core.vit import blocks_of, gqa_layers, num_tokens
 from .gpu import on_zerogpu
-from .gpu_duration import MAX_GPU_SECONDS, MIN_GPU_SECONDS, TOKEN_LAYERS_PER_SECOND, analysis_forwards
+from .gpu_duration import MAX_GPU_SECONDS, analysis_forwards, estimated_seconds
 
 __all__ = ['deep_forwards', 'deep_tflop', 'deep_refusal']
 
@@ -53,7 +53,7 @@ def deep_refusal(model: nn.Module, settings: Optional[Settings] = None) -> Optio
         return (f'head ablation and faithfulness need {tokens:,} tokens x many forwards; this server computes them '
                 f'live up to {settings.deep_max_tokens:,} tokens (GQA_LENS_DEEP_MAX_TOKENS)')
     if on_zerogpu():
-        seconds = MIN_GPU_SECONDS + tokens * len(gqa_layers(model)) * deep_forwards(model) / TOKEN_LAYERS_PER_SECOND
+        seconds = estimated_seconds(tokens, len(gqa_layers(model)), deep_forwards(model))
         if seconds > MAX_GPU_SECONDS:
             return (f'head ablation and faithfulness of this model would need about {seconds:,.0f} s of GPU, more '
                     f'than one ZeroGPU call may reserve ({MAX_GPU_SECONDS} s)')

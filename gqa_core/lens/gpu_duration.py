@@ -20,7 +20,7 @@ from ..core.ablation import ABLATION_MODES
 from .heads import CURVE_STEPS
 
 __all__ = ['MIN_GPU_SECONDS', 'MAX_GPU_SECONDS', 'TOKEN_LAYERS_PER_SECOND', 'FAITHFULNESS_MAPS',
-           'ADVISOR_CANDIDATES', 'gpu_seconds', 'analysis_forwards', 'kv_budget_forwards']
+           'ADVISOR_CANDIDATES', 'gpu_seconds', 'estimated_seconds', 'analysis_forwards', 'kv_budget_forwards']
 
 # The floor: before any forward a call rebuilds the model from its config, copies its weights to the GPU (up to
 # GQA_LENS_MAX_PARAMS = 350 M parameters, 1.4 GB in fp32) and runs CUDA's first kernels: a few seconds, doubled.
@@ -45,8 +45,12 @@ def gpu_seconds(tokens: int, layers: int, forwards: float) -> int:
         layers: transformer blocks.
         forwards: single-image forwards the call runs (a batch of n images counts n).
     """
-    estimate = MIN_GPU_SECONDS + tokens * layers * forwards / TOKEN_LAYERS_PER_SECOND
-    return int(min(MAX_GPU_SECONDS, max(MIN_GPU_SECONDS, round(estimate))))
+    return int(min(MAX_GPU_SECONDS, max(MIN_GPU_SECONDS, round(estimated_seconds(tokens, layers, forwards)))))
+
+
+def estimated_seconds(tokens: int, layers: int, forwards: float) -> float:
+    """:func:`gpu_seconds` before its floor and cap: what the work would take at the assumed rate."""
+    return MIN_GPU_SECONDS + tokens * layers * forwards / TOKEN_LAYERS_PER_SECOND
 
 
 def analysis_forwards(removals: Sequence[int], ablation: bool) -> float:
