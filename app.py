@@ -423,7 +423,7 @@ def _inputs(choices: List[str], defaults: List[str]) -> dict:
                     c['use'] = gr.Button('use as model 4', elem_id='convert-use')
                 c['source_note'] = gr.Markdown(elem_id='convert-source-note')
             with gr.Row():
-                c['deep'] = gr.Checkbox(False, label='which heads matter: ablation + faithfulness (~0.4-0.6 s a model)',
+                c['deep'] = gr.Checkbox(False, label='which heads matter: ablation + faithfulness (seconds to minutes a model)',
                                         elem_id='deep')
                 c['run'] = gr.Button('Run', variant='primary', elem_id='run')
             c['status'] = gr.Markdown(elem_id='status')

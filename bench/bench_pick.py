@@ -34,7 +34,7 @@ LARGE = {'vit-s-224': ('vit_small_patch16_224', {}), 'dinov2-s-reg4-518': ('vit_
 
 def kept_bytes(analysis) -> int:
     return sum(t.numel() * t.element_size() for layer in analysis.recording.layers
-               for t in (layer.queries, layer.keys, layer.log_norm, layer.bias) if t is not None)
+               for t in (layer.queries, layer.keys, layer.normalisers(), layer.bias) if t is not None)
 
 
 def time_picks(analyses, repeat: int, layer: int, view: str = 'pick') -> list:

@@ -207,9 +207,10 @@ class record:
     attention: ``"prefix"`` (class-token / register rows, plus the mean over queries when there is no class
     token; cheap), ``"full"`` (all T x T) or ``"none"``. full_layers: layers whose full ``(B, H, T, T)`` maps
     are kept besides. rollout: head fusions (of :data:`FUSIONS`) whose attention rollout is accumulated layer
-    by layer, so no T x T map outlives its layer. keep_qk: keep every layer's queries and keys (float16) and
-    row normalisers, so that any token's row or column of any layer's maps can be recomputed later without the
-    model (:meth:`LayerRecord.query_row`); L x (H + G) x T x d half floats. The last forward inside the block is
+    by layer, so no T x T map outlives its layer. keep_qk: keep every layer's queries and keys (float16), so
+    that any token's row or column of any layer's maps can be recomputed later without the model
+    (:meth:`LayerRecord.query_row`; the rows' normalisers are computed on the CPU when a view first needs a
+    layer's: :meth:`LayerRecord.normalisers`); L x (H + G) x T x d half floats. The last forward inside the block is
     kept in :attr:`result`.
     """
 
@@ -306,7 +307,7 @@ class record:
                     block = block + bias[..., start:stop, :]
                 maps.add(start, _weights_(block, mixes))
                 del block
-            keys = None  # freed before the passes below: they hold their own tiles
+            keys = None
             if kept is not None and bias is not None:
                 kept.bias = bias.expand(B, H, T, T)[0].half().cpu()
             if self.fusions:  # the keys unrouted (G heads, not H): routed again, one layer at a time, at the end
@@ -314,7 +315,7 @@ class record:
         record = self._layer_record(layer, maps, key_norms, grouping, index)
         record.logit_mix, record.weight_mix = (None, None) if mixes is None else (m.cpu() for m in mixes)
         if kept is not None:
-            record.queries, record.keys, record.log_norm, record.bias = kept.result()
+            record.queries, record.keys, record.bias = kept.result()
         self._layers.append(record)
 
     def _layer_record(self, layer: GroupedQueryAttention, maps: '_RowMaps', key_norms: Tensor,
@@ -416,7 +417,7 @@ class _KeptQK:
         self.bias: Optional[Tensor] = None
 
     def result(self) -> tuple:
-        return self.queries.cpu(), self.keys.cpu(), None, self.bias
+        return self.queries.cpu(), self.keys.cpu(), self.bias
 
 
 def row_log_norms(queries: Tensor, keys: Tensor, query_to_kv: Tensor, bias: Optional[Tensor] = None,
@@ -441,7 +442,7 @@ def row_log_norms(queries: Tensor, keys: Tensor, query_to_kv: Tensor, bias: Opti
 def _routed(k: Tensor, query_to_kv: Tensor) -> Tensor:
     """:func:`route_kv`, as the row gather of :func:`route_kv_rows` for a per-image table (same values, a few
     times faster on the CPU than advanced indexing)."""
-    rows = route_kv_rows(k, query_to_kv) if query_to_kv.dim() == 2 else None
+    rows = route_kv_rows(k, query_to_kv)
     return rows if rows is not None else route_kv(k, query_to_kv)
 
 

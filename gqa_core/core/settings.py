@@ -1,30 +1,31 @@
 """Every operator setting of GQA Lens, read from the environment in this one place.
 
-=========================== ========================= =============================================================
-variable                    default                   what it decides
-=========================== ========================= =============================================================
-``GQA_LENS_MODELS``         ``assets/models``         the embedded models' folder (``embedded/NAME``)
-``GQA_LENS_MODEL_DIRS``     none                      folders (``os.pathsep``-separated) served as ``local:NAME``
-``GQA_LENS_MAX_PARAMS``     350,000,000               the largest model a spec may build, in parameters
-``GQA_LENS_MAX_TOKENS``     2,048                     ... and in tokens per image (3,100 admits Sapiens2 at
-                                                      1024 x 768: 3,081 tokens; the analysis's memory stays bounded)
-``GQA_LENS_DEEP_MAX_TOKENS`` 2,048                    the largest model the deep per-image analyses (head
-                                                      ablation, faithfulness) run on live, in tokens per image
-``GQA_LENS_DEEP_MAX_CPU_TFLOP`` 40                    ... and, where they run on the CPU, in their arithmetic
-                                                      (about 4.5 min on two cores; :mod:`gqa_core.lens.deep_work`)
-``GQA_LENS_SESSION_TTL``    1800                      seconds an idle app session keeps its results
-``GQA_LENS_TOKEN_REPOS``    none                      Hub repos (``ORG/NAME``, ``ORG/*``; comma-separated) whose
-                                                      downloads may carry the server's token
-``GQA_LENS_CONCURRENCY``    2                         app requests that run at once
-``GQA_LENS_QUEUE_SIZE``     32 x concurrency          app requests that may wait (more are refused)
-``GQA_LENS_DEVICE``         ``auto``                  where models run: ``auto`` (CUDA when there is one), ``cpu``,
-                                                      ``cuda``, ``cuda:N``
-``GQA_LENS_TRITON``         ``0``                     ``1``: KDGQA through the Triton routing kernel on CUDA
-``GQA_LENS_CACHE``          ``~/.cache/gqa_lens``     downloaded datasets and decoded images
-``GQA_LENS_CIFAR10``        none                      a path to ``cifar10-jpeg.tar.gz`` (checked by its sha256)
-``GQA_LENS_CIFAR10_REPO``   ``gqa-lens/cifar10-jpeg`` the Hub dataset repo it is downloaded from otherwise
-``GQA_LENS_MCP``            ``1``                     ``0``: no MCP server (``/gradio_api/mcp/``) beside the app
-=========================== ========================= =============================================================
+=============================== ========================= =============================================================
+variable                        default                   what it decides
+=============================== ========================= =============================================================
+``GQA_LENS_MODELS``             ``assets/models``         the embedded models' folder (``embedded/NAME``)
+``GQA_LENS_MODEL_DIRS``         none                      folders (``os.pathsep``-separated) served as ``local:NAME``
+``GQA_LENS_MAX_PARAMS``         350,000,000               the largest model a spec may build, in parameters
+``GQA_LENS_MAX_TOKENS``         2,048                     ... and in tokens per image (3,100 admits Sapiens2 at
+                                                          1024 x 768: 3,081 tokens; the analysis's memory stays bounded)
+``GQA_LENS_DEEP_MAX_TOKENS``    2,048                     the largest model the deep per-image analyses (head
+                                                          ablation, faithfulness) run on live, in tokens per image
+``GQA_LENS_DEEP_MAX_CPU_TFLOP`` 40                        ... and, where they run on the CPU, in their arithmetic
+                                                          per model (about 4.5 min on two cores;
+                                                          :mod:`gqa_core.lens.deep_work`)
+``GQA_LENS_SESSION_TTL``        1800                      seconds an idle app session keeps its results
+``GQA_LENS_TOKEN_REPOS``        none                      Hub repos (``ORG/NAME``, ``ORG/*``; comma-separated) whose
+                                                          downloads may carry the server's token
+``GQA_LENS_CONCURRENCY``        2                         app requests that run at once
+``GQA_LENS_QUEUE_SIZE``         32 x concurrency          app requests that may wait (more are refused)
+``GQA_LENS_DEVICE``             ``auto``                  where models run: ``auto`` (CUDA when there is one), ``cpu``,
+                                                          ``cuda``, ``cuda:N``
+``GQA_LENS_TRITON``             ``0``                     ``1``: KDGQA through the Triton routing kernel on CUDA
+``GQA_LENS_CACHE``              ``~/.cache/gqa_lens``     downloaded datasets and decoded images
+``GQA_LENS_CIFAR10``            none                      a path to ``cifar10-jpeg.tar.gz`` (checked by its sha256)
+``GQA_LENS_CIFAR10_REPO``       ``gqa-lens/cifar10-jpeg`` the Hub dataset repo it is downloaded from otherwise
+``GQA_LENS_MCP``                ``1``                     ``0``: no MCP server (``/gradio_api/mcp/``) beside the app
+=============================== ========================= =============================================================
 
 :meth:`Settings.from_env` reads them all whenever asked (cheap), so a process's settings are whatever its
 environment says at that moment; a value that does not parse is a ``ValueError`` naming the variable. Command
@@ -70,7 +71,8 @@ def _positive(kind: Callable[[str], Any]) -> Callable[[str], Any]:
 # how each field's variable is parsed (the variable is PREFIX + the field's name in capitals)
 _PARSERS: Dict[str, Callable[[str], Any]] = dict(
     models=Path, model_dirs=_paths, max_params=_positive(int), max_tokens=_positive(int),
-    deep_max_tokens=_positive(int), deep_max_cpu_tflop=_positive(float), session_ttl=_positive(float), token_repos=_names, concurrency=_positive(int),
+    deep_max_tokens=_positive(int), deep_max_cpu_tflop=_positive(float), session_ttl=_positive(float),
+    token_repos=_names, concurrency=_positive(int),
     queue_size=_positive(int), device=str, triton=_flag, cache=lambda t: Path(t).expanduser(),
     cifar10=lambda t: Path(t).expanduser(), cifar10_repo=str, mcp=_flag)
 

@@ -15,8 +15,8 @@ import torch
 from PIL import Image
 
 from ..io.preprocessing import eval_geometry, normalisation
-from .gpu import ForwardJob, forwards_in_a_gpu_call, on_zerogpu, run_forwards
 from .deep_work import deep_refusal
+from .gpu import ForwardJob, forwards_in_a_gpu_call, on_zerogpu, run_forwards
 from .heads import AblationResult, Progress
 from .models import LoadedModel
 from ..core.head_order import head_groups
@@ -106,8 +106,8 @@ def analyse(loaded: LoadedModel, image: Image.Image, deep: bool = False,
     """Run ``loaded`` on one RGB image (always a batch of one: the result never depends on other requests).
 
     ``deep``: also ablate every head and measure the maps' faithfulness (batched forwards), for models whose
-    deep analyses this server runs live (:func:`~gqa_core.lens.deep_work.deep_refusal`: tokens, and the work
-    where it runs) so a live request stays bounded. The forwards run in
+    deep analyses this server runs live (:func:`~gqa_core.lens.deep_work.deep_refusal`: their tokens, and their
+    work where they run), so a live request stays bounded. The forwards run in
     this process, or on a ZeroGPU Space in one GPU call (:mod:`gqa_core.lens.gpu`). ``progress(fraction,
     what)`` hears how far the deep analyses are (in this process only).
     """

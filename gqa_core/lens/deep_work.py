@@ -3,20 +3,23 @@
 Head ablation and faithfulness run hundreds of forwards (:func:`~gqa_core.lens.gpu_duration.analysis_forwards`),
 so what bounds a live request is their arithmetic, not the token count alone: at 577 tokens a ViT-L's deep
 analyses are about 260 TFLOP (half an hour on two CPU cores) while DINOv2-S/14 at 518 px (1,374 tokens) is 22
-TFLOP. The limit therefore depends on where the forwards run:
+TFLOP. The limit therefore depends on where the forwards run, per model (a run of four columns may do four
+times the work):
 
 - on the CPU, at most ``GQA_LENS_DEEP_MAX_CPU_TFLOP`` (default 40: about four and a half minutes at the
   ~150 GFLOP/s two cores sustain, docs/benchmarks.md);
-- on a ZeroGPU Space, what the call's reservation estimate (:func:`~gqa_core.lens.gpu_duration.gpu_seconds`
-  before its cap) fits in ``MAX_GPU_SECONDS``: a longer call could be aborted;
+- on a ZeroGPU Space, what the call's reservation estimate (:func:`~gqa_core.lens.gpu_duration.estimated_seconds`)
+  fits in ``MAX_GPU_SECONDS``, a fixed cap: a longer call could be aborted;
 - on a local CUDA device, no limit but the token count.
 
-Everywhere the deep analyses also need at most ``GQA_LENS_DEEP_MAX_TOKENS`` tokens (default: the token budget).
+Everywhere the deep analyses also need at most ``GQA_LENS_DEEP_MAX_TOKENS`` tokens (default 2,048, the default
+token budget).
 """
 from __future__ import annotations
 
 from typing import Optional
 
+import torch
 from torch import nn
 
 from ..core.device import model_device
@@ -34,20 +37,29 @@ def deep_forwards(model: nn.Module) -> float:
 
 
 def deep_tflop(model: nn.Module) -> float:
-    """TFLOP of one image's deep analyses: per forward and token, twice the weights of every block's linear
-    layers plus attention's ``4 x tokens x width`` (scores and values); the patch embedding and head are left out
-    (under 1 % at these sizes)."""
+    """TFLOP of one image's deep analyses in the transformer blocks: per forward and token, twice the weights of
+    every block's linear layers plus attention's ``4 x tokens x width`` (scores and values). What runs outside
+    the blocks is left out: under 1 % for a plain patch embedding, but a hybrid's convolutional stem can cost as
+    much as its blocks, and then the estimate is low."""
     T = num_tokens(model)
     per_token = 0
-    for block, attn in zip(blocks_of(model), gqa_layers(model)):
+    for block, attn in zip(blocks_of(model), gqa_layers(model), strict=True):
         weights = sum(m.weight.numel() for m in block.modules() if isinstance(m, nn.Linear))
         per_token += 2 * weights + 4 * T * attn.num_heads * attn.head_dim
     return deep_forwards(model) * T * per_token / 1e12
 
 
-def deep_refusal(model: nn.Module, settings: Optional[Settings] = None) -> Optional[str]:
-    """None when the deep analyses of ``model`` run live here, else the one-line reason (naming the setting)."""
+def deep_refusal(model: nn.Module, settings: Optional[Settings] = None,
+                 device: Optional[torch.device] = None) -> Optional[str]:
+    """None when the deep analyses of ``model`` run live here, else the one-line reason.
+
+    Args:
+        model: the converted model.
+        settings: the operator's (default: the environment's).
+        device: where its forwards run (default: the model's).
+    """
     settings = settings or Settings.from_env()
+    device = device or model_device(model)
     tokens = num_tokens(model)
     if tokens > settings.deep_max_tokens:
         return (f'head ablation and faithfulness need {tokens:,} tokens x many forwards; this server computes them '
@@ -56,10 +68,11 @@ def deep_refusal(model: nn.Module, settings: Optional[Settings] = None) -> Optio
         seconds = estimated_seconds(tokens, len(gqa_layers(model)), deep_forwards(model))
         if seconds > MAX_GPU_SECONDS:
             return (f'head ablation and faithfulness of this model would need about {seconds:,.0f} s of GPU, more '
-                    f'than one ZeroGPU call may reserve ({MAX_GPU_SECONDS} s)')
-    elif model_device(model).type == 'cpu':
+                    f'than one ZeroGPU call may reserve (a fixed {MAX_GPU_SECONDS} s)')
+    elif device.type == 'cpu':
         work = deep_tflop(model)
         if work > settings.deep_max_cpu_tflop:
-            return (f'head ablation and faithfulness of this model are about {work:,.0f} TFLOP; this server computes '
+            shown = f'{work:,.0f}' if work >= 10 else f'{work:.2g}'
+            return (f'head ablation and faithfulness of this model are about {shown} TFLOP; this server computes '
                     f'them live on its CPU up to {settings.deep_max_cpu_tflop:g} TFLOP (GQA_LENS_DEEP_MAX_CPU_TFLOP)')
     return None

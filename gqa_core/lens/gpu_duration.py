@@ -26,8 +26,8 @@ __all__ = ['MIN_GPU_SECONDS', 'MAX_GPU_SECONDS', 'TOKEN_LAYERS_PER_SECOND', 'FAI
 # GQA_LENS_MAX_PARAMS = 350 M parameters, 1.4 GB in fp32) and runs CUDA's first kernels: a few seconds, doubled.
 MIN_GPU_SECONDS = 10
 # The cap: twice ZeroGPU's default of 60 s. A longer reservation waits longer in ZeroGPU's queue and takes most of
-# a visitor's daily quota at once; the live limits keep real work under it (a deep analysis of a ViT-L at 577
-# tokens estimates 240 s at the rate below, about 80 s at the rate the rate's margin leaves out).
+# a visitor's daily quota at once; deep analyses whose estimate exceeds it are not run (deep_work.deep_refusal:
+# a ViT-L at 577 tokens estimates 240 s at the rate below), everything else is capped here.
 MAX_GPU_SECONDS = 120
 # One image token through one block of the widest model the budget admits (ViT-L, width 1,024: about 25 MFLOP,
 # plus attention's 4 x tokens x width) at a third of a half-H200 slice's fp32 peak (analyses keep TF32 off) is

@@ -15,6 +15,7 @@ import atexit
 from typing import Any, Callable, Dict, Iterator, Optional, Tuple
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 from tqdm.auto import tqdm
@@ -41,7 +42,7 @@ def make_accelerator(device: Optional[str] = None, mixed_precision: Optional[str
     # would hide a process that computed something else (tests/training/test_dgqa_ranks.py).
     keep_own_buffers = DistributedDataParallelKwargs(broadcast_buffers=False)
     accelerator = Accelerator(mixed_precision=mixed_precision, cpu=on_cpu, kwargs_handlers=[keep_own_buffers])
-    if accelerator.num_processes > 1:
+    if accelerator.num_processes > 1 and dist.is_initialized() and dist.get_backend() == 'gloo':
         atexit.unregister(leave_process_group)  # registered once, however many runs this process makes
         atexit.register(leave_process_group)
     return accelerator
@@ -53,8 +54,8 @@ def leave_process_group() -> None:
     A gloo process that exits without it can abort in interpreter finalisation ("terminate called without an
     active exception", SIGABRT; pytorch/pytorch#190489): a worker thread's pending work still holds tensors
     when Python is torn down. Every tool's non-main processes return as soon as their last collective is done,
-    so each leaves the group here, at exit, whatever path it took."""
-    import torch.distributed as dist
+    so each leaves the group here, at exit, whatever path it took. Registered for gloo only: with NCCL a
+    process whose peer died could hang in it at exit."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 

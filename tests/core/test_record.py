@@ -127,9 +127,10 @@ def test_every_pooling_head_and_prefix_records_and_rolls_out(class_token, reg_to
 @pytest.mark.parametrize('name,prefix', [('vit_small_patch14_reg4_dinov2', 5), ('vit_small_patch14_dinov2', 1)])
 def test_prefix_rows_are_the_full_recordings_bitwise_and_normalisers_wait_for_a_view(name, prefix):
     """DINOv2 geometry (1,370 / 1,374 tokens, one block): the prefix rows come from a tile of 16 query rows, the
-    full maps from tiles of hundreds, and they are the same numbers (a class token's row alone would take the
-    matrix-vector kernel, which rounds differently); the row normalisers cost nothing until a view recomputes a
-    row from the kept queries and keys."""
+    full maps from tiles of hundreds, and they are the same numbers (bitwise on this machine's CPU kernels, where
+    a class token's row alone, taking the matrix-vector kernel, is not: other BLAS builds may round a tile's rows
+    differently, so the bound is one float32 rounding); the row normalisers cost nothing until a view recomputes
+    a row from the kept queries and keys."""
     torch.manual_seed(0)
     model = convert(timm.create_model(name, depth=1), 'kdgqa', 3).eval()
     x = torch.randn(1, 3, 518, 518)
@@ -139,7 +140,8 @@ def test_prefix_rows_are_the_full_recordings_bitwise_and_normalisers_wait_for_a_
         model(x)
     kept, maps = rows.result.layers[0], full.result.layers[0].attention
     T = maps.shape[-1]
-    assert kept.attention.shape == (1, 6, prefix, T) and torch.equal(kept.attention, maps[:, :, :prefix])
+    assert kept.attention.shape == (1, 6, prefix, T)
+    torch.testing.assert_close(kept.attention, maps[:, :, :prefix], rtol=1.2e-7, atol=1e-9)
     assert kept.log_norm is None
     row = kept.query_row(700)
     assert kept.log_norm is not None and kept.log_norm.shape == (1, 6, T)

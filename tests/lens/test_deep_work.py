@@ -40,10 +40,10 @@ def test_dinov2_at_518_px_runs_on_the_cpu_by_default_and_a_vit_l_at_384_does_not
     with torch.device('meta'):  # the count needs the geometry, not the weights
         large = convert(timm.create_model('vit_large_patch16_384'), 'kdgqa', 8)
     assert deep_tflop(large) > 200  # 577 tokens: under the old 600-token limit, half an hour on two cores
-    on_cpu = large.to_empty(device='cpu')
-    refusal = deep_refusal(on_cpu, settings)
+    refusal = deep_refusal(large, settings, device=torch.device('cpu'))
     assert refusal.startswith('head ablation and faithfulness of this model are about ') and \
         'GQA_LENS_DEEP_MAX_CPU_TFLOP' in refusal
+    assert deep_refusal(large, settings, device=torch.device('cuda')) is None, 'a local GPU: the token limit only'
     assert 'tokens' in deep_refusal(small, dataclasses.replace(settings, deep_max_tokens=1000))
 
 
@@ -56,8 +56,9 @@ def test_on_zerogpu_the_limit_is_what_one_call_may_reserve(monkeypatch):
     assert deep_refusal(base, Settings()) is None, 'a GPU runs what the CPU limit would refuse (105 TFLOP)'
 
 
-def test_the_app_says_why_and_runs_nothing_deep_above_the_limit(registry, monkeypatch):
-    loaded = registry.get('embedded/kdgqa')
+def test_the_app_says_why_and_runs_nothing_deep_above_the_limit(monkeypatch):
+    from gqa_core.lens.models import ModelRegistry
+    loaded = ModelRegistry(device='cpu').get('embedded/kdgqa')  # the CPU's limit, whatever this machine has
     photo = Image.open(EXAMPLES_DIR / 'cifar10_dog.jpg')
     monkeypatch.setenv('GQA_LENS_DEEP_MAX_CPU_TFLOP', '0.001')
     refused = analyse(loaded, photo, deep=True)
