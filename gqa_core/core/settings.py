@@ -11,8 +11,8 @@ variable                        default                   what it decides
 ``GQA_LENS_DEEP_MAX_TOKENS``    2,048                     the largest model the deep per-image analyses (head
                                                           ablation, faithfulness) run on live, in tokens per image
 ``GQA_LENS_DEEP_MAX_CPU_TFLOP`` 40                        ... and, where they run on the CPU, in their arithmetic
-                                                          per model (about 4.5 min on two cores;
-                                                          :mod:`gqa_core.lens.deep_work`)
+                                                          for one run's models together (about 4.5 min on two
+                                                          cores; :mod:`gqa_core.lens.deep_work`)
 ``GQA_LENS_SESSION_TTL``        1800                      seconds an idle app session keeps its results
 ``GQA_LENS_TOKEN_REPOS``        none                      Hub repos (``ORG/NAME``, ``ORG/*``; comma-separated) whose
                                                           downloads may carry the server's token
@@ -87,8 +87,8 @@ class Settings:
         max_params: parameters of the largest model a spec may build.
         max_tokens: tokens per image of the largest model a spec may build.
         deep_max_tokens: tokens per image up to which head ablation and faithfulness run live.
-        deep_max_cpu_tflop: TFLOP of one image's head ablation and faithfulness up to which they run live on the
-            CPU (:func:`~gqa_core.lens.deep_work.deep_tflop`).
+        deep_max_cpu_tflop: TFLOP of one run's head ablations and faithfulness (its models together) up to which
+            they run live on the CPU (:func:`~gqa_core.lens.deep_work.deep_tflop`).
         session_ttl: seconds an idle app session keeps its results.
         token_repos: Hub repo patterns whose downloads may carry the server's token.
         concurrency: app requests that run at once.

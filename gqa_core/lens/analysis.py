@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from ..io.preprocessing import eval_geometry, normalisation
-from .deep_work import deep_refusal
+from .deep_work import deep_refusal, deep_tflop
 from .gpu import ForwardJob, forwards_in_a_gpu_call, on_zerogpu, run_forwards
 from .heads import AblationResult, Progress
 from .models import LoadedModel
@@ -57,6 +57,7 @@ class Analysis:
     ablation: Optional[AblationResult] = None  # which heads matter (None: not computed, see deep_note)
     faithfulness: Optional[Dict[str, Dict[str, Any]]] = None  # deletion / insertion per map
     deep_note: str = ''
+    deep_tflop: float = 0.0  # what its deep analyses cost on the CPU (counted against the run's limit)
     calibration: Optional[Dict[str, Any]] = None  # what calibration did, when the model was calibrated here
     pooling: Optional['Pooling'] = None  # an MHA's heads as a conversion of this run pools them (picked view)
 
@@ -102,18 +103,19 @@ def model_input(loaded: LoadedModel, image: Image.Image) -> tuple:
 
 
 def analyse(loaded: LoadedModel, image: Image.Image, deep: bool = False,
-            progress: Optional[Progress] = None) -> Analysis:
+            progress: Optional[Progress] = None, deep_spent: float = 0.0) -> Analysis:
     """Run ``loaded`` on one RGB image (always a batch of one: the result never depends on other requests).
 
     ``deep``: also ablate every head and measure the maps' faithfulness (batched forwards), for models whose
     deep analyses this server runs live (:func:`~gqa_core.lens.deep_work.deep_refusal`: their tokens, and their
     work where they run), so a live request stays bounded. The forwards run in
     this process, or on a ZeroGPU Space in one GPU call (:mod:`gqa_core.lens.gpu`). ``progress(fraction,
-    what)`` hears how far the deep analyses are (in this process only).
+    what)`` hears how far the deep analyses are (in this process only). ``deep_spent``: TFLOP the other models of
+    the same run already spent on the CPU (the CPU limit is a run's).
     """
     view, x = model_input(loaded, image)
     x = x.to(model_device(loaded.model))  # the registry's device (the CPU on a ZeroGPU Space)
-    refusal = deep_refusal(loaded.model) if deep else None
+    refusal = deep_refusal(loaded.model, spent=deep_spent) if deep else None
     run_deep = deep and refusal is None
     with loaded.lock:
         if on_zerogpu():
@@ -123,6 +125,8 @@ def analyse(loaded: LoadedModel, image: Image.Image, deep: bool = False,
         check_finite(out.recording)
         analysis = _summarise(loaded, view, out.recording)
     analysis.ablation, analysis.faithfulness = out.ablation, out.faithfulness
+    if run_deep and not on_zerogpu() and model_device(loaded.model).type == 'cpu':
+        analysis.deep_tflop = deep_tflop(loaded.model)
     shrunk = shrink_note(image.size, loaded.preprocessing['input_size'][1:])
     if shrunk:
         analysis.notes.insert(0, shrunk)

@@ -3,11 +3,10 @@
 Head ablation and faithfulness run hundreds of forwards (:func:`~gqa_core.lens.gpu_duration.analysis_forwards`),
 so what bounds a live request is their arithmetic, not the token count alone: at 577 tokens a ViT-L's deep
 analyses are about 260 TFLOP (half an hour on two CPU cores) while DINOv2-S/14 at 518 px (1,374 tokens) is 22
-TFLOP. The limit therefore depends on where the forwards run, per model (a run of four columns may do four
-times the work):
+TFLOP. The limit therefore depends on where the forwards run:
 
-- on the CPU, at most ``GQA_LENS_DEEP_MAX_CPU_TFLOP`` (default 40: about four and a half minutes at the
-  ~150 GFLOP/s two cores sustain, docs/benchmarks.md);
+- on the CPU, at most ``GQA_LENS_DEEP_MAX_CPU_TFLOP`` for one run, all its models together (default 40: about
+  four and a half minutes at the ~150 GFLOP/s two cores sustain, docs/benchmarks.md);
 - on a ZeroGPU Space, what the call's reservation estimate (:func:`~gqa_core.lens.gpu_duration.estimated_seconds`)
   fits in ``MAX_GPU_SECONDS``, a fixed cap: a longer call could be aborted;
 - on a local CUDA device, no limit but the token count.
@@ -50,13 +49,14 @@ def deep_tflop(model: nn.Module) -> float:
 
 
 def deep_refusal(model: nn.Module, settings: Optional[Settings] = None,
-                 device: Optional[torch.device] = None) -> Optional[str]:
+                 device: Optional[torch.device] = None, spent: float = 0.0) -> Optional[str]:
     """None when the deep analyses of ``model`` run live here, else the one-line reason.
 
     Args:
         model: the converted model.
         settings: the operator's (default: the environment's).
         device: where its forwards run (default: the model's).
+        spent: TFLOP the same run's other models already took on the CPU.
     """
     settings = settings or Settings.from_env()
     device = device or model_device(model)
@@ -71,8 +71,13 @@ def deep_refusal(model: nn.Module, settings: Optional[Settings] = None,
                     f'than one ZeroGPU call may reserve (a fixed {MAX_GPU_SECONDS} s)')
     elif device.type == 'cpu':
         work = deep_tflop(model)
-        if work > settings.deep_max_cpu_tflop:
-            shown = f'{work:,.0f}' if work >= 10 else f'{work:.2g}'
-            return (f'head ablation and faithfulness of this model are about {shown} TFLOP; this server computes '
-                    f'them live on its CPU up to {settings.deep_max_cpu_tflop:g} TFLOP (GQA_LENS_DEEP_MAX_CPU_TFLOP)')
+        if spent + work > settings.deep_max_cpu_tflop:
+            others = f' after the {_tflop(spent)} TFLOP of this run\'s other models' if spent else ''
+            return (f'head ablation and faithfulness of this model are about {_tflop(work)} TFLOP{others}; this '
+                    f'server computes them live on its CPU up to {settings.deep_max_cpu_tflop:g} TFLOP a run '
+                    f'(GQA_LENS_DEEP_MAX_CPU_TFLOP)')
     return None
+
+
+def _tflop(value: float) -> str:
+    return f'{value:,.0f}' if value >= 10 else f'{value:.2g}'

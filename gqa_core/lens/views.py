@@ -117,6 +117,7 @@ def run_models(registry: ModelRegistry, image_path: Optional[str], specs: Sequen
     ``errors[i]`` then says why. A bad image raises :class:`ImageInputError` before any model runs.
     """
     loaded_image = load_image(image_path)
+    deep_spent = 0.0  # TFLOP the run's deep analyses took on the CPU so far: the limit is the run's
     analyses: List[Optional[Analysis]] = []
     errors: List[Optional[str]] = []
     chosen = [s for s in specs if not _is_empty(s)]
@@ -133,7 +134,12 @@ def run_models(registry: ModelRegistry, image_path: Optional[str], specs: Sequen
             step = None if progress is None else (
                 lambda what, i=i: progress((i + 0.5) / len(specs), desc=shown(what, 60)[1:-1]))
             loaded = registry.get(spec, step)  # a calibrated conversion says which layer it is fitting
-            analyses.append(analyse(loaded, loaded_image.image, deep=deep))
+            deep_step = None if progress is None else (
+                lambda fraction, what, i=i, spec=spec: progress((i + 0.5 + 0.5 * fraction) / len(specs),
+                                                                desc=f'{shown(spec, 40)}: {what}'))
+            analysis = analyse(loaded, loaded_image.image, deep=deep, progress=deep_step, deep_spent=deep_spent)
+            deep_spent += analysis.deep_tflop
+            analyses.append(analysis)
             errors.append(None)
         except (ValueError, OSError, RuntimeError, TypeError, IndexError, KeyError, AttributeError) as e:
             # ModelLoadError / SpecError / ConfigError are ValueErrors; anything else from a model is named,

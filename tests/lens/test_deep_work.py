@@ -67,3 +67,24 @@ def test_the_app_says_why_and_runs_nothing_deep_above_the_limit(monkeypatch):
     monkeypatch.delenv('GQA_LENS_DEEP_MAX_CPU_TFLOP')
     ran = analyse(loaded, photo, deep=True)
     assert ran.ablation is not None and ran.faithfulness and not ran.deep_note
+
+
+def test_the_cpu_limit_is_a_runs_and_the_run_reports_the_deep_analyses_progress(monkeypatch):
+    """Four columns of a run share one CPU limit (four models at the limit each would be four times its time),
+    and the run's progress moves through each model's ablation and faithfulness."""
+    from gqa_core.lens.models import ModelRegistry
+    from gqa_core.lens.views import run_models
+    registry = ModelRegistry(device='cpu')
+    one = deep_tflop(registry.get('embedded/kdgqa').model)
+    monkeypatch.setenv('GQA_LENS_DEEP_MAX_CPU_TFLOP', repr(one * 1.5))  # room for one embedded model, not two
+    heard = []
+    analyses, errors, _ = run_models(registry, str(EXAMPLES_DIR / 'cifar10_dog.jpg'),
+                                     ['embedded/kdgqa', 'embedded/gqa'], deep=True,
+                                     progress=lambda fraction, desc: heard.append((fraction, desc)))
+    first, second = analyses
+    assert errors == [None, None] and first.ablation is not None and first.deep_tflop == pytest.approx(one)
+    assert second.ablation is None and "after the" in second.deep_note and "this run's other models" in \
+        second.deep_note and 'GQA_LENS_DEEP_MAX_CPU_TFLOP' in second.deep_note
+    deep_steps = [(f, d) for f, d in heard if 'head ablation' in d or 'faithfulness' in d]
+    assert deep_steps and all(0.25 <= f <= 0.5 for f, _ in deep_steps), 'the first of two columns: 1/4 to 1/2'
+    assert [f for f, _ in deep_steps] == sorted(f for f, _ in deep_steps)
