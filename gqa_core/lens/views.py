@@ -128,14 +128,15 @@ def run_models(registry: ModelRegistry, image_path: Optional[str], specs: Sequen
             analyses.append(None)
             errors.append(None)
             continue
+        k = sum(not _is_empty(s) for s in specs[:i])  # the bar moves over the chosen models only
         try:
             if progress is not None:
-                progress((i + 0.5) / len(specs), desc=f'{shown(spec, 40)}: loading and running')
+                progress((k + 0.5) / len(chosen), desc=f'{shown(spec, 40)}: loading and running')
             step = None if progress is None else (
-                lambda what, i=i: progress((i + 0.5) / len(specs), desc=shown(what, 60)[1:-1]))
+                lambda what, k=k: progress((k + 0.5) / len(chosen), desc=shown(what, 60)[1:-1]))
             loaded = registry.get(spec, step)  # a calibrated conversion says which layer it is fitting
             deep_step = None if progress is None else (
-                lambda fraction, what, i=i, spec=spec: progress((i + 0.5 + 0.5 * fraction) / len(specs),
+                lambda fraction, what, k=k, spec=spec: progress((k + 0.5 + 0.5 * fraction) / len(chosen),
                                                                 desc=f'{shown(spec, 40)}: {what}'))
             analysis = analyse(loaded, loaded_image.image, deep=deep, progress=deep_step, deep_spent=deep_spent)
             deep_spent += analysis.deep_tflop

@@ -79,12 +79,12 @@ def test_the_cpu_limit_is_a_runs_and_the_run_reports_the_deep_analyses_progress(
     monkeypatch.setenv('GQA_LENS_DEEP_MAX_CPU_TFLOP', repr(one * 1.5))  # room for one embedded model, not two
     heard = []
     analyses, errors, _ = run_models(registry, str(EXAMPLES_DIR / 'cifar10_dog.jpg'),
-                                     ['embedded/kdgqa', 'embedded/gqa'], deep=True,
+                                     ['embedded/kdgqa', '(none)', 'embedded/gqa', '(none)'], deep=True,
                                      progress=lambda fraction, desc: heard.append((fraction, desc)))
-    first, second = analyses
-    assert errors == [None, None] and first.ablation is not None and first.deep_tflop == pytest.approx(one)
+    first, _, second, _ = analyses
+    assert errors == [None] * 4 and first.ablation is not None and first.deep_tflop == pytest.approx(one)
     assert second.ablation is None and "after the" in second.deep_note and "this run's other models" in \
         second.deep_note and 'GQA_LENS_DEEP_MAX_CPU_TFLOP' in second.deep_note
     deep_steps = [(f, d) for f, d in heard if 'head ablation' in d or 'faithfulness' in d]
-    assert deep_steps and all(0.25 <= f <= 0.5 for f, _ in deep_steps), 'the first of two columns: 1/4 to 1/2'
+    assert deep_steps and all(0.25 <= f <= 0.5 for f, _ in deep_steps), 'the first of two models: 1/4 to 1/2'
     assert [f for f, _ in deep_steps] == sorted(f for f, _ in deep_steps)
