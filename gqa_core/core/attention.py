@@ -28,7 +28,7 @@ from .policies import Grouping, GroupingPolicy, create_policy
 from .probe import AttentionProbe
 
 __all__ = ['GroupedQueryAttention', 'gqa_attention_layer', 'key_head_norms', 'route_kv', 'route_kv_rows',
-           'grouped_attention', 'explicit_attention', 'mix_heads',
+           'route_kv_fast', 'grouped_attention', 'explicit_attention', 'mix_heads',
            'ATTENTION_KINDS', 'attention_kind', 'permute_heads', 'apply_rope', 'shared_bias', 'out_projection',
            'context_rope']
 
@@ -153,14 +153,19 @@ def explicit_attention(
     return attn @ v
 
 
+def route_kv_fast(kv: Tensor, query_to_kv: Tensor) -> Tensor:
+    """:func:`route_kv` as the row gather of :func:`route_kv_rows` where it applies (a per-image table, no
+    autograd): the same values, without advanced indexing's slow CPU kernel."""
+    if query_to_kv.dim() == 2 and not (torch.is_grad_enabled() and kv.requires_grad):
+        rows = route_kv_rows(kv, query_to_kv)
+        if rows is not None:
+            return rows
+    return route_kv(kv, query_to_kv)
+
+
 def _route_pair(k: Tensor, v: Tensor, query_to_kv: Tensor) -> Tuple[Tensor, Tensor]:
-    """K and V routed to the query heads: the row gather of :func:`route_kv_rows` where it applies (a per-image
-    table, no autograd), else :func:`route_kv`."""
-    if query_to_kv.dim() == 2 and not (torch.is_grad_enabled() and (k.requires_grad or v.requires_grad)):
-        routed_k, routed_v = route_kv_rows(k, query_to_kv), route_kv_rows(v, query_to_kv)
-        if routed_k is not None and routed_v is not None:
-            return routed_k, routed_v
-    return route_kv(k, query_to_kv), route_kv(v, query_to_kv)
+    """K and V routed to the query heads (:func:`route_kv_fast`)."""
+    return route_kv_fast(k, query_to_kv), route_kv_fast(v, query_to_kv)
 
 
 # The timm attention classes a grouped layer replaces (and reverts to), by the name the layer keeps.

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from timm.layers.attention import resolve_self_attn_mask
 
-from .attention import GroupedQueryAttention, route_kv, route_kv_rows
+from .attention import GroupedQueryAttention, route_kv_fast
 from .convert import grouping_config
 from .policies import Grouping
 from .probe import AttentionProbe, attach, detach
@@ -296,10 +296,9 @@ class record:
         maps = _RowMaps(B, H, T, self.num_prefix_tokens, keep_full, mean_row, (), q.device)
         queries = q.float() * layer.scale
         mixes = _mixes(layer)
-        kept = _KeptQK(queries, k) if self.keep_qk else None
-        if n_rows or kept is not None or self.fusions:
+        if n_rows or self.keep_qk or self.fusions:
             bias = resolve_self_attn_mask(T, queries, attn_mask)
-            keys = _routed(k.float(), grouping.query_to_kv).transpose(-2, -1) if n_rows else None  # (B, H, d, T)
+            keys = route_kv_fast(k.float(), grouping.query_to_kv).transpose(-2, -1) if n_rows else None  # (B, H, d, T)
             for start in range(0, n_rows, step):  # tiles of query rows bound the transient memory at large T
                 stop = min(n_rows, start + step)
                 block = queries[:, :, start:stop] @ keys  # (B, H, rows, T)
@@ -308,14 +307,13 @@ class record:
                 maps.add(start, _weights_(block, mixes))
                 del block
             keys = None
-            if kept is not None and bias is not None:
-                kept.bias = bias.expand(B, H, T, T)[0].half().cpu()
             if self.fusions:  # the keys unrouted (G heads, not H): routed again, one layer at a time, at the end
                 self._rollout_inputs.append((queries, k.float(), grouping.query_to_kv, bias, mixes))
         record = self._layer_record(layer, maps, key_norms, grouping, index)
         record.logit_mix, record.weight_mix = (None, None) if mixes is None else (m.cpu() for m in mixes)
-        if kept is not None:
-            record.queries, record.keys, record.bias = kept.result()
+        if self.keep_qk:  # float16: what rows are recomputed from later (LayerRecord.query_row)
+            record.queries, record.keys = queries.half().cpu(), k.half().cpu()
+            record.bias = bias.expand(B, H, T, T)[0].half().cpu() if bias is not None else None
         self._layers.append(record)
 
     def _layer_record(self, layer: GroupedQueryAttention, maps: '_RowMaps', key_norms: Tensor,
@@ -351,7 +349,7 @@ class record:
         vectors = {fusion: summary.float().clone() for fusion in self.fusions}
         for queries, k, query_to_kv, bias, mixes in reversed(self._rollout_inputs):
             B, H, T = queries.shape[:3]
-            keys = _routed(k, query_to_kv).transpose(-2, -1)  # (B, H, d, T)
+            keys = route_kv_fast(k, query_to_kv).transpose(-2, -1)  # (B, H, d, T)
             step = _row_step(B, H, T, PASS_BLOCK_BYTES)
             out = {fusion: torch.zeros_like(v) for fusion, v in vectors.items()}
             for start in range(0, T, step):
@@ -409,17 +407,6 @@ def pool_query_attention(pool: nn.Module, x: Tensor) -> Tensor:
     return scores.softmax(-1).mean(2)
 
 
-class _KeptQK:
-    """One layer's queries and keys rounded to float16 (what rows are recomputed from later)."""
-
-    def __init__(self, scaled_q: Tensor, k: Tensor) -> None:
-        self.queries, self.keys = scaled_q.half(), k.half()
-        self.bias: Optional[Tensor] = None
-
-    def result(self) -> tuple:
-        return self.queries.cpu(), self.keys.cpu(), self.bias
-
-
 def row_log_norms(queries: Tensor, keys: Tensor, query_to_kv: Tensor, bias: Optional[Tensor] = None,
                   logit_mix: Optional[Tensor] = None) -> Tensor:
     """``(B, H, T)``: the log-sum-exp of every row of the scores that the kept float16 ``queries`` ``(B, H, T, d)``
@@ -427,7 +414,7 @@ def row_log_norms(queries: Tensor, keys: Tensor, query_to_kv: Tensor, bias: Opti
     (``query_to_kv`` ``(B, H)``), mixed by ``logit_mix`` first for talking heads: so rows recomputed from the same
     values sum to 1. Tiles of query rows bound the transient memory."""
     B, H, T = queries.shape[:3]
-    routed = _routed(keys.float(), query_to_kv).transpose(-2, -1)  # (B, H, d, T)
+    routed = route_kv_fast(keys.float(), query_to_kv).transpose(-2, -1)  # (B, H, d, T)
     out = torch.empty(B, H, T, device=queries.device)
     step = _row_step(B, H, T, PASS_BLOCK_BYTES)
     for start in range(0, T, step):
@@ -437,13 +424,6 @@ def row_log_norms(queries: Tensor, keys: Tensor, query_to_kv: Tensor, bias: Opti
             scores = scores + bias[:, start:stop].float()
         out[:, :, start:stop] = _mixed(scores, logit_mix, 1).logsumexp(-1)
     return out
-
-
-def _routed(k: Tensor, query_to_kv: Tensor) -> Tensor:
-    """:func:`route_kv`, as the row gather of :func:`route_kv_rows` for a per-image table (same values, a few
-    times faster on the CPU than advanced indexing)."""
-    rows = route_kv_rows(k, query_to_kv)
-    return rows if rows is not None else route_kv(k, query_to_kv)
 
 
 def _row_step(B: int, H: int, T: int, budget: int = ROW_BLOCK_BYTES) -> int:
