@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from ..io.preprocessing import eval_geometry, normalisation
-from .deep_work import deep_refusal, deep_tflop
+from .deep_work import cpu_tflop, deep_refusal
 from .gpu import ForwardJob, forwards_in_a_gpu_call, on_zerogpu, run_forwards
 from .heads import AblationResult, Progress
 from .models import LoadedModel
@@ -125,8 +125,7 @@ def analyse(loaded: LoadedModel, image: Image.Image, deep: bool = False,
         check_finite(out.recording)
         analysis = _summarise(loaded, view, out.recording)
     analysis.ablation, analysis.faithfulness = out.ablation, out.faithfulness
-    if run_deep and not on_zerogpu() and model_device(loaded.model).type == 'cpu':
-        analysis.deep_tflop = deep_tflop(loaded.model)
+    analysis.deep_tflop = cpu_tflop(loaded.model) if run_deep else 0.0
     shrunk = shrink_note(image.size, loaded.preprocessing['input_size'][1:])
     if shrunk:
         analysis.notes.insert(0, shrunk)

@@ -27,7 +27,7 @@ from ..core.vit import blocks_of, gqa_layers, num_tokens
 from .gpu import on_zerogpu
 from .gpu_duration import MAX_GPU_SECONDS, analysis_forwards, estimated_seconds
 
-__all__ = ['deep_forwards', 'deep_tflop', 'deep_refusal']
+__all__ = ['deep_forwards', 'deep_tflop', 'cpu_tflop', 'deep_refusal']
 
 
 def deep_forwards(model: nn.Module) -> float:
@@ -48,6 +48,14 @@ def deep_tflop(model: nn.Module) -> float:
     return deep_forwards(model) * T * per_token / 1e12
 
 
+def cpu_tflop(model: nn.Module, device: Optional[torch.device] = None) -> float:
+    """What the deep analyses of ``model`` count against the CPU limit: :func:`deep_tflop` where they run on this
+    server's CPU (``device``, default the model's), 0 on a GPU or a ZeroGPU Space."""
+    if on_zerogpu() or (device or model_device(model)).type != 'cpu':
+        return 0.0
+    return deep_tflop(model)
+
+
 def deep_refusal(model: nn.Module, settings: Optional[Settings] = None,
                  device: Optional[torch.device] = None, spent: float = 0.0) -> Optional[str]:
     """None when the deep analyses of ``model`` run live here, else the one-line reason.
@@ -59,7 +67,6 @@ def deep_refusal(model: nn.Module, settings: Optional[Settings] = None,
         spent: TFLOP the same run's other models already took on the CPU.
     """
     settings = settings or Settings.from_env()
-    device = device or model_device(model)
     tokens = num_tokens(model)
     if tokens > settings.deep_max_tokens:
         return (f'head ablation and faithfulness need {tokens:,} tokens x many forwards; this server computes them '
@@ -69,13 +76,12 @@ def deep_refusal(model: nn.Module, settings: Optional[Settings] = None,
         if seconds > MAX_GPU_SECONDS:
             return (f'head ablation and faithfulness of this model would need about {seconds:,.0f} s of GPU, more '
                     f'than one ZeroGPU call may reserve (a fixed {MAX_GPU_SECONDS} s)')
-    elif device.type == 'cpu':
-        work = deep_tflop(model)
-        if spent + work > settings.deep_max_cpu_tflop:
-            others = f' after the {_tflop(spent)} TFLOP of this run\'s other models' if spent else ''
-            return (f'head ablation and faithfulness of this model are about {_tflop(work)} TFLOP{others}; this '
-                    f'server computes them live on its CPU up to {settings.deep_max_cpu_tflop:g} TFLOP a run '
-                    f'(GQA_LENS_DEEP_MAX_CPU_TFLOP)')
+    work = cpu_tflop(model, device)
+    if work and spent + work > settings.deep_max_cpu_tflop:
+        others = f' after the {_tflop(spent)} TFLOP of this run\'s other models' if spent else ''
+        return (f'head ablation and faithfulness of this model are about {_tflop(work)} TFLOP{others}; this '
+                f'server computes them live on its CPU up to {settings.deep_max_cpu_tflop:g} TFLOP a run '
+                f'(GQA_LENS_DEEP_MAX_CPU_TFLOP)')
     return None
 
 
