@@ -27,10 +27,10 @@ from .kernels import routed_attention, triton_enabled
 from .policies import Grouping, GroupingPolicy, create_policy
 from .probe import AttentionProbe
 
-__all__ = ['GroupedQueryAttention', 'gqa_attention_layer', 'key_head_norms', 'route_kv', 'route_kv_rows',
-           'route_kv_fast', 'grouped_attention', 'explicit_attention', 'mix_heads',
-           'ATTENTION_KINDS', 'attention_kind', 'permute_heads', 'apply_rope', 'shared_bias', 'out_projection',
-           'context_rope']
+__all__ = ['GroupedQueryAttention', 'gqa_attention_layer', 'key_head_norms', 'route_kv',
+           'route_kv_rows', 'route_kv_fast', 'grouped_attention', 'explicit_attention', 'mix_heads',
+           'ATTENTION_KINDS', 'attention_kind', 'kv_as_built', 'not_as_built', 'multi_head_equivalent', 'permute_heads',
+           'apply_rope', 'shared_bias', 'out_projection', 'context_rope']
 
 
 def kv_bytes(num_kv_heads: int, head_dim: int, num_tokens: int, bytes_per_value: int = 2) -> int:
@@ -694,6 +694,39 @@ class GroupedQueryAttention(nn.Module):
 
     def extra_repr(self) -> str:
         return f'num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}'
+
+
+def kv_as_built(attn: nn.Module) -> bool:
+    """Whether ``attn``'s K/V heads are the ones its backbone was built with -- timm's own layer (multi-head or
+    timm's GQA), or a grouped layer at G = H or at its native G, in the built head order, with a grouping fixed
+    at inference -- so that the multi-head layer computing the same function exists (each KV head repeated)
+    and any G can be pooled from it. False for K/V a conversion pooled from more heads: the multi-head layer
+    they came from is no longer in the model."""
+    if not isinstance(attn, GroupedQueryAttention):
+        return attention_kind(attn) is not None
+    H, G = attn.num_heads, attn.num_kv_heads
+    in_order = attn.source_heads is None or list(attn.source_heads) == list(range(H))
+    return attn.policy.fixed_at_inference and (G == H or (G == attn.native_kv_heads and in_order))
+
+
+def not_as_built(attn: nn.Module) -> str:
+    """Why ``attn`` is not :func:`kv_as_built`, in a few words for a refusal."""
+    if isinstance(attn, GroupedQueryAttention) and not attn.policy.fixed_at_inference:
+        return f'its policy, {attn.policy.name.upper()}, chooses the groups per input'
+    return 'its K/V pooled by a conversion'
+
+
+def multi_head_equivalent(attn: nn.Module) -> Optional[nn.Module]:
+    """timm's multi-head layer (G = H) of ``attn``'s kind computing the same function (``attn`` itself when it is
+    one), or None when its K/V are not :func:`kv_as_built`. Why: a head order permutes query heads across KV
+    groups, which only a layer with one KV head per query head can express."""
+    if not kv_as_built(attn):
+        return None
+    if isinstance(attn, GroupedQueryAttention):
+        return attn.to_attention()
+    if int(getattr(attn, 'num_kv_heads', None) or attn.num_heads) == attn.num_heads:
+        return attn
+    return GroupedQueryAttention.from_attention(attn, 'mha').to_attention()  # timm's GQA: KV heads repeated
 
 
 def _clip_bounds(attn: nn.Module) -> Optional[Tensor]:

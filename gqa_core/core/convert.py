@@ -7,7 +7,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 from torch import Tensor, nn
 
-from .attention import ATTENTION_KINDS, GroupedQueryAttention, attention_kind, kv_bytes
+from .attention import (ATTENTION_KINDS, GroupedQueryAttention, attention_kind, kv_as_built, kv_bytes,
+                        multi_head_equivalent, not_as_built)
 from .calibrate import CalibrationBudget, calibrate_layers, check_calibration
 from .head_order import HEAD_ORDERS, advise_head_order, check_permutations, permute_heads
 from .vit import blocks_of, check_positions, check_vit, gqa_layers, num_tokens
@@ -83,11 +84,8 @@ def convert(
         budget = budget if budget is not None else CalibrationBudget()
     sources = [getattr(block.attn, 'source_heads', None) for block in blocks_of(vit)]
     perms = _head_order_permutations(vit, attns, head_order, calibration, num_kv_heads, max_refine_flops, parallel)
-    if perms is not None and any(getattr(a, 'num_kv_heads', None) not in (None, a.num_heads) for a in attns):
-        raise ValueError('a head order permutes multi-head layers (G = H) before pooling: expand the model to '
-                         'MHA first (variant "mha"), then convert with a head order')
-    if perms is not None:
-        attns = [copy.deepcopy(a) for a in attns]  # permute copies: a failure below leaves the model as it was
+    if perms is not None:  # permute multi-head copies (timm's GQA expanded): a failure leaves the model as it was
+        attns = [copy.deepcopy(mha) if mha is a else mha for a, mha in ((a, multi_head_equivalent(a)) for a in attns)]
         for attn, perm in zip(attns, perms):
             permute_heads(attn, perm)
         sources = perms
@@ -179,9 +177,9 @@ def _convertible_attention(index: int, block: nn.Module, num_kv_heads: Optional[
         raise ValueError(f'block {index} ({type(block).__name__}) has no single `attn` module (parallel or fused '
                          'attention blocks are not supported); the model was not changed')
     if isinstance(attn, GroupedQueryAttention):
-        if num_kv_heads not in (None, attn.num_kv_heads) and attn.num_kv_heads != attn.num_heads:
-            raise ValueError(f'block {index} already has G={attn.num_kv_heads}; convert to G={num_kv_heads} '
-                             'from the multi-head model (G = H), not from another grouping')
+        if num_kv_heads not in (None, attn.num_kv_heads) and not kv_as_built(attn):
+            raise ValueError(f'block {index} has G={attn.num_kv_heads}, {not_as_built(attn)}; convert to '
+                             f'G={num_kv_heads} from the multi-head model (G = H), not from another grouping')
         return attn.to_attention()
     if attention_kind(attn) is None:
         known = ', '.join(f'{cls.__module__.split(".")[-1]}.{cls.__name__}' for cls in ATTENTION_KINDS.values())

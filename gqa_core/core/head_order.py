@@ -37,7 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .attention import GroupedQueryAttention, attention_kind, context_rope, permute_heads, shared_bias
+from .attention import (GroupedQueryAttention, context_rope, multi_head_equivalent, not_as_built, permute_heads,
+                        shared_bias)
 from .distributed import process_part, sum_over_processes
 from .vit import block_context, block_inputs, blocks_of, check_vit, model_output, output_rows, run_blocks
 
@@ -402,13 +403,15 @@ def advise_head_order(model: nn.Module, num_kv_heads: int, images: Tensor, *, ca
 
 
 def _multi_head(attn: nn.Module, index: int) -> GroupedQueryAttention:
-    """The block's multi-head attention as a G = H grouped layer of its kind (exact for timm's own layers)."""
-    if attention_kind(attn) is not None and getattr(attn, 'num_kv_heads', attn.num_heads) == attn.num_heads:
-        attn = GroupedQueryAttention.from_attention(attn, 'mha')
-    if not (isinstance(attn, GroupedQueryAttention) and attn.num_kv_heads == attn.num_heads):
-        raise ValueError(f'block {index}: the head-order advisor needs the multi-head model (G = H), '
-                         f'got {type(attn).__name__}' + (f' with G={attn.num_kv_heads}'
-                                                         if hasattr(attn, 'num_kv_heads') else ''))
+    """The block's multi-head attention as a G = H grouped layer of its kind (exact for timm's own layers, their
+    GQA included, and for grouped layers with the K/V their backbone was built with)."""
+    mha = multi_head_equivalent(attn)  # timm's GQA and a native grouped layer: each KV head repeated (exact)
+    if mha is None:
+        raise ValueError(f'block {index}: the head-order advisor needs the multi-head model (G = H) or the K/V heads '
+                         f'its backbone was built with, got {type(attn).__name__}'
+                         + (f' with G={attn.num_kv_heads}, {not_as_built(attn)}' if hasattr(attn, 'num_kv_heads')
+                            else ''))
+    attn = GroupedQueryAttention.from_attention(mha, 'mha')
     if attn.proj_l is not None:
         raise ValueError(f'block {index}: talking-heads attention mixes every head\'s logits and weights (proj_l, '
                          'proj_w), so the error of pooling one group of heads depends on all the others and the '

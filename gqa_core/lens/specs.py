@@ -6,9 +6,9 @@
     hub:ORG/NAME[@REVISION]            a saved GQA Lens model on the Hugging Face Hub
     convert:SOURCE:VARIANT:G[:ORDER][:INIT]
                                        training-free conversion of SOURCE, one of the above, ``hf-hub:ORG/NAME``
+                                       (a timm-format repo) or a timm ViT name with Hub weights;
                                        G is 1..64, or ``native``: each block keeps the K/V heads it has (a
-                                       model that shares them already, e.g. timm's Sapiens2);
-                                       (a timm-format repo) or a timm ViT name with Hub weights; ORDER (which
+                                       model that shares them already, e.g. timm's Sapiens2); ORDER (which
                                        heads share a KV head) is ``consecutive`` (default) or
                                        ``output-error`` (the head-order advisor);
                                        INIT is ``mean`` (default: K/V heads mean-pooled) or ``calibrated``

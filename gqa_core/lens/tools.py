@@ -20,7 +20,9 @@ from typing import Any, Callable, Dict, List, Optional
 import gradio as gr
 import numpy as np
 
+from ..core.attention import kv_as_built, not_as_built
 from ..core.head_order import head_groups
+from ..core.vit import blocks_of
 from .analysis import Analysis, analyse
 from .explorer import live_kv_budget
 from .images import ImageInputError, load_image
@@ -171,12 +173,13 @@ class LensTools:
                                   for spec, a, error in zip(specs, analyses, errors)], image_notes=list(notes)))
 
     def advise_grouping(self, model: str, num_kv_heads: float) -> str:
-        """Which heads of a multi-head model should share each of G KV heads, layer by layer: the head-order
+        """Which heads of a model should share each of G KV heads, layer by layer: the head-order
         advisor that convert:MODEL:VARIANT:G:output-error uses, with the same live budgets, on the shipped
         CIFAR-10 images.
 
         Args:
-            model: a multi-head (MHA) model spec, e.g. embedded/mha or hub:ORG/NAME.
+            model: the spec of a multi-head (MHA) model, e.g. embedded/mha or hub:ORG/NAME, or of one that
+                shares the K/V heads it was built with (timm's GQA ViTs, e.g. Sapiens2).
             num_kv_heads: G, the number of KV heads, a divisor of the model's heads.
 
         Returns:
@@ -189,9 +192,11 @@ class LensTools:
             raise gr.Error(f'G must be an integer 1..{MAX_G}, got {shown(str(g))}')
         try:
             loaded = self.registry.get(model)
-            if loaded.grouping['variant'] != 'mha':
-                raise ValueError(f'{loaded.spec} is {loaded.grouping["variant"].upper()}; the advisor groups the '
-                                 'heads of an MHA model (G = H)')
+            built = [kv_as_built(block.attn) for block in blocks_of(loaded.model)]
+            if not all(built):
+                why = not_as_built(blocks_of(loaded.model)[built.index(False)].attn)
+                raise ValueError(f'{loaded.spec}: {why}; the advisor groups the heads of an MHA model (G = H) '
+                                 'or of one that shares the K/V heads it was built with')
             with loaded.lock:  # the advisor runs the shared model's blocks: one user at a time
                 advice = live_head_order(loaded.model, g)
         except (ModelLoadError, ValueError, OSError, RuntimeError) as e:

@@ -97,36 +97,101 @@ def test_g_per_block_is_checked_and_said():
         convert(copy.deepcopy(model), 'gqa', [2, 2])
     with pytest.raises(ValueError, match='must be a positive divisor'):
         convert(copy.deepcopy(model), 'gqa', [4, 3, 2, 4])
-    with pytest.raises(ValueError, match='expand the model to MHA first'):
-        convert(copy.deepcopy(model), 'gqa', 2, head_order=[[0, 1, 2, 3]] * 4)
     assert kv_heads_label([4, 2, 2, 4]) == '2–4 by block (4, 2, 2, 4)' and kv_heads_label(3) == '3'
     with pytest.raises(ValueError, match='num_kv_heads is required'):
         convert(timm.create_model('vit_small_patch16_224', depth=1, img_size=32), 'kdgqa')
 
 
-def test_the_app_shows_every_view_of_a_native_model_over_http(app_server):
-    """Sapiens2's layout saved as it is (G per block) and as KDGQA at its G, served by the real app: every view
-    answers with a picture or a figure, or one line saying why it does not apply; the summary names G by block."""
+def test_a_native_model_is_advised_and_reordered_through_its_multi_head_expansion(tmp_path):
+    """The head-order advisor and explicit head orders work on timm's GQA layers, fresh or saved and loaded as
+    they are: they act on the multi-head layer that repeats each KV head (exact), so pooling heads that already
+    share K/V costs nothing, and a head order that splits them gives what the expanded model gives."""
+    from gqa_core.core.head_order import advise_head_order
+    from gqa_core.io.hub import load_pretrained, save_pretrained
+    model = native_model('sapiens2')
+    x = images(model)
+    advice = advise_head_order(model, 2, x)
+    assert advice.error_consecutive[1:3] == [0.0, 0.0] and advice.error_advised[1:3] == [0.0, 0.0]
+    assert advice.error_consecutive[0] > 0 and advice.error_advised[0] <= advice.error_consecutive[0]
+    split = [[0, 2, 1, 3]] * 4  # heads 0 and 1 share a KV head in blocks 1, 2: this order separates them
+    reordered = convert(copy.deepcopy(model), 'gqa', 2, head_order=split)
+    via_mha = convert(convert(copy.deepcopy(model), 'mha'), 'gqa', 2, head_order=split)
+    assert [b.attn.source_heads for b in reordered.blocks] == split
+    with torch.no_grad():
+        assert (reordered(x) - via_mha(x)).abs().max() <= 1e-6
+    save_pretrained(convert(copy.deepcopy(model), 'gqa'), tmp_path / 'as-is')
+    loaded = load_pretrained(str(tmp_path / 'as-is'))[0].eval()
+    for g, order in ((1, 'consecutive'), (2, split), (2, 'output-error')):
+        fresh = convert(copy.deepcopy(model), 'gqa', g, head_order=order, calibration=x)
+        again = convert(copy.deepcopy(loaded), 'gqa', g, head_order=order, calibration=x)
+        with torch.no_grad():
+            assert (fresh(x) - again(x)).abs().max() <= 1e-6, (g, order)
+    with pytest.raises(ValueError, match='G=2, its K/V pooled by a conversion; convert to G=1 from the multi-head model'):
+        convert(convert(timm.create_model('vit_small_patch16_224', depth=1, img_size=32), 'gqa', 2), 'gqa', 1)
+
+
+def test_a_calibrated_regrouping_of_a_native_model_fits_its_outputs_closer_than_pooling():
+    """The calibrated conversion applies to timm's GQA models too: the native layers are the teachers."""
+    model = native_model('sapiens2')
+    x = images(model, 8)
+    with torch.no_grad():
+        expected = model(x)
+        pooled = convert(copy.deepcopy(model), 'gqa', 1)(x)
+        fitted = convert(copy.deepcopy(model), 'gqa', 1, init='calibrated', calibration=x)(x)
+    assert (fitted - expected).norm() < 0.8 * (pooled - expected).norm()
+
+
+def test_the_advisor_tool_groups_a_native_model(tmp_path):
+    """The MCP advisor takes a model that shares the K/V heads it was built with, and its answer's spec (an
+    ``output-error`` conversion of that model) loads in the registry."""
+    import json
+    from gqa_core.io.hub import save_pretrained
+    from gqa_core.lens.models import ModelRegistry
+    from gqa_core.lens.tools import LensTools
+    save_pretrained(convert(native_model('sapiens2'), 'gqa'), tmp_path / 'sapiens')
+    registry = ModelRegistry(model_dirs=[str(tmp_path)])
+    advice = json.loads(LensTools(registry).advise_grouping('local:sapiens', 2))
+    assert [layer['error_advised'] for layer in advice['layers']][1:3] == [0.0, 0.0]
+    converted = registry.get(advice['spec'])
+    assert [b.attn.num_kv_heads for b in converted.model.blocks] == [2, 2, 2, 2]
+
+
+# Each native layout as the app serves it, side by side: (saved as, policy, G as the summary names it)
+SERVED = {'sapiens2': ('gqa', '2–4 by block (4, 2, 2, 4)'), 'eva02-rope': ('kdgqa', '2'),
+          'pe-rope': ('gqa', '1–2 by block (1, 2)'), 'naflex-rope': ('dgqa', '1–2 by block (2, 1)')}
+
+
+def test_the_app_shows_every_view_of_each_native_model_over_http(app_server):
+    """Every native layout (Sapiens2, EVA-02 and PE with AttentionRope, NaFlexVit), saved at its own G (as it is,
+    or under a key-driven policy), served by the real app in four columns: every view answers with a picture or
+    a figure, or one line saying why it does not apply; each summary names its G, by block where blocks differ."""
     from gradio_client import Client, handle_file
     from support.answers import columns
     from support import ALLOWED_MODELS, EXAMPLES_DIR
     from gqa_core.io.hub import save_pretrained
     from gqa_core.lens.views import VIEWS
-    model = native_model('sapiens2')
-    save_pretrained(convert(copy.deepcopy(model), 'gqa'), ALLOWED_MODELS / 'native-sapiens2')
-    save_pretrained(convert(model, 'kdgqa'), ALLOWED_MODELS / 'native-sapiens2-kdgqa')
+    for key, (variant, _) in SERVED.items():
+        save_pretrained(convert(native_model(key), variant), ALLOWED_MODELS / f'native-{key}')
     client = Client(app_server[0], verbose=False)
     image = handle_file(str(EXAMPLES_DIR / 'grace_hopper.jpg'))
-    specs = ['local:native-sapiens2', 'local:native-sapiens2-kdgqa', '(none)', '(none)']
+    specs = [f'local:native-{key}' for key in SERVED]
     for view in VIEWS.values():
         out = client.predict(image, *specs, view.label, 1, 'mean', 'mean', 'zero', True, api_name='/run')
         assert '⚠️' not in out[0] or 'shrunk' in out[0], (view.label, out[0])
-        for column in columns(out)[:2]:
+        for column, (key, (_, label)) in zip(columns(out), SERVED.items()):
             drawn = column['picture'] is not None or column['figure'] is not None
             assert drawn or (column['caption'].startswith('*') and len(column['caption']) > 10), \
-                (view.label, column['caption'])
+                (view.label, key, column['caption'])
             assert 'Traceback' not in column['caption'] and 'nan' not in column['caption'].lower().split()
-            assert 'G = 2–4 by block (4, 2, 2, 4)' in column['summary'], column['summary']
+            assert f'G = {label}' in column['summary'], (key, column['summary'])
+    # Sapiens2 expanded to MHA (the reference), regrouped by the advisor with a calibrated start, and as it is:
+    # the views that compare to a reference or read a calibration report draw for the regrouped models
+    specs = ['convert:local:native-sapiens2:mha:4', 'convert:local:native-sapiens2:gqa:1:output-error:calibrated',
+             'local:native-sapiens2', '(none)']
+    for view in (VIEWS['difference'], VIEWS['conversion']):
+        out = client.predict(image, *specs, view.label, 1, 'mean', 'mean', 'zero', True, api_name='/run')
+        drawn = [c['picture'] is not None or c['figure'] is not None for c in columns(out)[:3]]
+        assert drawn[1] and (drawn[2] or view is VIEWS['conversion']), (view.label, columns(out))
 
 
 EXPORT_CHECK = r'''
