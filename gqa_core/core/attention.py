@@ -27,10 +27,10 @@ from .kernels import routed_attention, triton_enabled
 from .policies import Grouping, GroupingPolicy, create_policy
 from .probe import AttentionProbe
 
-__all__ = ['GroupedQueryAttention', 'gqa_attention_layer', 'key_head_norms', 'route_kv',
+__all__ = ['GroupedQueryAttention', 'gqa_attention_layer', 'key_head_norms', 'readable_keys', 'route_kv',
            'route_kv_rows', 'route_kv_fast', 'grouped_attention', 'explicit_attention', 'mix_heads',
-           'ATTENTION_KINDS', 'attention_kind', 'kv_as_built', 'not_as_built', 'multi_head_equivalent', 'permute_heads',
-           'apply_rope', 'shared_bias', 'out_projection', 'context_rope']
+           'ATTENTION_KINDS', 'attention_kind', 'kv_as_built', 'not_as_built', 'multi_head_equivalent',
+           'permute_heads', 'apply_rope', 'shared_bias', 'out_projection', 'context_rope']
 
 
 def kv_bytes(num_kv_heads: int, head_dim: int, num_tokens: int, bytes_per_value: int = 2) -> int:
@@ -38,12 +38,26 @@ def kv_bytes(num_kv_heads: int, head_dim: int, num_tokens: int, bytes_per_value:
     return 2 * num_kv_heads * head_dim * num_tokens * bytes_per_value
 
 
-def key_head_norms(k: Tensor) -> Tensor:
+def key_head_norms(k: Tensor, attn_mask: Optional[Tensor] = None) -> Tensor:
     """Frobenius norm of every key head over tokens x head dim: ``(B, G, T, d) -> (B, G)``, float32.
 
-    Squares then sums rather than ``linalg.vector_norm`` over the two strided dims of the projection's view,
-    which on the CPU is single-threaded and slow (it cost KDGQA ~3 % of a ViT-S forward)."""
-    return k.float().square().sum((-2, -1)).sqrt()
+    ``attn_mask`` (the layer's, additive or boolean): keys no query may read -- the padding of a NaFlex batch
+    of images with different token counts -- are left out, so an image's norms do not depend on what it is
+    batched with. Squares then sums rather than ``linalg.vector_norm`` over the two strided dims of the
+    projection's view, which on the CPU is single-threaded and slow (it cost KDGQA ~3 % of a ViT-S forward)."""
+    squares = k.float().square()
+    if attn_mask is None:
+        return squares.sum((-2, -1)).sqrt()
+    return (squares.sum(-1) * readable_keys(attn_mask)[:, None]).sum(-1).sqrt()
+
+
+def readable_keys(attn_mask: Tensor) -> Tensor:
+    """``(B or 1, T)``, 1.0 where some query may read the key: an additive mask's entries above half the
+    dtype's lowest value (timm fills masked places with the lowest, or -inf), a boolean mask's True."""
+    readable = attn_mask if attn_mask.dtype == torch.bool else attn_mask > torch.finfo(attn_mask.dtype).min / 2
+    readable = readable.any(-2)  # over the queries
+    readable = readable.reshape(1 if readable.dim() == 1 else readable.shape[0], -1, readable.shape[-1])
+    return readable.any(1).float()  # over the heads the mask names
 
 
 def route_kv(kv: Tensor, query_to_kv: Tensor) -> Tensor:
@@ -657,11 +671,10 @@ class GroupedQueryAttention(nn.Module):
         k = self.k_norm(k.view(B, N, self.num_kv_heads, self.head_dim).transpose(1, 2))
         v = self.v_norm(v.view(B, N, self.num_kv_heads, self.head_dim).transpose(1, 2))
         q, k = self.rotate(q, rope), self.rotate(k, rope)  # a rotation per token: key norms are kept
-        attn_mask = self.position_bias(attn_mask, shared_rel_pos_bias)
-
         probe = self.probe
         wants_norms = self.policy.wants_key_norms() or (probe is not None and probe.needs_key_norms)
-        key_norms = key_head_norms(k) if wants_norms else None
+        key_norms = key_head_norms(k, attn_mask) if wants_norms else None  # the padding's mask, before biases
+        attn_mask = self.position_bias(attn_mask, shared_rel_pos_bias)
         grouping: Grouping = self.policy(key_norms)
         map_transform = self.policy.perturb_attention_map if self.policy.perturbs_attention_map() else None
         dropout_p = self.attn_drop.p if self.training else 0.

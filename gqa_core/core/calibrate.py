@@ -315,7 +315,7 @@ def _routing(layer: GroupedQueryAttention, x: Tensor, kwargs: Dict[str, Any]) ->
     norms = None
     if layer.policy.uses_key_norms:
         _, k, _ = _qkv_heads(layer, x, kwargs)
-        norms = key_head_norms(k)
+        norms = key_head_norms(k, kwargs.get('attn_mask'))
     return layer.policy(norms).query_to_kv.expand(x.shape[0], layer.num_heads)
 
 
@@ -402,7 +402,7 @@ def _maps(layer: GroupedQueryAttention, x: Tensor, kwargs: Dict[str, Any]) -> Tu
     """Post-softmax maps ``(B, H, T, T)`` of ``layer`` on ``x`` (what multiplies V) and the routing ``(B, H)``
     that made them."""
     q, k, v = _qkv_heads(layer, x, kwargs)
-    norms = key_head_norms(k) if layer.policy.uses_key_norms else None
+    norms = key_head_norms(k, kwargs.get('attn_mask')) if layer.policy.uses_key_norms else None
     grouping = layer.policy(norms)
     route = grouping.query_to_kv.expand(x.shape[0], layer.num_heads)
     scores = (q * layer.scale) @ route_kv(k, route).transpose(-2, -1)

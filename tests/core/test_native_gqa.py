@@ -78,6 +78,43 @@ def test_a_native_model_regroups_and_round_trips(key, variant, g, tmp_path):
         assert torch.equal(loaded(x), regrouped(x))
 
 
+def naflex_batch(images_chw, tokens: int) -> dict:
+    """timm's NaFlex input: each image cut into its own number of patches (its aspect ratio), padded to
+    ``tokens`` with ``patch_valid`` saying which are real."""
+    import torch.nn.functional as F
+    from timm.data.naflex_transforms import Patchify
+    cut = [Patchify(patch_size=16)(image) for image in images_chw]
+
+    def pad(t: torch.Tensor) -> torch.Tensor:
+        return F.pad(t, (0, 0) * (t.dim() - 1) + (0, tokens - t.shape[0]))
+    return dict(patches=torch.stack([pad(c['patches']) for c in cut]),
+                patch_coord=torch.stack([pad(c['patch_coord']) for c in cut]),
+                patch_valid=torch.stack([torch.arange(tokens) < c['patches'].shape[0] for c in cut]))
+
+
+def test_naflexvit_keeps_any_aspect_ratio_and_padded_sequences():
+    """NaFlexVit's point: images of any aspect ratio, and batches of different sequence lengths padded under a
+    mask. Its native layout converted as it is or expanded to MHA equals timm on both; under every policy an
+    image's answer padded in a batch beside a longer one is its answer alone. The multi-head NaFlexVit (no RoPE,
+    which zeroes padded keys) makes KDGQA's key norms see the padding unless the layer leaves it out."""
+    native = native_model('naflex-rope')
+    mha = perturbed_model('naflexvit_base_patch16_gap', embed_dim=64, depth=2, num_heads=8, num_classes=5,
+                          pos_embed_grid_size=(4, 4))
+    wide, square = torch.randn(3, 48, 80, generator=torch.Generator().manual_seed(2)), torch.randn(3, 32, 32)
+    padded, alone = naflex_batch([wide, square], 15), naflex_batch([square], 4)
+    with torch.no_grad():
+        expected = native(padded)
+        for variant in ('gqa', 'mha'):
+            converted = convert(copy.deepcopy(native), variant).eval()
+            assert (converted(wide[None]) - native(wide[None])).abs().max() <= 1e-5, variant
+            assert (converted(padded) - expected).abs().max() <= 1e-5, variant
+        for model, g in ((native, None), (mha, 4)):
+            for variant in ('kdgqa', 'dgqa', 'pgqa'):
+                converted = convert(copy.deepcopy(model), variant, g).eval()
+                assert (converted(padded)[1] - converted(alone)[0]).abs().max() <= 1e-5, (variant, g)
+                assert (converted(alone) - converted(square[None])).abs().max() <= 1e-5, (variant, g)
+
+
 def test_pooling_a_native_layer_to_a_divisor_of_its_g_pools_its_kv_heads():
     """G = 1 from a block with two KV heads: the one shared K/V is the mean of the two (what pooling the block's
     multi-head expansion gives too)."""
