@@ -1,12 +1,12 @@
 """Give back to timm: a static-GQA model saved in timm's own format, which plain timm loads with no GQA Lens.
 
 timm 1.0.31 expresses grouped-query attention in one place: ``AttentionRope(num_kv_heads=G, qkv_fused=False)``,
-which ``Eva`` (and so EVA-02, DINOv3, Perception Encoder, Sapiens2) builds with ``attn_type='rope'`` and
-``num_kv_heads`` (one G, or one per block); query head h reads KV head h // (H / G) -- GQA Lens's consecutive
-static grouping. So a model qualifies when it is of the ``Eva`` family and every layer's grouping is fixed and
-uniform (``gqa``, or ``mha``; ``pgqa`` only at G = H). timm's ``VisionTransformer`` and ``Beit`` attention take no
-``num_kv_heads``, and the key-driven policies (KDGQA, DGQA) choose their groups per image or per step: neither
-can be written for plain timm.
+which ``Eva`` (and so EVA-02, DINOv3, Perception Encoder, Sapiens2) and ``NaFlexVit`` (in ``EvaBlock``\ s) build
+with ``attn_type='rope'`` and ``num_kv_heads`` (one G, or one per block); query head h reads KV head h // (H / G)
+-- GQA Lens's consecutive static grouping. So a model qualifies when it is an ``Eva`` or a ``NaFlexVit`` and
+every layer's grouping is fixed and uniform (``gqa``, or ``mha``; ``pgqa`` only at G = H). timm's other ViTs
+(``VisionTransformer``, ``Beit``, ...) take no ``num_kv_heads``, and the key-driven policies (KDGQA, DGQA)
+choose their groups per image or per step: neither can be written for plain timm.
 
     save_timm_native(model, 'out/')  # model.safetensors + timm_args.json + README.md
     timm.create_model(arch, pretrained=True, pretrained_cfg_overlay=dict(file='out/model.safetensors', **overlay),
@@ -18,6 +18,7 @@ config's) and the preprocessing the model was trained with.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any, Dict, Tuple
 
@@ -25,6 +26,7 @@ import timm
 import torch
 from safetensors.torch import save_file
 from timm.models.eva import Eva
+from timm.models.naflexvit import NaFlexVit
 from torch import nn
 
 from ..core.attention import GroupedQueryAttention, _qkv_tensors
@@ -35,9 +37,10 @@ __all__ = ['timm_native', 'save_timm_native']
 
 
 def _check_expressible(vit: nn.Module) -> None:
-    if not isinstance(vit, Eva):
-        raise ValueError(f'{type(vit).__name__}: timm expresses grouped-query attention only in its Eva family '
-                         '(AttentionRope with num_kv_heads); this model cannot be written for plain timm')
+    if not isinstance(vit, (Eva, NaFlexVit)):
+        raise ValueError(f'{type(vit).__name__}: timm expresses grouped-query attention only in its Eva and '
+                         'NaFlexVit models (AttentionRope with num_kv_heads); this model cannot be written for plain '
+                         'timm')
     for index, block in enumerate(blocks_of(vit)):
         attn = block.attn
         if not isinstance(attn, GroupedQueryAttention):
@@ -64,7 +67,10 @@ def timm_native(model: nn.Module) -> Tuple[nn.Module, str, Dict[str, Any]]:
     if eps is not None:
         set_norm_eps(native, eps)
         args['norm_eps'] = eps
-    state = {k: v for k, v in vit.state_dict().items() if '.attn.' not in k}
+    # a NaFlexVit of plain blocks becomes one of EvaBlocks (timm builds those for num_kv_heads): the same
+    # function, its LayerScale named gamma_1 / gamma_2 there
+    state = {re.sub(r'^(blocks\.\d+)\.ls([12])\.gamma$', r'\1.gamma_\2', k): v
+             for k, v in vit.state_dict().items() if '.attn.' not in k}
     for index, block in enumerate(blocks_of(vit)):
         weights, biases = _qkv_tensors(block.attn)
         prefix = f'blocks.{index}.attn.'

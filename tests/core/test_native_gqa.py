@@ -246,8 +246,8 @@ with torch.no_grad():
 '''
 
 
-@pytest.mark.parametrize('case', ['sapiens2', 'pe-rope', 'eva02-pooled'])
-def test_a_static_gqa_eva_model_exports_to_timms_own_format(case, tmp_path):
+@pytest.mark.parametrize('case', ['sapiens2', 'pe-rope', 'eva02-pooled', 'naflex-rope', 'naflex-pooled'])
+def test_a_static_gqa_eva_or_naflexvit_model_exports_to_timms_own_format(case, tmp_path):
     """Saved for plain timm (AttentionRope with num_kv_heads per block), loaded by ``timm.create_model(...,
     pretrained_cfg_overlay=dict(file=...))`` in a process where GQA Lens cannot be imported: the same outputs."""
     import subprocess
@@ -256,6 +256,11 @@ def test_a_static_gqa_eva_model_exports_to_timms_own_format(case, tmp_path):
     if case == 'eva02-pooled':  # timm's EVA-02 (EvaAttention, one fused qkv) pooled here to G = 2
         source = perturbed_model('eva02_tiny_patch14_224', img_size=56, embed_dim=64, depth=2, num_heads=4,
                                  num_classes=5)
+        model = convert(source, 'gqa', 2)
+    elif case == 'naflex-pooled':  # NaFlexVit of plain blocks (fused qkv, LayerScale), registers, map pooling
+        source = perturbed_model('naflexvit_base_patch16_map', embed_dim=64, depth=2, num_heads=4, num_classes=5,
+                                 pos_embed_grid_size=(4, 4), reg_tokens=2,
+                                 pretrained_cfg_overlay=dict(input_size=(3, 64, 64)))
         model = convert(source, 'gqa', 2)
     else:
         model = convert(native_model(case), 'gqa')
@@ -273,7 +278,7 @@ def test_what_timm_cannot_express_is_refused_by_name(tmp_path):
     with pytest.raises(ValueError, match='chooses its groups per image'):
         save_timm_native(convert(native_model('sapiens2'), 'kdgqa'), tmp_path / 'a')
     vit = convert(timm.create_model('vit_small_patch16_224', depth=1, img_size=32, num_classes=5), 'gqa', 3)
-    with pytest.raises(ValueError, match='only in its Eva family'):
+    with pytest.raises(ValueError, match='only in its Eva and NaFlexVit models'):
         save_timm_native(vit, tmp_path / 'b')
     assert not (tmp_path / 'a').exists() and not (tmp_path / 'b').exists()
 
