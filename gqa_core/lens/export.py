@@ -108,6 +108,8 @@ def export_zip(analyses: Sequence[Optional[Analysis]], layer: int, head: str, fu
             alloc, shares, norms = (rec.stacked(n)[:, 0] for n in ('allocation', 'shares', 'key_norms'))
             for li in range(alloc.shape[0]):
                 for g in range(alloc.shape[1]):
+                    if np.isnan(alloc[li, g]):  # a KV head this layer does not have (G differs by block)
+                        continue
                     writer.writerow([li, g, int(alloc[li, g]), float(shares[li, g]), float(norms[li, g])])
             zf.writestr(f'{folder}/allocations.csv', rows.getvalue())
             try:

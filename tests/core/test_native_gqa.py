@@ -201,9 +201,11 @@ SERVED = {'sapiens2': ('gqa', '2–4 by block (4, 2, 2, 4)'), 'eva02-rope': ('kd
 def test_the_app_shows_every_view_of_each_native_model_over_http(app_server):
     """Every native layout (Sapiens2, EVA-02 and PE with AttentionRope, NaFlexVit), saved at its own G (as it is,
     or under a key-driven policy), served by the real app in four columns: every view answers with a picture or
-    a figure, or one line saying why it does not apply; each summary names its G, by block where blocks differ."""
+    a figure, or one line saying why it does not apply; each summary names its G, by block where blocks differ;
+    the download holds all four."""
+    import zipfile
     from gradio_client import Client, handle_file
-    from support.answers import columns
+    from support.answers import columns, unwrap
     from support import ALLOWED_MODELS, EXAMPLES_DIR
     from gqa_core.io.hub import save_pretrained
     from gqa_core.lens.views import VIEWS
@@ -221,6 +223,9 @@ def test_the_app_shows_every_view_of_each_native_model_over_http(app_server):
                 (view.label, key, column['caption'])
             assert 'Traceback' not in column['caption'] and 'nan' not in column['caption'].lower().split()
             assert f'G = {label}' in column['summary'], (key, column['summary'])
+    archive = unwrap(client.predict(0, 'mean', 'mean', api_name='/export'))  # the last run's four models
+    with zipfile.ZipFile(archive) as zf:
+        assert sum(n.endswith('allocations.csv') for n in zf.namelist()) == len(SERVED)
     # Sapiens2 expanded to MHA (the reference), regrouped by the advisor with a calibrated start, and as it is:
     # the views that compare to a reference or read a calibration report draw for the regrouped models
     specs = ['convert:local:native-sapiens2:mha:4', 'convert:local:native-sapiens2:gqa:1:output-error:calibrated',
@@ -348,6 +353,36 @@ def test_a_timm_format_hub_repo_of_a_native_model_loads_as_it_is(tmp_path):
         assert (torch.tensor(native['out']) - model(x)).abs().max() <= 1e-5
     assert result['convert:hf-hub:meta/sapiens-tiny:kdgqa:native']['kv'] == [4, 2, 2, 4]
     assert result['convert:hf-hub:meta/sapiens-tiny:gqa:1']['kv'] == [1, 1, 1, 1]
+
+
+def test_the_export_of_a_native_analysis_keeps_each_layers_kv_heads(tmp_path):
+    """The zip a visitor downloads (with a picked query): per layer as many key norms, shares and allocations as
+    the layer has KV heads (NaN past them in the arrays, no row in the CSV, never a made-up idle head), the
+    ablation's KV heads likewise, every array loadable."""
+    import io
+    import zipfile
+    import numpy as np
+    from gqa_core.io.hub import save_pretrained
+    from gqa_core.lens.analysis import analyse
+    from gqa_core.lens.export import export_zip
+    from gqa_core.lens.images import load_image
+    from gqa_core.lens.models import ModelRegistry
+    from support import EXAMPLES_DIR
+    save_pretrained(convert(native_model('sapiens2'), 'kdgqa'), tmp_path / 'sapiens')
+    registry = ModelRegistry(model_dirs=[str(tmp_path)])
+    image = load_image(str(EXAMPLES_DIR / 'grace_hopper.jpg')).image
+    analysis = analyse(registry.get('local:sapiens'), image, deep=True)
+    path = export_zip([analysis], 1, 'mean', 'mean', tmp_path / 'a.zip', registry, query='1, 2; 0, 0')
+    with zipfile.ZipFile(path) as zf:
+        assert any(n.endswith('picked_maps.json') for n in zf.namelist())
+        folder = next(n.split('/')[0] for n in zf.namelist() if n.endswith('arrays.npz'))
+        arrays = np.load(io.BytesIO(zf.read(f'{folder}/arrays.npz')), allow_pickle=False)
+        for name in ('key_norms', 'shares', 'allocation', 'ablation_kv_zero'):
+            kept = np.isfinite(arrays[name].astype(float)).sum(-1).tolist()
+            assert kept == [4, 2, 2, 4], (name, arrays[name])
+        assert np.nansum(arrays['allocation'], -1).tolist() == [4, 4, 4, 4]
+        rows = zf.read(f'{folder}/allocations.csv').decode().splitlines()[1:]
+        assert [int(row.split(',')[0]) for row in rows] == [0] * 4 + [1] * 2 + [2] * 2 + [3] * 4
 
 
 def test_the_mcp_analysis_of_a_native_model_gives_each_layer_its_own_kv_heads(tmp_path):
