@@ -12,7 +12,7 @@ import torch
 
 from ..core.vit import blocks_of
 from ..training.seeds import seed_rows
-from .kv_budget import kv_budget_rows
+from .kv_budget import kv_budget_rows, shares_kv_as_built
 from .calibration import CALIBRATION_FILE, calibration_images
 from .gpu import KVBudgetJob, kv_budget_in_a_gpu_call, on_zerogpu
 from .models import REFINE_FLOPS, ModelRegistry, live_calibration_size
@@ -59,9 +59,7 @@ def live_kv_budget(registry: ModelRegistry, spec: str, n: int,
     if not 1 <= n <= LIVE_MAX_IMAGES:
         raise ValueError(f'number of images must be 1..{LIVE_MAX_IMAGES}, got {n}')
     loaded = registry.get(spec)
-    if loaded.grouping['variant'] != 'mha':
-        raise ValueError(f'{loaded.spec} is {loaded.grouping["variant"].upper()}; the explorer starts from an '
-                         'MHA model (G = H)')
+    shares_kv_as_built(loaded.model, loaded.spec)  # an MHA, or a model as built (refused before any work)
     images = calibration_images(loaded.preprocessing, LIVE_CALIBRATION + n)
     with np.load(CALIBRATION_FILE, allow_pickle=False) as data:
         labels = torch.as_tensor(data['labels'][LIVE_CALIBRATION:LIVE_CALIBRATION + n])

@@ -362,7 +362,8 @@ def faithfulness_figure(curves: dict, score: str, fit: Fit = Fit(), title: str =
 
 def kv_budget_figure(result: dict, metric: str = 'auto') -> go.Figure:
     """Accuracy (or agreement with MHA) against K/V cache bytes per image, one line per variant × head order (×
-    K/V init when mean-pooled and calibrated rows are both present)."""
+    K/V init when mean-pooled and calibrated rows are both present); the MHA a star, and a model that shares K/V
+    heads as it was built (the ``native`` row) a square."""
     rows = result['rows']
     if metric == 'auto':
         metric = 'top1' if all(r.get('top1') is not None for r in rows) else 'agreement'
@@ -371,7 +372,8 @@ def kv_budget_figure(result: dict, metric: str = 'auto') -> go.Figure:
     styles = {('consecutive', 'mean'): 'dash', ('output-error', 'mean'): 'solid',
               ('consecutive', 'calibrated'): 'dot', ('output-error', 'calibrated'): 'dashdot'}
     colors = dict(gqa=qualitative.Plotly[0], kdgqa=qualitative.Plotly[1])
-    keys = sorted({(r['variant'], r['head_order'], r.get('init', 'mean')) for r in rows if r['variant'] != 'mha'})
+    keys = sorted({(r['variant'], r['head_order'], r.get('init', 'mean')) for r in rows
+                   if r['variant'] not in ('mha', 'native')})
     inits = {k[2] for k in keys}
     for variant, order, init in keys:
         same = [r for r in rows if r['variant'] == variant and r.get('init', 'mean') == init]
@@ -389,6 +391,11 @@ def kv_budget_figure(result: dict, metric: str = 'auto') -> go.Figure:
     fig.add_trace(go.Scatter(x=[mha['kv_bytes']], y=[mha[metric]], mode='markers', name='MHA',
                              marker=dict(symbol='star', size=12, color='black'),
                              hovertemplate='MHA: %{x:,} B, %{y:.2%}<extra></extra>'))
+    for native in (r for r in rows if r['variant'] == 'native'):  # a model that shares K/V as it was built
+        fig.add_trace(go.Scatter(x=[native['kv_bytes']], y=[native[metric]], mode='markers', name='as built',
+                                 marker=dict(symbol='square', size=11, color='black'),
+                                 hovertemplate=f"as built, G = {native['num_kv_heads']}: "
+                                               '%{x:,} B, %{y:.2%}<extra></extra>'))
     label = 'top-1 accuracy' if metric == 'top1' else 'agreement with MHA'
     fig.update_layout(title=f"{label} vs K/V cache per image ({result.get('model', '')}, "
                             f"{result.get('split', '')}, n={result.get('n', '?')}, training-free)",

@@ -148,11 +148,12 @@ class KVBudgetJob:
     @classmethod
     def of(cls, config: GQALensConfig, model: nn.Module, images: Tensor, labels: Optional[Tensor],
            calibration: Tensor, max_refine_flops: Optional[float]) -> 'KVBudgetJob':
-        from .kv_budget import conversions
+        from .kv_budget import conversions, shares_kv_as_built
         layers = len(gqa_layers(model))
         converted = conversions(gqa_layers(model)[0].num_heads)
         advised = sorted({g for g, _, order, _ in converted if order != 'consecutive'})
         forwards = kv_budget_forwards(len(images), len(calibration), layers, len(converted), advised)
+        forwards += len(images) if shares_kv_as_built(model, 'the model') else 0  # its own row, as built
         return cls(config, cpu_state(model), images.cpu(), None if labels is None else labels.cpu(), calibration.cpu(),
                    max_refine_flops, num_tokens(model), layers, forwards)
 

@@ -198,6 +198,29 @@ SERVED = {'sapiens2': ('gqa', '2–4 by block (4, 2, 2, 4)'), 'eva02-rope': ('kd
           'pe-rope': ('gqa', '1–2 by block (1, 2)'), 'naflex-rope': ('dgqa', '1–2 by block (2, 1)')}
 
 
+def test_the_kv_budget_explorer_starts_from_a_native_model(tmp_path):
+    """The explorer (MCP tool and page tab) takes a model as built: its uniform groupings are pooled from the
+    exact multi-head expansion, and a ``native`` row places the model itself (less K/V than MHA, the same top-1
+    as its expansion); the figure marks it. A model whose policy groups per input is refused in one line."""
+    import json
+    from gqa_core.io.hub import save_pretrained
+    from gqa_core.lens.figures import kv_budget_figure
+    from gqa_core.lens.models import ModelRegistry
+    from gqa_core.lens.tools import LensTools
+    save_pretrained(convert(native_model('sapiens2'), 'gqa'), tmp_path / 'sapiens')
+    save_pretrained(convert(native_model('sapiens2'), 'kdgqa'), tmp_path / 'sapiens-kdgqa')
+    tools = LensTools(ModelRegistry(model_dirs=[str(tmp_path)]))
+    result = json.loads(tools.kv_budget('local:sapiens', 8))
+    mha, native = result['rows'][:2]
+    assert mha['variant'] == 'mha' and mha['num_kv_heads'] == 4
+    assert native['variant'] == 'native' and native['num_kv_heads'] == '2–4 by block (4, 2, 2, 4)'
+    assert native['agreement'] == 1.0 and native['kv_bytes'] == mha['kv_bytes'] * 3 // 4
+    assert {r['num_kv_heads'] for r in result['rows'][2:]} == {1, 2}
+    assert 'as built' in [trace.name for trace in kv_budget_figure(result).data]
+    with pytest.raises(Exception, match='its policy, KDGQA, chooses the groups per input; the explorer starts'):
+        tools.kv_budget('local:sapiens-kdgqa', 8)
+
+
 def test_the_app_shows_every_view_of_each_native_model_over_http(app_server):
     """Every native layout (Sapiens2, EVA-02 and PE with AttentionRope, NaFlexVit), saved at its own G (as it is,
     or under a key-driven policy), served by the real app in four columns: every view answers with a picture or
