@@ -275,6 +275,7 @@ def key_norm_figure(key_norms: np.ndarray, allocation: np.ndarray, fit: Fit = Fi
     """
     L, G = key_norms.shape
     H = int(np.nansum(allocation[0]))
+    allocation_text = allocation
     if not np.isnan(key_norms).any():
         shares = min_max_shares(torch.as_tensor(key_norms)).numpy()
         would = largest_remainder(torch.as_tensor(shares), H).numpy()
@@ -285,7 +286,8 @@ def key_norm_figure(key_norms: np.ndarray, allocation: np.ndarray, fit: Fit = Fi
             shares[layer, own] = min_max_shares(torch.as_tensor(key_norms[layer, own])[None]).numpy()[0]
             would[layer, own] = largest_remainder(torch.as_tensor(shares[layer, own])[None], H).numpy()[0]
         would = np.where(np.isnan(would), '', np.nan_to_num(would).astype(int).astype(str))
-        allocation = np.where(np.isnan(allocation), None, allocation)
+        allocation_text = np.where(np.isnan(allocation), '', np.nan_to_num(allocation).astype(int).astype(str))
+        allocation = np.where(np.isnan(allocation), None, allocation)  # None: a blank cell
     x, y = _axis_labels('kv', G), _axis_labels('L', L)
     span = fit.plot_px(colorbar=True)
     panel = cell_height(fit, L, G, extra=0, low=90, high=260)
@@ -298,7 +300,7 @@ def key_norm_figure(key_norms: np.ndarray, allocation: np.ndarray, fit: Fit = Fi
                              customdata=key_norms, showscale=False,
                              hovertemplate='%{y} %{x}<br>share %{z:.3f} → KDGQA would give %{text} queries'
                                            '<br>key norm %{customdata:.2f}<extra></extra>'), row=1, col=1)
-    fig.add_trace(go.Heatmap(z=allocation, x=x, y=y, zmin=0, zmax=H, colorscale='Viridis', text=allocation,
+    fig.add_trace(go.Heatmap(z=allocation, x=x, y=y, zmin=0, zmax=H, colorscale='Viridis', text=allocation_text,
                              texttemplate=text, colorbar=_colorbar(fit, nticks=4),
                              hovertemplate='%{y} %{x}: %{z} query heads<extra></extra>'), row=2, col=1)
     fig.update_yaxes(autorange='reversed', **fit.thin(list(range(L)), y, panel))

@@ -50,6 +50,17 @@ def test_key_norm_figure_shows_kdgqa_shares_beside_the_allocation_used(analyses)
     assert np.allclose(a.recording.stacked('shares')[:, 0], shares, atol=1e-6)
 
 
+def test_key_norm_figure_leaves_the_kv_heads_a_layer_lacks_blank():
+    """A model whose blocks differ in G (timm's Sapiens2): past a layer's own KV heads both panels show nothing,
+    neither a number nor 'null'."""
+    norms = np.array([[1.0, 2.0, 3.0, 4.0], [1.0, 3.0, np.nan, np.nan]])
+    alloc = np.array([[1.0, 1.0, 1.0, 1.0], [2.0, 2.0, np.nan, np.nan]])
+    top, bottom = figures.key_norm_figure(norms, alloc).data
+    assert [list(row) for row in bottom.text] == [['1', '1', '1', '1'], ['2', '2', '', '']]
+    assert [list(row) for row in top.text] == [['0', '1', '1', '2'], ['0', '4', '', '']]
+    assert list(bottom.z[1]) == [2.0, 2.0, None, None]
+
+
 def test_heads_layers_mosaic_tiles_are_the_class_token_maps(analyses):
     a = analyses['embedded/mha']
     rows = a.summary_rows  # (L, H, patches)
