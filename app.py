@@ -381,8 +381,9 @@ def _kv_budget_tab(lens: LensApp, choices: List[str]) -> None:
         gr.Dataframe(kv_budget_table(shipped), headers=headers, elem_id='kvb-shipped-table', interactive=False)
     except (OSError, ValueError):
         gr.Markdown('no shipped KV-budget result (assets/analysis/kv-budget/kv_budget.json)')
-    gr.Markdown(f'**Live** for another multi-head model, on up to {LIVE_MAX_IMAGES} of the shipped images (top-1 '
-                'when the model has CIFAR-10 labels, agreement with its MHA predictions always):')
+    gr.Markdown(f'**Live** for another multi-head model, or one that shares K/V heads as it was built (timm\'s '
+                f'Sapiens2: a square marks it), on up to {LIVE_MAX_IMAGES} of the shipped images (top-1 when the '
+                'model has CIFAR-10 labels, agreement with its MHA predictions always):')
     with gr.Row():
         spec = gr.Dropdown(choices, value='embedded/mha', allow_custom_value=True, label='MHA model',
                            elem_id='kvb-spec')
