@@ -25,6 +25,7 @@ __all__ = ['Fit', 'pixelated', 'idle_heads', 'total_variation', 'patch_grid', 'o
 _GRID = dict(gridcolor='#EBF0F8', linecolor='#EBF0F8', zerolinecolor='#EBF0F8', automargin=True)
 TEMPLATE = go.layout.Template(layout=dict(paper_bgcolor='white', plot_bgcolor='white', font=dict(color='#2a3f5f'),
                                           xaxis=_GRID, yaxis=_GRID, colorway=qualitative.Plotly))
+MISSING_CELL = '#c8c8c8'  # a cell with no value where white means zero (a KV head a layer does not have)
 LAYOUT = dict(margin=dict(l=40, r=10, t=40, b=40), height=300, template=TEMPLATE)
 
 
@@ -311,10 +312,13 @@ def key_norm_figure(key_norms: np.ndarray, allocation: np.ndarray, fit: Fit = Fi
 def ablation_figure(kv_drop: np.ndarray, query_drop: np.ndarray, score: str, fit: Fit = Fit(),
                     title: str = '') -> go.Figure:
     """Drop of the score when one KV head (top, layers × KV heads) or one query head (bottom, layers × query
-    heads) is removed. kv_drop: ``(L, G)``; query_drop: ``(L, H)``."""
+    heads) is removed. kv_drop: ``(L, G)``, NaN past a layer's own KV heads where blocks differ in G (grey: on
+    this white-centred scale a blank cell would read as no drop); query_drop: ``(L, H)``."""
     L, G = kv_drop.shape
     H = query_drop.shape[1]
-    bound = float(max(np.abs(kv_drop).max(), np.abs(query_drop).max())) or 1.0
+    drops = np.abs(np.concatenate([np.ravel(kv_drop), np.ravel(query_drop)]))
+    bound = float(np.nanmax(drops)) if np.isfinite(drops).any() else 0.0
+    bound = bound or 1.0
     span = fit.plot_px(colorbar=True)
     panel = cell_height(fit, L, H, extra=0, low=90, high=260)
     fig = make_subplots(rows=2, cols=1, vertical_spacing=0.16,
@@ -329,6 +333,10 @@ def ablation_figure(kv_drop: np.ndarray, query_drop: np.ndarray, score: str, fit
     fig.update_yaxes(autorange='reversed', **fit.thin(list(range(L)), _axis_labels('L', L), panel))
     fig.update_xaxes(**fit.thin(list(range(G)), _axis_labels('kv', G), span), row=1, col=1)
     fig.update_xaxes(**fit.thin(list(range(H)), _axis_labels('q', H), span), row=2, col=1)
+    if np.isnan(kv_drop).any():
+        fig.update_layout(plot_bgcolor=MISSING_CELL)
+        fig.update_xaxes(showgrid=False)
+        fig.update_yaxes(showgrid=False)
     return fig
 
 

@@ -298,7 +298,8 @@ def _ablation_view(analysis: Analysis, choice: Choice, reference: Optional[Analy
         return Rendered(analysis.deep_note)
     if choice.mode not in result.kv:
         raise ValueError(f'ablation mode must be one of {tuple(result.kv)}, got {choice.mode!r}')
-    return Rendered(f'drop of the {result.target} score when one head is removed ({choice.mode} ablation)',
+    missing = '; grey: a KV head this layer does not have' if np.isnan(result.kv[choice.mode]).any() else ''
+    return Rendered(f'drop of the {result.target} score when one head is removed ({choice.mode} ablation){missing}',
                     figure=figures.ablation_figure(result.kv[choice.mode], result.query[choice.mode], result.target,
                                                    fit))
 

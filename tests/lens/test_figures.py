@@ -61,6 +61,17 @@ def test_key_norm_figure_leaves_the_kv_heads_a_layer_lacks_blank():
     assert list(bottom.z[1]) == [2.0, 2.0, None, None]
 
 
+def test_ablation_figure_greys_the_kv_heads_a_layer_lacks():
+    """Blocks that differ in G: the scale is set by the drops that exist, and a missing KV head is grey, not the
+    white of a drop of zero."""
+    kv = np.array([[0.02, -0.01, 0.0, 0.03], [0.05, 0.0, np.nan, np.nan]])
+    query = np.array([[0.01, 0.0, -0.02, 0.0], [0.0, 0.01, 0.0, 0.0]])
+    fig = figures.ablation_figure(kv, query, 'p(ship)')
+    assert fig.data[0].zmax == 0.05 and fig.data[0].zmin == -0.05
+    assert fig.layout.plot_bgcolor == figures.MISSING_CELL
+    assert figures.ablation_figure(kv[:1], query[:1], 'p(ship)').layout.plot_bgcolor != figures.MISSING_CELL
+
+
 def test_heads_layers_mosaic_tiles_are_the_class_token_maps(analyses):
     a = analyses['embedded/mha']
     rows = a.summary_rows  # (L, H, patches)
