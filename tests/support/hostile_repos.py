@@ -15,7 +15,7 @@ import pickle
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 from safetensors.torch import load_file, save
@@ -270,9 +270,47 @@ def _weights_cases(sentinel: Path) -> List[HostileRepo]:
     return cases
 
 
+def native_repo() -> Tuple[Dict[str, Any], bytes]:
+    """config.json (parsed) and weights of a small model that shares K/V heads as timm built it: Sapiens2's
+    layout, G per block (4, 2, 2, 4), random weights, saved by GQA Lens as it is."""
+    import tempfile
+    import timm
+    from gqa_core import convert
+    from gqa_core.io.hub import save_pretrained
+    torch.manual_seed(0)
+    model = timm.create_model('vit_base_patch16_sapiens2', img_size=(32, 32), embed_dim=64, depth=4, num_heads=4,
+                              num_kv_heads=(4, 2, 2, 4), num_classes=10)
+    with tempfile.TemporaryDirectory() as folder:
+        save_pretrained(convert(model, 'gqa'), folder)
+        return json.loads((Path(folder) / 'config.json').read_text()), (Path(folder) / WEIGHTS).read_bytes()
+
+
+def _native_cases() -> List[HostileRepo]:
+    """A model that shares K/V heads per block (served as it is), and its G per block made hostile."""
+    config, state = native_repo()
+
+    def changed(section: str, value: Any) -> bytes:
+        hostile = json.loads(json.dumps(config))
+        hostile[section]['num_kv_heads'] = value
+        return json.dumps(hostile).encode()
+    bad = {  # name -> (section, num_kv_heads, expected fragment)
+        'native-kv-heads-one-short': ('grouping', [4, 2, 2], 'give one integer, or one per block (4)'),
+        'native-kv-heads-not-dividing': ('grouping', [4, 3, 2, 4], 'must be a positive divisor of the 4 heads'),
+        'native-kv-heads-a-million': ('grouping', [2] * 1_000_000, 'grouping.num_kv_heads must be null or an int'),
+        'native-kv-heads-zero': ('grouping', [4, 0, 2, 4], 'grouping.num_kv_heads must be null or an int'),
+        'native-kv-heads-nested': ('grouping', [[4], 2, 2, 4], 'grouping.num_kv_heads must be null or an int'),
+        'native-backbone-kv-heads-one-short': ('backbone_args', [4, 2, 2], 'cannot be built with these'),
+        'native-backbone-kv-heads-a-string': ('backbone_args', 'two', 'backbone_args.num_kv_heads must be'),
+    }
+    cases = [HostileRepo('native-as-saved', {'config.json': json.dumps(config).encode(), WEIGHTS: state}, None)]
+    cases += [HostileRepo(name, {'config.json': changed(section, value), WEIGHTS: b''}, expected,
+                          config_refused=True) for name, (section, value, expected) in bad.items()]
+    return cases
+
+
 def corpus(sentinel: Path) -> List[HostileRepo]:
     """Every hostile repo; ``sentinel`` is the folder a pickle would create if anything unpickled it."""
-    return _config_cases() + _weights_cases(sentinel)
+    return _config_cases() + _weights_cases(sentinel) + _native_cases()
 
 
 def write_corpus(root: Path, repos: List[HostileRepo]) -> Path:
