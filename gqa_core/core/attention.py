@@ -535,17 +535,23 @@ class GroupedQueryAttention(nn.Module):
         _load_qkv(new, [weights[0], pool(weights[1]), pool(weights[2])], [biases[0], pool(biases[1]), pool(biases[2])])
         return new.train(attn.training)
 
-    def to_attention(self) -> nn.Module:
+    def to_attention(self, keep_weights: bool = False) -> nn.Module:
         """The equivalent timm attention layer of the kind it came from (MHA): each KV head repeated for the
         query heads it serves.
 
         Exact only for a grouping fixed at inference time; per-sample or noisy-at-eval policies raise.
+        ``keep_weights``: repeat each KV head for H / G consecutive query heads whatever the policy instead --
+        the layer's function only under a consecutive static grouping, but pooled back at the same G it gives
+        this layer's K/V exactly: what a change of policy at the same G keeps.
         """
         p = self.policy
-        if not p.fixed_at_inference:
+        if keep_weights:
+            allocation = p.uniform
+        elif not p.fixed_at_inference:
             raise ValueError(f'{p.name} (compat={p.compat}) has no fixed grouping at inference; cannot express '
                              'it as plain multi-head attention')
-        allocation = getattr(p, 'allocation', p.uniform)
+        else:
+            allocation = getattr(p, 'allocation', p.uniform)
         index = torch.repeat_interleave(torch.arange(self.num_kv_heads, device=allocation.device), allocation)
         weights, biases = _qkv_tensors(self)
         d, dim = self.head_dim, weights[0].shape[1]

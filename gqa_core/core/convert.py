@@ -5,6 +5,7 @@ import copy
 import warnings
 from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
+import torch
 from torch import Tensor, nn
 
 from .attention import (ATTENTION_KINDS, GroupedQueryAttention, attention_kind, kv_as_built, kv_bytes,
@@ -81,6 +82,11 @@ def convert(
         if calibration is None:
             raise ValueError('init="calibrated" needs calibration images (a tensor (N, 3, H, W))')
         check_calibration(calibration, vit)
+        for index, block in enumerate(blocks_of(vit)):
+            if not _expands_to_itself(block.attn):
+                raise ValueError(f'block {index}: init="calibrated" fits each layer to what the source layer computes, '
+                                 f'and its {block.attn.policy.name.upper()} grouping is not consecutive and fixed; '
+                                 'calibrate from the multi-head model (G = H)')
         budget = budget if budget is not None else CalibrationBudget()
     sources = [getattr(block.attn, 'source_heads', None) for block in blocks_of(vit)]
     perms = _head_order_permutations(vit, attns, head_order, calibration, num_kv_heads, max_refine_flops, parallel)
@@ -106,6 +112,16 @@ def convert(
         block.attn = new
     vit.calibration_report = vit.gqa_conversion = None
     return vit
+
+
+def _expands_to_itself(attn: nn.Module) -> bool:
+    """Whether the timm layer a conversion starts from (:func:`_convertible_attention`) computes what ``attn``
+    does: a timm layer, a multi-head grouped layer, or one whose fixed grouping is consecutive."""
+    if not isinstance(attn, GroupedQueryAttention) or attn.num_kv_heads == attn.num_heads:
+        return True
+    policy = attn.policy
+    allocation = getattr(policy, 'allocation', policy.uniform)
+    return policy.fixed_at_inference and torch.equal(allocation.cpu(), policy.uniform.cpu())
 
 
 def block_kv_heads(model: nn.Module, num_kv_heads: Optional[Union[int, Sequence[int]]]) -> List[Optional[int]]:
@@ -177,10 +193,11 @@ def _convertible_attention(index: int, block: nn.Module, num_kv_heads: Optional[
         raise ValueError(f'block {index} ({type(block).__name__}) has no single `attn` module (parallel or fused '
                          'attention blocks are not supported); the model was not changed')
     if isinstance(attn, GroupedQueryAttention):
-        if num_kv_heads not in (None, attn.num_kv_heads) and not kv_as_built(attn):
+        same_g = num_kv_heads in (None, attn.num_kv_heads)
+        if not same_g and not kv_as_built(attn):
             raise ValueError(f'block {index} has G={attn.num_kv_heads}, {not_as_built(attn)}; convert to '
                              f'G={num_kv_heads} from the multi-head model (G = H), not from another grouping')
-        return attn.to_attention()
+        return attn.to_attention(keep_weights=same_g)  # a policy change at the same G keeps the K/V as they are
     if attention_kind(attn) is None:
         known = ', '.join(f'{cls.__module__.split(".")[-1]}.{cls.__name__}' for cls in ATTENTION_KINDS.values())
         raise ValueError(f'block {index} ({type(block).__name__}): attention {type(attn).__name__} is not one of '

@@ -69,7 +69,7 @@ def test_not_a_vit_and_bad_group_counts_raise_value_error():
     with pytest.raises(ValueError, match="unknown variant 'gqb'"):
         convert(tiny_vit(), 'gqb', 3)
     model = convert(tiny_vit(), 'gqa', 3)
-    with pytest.raises(ValueError, match='already has G=3'):
+    with pytest.raises(ValueError, match='has G=3, its K/V pooled by a conversion'):
         convert(model, 'gqa', 2)
 
 
@@ -85,6 +85,25 @@ def test_policy_switch_at_same_g_keeps_weights_and_revert_is_equivalent():
         assert (plain(x) - gqa_out).abs().max() <= 1e-5
     with pytest.raises(ValueError, match='no fixed grouping'):
         revert(convert(tiny_vit(), 'kdgqa', 3))
+
+
+def test_a_policy_change_at_the_same_g_keeps_the_kv_weights_from_every_policy(registry):
+    """From KDGQA (no fixed grouping) and DGQA (a learned, uneven allocation) as from GQA: the new policy gets the
+    same K/V heads, bit for bit. Before, KDGQA refused and DGQA's K/V were re-pooled across its groups."""
+    from gqa_core.core.attention import _qkv_tensors
+    for source in ('embedded/kdgqa', 'embedded/dgqa-diff', 'embedded/gqa'):
+        model = registry.get(source).model
+        for variant in ('gqa', 'kdgqa', 'pgqa'):
+            switched = convert(copy.deepcopy(model), variant)
+            for before, after in zip(model.blocks, switched.blocks):
+                assert after.attn.policy.name == variant and after.attn.num_kv_heads == before.attn.num_kv_heads
+                for i in (1, 2):  # k and v
+                    assert torch.equal(_qkv_tensors(after.attn)[0][i], _qkv_tensors(before.attn)[0][i]), source
+    uneven = registry.get('embedded/dgqa-diff').model
+    assert any(b.attn.policy.allocation.unique().numel() > 1 for b in uneven.blocks), 'the test needs DGQA groups'
+    with pytest.raises(ValueError, match='its KDGQA grouping is not consecutive and fixed; calibrate from the multi'):
+        convert(copy.deepcopy(registry.get('embedded/kdgqa').model), 'gqa', init='calibrated',
+                calibration=torch.randn(2, 3, 32, 32))
 
 
 def test_mha_round_trip_back_to_timm_is_exact():
