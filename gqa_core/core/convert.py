@@ -161,7 +161,7 @@ def check_convertible(model: nn.Module, num_kv_heads: Optional[Union[int, Sequen
 
 
 def _head_order_permutations(vit: nn.Module, attns: list, head_order: Any, calibration: Optional[Tensor],
-                             num_kv_heads: Optional[int],
+                             num_kv_heads: Union[int, Sequence[int]],
                              max_refine_flops: Optional[float], parallel: bool = False) -> Optional[List[List[int]]]:
     if isinstance(head_order, str):
         if head_order == 'consecutive':
@@ -171,6 +171,11 @@ def _head_order_permutations(vit: nn.Module, attns: list, head_order: Any, calib
                              f'got {head_order!r}')
         if calibration is None:
             raise ValueError('head_order="output-error" needs calibration images (a tensor (N, 3, H, W))')
+        if not isinstance(num_kv_heads, int):  # one G per block: the advisor takes one G for all
+            if len(set(num_kv_heads)) != 1:
+                raise ValueError('head_order="output-error" chooses groups for one G in every block, got a G per '
+                                 f'block ({kv_heads_label(num_kv_heads)}); give one G, or a head order per layer')
+            num_kv_heads = num_kv_heads[0]
         return advise_head_order(vit, num_kv_heads, calibration, max_refine_flops=max_refine_flops,
                                  parallel=parallel).permutations
     return check_permutations(head_order, len(attns), attns[0].num_heads)

@@ -405,13 +405,16 @@ def advise_head_order(model: nn.Module, num_kv_heads: int, images: Tensor, *, ca
 def _multi_head(attn: nn.Module, index: int) -> GroupedQueryAttention:
     """The block's multi-head attention as a G = H grouped layer of its kind (exact for timm's own layers, their
     GQA included, and for grouped layers with the K/V their backbone was built with)."""
-    mha = multi_head_equivalent(attn)  # timm's GQA and a native grouped layer: each KV head repeated (exact)
+    if isinstance(attn, GroupedQueryAttention) and attn.num_kv_heads == attn.num_heads:
+        mha: Optional[nn.Module] = attn  # as it is: its source_heads line up a model-wide shared position bias
+    else:  # timm's layers (their GQA too) and a native grouped layer: each KV head repeated (exact)
+        mha = multi_head_equivalent(attn)
     if mha is None:
         raise ValueError(f'block {index}: the head-order advisor needs the multi-head model (G = H) or the K/V heads '
                          f'its backbone was built with, got {type(attn).__name__}'
                          + (f' with G={attn.num_kv_heads}, {not_as_built(attn)}' if hasattr(attn, 'num_kv_heads')
                             else ''))
-    attn = GroupedQueryAttention.from_attention(mha, 'mha')
+    attn = mha if isinstance(mha, GroupedQueryAttention) else GroupedQueryAttention.from_attention(mha, 'mha')
     if attn.proj_l is not None:
         raise ValueError(f'block {index}: talking-heads attention mixes every head\'s logits and weights (proj_l, '
                          'proj_w), so the error of pooling one group of heads depends on all the others and the '

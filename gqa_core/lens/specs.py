@@ -139,6 +139,9 @@ def parse_spec(spec: Optional[str], variants: Sequence[str] = (), allow_convert:
             raise SpecError(f'unknown variant {shown(variant)}; choose one of {", ".join(variants)}')
         if g != 'native' and (not re.fullmatch(r'[0-9]{1,2}', g) or not 1 <= int(g) <= MAX_G):
             raise SpecError(f'G must be an integer 1..{MAX_G} or native, got {shown(g)}')
+        if g == 'native' and head_order != 'consecutive':
+            raise SpecError(f'{head_order} chooses groups for one G; native keeps the groups the model was built '
+                            'with (give a G to regroup it)')
         return Spec('convert', source=_source(source, variants), variant=variant,
                     num_kv_heads=NATIVE_G if g == 'native' else int(g), head_order=head_order, init=init)
     raise SpecError(f'unknown model spec {shown(spec)}: {KINDS_HELP}')

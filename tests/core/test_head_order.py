@@ -166,6 +166,23 @@ def test_advised_model_round_trips_with_its_source_heads(tmp_path):
         from_pretrained(str(tmp_path / 'adv'))
 
 
+def test_the_advisor_reads_a_reordered_multi_head_layer_as_it_is():
+    """A G = H layer whose heads were reordered keeps its source_heads in the advisor: with BEiT's model-wide
+    shared position bias, they say which bias belongs to which head (rebuilding the layer lost them once)."""
+    from gqa_core.core.head_order import _multi_head
+    torch.manual_seed(0)
+    model = timm.create_model('beit_base_patch16_224', img_size=32, embed_dim=64, depth=2, num_heads=4,
+                              num_classes=5, use_shared_rel_pos_bias=True, use_rel_pos_bias=False).eval()
+    for p in model.parameters():
+        p.data.add_(torch.randn_like(p) * 0.2)
+    reordered = convert(copy.deepcopy(model), 'gqa', 4, head_order=[[2, 0, 3, 1]] * 2).eval()
+    tokens = torch.randn(3, reordered.patch_embed.num_patches + 1, 64)
+    layer, bias = reordered.blocks[0].attn, reordered.rel_pos_bias()
+    with torch.no_grad():
+        assert torch.equal(_multi_head(layer, 0)(tokens, shared_rel_pos_bias=bias),
+                           layer(tokens, shared_rel_pos_bias=bias))
+
+
 def test_spec_names_the_grouping():
     spec = parse_spec('convert:hub:org/x@v1:kdgqa:4:output-error', ('gqa', 'kdgqa'))
     assert spec.head_order == 'output-error' and spec.source.name == 'org/x' and spec.num_kv_heads == 4

@@ -163,6 +163,11 @@ def test_a_native_model_is_advised_and_reordered_through_its_multi_head_expansio
         again = convert(copy.deepcopy(loaded), 'gqa', g, head_order=order, calibration=x)
         with torch.no_grad():
             assert (fresh(x) - again(x)).abs().max() <= 1e-6, (g, order)
+    with pytest.raises(ValueError, match=r'chooses groups for one G in every block, got a G per block \(2–4 by'):
+        convert(copy.deepcopy(model), 'gqa', head_order='output-error', calibration=x)  # each block's own G
+    uniform = native_model('eva02-rope')  # G = 2 in both blocks: one G, which the advisor takes
+    assert [b.attn.num_kv_heads for b in convert(uniform, 'gqa', head_order='output-error',
+                                                 calibration=images(uniform)).blocks] == [2, 2]
     with pytest.raises(ValueError, match='G=2, its K/V pooled by a conversion; convert to G=1 from the multi-head model'):
         convert(convert(timm.create_model('vit_small_patch16_224', depth=1, img_size=32), 'gqa', 2), 'gqa', 1)
 
@@ -316,6 +321,8 @@ def test_the_native_spec_reads_and_prints_back(tmp_path):
     from gqa_core.io.hub import save_pretrained
     from gqa_core.lens.models import ModelRegistry
     from gqa_core.lens.specs import NATIVE_G, SpecError, parse_spec
+    with pytest.raises(SpecError, match='output-error chooses groups for one G; native keeps the groups'):
+        parse_spec('convert:local:sapiens:gqa:native:output-error', ('gqa', 'kdgqa'))
     spec = parse_spec('convert:local:sapiens:kdgqa:native', ('gqa', 'kdgqa'))
     assert spec.num_kv_heads == NATIVE_G and spec.kv_heads is None and str(spec) == 'convert:local:sapiens:kdgqa:native'
     with pytest.raises(SpecError, match='G must be an integer 1..64 or native'):
