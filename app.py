@@ -385,7 +385,8 @@ def _kv_budget_tab(lens: LensApp, choices: List[str]) -> None:
                 f'Sapiens2: a square marks it), on up to {LIVE_MAX_IMAGES} of the shipped images (top-1 when the '
                 'model has CIFAR-10 labels, agreement with its MHA predictions always):')
     with gr.Row():
-        spec = gr.Dropdown(choices, value='embedded/mha', allow_custom_value=True, label='MHA model',
+        spec = gr.Dropdown(choices, value='embedded/mha', allow_custom_value=True,
+                           label='model (MHA, or GQA as built)',
                            elem_id='kvb-spec')
         n = gr.Slider(8, LIVE_MAX_IMAGES, value=64, step=8, label='images', elem_id='kvb-n')
         button = gr.Button('Compute', elem_id='kvb-run')

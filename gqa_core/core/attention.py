@@ -720,7 +720,8 @@ def kv_as_built(attn: nn.Module) -> bool:
     timm's GQA), or a grouped layer at G = H or at its native G, in the built head order, with a grouping fixed
     at inference -- so that the multi-head layer computing the same function exists (each KV head repeated)
     and any G can be pooled from it. False for K/V a conversion pooled from more heads: the multi-head layer
-    they came from is no longer in the model."""
+    they came from is no longer in the model. Decided from the layer as it stands: one pooled, expanded to MHA
+    and pooled back to its native G counts as built (exactly what it computes, its KV heads equal copies)."""
     if not isinstance(attn, GroupedQueryAttention):
         return attention_kind(attn) is not None
     H, G = attn.num_heads, attn.num_kv_heads
@@ -731,7 +732,7 @@ def kv_as_built(attn: nn.Module) -> bool:
 def not_as_built(attn: nn.Module) -> str:
     """Why ``attn`` is not :func:`kv_as_built`, in a few words for a refusal."""
     if isinstance(attn, GroupedQueryAttention) and not attn.policy.fixed_at_inference:
-        return f'its policy, {attn.policy.name.upper()}, chooses the groups per input'
+        return f'its policy, {attn.policy.name.upper()}, does not fix its groups at inference'
     return 'its K/V pooled by a conversion'
 
 

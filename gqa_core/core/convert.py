@@ -15,7 +15,7 @@ from .head_order import HEAD_ORDERS, advise_head_order, check_permutations, perm
 from .vit import blocks_of, check_positions, check_vit, gqa_layers, num_tokens
 
 __all__ = ['convert', 'revert', 'INITS', 'check_convertible', 'grouping_config', 'kv_cache_bytes', 'source_heads',
-           'block_kv_heads', 'native_kv_heads', 'kv_heads_label']
+           'block_kv_heads', 'native_kv_heads', 'kv_heads_label', 'check_kv_as_built']
 
 
 INITS = ('mean', 'calibrated')  # how the shared K/V heads are initialised from the MHA's
@@ -144,6 +144,19 @@ def kv_heads_label(num_kv_heads: Union[int, Sequence[int], None]) -> str:
     if len(set(per_block)) == 1:
         return str(per_block[0])
     return f'{min(per_block)}–{max(per_block)} by block ({", ".join(map(str, per_block))})'
+
+
+def check_kv_as_built(model: nn.Module, name: str, needed_by: str) -> bool:
+    """Whether ``model`` shares K/V heads as it was built (timm's GQA ViTs, e.g. Sapiens2: the advisor and the
+    explorer then start from its exact multi-head expansion); False for a multi-head model. A ``ValueError``
+    naming ``name`` and ``needed_by`` when a layer is not :func:`~gqa_core.core.attention.kv_as_built` (its
+    K/V pooled by a conversion, or a policy without fixed groups): the MHA it came from is the one to use."""
+    layers = [block.attn for block in blocks_of(check_vit(model))]
+    refused = next((a for a in layers if not kv_as_built(a)), None)
+    if refused is not None:
+        raise ValueError(f'{name}: {not_as_built(refused)}; {needed_by} starts from an MHA model (G = H) or one '
+                         'that shares the K/V heads it was built with')
+    return any(getattr(a, 'num_kv_heads', None) not in (None, a.num_heads) for a in layers)
 
 
 def native_kv_heads(model: nn.Module) -> List[int]:

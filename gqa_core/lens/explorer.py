@@ -10,9 +10,10 @@ from typing import Any, Callable, Dict, Optional
 import numpy as np
 import torch
 
+from ..core.convert import check_kv_as_built, kv_heads_label
 from ..core.vit import blocks_of
 from ..training.seeds import seed_rows
-from .kv_budget import kv_budget_rows, shares_kv_as_built
+from .kv_budget import kv_budget_rows
 from .calibration import CALIBRATION_FILE, calibration_images
 from .gpu import KVBudgetJob, kv_budget_in_a_gpu_call, on_zerogpu
 from .models import REFINE_FLOPS, ModelRegistry, live_calibration_size
@@ -45,21 +46,22 @@ def seeds_table(result: Dict[str, Any]) -> list:
 
 def kv_budget_table(result: Dict[str, Any]) -> list:
     """Rows for a table: G, variant, head order, K/V init, K/V bytes, top-1 (or blank), agreement with MHA."""
-    return [[r['num_kv_heads'], r['variant'], r['head_order'], r.get('init', 'mean'), r['kv_bytes'],
+    return [[kv_heads_label(r['num_kv_heads']), r['variant'], r['head_order'], r.get('init', 'mean'), r['kv_bytes'],
              '' if r['top1'] is None else round(100 * r['top1'], 2), round(100 * r['agreement'], 2)]
             for r in result['rows']]
 
 
 def live_kv_budget(registry: ModelRegistry, spec: str, n: int,
                    progress: Optional[Callable[[float, str], None]] = None) -> Dict[str, Any]:
-    """The explorer for any multi-head model the registry can load, on ``n`` of the shipped images (after the
+    """The explorer for any multi-head model the registry can load, or one that shares K/V heads as it was built
+    (:func:`~gqa_core.core.convert.check_kv_as_built`), on ``n`` of the shipped images (after the
     first 128, which calibrate the advisor; fewer of them for models of many tokens). Top-1 where the model's
     labels are the images' CIFAR-10 classes, agreement with the MHA model always."""
     n = int(n)
     if not 1 <= n <= LIVE_MAX_IMAGES:
         raise ValueError(f'number of images must be 1..{LIVE_MAX_IMAGES}, got {n}')
     loaded = registry.get(spec)
-    shares_kv_as_built(loaded.model, loaded.spec)  # an MHA, or a model as built (refused before any work)
+    check_kv_as_built(loaded.model, loaded.spec, 'the explorer')  # refused before any work
     images = calibration_images(loaded.preprocessing, LIVE_CALIBRATION + n)
     with np.load(CALIBRATION_FILE, allow_pickle=False) as data:
         labels = torch.as_tensor(data['labels'][LIVE_CALIBRATION:LIVE_CALIBRATION + n])

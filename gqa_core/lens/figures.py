@@ -13,6 +13,7 @@ from plotly.colors import qualitative, sample_colorscale
 from plotly.subplots import make_subplots
 
 from ..core.apportion import largest_remainder, min_max_shares
+from ..core.convert import kv_heads_label
 from ..core.head_order import head_groups
 
 __all__ = ['Fit', 'pixelated', 'idle_heads', 'total_variation', 'patch_grid', 'overlay', 'colorize', 'heads_layers_figure', 'key_norm_figure', 'assignment_figure',
@@ -404,7 +405,7 @@ def kv_budget_figure(result: dict, metric: str = 'auto') -> go.Figure:
     for native in (r for r in rows if r['variant'] == 'native'):  # a model that shares K/V as it was built
         fig.add_trace(go.Scatter(x=[native['kv_bytes']], y=[native[metric]], mode='markers', name='as built',
                                  marker=dict(symbol='square', size=11, color='black'),
-                                 hovertemplate=f"as built, G = {native['num_kv_heads']}: "
+                                 hovertemplate=f"as built, G = {kv_heads_label(native['num_kv_heads'])}: "
                                                '%{x:,} B, %{y:.2%}<extra></extra>'))
     label = 'top-1 accuracy' if metric == 'top1' else 'agreement with MHA'
     fig.update_layout(title=f"{label} vs K/V cache per image ({result.get('model', '')}, "

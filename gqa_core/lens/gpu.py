@@ -15,6 +15,7 @@ from typing import Any, Callable, Dict, List, Optional
 import torch
 from torch import Tensor, nn
 
+from ..core.convert import check_kv_as_built
 from ..core.device import full_fp32
 from ..core.record import FUSIONS, Recording, record
 from ..io.config import GQALensConfig
@@ -148,12 +149,12 @@ class KVBudgetJob:
     @classmethod
     def of(cls, config: GQALensConfig, model: nn.Module, images: Tensor, labels: Optional[Tensor],
            calibration: Tensor, max_refine_flops: Optional[float]) -> 'KVBudgetJob':
-        from .kv_budget import conversions, shares_kv_as_built
+        from .kv_budget import conversions
         layers = len(gqa_layers(model))
         converted = conversions(gqa_layers(model)[0].num_heads)
         advised = sorted({g for g, _, order, _ in converted if order != 'consecutive'})
         forwards = kv_budget_forwards(len(images), len(calibration), layers, len(converted), advised)
-        forwards += len(images) if shares_kv_as_built(model, 'the model') else 0  # its own row, as built
+        forwards += len(images) if check_kv_as_built(model, 'the model', 'the explorer') else 0  # its own row
         return cls(config, cpu_state(model), images.cpu(), None if labels is None else labels.cpu(), calibration.cpu(),
                    max_refine_flops, num_tokens(model), layers, forwards)
 

@@ -29,9 +29,8 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 from tqdm.auto import tqdm
 
 from ..core.calibrate import CalibrationBudget
-from ..core.attention import kv_as_built, not_as_built
 from ..core.vit import blocks_of
-from ..core.convert import INITS, convert, kv_cache_bytes, kv_heads_label, native_kv_heads
+from ..core.convert import INITS, check_kv_as_built, convert, kv_cache_bytes, native_kv_heads
 from ..core.device import DEVICE_CHOICES, model_device
 from ..core.distributed import share_over_processes, sum_over_processes
 from ..core.head_order import HEAD_ORDERS, advise_head_order
@@ -41,8 +40,8 @@ from ..training.data import DataSplits, build_datasets
 from ..training.parallel import make_accelerator, node_of
 from .figures import kv_budget_figure
 
-__all__ = ['kv_budget', 'kv_budget_rows', 'shares_kv_as_built', 'conversions', 'predictions', 'split_tensors', 'process_tensors',
-           'main', 'EXPLORED_VARIANTS', 'HEAD_ORDERS']
+__all__ = ['kv_budget', 'kv_budget_rows', 'conversions', 'predictions', 'split_tensors', 'process_tensors', 'main',
+           'EXPLORED_VARIANTS', 'HEAD_ORDERS']
 
 EXPLORED_VARIANTS = ('gqa', 'kdgqa')  # the explorer's variants at each G (the static and the key-driven one)
 
@@ -95,19 +94,6 @@ def process_tensors(accelerator: Any, dataset: Dataset, batch_size: int = 256) -
     return torch.cat(xs), torch.cat(ys)
 
 
-def shares_kv_as_built(model: nn.Module, name: str) -> bool:
-    """Whether the explorer starts from ``model``'s multi-head expansion: False for an MHA model, True for one
-    that shares the K/V heads it was built with (timm's GQA ViTs, e.g. Sapiens2); a ``ValueError`` naming
-    ``name`` for one whose K/V a conversion pooled or whose policy groups per input (the MHA it came from is
-    the one to explore)."""
-    layers = [block.attn for block in blocks_of(model)]
-    refused = next((a for a in layers if not kv_as_built(a)), None)
-    if refused is not None:
-        raise ValueError(f'{name}: {not_as_built(refused)}; the explorer starts from an MHA model (G = H) or one '
-                         'that shares the K/V heads it was built with')
-    return any(getattr(a, 'num_kv_heads', None) not in (None, a.num_heads) for a in layers)
-
-
 def kv_budget_rows(model: nn.Module, images: Tensor, labels: Optional[Tensor], calibration: Tensor, *,
                    variants: Sequence[str] = EXPLORED_VARIANTS, head_orders: Sequence[str] = HEAD_ORDERS,
                    batch_size: int = 256,
@@ -115,14 +101,14 @@ def kv_budget_rows(model: nn.Module, images: Tensor, labels: Optional[Tensor], c
                    max_refine_flops: Optional[float] = None, inits: Sequence[str] = ('mean',),
                    budget: Optional[CalibrationBudget] = None, parallel: bool = False) -> List[Dict[str, Any]]:
     """One row per (G, variant, head order, init), plus the MHA row; ``labels`` None: agreement only.
-    ``model``: an MHA model, or one that shares the K/V heads it was built with (:func:`shares_kv_as_built`: the
+    ``model``: an MHA model, or one that shares the K/V heads it was built with (:func:`check_kv_as_built`: the
     rows then start from its multi-head expansion, and a ``native`` row is the model as it is).
     ``max_refine_flops`` bounds the head-order advisor's model-output comparison (live requests); ``inits``:
     mean-pooled and / or calibrated (on ``calibration``, with ``budget``) K/V heads. ``parallel``: every
     process of the ``torch.distributed`` group calls this with its own part of ``images`` and the same
     ``calibration``; the counts and the advisor's sums are added up over the processes."""
     model = model.eval()
-    expanded = shares_kv_as_built(model, type(model).__name__)
+    expanded = check_kv_as_built(model, type(model).__name__, 'the explorer')
     mha = convert(copy.deepcopy(model), 'mha').eval() if expanded else model  # exact: each KV head repeated
     device = model_device(mha)
     images, calibration = images.to(device), calibration.to(device)
@@ -136,7 +122,9 @@ def kv_budget_rows(model: nn.Module, images: Tensor, labels: Optional[Tensor], c
                  top1=top1(reference), agreement=1.0)]
     if expanded:  # the model as it was built, beside the uniform groupings pooled from its expansion
         predicted = predictions(model, images, batch_size)
-        rows.append(dict(num_kv_heads=kv_heads_label(native_kv_heads(model)), variant='native', head_order='as built',
+        per_block = native_kv_heads(model)
+        g = per_block[0] if len(set(per_block)) == 1 else per_block  # as a config keeps it
+        rows.append(dict(num_kv_heads=g, variant='native', head_order='as built',
                          init='as built', kv_bytes=kv_cache_bytes(model), top1=top1(predicted),
                          agreement=share_over_processes(predicted == reference, parallel)))
     jobs = conversions(H, variants, head_orders, inits)
@@ -171,7 +159,7 @@ def kv_budget(model_source: str, data: str, split: str = 'test', limit: Optional
     ``accelerate launch`` (every process gets the whole result; ``processes`` says how many computed it)."""
     accelerator = accelerator or make_accelerator(device)
     model = from_pretrained(model_source).float().eval().to(accelerator.device)
-    shares_kv_as_built(model, model_source)  # refuses, before any data is read, a model it cannot start from
+    check_kv_as_built(model, model_source, 'the explorer')  # before any data is read
     splits = build_datasets(data, model_preprocessing(model), seed=seed, limit=limit, streaming=streaming,
                             node=node_of(accelerator))
     images, labels = process_tensors(accelerator, splits.split(split), batch_size)

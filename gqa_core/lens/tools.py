@@ -20,9 +20,8 @@ from typing import Any, Callable, Dict, List, Optional
 import gradio as gr
 import numpy as np
 
-from ..core.attention import kv_as_built, not_as_built
+from ..core.convert import check_kv_as_built
 from ..core.head_order import head_groups
-from ..core.vit import blocks_of
 from .analysis import Analysis, analyse
 from .explorer import live_kv_budget
 from .images import ImageInputError, load_image
@@ -192,11 +191,7 @@ class LensTools:
             raise gr.Error(f'G must be an integer 1..{MAX_G}, got {shown(str(g))}')
         try:
             loaded = self.registry.get(model)
-            built = [kv_as_built(block.attn) for block in blocks_of(loaded.model)]
-            if not all(built):
-                why = not_as_built(blocks_of(loaded.model)[built.index(False)].attn)
-                raise ValueError(f'{loaded.spec}: {why}; the advisor groups the heads of an MHA model (G = H) '
-                                 'or of one that shares the K/V heads it was built with')
+            check_kv_as_built(loaded.model, loaded.spec, 'the advisor')
             with loaded.lock:  # the advisor runs the shared model's blocks: one user at a time
                 advice = live_head_order(loaded.model, g)
         except (ModelLoadError, ValueError, OSError, RuntimeError) as e:
@@ -212,14 +207,17 @@ class LensTools:
     def kv_budget(self, model: str, images: float = 64) -> str:
         """Accuracy against K/V cache bytes for every number of KV heads of a multi-head model, training-free:
         GQA and KDGQA, consecutive and advised head order, on the shipped CIFAR-10 images (the KV budget tab).
+        A model that shares K/V heads as it was built (timm's Sapiens2) is explored from its exact multi-head
+        expansion, and its own row has variant "native".
 
         Args:
-            model: a multi-head (MHA) model spec, e.g. embedded/mha.
+            model: a multi-head (MHA) model spec, e.g. embedded/mha, or one of a model as built.
             images: how many shipped images to evaluate on, 1 to 256.
 
         Returns:
-            JSON text: {"model", "n", "num_heads", "rows": [{num_kv_heads, variant, head_order, init, kv_bytes,
-            top1 (null when the model's classes are not CIFAR-10's), agreement (with the MHA's top-1)}]}.
+            JSON text: {"model", "n", "num_heads", "rows": [{num_kv_heads (an int, or one per block for the
+            native row), variant, head_order, init, kv_bytes, top1 (null when the model's classes are not
+            CIFAR-10's), agreement (with the MHA's top-1)}]}.
         """
         n = _whole(images, 'number of images')  # live_kv_budget refuses what the page's tab refuses
         try:

@@ -179,7 +179,7 @@ def test_hostile_arguments_are_refused_in_one_line(served, tmp_path):
         'must be a positive divisor of the 8 heads')
     assert refusal(served, 'advise_grouping', model='embedded/mha', num_kv_heads=10**9) == \
         "G must be an integer 1..64, got '1000000000'"
-    assert 'embedded/gqa: its K/V pooled by a conversion; the advisor groups the heads of an MHA model' in refusal(
+    assert 'embedded/gqa: its K/V pooled by a conversion; the advisor starts from an MHA model (G = H)' in refusal(
         served, 'advise_grouping', model='embedded/gqa', num_kv_heads=2)
     assert refusal(served, 'kv_budget', model='embedded/mha', images=10**6) == \
         'number of images must be 1..256, got 1000000'

@@ -206,7 +206,7 @@ SERVED = {'sapiens2': ('gqa', '2–4 by block (4, 2, 2, 4)'), 'eva02-rope': ('kd
 def test_the_kv_budget_explorer_starts_from_a_native_model(tmp_path):
     """The explorer (MCP tool and page tab) takes a model as built: its uniform groupings are pooled from the
     exact multi-head expansion, and a ``native`` row places the model itself (less K/V than MHA, the same top-1
-    as its expansion); the figure marks it. A model whose policy groups per input is refused in one line."""
+    as its expansion); the figure marks it. A model whose policy does not fix its groups is refused in one line."""
     import json
     from gqa_core.io.hub import save_pretrained
     from gqa_core.lens.figures import kv_budget_figure
@@ -218,11 +218,11 @@ def test_the_kv_budget_explorer_starts_from_a_native_model(tmp_path):
     result = json.loads(tools.kv_budget('local:sapiens', 8))
     mha, native = result['rows'][:2]
     assert mha['variant'] == 'mha' and mha['num_kv_heads'] == 4
-    assert native['variant'] == 'native' and native['num_kv_heads'] == '2–4 by block (4, 2, 2, 4)'
+    assert native['variant'] == 'native' and native['num_kv_heads'] == [4, 2, 2, 4]
     assert native['agreement'] == 1.0 and native['kv_bytes'] == mha['kv_bytes'] * 3 // 4
     assert {r['num_kv_heads'] for r in result['rows'][2:]} == {1, 2}
     assert 'as built' in [trace.name for trace in kv_budget_figure(result).data]
-    with pytest.raises(Exception, match='its policy, KDGQA, chooses the groups per input; the explorer starts'):
+    with pytest.raises(Exception, match='its policy, KDGQA, does not fix its groups at inference; the explorer starts'):
         tools.kv_budget('local:sapiens-kdgqa', 8)
 
 

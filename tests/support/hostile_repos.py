@@ -277,9 +277,10 @@ def native_repo() -> Tuple[Dict[str, Any], bytes]:
     import timm
     from gqa_core import convert
     from gqa_core.io.hub import save_pretrained
-    torch.manual_seed(0)
-    model = timm.create_model('vit_base_patch16_sapiens2', img_size=(32, 32), embed_dim=64, depth=4, num_heads=4,
-                              num_kv_heads=(4, 2, 2, 4), num_classes=10)
+    with torch.random.fork_rng():  # seeded here without moving the global generator other tests draw from
+        torch.manual_seed(0)
+        model = timm.create_model('vit_base_patch16_sapiens2', img_size=(32, 32), embed_dim=64, depth=4, num_heads=4,
+                                  num_kv_heads=(4, 2, 2, 4), num_classes=10)
     with tempfile.TemporaryDirectory() as folder:
         save_pretrained(convert(model, 'gqa'), folder)
         return json.loads((Path(folder) / 'config.json').read_text()), (Path(folder) / WEIGHTS).read_bytes()
