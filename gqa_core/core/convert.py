@@ -5,7 +5,6 @@ import copy
 import warnings
 from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
-import torch
 from torch import Tensor, nn
 
 from .attention import (ATTENTION_KINDS, GroupedQueryAttention, attention_kind, kv_as_built, kv_bytes,
@@ -83,15 +82,18 @@ def convert(
             raise ValueError('init="calibrated" needs calibration images (a tensor (N, 3, H, W))')
         check_calibration(calibration, vit)
         for index, block in enumerate(blocks_of(vit)):
-            if not _expands_to_itself(block.attn):
+            attn = block.attn  # a grouped source must compute what its expansion (the teacher) computes
+            if (isinstance(attn, GroupedQueryAttention) and attn.num_kv_heads < attn.num_heads
+                    and not attn.policy.consecutive_at_inference):
                 raise ValueError(f'block {index}: init="calibrated" fits each layer to what the source layer computes, '
-                                 f'and its {block.attn.policy.name.upper()} grouping is not consecutive and fixed; '
+                                 f'and its {attn.policy.name.upper()} grouping is not consecutive and fixed; '
                                  'calibrate from the multi-head model (G = H)')
         budget = budget if budget is not None else CalibrationBudget()
     sources = [getattr(block.attn, 'source_heads', None) for block in blocks_of(vit)]
     perms = _head_order_permutations(vit, attns, head_order, calibration, num_kv_heads, max_refine_flops, parallel)
     if perms is not None:  # permute multi-head copies (timm's GQA expanded): a failure leaves the model as it was
-        attns = [copy.deepcopy(mha) if mha is a else mha for a, mha in ((a, multi_head_equivalent(a)) for a in attns)]
+        expanded = [multi_head_equivalent(a) for a in attns]  # a new layer, or ``a`` itself when it is multi-head
+        attns = [copy.deepcopy(mha) if mha is a else mha for a, mha in zip(attns, expanded)]
         for attn, perm in zip(attns, perms):
             permute_heads(attn, perm)
         sources = perms
@@ -112,16 +114,6 @@ def convert(
         block.attn = new
     vit.calibration_report = vit.gqa_conversion = None
     return vit
-
-
-def _expands_to_itself(attn: nn.Module) -> bool:
-    """Whether the timm layer a conversion starts from (:func:`_convertible_attention`) computes what ``attn``
-    does: a timm layer, a multi-head grouped layer, or one whose fixed grouping is consecutive."""
-    if not isinstance(attn, GroupedQueryAttention) or attn.num_kv_heads == attn.num_heads:
-        return True
-    policy = attn.policy
-    allocation = getattr(policy, 'allocation', policy.uniform)
-    return policy.fixed_at_inference and torch.equal(allocation.cpu(), policy.uniform.cpu())
 
 
 def block_kv_heads(model: nn.Module, num_kv_heads: Optional[Union[int, Sequence[int]]]) -> List[Optional[int]]:

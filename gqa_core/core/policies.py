@@ -101,6 +101,12 @@ class GroupingPolicy(nn.Module):
         """True when, in eval mode, the grouping does not depend on the input."""
         return True
 
+    @property
+    def consecutive_at_inference(self) -> bool:
+        """True when, in eval mode, every input gets the consecutive grouping (query head h reads KV head
+        h // (H / G)): the one timm's ``num_kv_heads`` and a plain repetition of each KV head express."""
+        return self.fixed_at_inference and torch.equal(getattr(self, 'allocation', self.uniform), self.uniform)
+
     def allocation_history(self) -> Optional[Tuple[Tensor, Tensor]]:
         """``(steps, allocations)`` of every training-time change, or None for a policy that never changes."""
         return None

@@ -46,8 +46,7 @@ def _check_expressible(vit: nn.Module) -> None:
         if not isinstance(attn, GroupedQueryAttention):
             continue  # timm's own layer already
         policy = attn.policy
-        allocation = getattr(policy, 'allocation', policy.uniform)
-        if not policy.fixed_at_inference or not torch.equal(allocation.cpu(), policy.uniform.cpu()):
+        if not policy.consecutive_at_inference:
             raise ValueError(f'block {index}: {policy.name} chooses its groups per image or per step; timm\'s '
                              'num_kv_heads is a fixed, uniform grouping (convert to gqa to export)')
         if attn.relative_position_bias_table is not None:
