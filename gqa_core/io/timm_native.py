@@ -1,12 +1,12 @@
 """Give back to timm: a static-GQA model saved in timm's own format, which plain timm loads with no GQA Lens.
 
 timm 1.0.31 expresses grouped-query attention in one place: ``AttentionRope(num_kv_heads=G, qkv_fused=False)``,
-which ``Eva`` (and so EVA-02, DINOv3, Perception Encoder, Sapiens2) and ``NaFlexVit`` (in ``EvaBlock``\ s) build
-with ``attn_type='rope'`` and ``num_kv_heads`` (one G, or one per block); query head h reads KV head h // (H / G)
--- GQA Lens's consecutive static grouping. So a model qualifies when it is an ``Eva`` or a ``NaFlexVit`` and
-every layer's grouping is fixed and uniform (``gqa``, or ``mha``; ``pgqa`` only at G = H). timm's other ViTs
-(``VisionTransformer``, ``Beit``, ...) take no ``num_kv_heads``, and the key-driven policies (KDGQA, DGQA)
-choose their groups per image or per step: neither can be written for plain timm.
+which ``Eva`` (and so EVA-02, DINOv3, Perception Encoder, Sapiens2) and ``NaFlexVit`` (in its ``EvaBlock``
+blocks) build with ``attn_type='rope'`` and ``num_kv_heads`` (one G, or one per block); query head h reads KV head
+h // (H / G) -- GQA Lens's consecutive static grouping. So a model qualifies when it is an ``Eva`` or a
+``NaFlexVit`` and every layer's grouping is fixed and uniform (``gqa``, or ``mha``; ``pgqa`` only at G = H). timm's
+other ViTs (``VisionTransformer``, ``Beit``, ...) take no ``num_kv_heads``, and the key-driven policies (KDGQA,
+DGQA) choose their groups per image or per step: neither can be written for plain timm.
 
     save_timm_native(model, 'out/')  # model.safetensors + timm_args.json + README.md
     timm.create_model(arch, pretrained=True, pretrained_cfg_overlay=dict(file='out/model.safetensors', **overlay),
